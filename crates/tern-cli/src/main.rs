@@ -1,1 +1,351 @@
-fn main() {}
+//! `tern` — one binary for the WAN lab, the link emulator and the benchmarks.
+//!
+//! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
+
+mod bench;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tern_lab::LinkChanges;
+use tern_link::{JitterShape, LinkSpec, format_rate, parse_duration_us, parse_loss, parse_rate};
+use tern_wan::proto::Direction;
+
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about = "Move live VMs between data centers over the WAN, fast — and the lab to measure it in.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The two-site WAN lab: network namespaces tern-a and tern-b joined by the emulator.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Run the userspace WAN link emulator between two existing TUN devices (foreground).
+    Wan(WanArgs),
+    /// Benchmarks; each writes JSON and markdown under bench/results/.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCmd {
+    /// Create the sites and start the link (fails if a lab is already up).
+    Up {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Seed of the emulator's loss and jitter draws (logged in `lab stats`).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Capture both sides of the link as pcap files in this directory.
+        #[arg(long)]
+        pcap_dir: Option<PathBuf>,
+    },
+    /// Remove everything the lab made (idempotent; also cleans up after a crash).
+    Down,
+    /// Sites, namespaces, addresses and the current link.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters of both link directions: forwarded, queue drops, random drops, sojourn time.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the running link without dropping queued packets.
+    Set {
+        #[command(flatten)]
+        link: LinkArgs,
+        /// Which direction to change (default: both).
+        #[arg(long, value_enum)]
+        direction: Option<DirArg>,
+    },
+    /// Run a command inside a site's namespace, e.g. `tern lab exec a -- ping 198.18.2.1`.
+    Exec {
+        /// Site name: a or b.
+        site: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Measure the emulator against its own settings on every profile.
+    Wan(bench::WanBenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DirArg {
+    /// Traffic sent by site A.
+    AToB,
+    /// Traffic sent by site B.
+    BToA,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ShapeArg {
+    Uniform,
+    Normal,
+}
+
+/// Link settings. A profile sets everything; the other flags override parts of it.
+#[derive(Args, Debug, Default, Clone)]
+struct LinkArgs {
+    /// Named link profile (baseline, sonet, ll-metro, ll-metro-5ms, metro, mpls, cloudnet-lab,
+    /// cloudnet-wan, dr-50, dr-100, thesis).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Serialization rate, e.g. 100mbit, 1gbit (bits/s in every spelling; 0 = unlimited).
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<u64>,
+    /// Round-trip time; each direction gets half, e.g. 25ms.
+    #[arg(long, value_parser = parse_duration_us)]
+    rtt: Option<u64>,
+    /// Random loss per direction: 0.05% (Bernoulli) or ge:P%,R%[,H%[,K%]] (Gilbert–Elliott).
+    #[arg(long, value_parser = parse_loss)]
+    loss: Option<tern_link::LossModel>,
+    /// Jitter amplitude per direction, e.g. 3ms (uniform ±3 ms by default).
+    #[arg(long, value_parser = parse_duration_us)]
+    jitter: Option<u64>,
+    /// Jitter distribution: uniform on ±jitter, or normal with σ = jitter (cut at 3σ).
+    #[arg(long, value_enum)]
+    jitter_shape: Option<ShapeArg>,
+    /// Let jitter reorder packets (by default order is kept, as on most real WANs).
+    #[arg(long)]
+    reorder: bool,
+    /// Drop-tail queue limit in packets (default: one bandwidth-delay product in bytes).
+    #[arg(long)]
+    queue: Option<u32>,
+    /// Drop-tail queue limit in bytes.
+    #[arg(long)]
+    queue_bytes: Option<u64>,
+}
+
+impl LinkArgs {
+    fn changes(&self) -> LinkChanges {
+        LinkChanges {
+            profile: self.profile.clone(),
+            rate_bps: self.rate,
+            rtt_us: self.rtt,
+            loss: self.loss,
+            jitter_us: self.jitter,
+            jitter_shape: self.jitter_shape.map(|s| match s {
+                ShapeArg::Uniform => JitterShape::Uniform,
+                ShapeArg::Normal => JitterShape::Normal,
+            }),
+            reorder: self.reorder.then_some(true),
+            queue_packets: self.queue,
+            queue_bytes: self.queue_bytes,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct WanArgs {
+    /// TUN device of side A (must exist, e.g. `ip tuntap add dev tunA mode tun`).
+    #[arg(long)]
+    a_dev: String,
+    /// Network namespace (`ip netns` name) holding side A's device.
+    #[arg(long)]
+    a_netns: Option<String>,
+    #[arg(long)]
+    b_dev: String,
+    #[arg(long)]
+    b_netns: Option<String>,
+    /// Control socket for stats and live changes (JSON lines).
+    #[arg(long, default_value = "/run/tern/wan.sock")]
+    control: PathBuf,
+    #[command(flatten)]
+    link: LinkArgs,
+    /// The whole link as JSON (used by `tern lab up`); overrides the link flags.
+    #[arg(long, hide = true)]
+    spec_json: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Largest packet expected on the devices (their MTU).
+    #[arg(long, default_value_t = 1500)]
+    mtu: usize,
+    /// Write a pcap per direction and side (a-to-b.ingress.pcap, ...) into this directory.
+    #[arg(long)]
+    pcap_dir: Option<PathBuf>,
+    /// Bytes captured per packet.
+    #[arg(long, default_value_t = 128)]
+    pcap_snaplen: u32,
+    /// Capture stops (and counts skipped packets) once a file reaches this size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pcap_max_mib: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Wan(a) => wan(a),
+        Cmd::Lab(c) => lab(c),
+        Cmd::Bench(BenchCmd::Wan(a)) => bench::wan(a),
+    }
+}
+
+fn wan(a: WanArgs) -> Result<()> {
+    let spec: LinkSpec = match &a.spec_json {
+        Some(j) => serde_json::from_str(j).context("bad --spec-json")?,
+        None => a.link.changes().to_spec()?,
+    };
+    let dir = spec.direction();
+    let side = |netns: &Option<String>, dev: &str| tern_wan::TunSide { netns: netns.clone(), dev: dev.to_string(), mtu: a.mtu };
+    let opts = tern_wan::EmulatorOptions {
+        a: side(&a.a_netns, &a.a_dev),
+        b: side(&a.b_netns, &a.b_dev),
+        a_to_b: dir.clone(),
+        b_to_a: dir,
+        seed: a.seed,
+        pcap: a.pcap_dir.clone().map(|d| tern_wan::PcapOptions {
+            dir: d,
+            snaplen: a.pcap_snaplen,
+            max_bytes_per_file: a.pcap_max_mib << 20,
+        }),
+    };
+    if let Some(parent) = a.control.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    let emu = tern_wan::Emulator::start(opts)?;
+    eprintln!(
+        "tern wan: forwarding {} <-> {} at {}, rtt {} ms, loss {:.4}%, jitter {} ms, seed {}; control {}",
+        a.a_dev,
+        a.b_dev,
+        format_rate(spec.rate_bps),
+        spec.rtt_us as f64 / 1e3,
+        spec.loss.mean_loss() * 100.0,
+        spec.jitter_us as f64 / 1e3,
+        a.seed,
+        a.control.display()
+    );
+    tern_wan::serve(emu, &a.control)?;
+    Ok(())
+}
+
+fn describe(c: &tern_link::DirectionConfig) -> String {
+    format!(
+        "rate {}, delay {} ms, jitter {} ms ({:?}{}), loss {:.4}%, queue {} B / {} pkts",
+        format_rate(c.rate_bps),
+        c.delay_us as f64 / 1e3,
+        c.jitter_us as f64 / 1e3,
+        c.jitter_shape,
+        if c.reorder { ", reordering" } else { "" },
+        c.loss.mean_loss() * 100.0,
+        c.queue_limit_bytes,
+        c.queue_limit_packets
+    )
+}
+
+fn lab(c: LabCmd) -> Result<()> {
+    match c {
+        LabCmd::Up { link, seed, pcap_dir } => {
+            let changes = link.changes();
+            if changes.profile.is_none() && changes.is_empty() {
+                bail!("give a --profile or custom link flags (--rate, --rtt, --loss, --jitter, --queue); see `tern lab up --help`");
+            }
+            let st = tern_lab::up(&tern_lab::UpOptions {
+                changes,
+                seed,
+                pcap_dir,
+                tern_exe: std::env::current_exe().context("locate the tern binary")?,
+            })?;
+            println!("lab up: profile {}", st.profile);
+            for s in &st.sites {
+                println!("  site {}: netns {}, address {} ({}), WAN device {}", s.name, s.netns, s.address, s.subnet, s.wan_dev);
+            }
+            println!("  link (each direction): {}", describe(&st.spec.direction()));
+            println!("  emulator pid {}, log {}", st.emulator_pid, st.emulator_log.display());
+            println!("try: tern lab exec a -- ping -c 3 198.18.2.1");
+        }
+        LabCmd::Down => {
+            tern_lab::down()?;
+            println!("lab down");
+        }
+        LabCmd::Status { json } => {
+            let s = tern_lab::status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else if !s.up {
+                println!("lab is down");
+            } else {
+                println!("lab up: profile {}", s.profile.unwrap_or_default());
+                for site in &s.sites {
+                    println!("  site {}: netns {}, address {} ({})", site.name, site.netns, site.address, site.subnet);
+                }
+                if let (Some(ab), Some(ba)) = (&s.a_to_b, &s.b_to_a) {
+                    println!("  a-to-b: {}", describe(ab));
+                    println!("  b-to-a: {}", describe(ba));
+                }
+            }
+        }
+        LabCmd::Stats { json } => {
+            let s = tern_lab::stats()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("seed {}, up {:.1} s", s.seed, s.uptime_ms as f64 / 1e3);
+                for r in [&s.a_to_b, &s.b_to_a] {
+                    let c = &r.stats.counters;
+                    println!(
+                        "  {:?}: forwarded {} pkts / {} B, queue drops {}, random drops {}, sojourn p50 {} µs p99 {} µs, late p99 {} µs",
+                        r.direction,
+                        c.forwarded_packets,
+                        c.forwarded_bytes,
+                        c.queue_drop_packets,
+                        c.random_drop_packets,
+                        r.stats.sojourn.p50_us,
+                        r.stats.sojourn.p99_us,
+                        r.stats.lateness.p99_us
+                    );
+                }
+            }
+        }
+        LabCmd::Set { link, direction } => {
+            let changes = link.changes();
+            if changes.is_empty() {
+                bail!("nothing to change: give --profile or link flags (see `tern lab set --help`)");
+            }
+            let dirs = match direction {
+                None | Some(DirArg::Both) => vec![],
+                Some(DirArg::AToB) => vec![Direction::AToB],
+                Some(DirArg::BToA) => vec![Direction::BToA],
+            };
+            tern_lab::set(&changes, &dirs)?;
+            let s = tern_lab::status()?;
+            if let (Some(ab), Some(ba)) = (&s.a_to_b, &s.b_to_a) {
+                println!("a-to-b: {}", describe(ab));
+                println!("b-to-a: {}", describe(ba));
+            }
+        }
+        LabCmd::Exec { site, command } => {
+            let Some(s) = tern_lab::sites().into_iter().find(|s| s.name == site) else {
+                bail!("no site {site:?} (sites: a, b)");
+            };
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &s.netns])
+                .args(&command)
+                .status()
+                .context("run ip netns exec")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+    Ok(())
+}
+

@@ -1,1 +1,498 @@
+//! # tern-lab — the embedded two-site WAN world
+//!
+//! `tern lab up` builds two sites on one machine, joined only through tern's emulator:
+//!
+//! ```text
+//!   netns tern-a                                              netns tern-b
+//!   site0 (bridge) 198.18.1.1/24                               site0 (bridge) 198.18.2.1/24
+//!   route 198.18.2.0/24 dev wan0          tern wan            route 198.18.1.0/24 dev wan0
+//!   wan0 (TUN) ◀──────────────▶ [a-to-b | b-to-a link model] ◀──────────────▶ wan0 (TUN)
+//! ```
+//!
+//! Every lab address is in 198.18.0.0/15 (RFC 2544 benchmarking range) and exists only
+//! inside the namespaces the lab made. State lives in [`RUN_DIR`]: `state.json`, the
+//! emulator's control socket and log. `down` removes everything by name, so it works after a
+//! crash and when nothing is up.
 
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tern_link::{DirectionConfig, JitterShape, LinkSpec, LossModel, Profile};
+use tern_wan::proto::{Direction, Reply, Request, StatsReply};
+
+/// Where the lab keeps its state (tmpfs: gone after a reboot, as the namespaces are).
+pub const RUN_DIR: &str = "/run/tern/lab";
+pub const WAN_DEV: &str = "wan0";
+pub const SITE_DEV: &str = "site0";
+/// Version of `state.json`.
+pub const STATE_VERSION: u32 = 1;
+
+/// A lab site.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Site {
+    pub name: String,
+    pub netns: String,
+    pub address: String,
+    pub subnet: String,
+    pub wan_dev: String,
+}
+
+/// The two sites. Site C (clients) comes with the disaster-recovery work.
+pub fn sites() -> [Site; 2] {
+    let site = |n: &str, i: u8| Site {
+        name: n.into(),
+        netns: format!("tern-{n}"),
+        address: format!("198.18.{i}.1"),
+        subnet: format!("198.18.{i}.0/24"),
+        wan_dev: WAN_DEV.into(),
+    };
+    [site("a", 1), site("b", 2)]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root (network namespaces, TUN devices); run it with sudo")]
+    NotRoot,
+    #[error("/dev/net/tun is missing: load the tun module (modprobe tun) or run on a machine with TUN support")]
+    NoTun,
+    #[error("a lab is already up (profile {profile}); run `tern lab down` first")]
+    AlreadyUp { profile: String },
+    #[error("no lab is up; start one with `tern lab up --profile NAME`")]
+    NotUp,
+    #[error(transparent)]
+    Config(#[from] tern_link::ConfigError),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the link emulator did not start; its log ({log}) says:\n{tail}")]
+    EmulatorFailed { log: String, tail: String },
+    #[error(transparent)]
+    Wan(#[from] tern_wan::WanError),
+    #[error("the emulator refused the request: {0}")]
+    Refused(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let what = what.into();
+    move |source| LabError::Io { what, source }
+}
+
+/// Runs a command, returning stdout or an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LabError::Command { command: command.clone(), stderr: e.to_string() })?;
+    if !out.status.success() {
+        return Err(LabError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside a site's namespace.
+pub fn run_in(netns: &str, program: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut full = vec!["netns", "exec", netns, program];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Changes to a link, as given on the command line; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct LinkChanges {
+    pub profile: Option<String>,
+    pub rate_bps: Option<u64>,
+    pub rtt_us: Option<u64>,
+    pub loss: Option<LossModel>,
+    pub jitter_us: Option<u64>,
+    pub jitter_shape: Option<JitterShape>,
+    pub reorder: Option<bool>,
+    pub queue_packets: Option<u32>,
+    pub queue_bytes: Option<u64>,
+}
+
+impl LinkChanges {
+    pub fn is_empty(&self) -> bool {
+        self.profile.is_none()
+            && self.rate_bps.is_none()
+            && self.rtt_us.is_none()
+            && self.loss.is_none()
+            && self.jitter_us.is_none()
+            && self.jitter_shape.is_none()
+            && self.reorder.is_none()
+            && self.queue_packets.is_none()
+            && self.queue_bytes.is_none()
+    }
+
+    /// The whole link: the profile (default `baseline`) with the given overrides. The queue
+    /// is one BDP of the resulting link unless set explicitly.
+    pub fn to_spec(&self) -> Result<LinkSpec, LabError> {
+        let mut spec = Profile::find(self.profile.as_deref().unwrap_or("baseline"))?.spec();
+        if let Some(v) = self.rate_bps {
+            spec.rate_bps = v;
+        }
+        if let Some(v) = self.rtt_us {
+            spec.rtt_us = v;
+        }
+        if let Some(v) = self.loss {
+            spec.loss = v;
+        }
+        if let Some(v) = self.jitter_us {
+            spec.jitter_us = v;
+        }
+        if let Some(v) = self.jitter_shape {
+            spec.jitter_shape = v;
+        }
+        if let Some(v) = self.reorder {
+            spec.reorder = v;
+        }
+        if self.queue_packets.is_some() {
+            spec.queue_packets = self.queue_packets;
+        }
+        if self.queue_bytes.is_some() {
+            spec.queue_bytes = self.queue_bytes;
+        }
+        spec.direction().validate()?;
+        Ok(spec)
+    }
+
+    /// Applies the changes to one running direction (`--profile` replaces everything first).
+    pub fn apply(&self, current: &DirectionConfig) -> Result<DirectionConfig, LabError> {
+        let mut c = match &self.profile {
+            Some(_) => self.to_spec()?.direction(),
+            None => current.clone(),
+        };
+        if self.profile.is_none() {
+            if let Some(v) = self.rate_bps {
+                c.rate_bps = v;
+            }
+            if let Some(v) = self.rtt_us {
+                c.delay_us = v / 2;
+            }
+            if let Some(v) = self.loss {
+                c.loss = v;
+            }
+            if let Some(v) = self.jitter_us {
+                c.jitter_us = v;
+            }
+            if let Some(v) = self.jitter_shape {
+                c.jitter_shape = v;
+            }
+            if let Some(v) = self.reorder {
+                c.reorder = v;
+            }
+            if let Some(v) = self.queue_packets {
+                c.queue_limit_packets = v;
+                if self.queue_bytes.is_none() {
+                    c.queue_limit_bytes = (u64::from(v) * 65_535).min(tern_link::MAX_QUEUE_BYTES);
+                }
+            }
+            if let Some(v) = self.queue_bytes {
+                c.queue_limit_bytes = v;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// What `state.json` records about a running lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub version: u32,
+    pub profile: String,
+    pub spec: LinkSpec,
+    pub seed: u64,
+    pub emulator_pid: u32,
+    pub control_socket: PathBuf,
+    pub emulator_log: PathBuf,
+    pub pcap_dir: Option<PathBuf>,
+    pub sites: Vec<Site>,
+}
+
+/// `tern lab status` output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabStatus {
+    pub up: bool,
+    pub profile: Option<String>,
+    pub sites: Vec<Site>,
+    pub emulator_pid: Option<u32>,
+    pub emulator_alive: bool,
+    pub control_socket: Option<PathBuf>,
+    pub emulator_log: Option<PathBuf>,
+    pub a_to_b: Option<DirectionConfig>,
+    pub b_to_a: Option<DirectionConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub changes: LinkChanges,
+    pub seed: u64,
+    pub pcap_dir: Option<PathBuf>,
+    /// The `tern` binary that runs the emulator daemon.
+    pub tern_exe: PathBuf,
+}
+
+fn state_path() -> PathBuf {
+    Path::new(RUN_DIR).join("state.json")
+}
+
+pub fn read_state() -> Option<LabState> {
+    let text = fs::read_to_string(state_path()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Only our own emulator counts: a recycled pid running something else does not.
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("tern") && c.contains("wan")
+        })
+        .unwrap_or(false)
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+pub fn check_prerequisites() -> Result<(), LabError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LabError::NotRoot);
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err(LabError::NoTun);
+    }
+    Ok(())
+}
+
+/// Lets new namespaces use cubic (a namespace may only pick from the root namespace's
+/// allowed list, which on these machines is `reno bbr`). Benchmarks name their algorithm.
+fn allow_cubic() -> Result<(), LabError> {
+    let path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+    let cur = fs::read_to_string(path).map_err(io_err(path))?;
+    if !cur.split_whitespace().any(|c| c == "cubic") {
+        fs::write(path, format!("{} cubic", cur.trim())).map_err(io_err(format!("write {path}")))?;
+    }
+    Ok(())
+}
+
+fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
+    let ns = site.netns.as_str();
+    run("ip", &["netns", "add", ns])?;
+    run_in(ns, "ip", &["link", "set", "lo", "up"])?;
+    // IPv6 off: no router solicitations or MLD reports crossing the emulated link.
+    run_in(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+    // The site LAN is a bridge: VM and service ports attach to it in later work.
+    run_in(ns, "ip", &["link", "add", SITE_DEV, "type", "bridge"])?;
+    run_in(ns, "ip", &["addr", "add", &format!("{}/24", site.address), "dev", SITE_DEV])?;
+    run_in(ns, "ip", &["link", "set", SITE_DEV, "up"])?;
+    run_in(ns, "ip", &["tuntap", "add", "dev", WAN_DEV, "mode", "tun"])?;
+    run_in(ns, "ip", &["link", "set", WAN_DEV, "mtu", "1500", "txqueuelen", "1000", "up"])?;
+    run_in(ns, "ip", &["route", "add", &peer.subnet, "dev", WAN_DEV, "src", &site.address])?;
+    Ok(())
+}
+
+/// Brings the lab up. Left-overs of a crashed lab are removed first; a live lab is an error.
+pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
+    check_prerequisites()?;
+    let spec = opts.changes.to_spec()?;
+    if let Some(st) = read_state() {
+        if pid_alive(st.emulator_pid) {
+            return Err(LabError::AlreadyUp { profile: st.profile });
+        }
+    }
+    down()?;
+    allow_cubic()?;
+    fs::create_dir_all(RUN_DIR).map_err(io_err(format!("create {RUN_DIR}")))?;
+    let [a, b] = sites();
+    let result = (|| {
+        make_site(&a, &b)?;
+        make_site(&b, &a)?;
+        start_emulator(opts, &spec, &a, &b)
+    })();
+    match result {
+        Ok(state) => Ok(state),
+        Err(e) => {
+            let _ = down();
+            Err(e)
+        }
+    }
+}
+
+fn start_emulator(opts: &UpOptions, spec: &LinkSpec, a: &Site, b: &Site) -> Result<LabState, LabError> {
+    let control = Path::new(RUN_DIR).join("wan.sock");
+    let log_path = Path::new(RUN_DIR).join("wan.log");
+    let log = fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(io_err("dup log"))?;
+    let spec_json = serde_json::to_string(spec).map_err(|e| LabError::Refused(e.to_string()))?;
+    let mut cmd = Command::new(&opts.tern_exe);
+    cmd.args(["wan", "--a-netns", &a.netns, "--a-dev", WAN_DEV, "--b-netns", &b.netns, "--b-dev", WAN_DEV])
+        .arg("--control")
+        .arg(&control)
+        .args(["--spec-json", &spec_json, "--seed", &opts.seed.to_string()]);
+    if let Some(dir) = &opts.pcap_dir {
+        cmd.arg("--pcap-dir").arg(dir);
+    }
+    // Own process group: a Ctrl-C in the terminal that ran `lab up` does not stop the link.
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(io_err(format!("start {}", opts.tern_exe.display())))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if let Ok(Reply::Stats(_)) = tern_wan::request(&control, &Request::Stats) {
+            let state = LabState {
+                version: STATE_VERSION,
+                profile: opts.changes.profile.clone().unwrap_or_else(|| "custom".into()),
+                spec: spec.clone(),
+                seed: opts.seed,
+                emulator_pid: child.id(),
+                control_socket: control,
+                emulator_log: log_path,
+                pcap_dir: opts.pcap_dir.clone(),
+                sites: sites().to_vec(),
+            };
+            let text = serde_json::to_string_pretty(&state).map_err(|e| LabError::Refused(e.to_string()))?;
+            let tmp = state_path().with_extension("tmp");
+            let mut f = fs::File::create(&tmp).map_err(io_err("write state"))?;
+            f.write_all(text.as_bytes()).map_err(io_err("write state"))?;
+            f.sync_all().map_err(io_err("write state"))?;
+            fs::rename(&tmp, state_path()).map_err(io_err("write state"))?;
+            return Ok(state);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    let tail = fs::read_to_string(&log_path).unwrap_or_default();
+    let tail: String = tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    Err(LabError::EmulatorFailed { log: log_path.display().to_string(), tail })
+}
+
+/// Removes everything the lab made. Idempotent; works after a crash.
+pub fn down() -> Result<(), LabError> {
+    check_prerequisites()?;
+    if let Some(st) = read_state() {
+        let _ = tern_wan::request(&st.control_socket, &Request::Shutdown);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while pid_alive(st.emulator_pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(st.emulator_pid) {
+            // SAFETY: kill with a pid we started and have just checked is our emulator.
+            unsafe { libc::kill(st.emulator_pid as i32, libc::SIGKILL) };
+        }
+    }
+    for site in sites() {
+        if netns_exists(&site.netns) {
+            // Processes left inside (iperf3 servers, shells) would keep the namespace alive.
+            if let Ok(pids) = run("ip", &["netns", "pids", &site.netns]) {
+                for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill with a pid the kernel listed inside the lab's own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            run("ip", &["netns", "del", &site.netns])?;
+        }
+    }
+    for f in ["state.json", "wan.sock", "state.tmp"] {
+        let _ = fs::remove_file(Path::new(RUN_DIR).join(f));
+    }
+    Ok(())
+}
+
+fn require_up() -> Result<LabState, LabError> {
+    read_state().filter(|s| pid_alive(s.emulator_pid)).ok_or(LabError::NotUp)
+}
+
+pub fn stats() -> Result<StatsReply, LabError> {
+    let st = require_up()?;
+    match tern_wan::request(&st.control_socket, &Request::Stats)? {
+        Reply::Stats(s) => Ok(s),
+        Reply::Error { message } => Err(LabError::Refused(message)),
+        Reply::Ok => Err(LabError::Refused("unexpected reply".into())),
+    }
+}
+
+pub fn status() -> Result<LabStatus, LabError> {
+    let Some(st) = read_state() else {
+        return Ok(LabStatus {
+            up: false,
+            profile: None,
+            sites: vec![],
+            emulator_pid: None,
+            emulator_alive: false,
+            control_socket: None,
+            emulator_log: None,
+            a_to_b: None,
+            b_to_a: None,
+        });
+    };
+    let alive = pid_alive(st.emulator_pid);
+    let live = if alive { stats().ok() } else { None };
+    Ok(LabStatus {
+        up: alive && sites().iter().all(|s| netns_exists(&s.netns)),
+        profile: Some(st.profile),
+        sites: st.sites,
+        emulator_pid: Some(st.emulator_pid),
+        emulator_alive: alive,
+        control_socket: Some(st.control_socket),
+        emulator_log: Some(st.emulator_log),
+        a_to_b: live.as_ref().map(|s| s.a_to_b.config.clone()),
+        b_to_a: live.as_ref().map(|s| s.b_to_a.config.clone()),
+    })
+}
+
+/// Changes the running link; `directions` empty means both.
+pub fn set(changes: &LinkChanges, directions: &[Direction]) -> Result<(), LabError> {
+    let st = require_up()?;
+    let current = stats()?;
+    let dirs: Vec<Direction> = if directions.is_empty() { vec![Direction::AToB, Direction::BToA] } else { directions.to_vec() };
+    // Validate both before changing either.
+    let mut planned = Vec::new();
+    for d in dirs {
+        let cur = match d {
+            Direction::AToB => &current.a_to_b.config,
+            Direction::BToA => &current.b_to_a.config,
+        };
+        planned.push((d, changes.apply(cur)?));
+    }
+    for (direction, config) in planned {
+        match tern_wan::request(&st.control_socket, &Request::Set { direction, config })? {
+            Reply::Ok => {}
+            Reply::Error { message } => return Err(LabError::Refused(message)),
+            Reply::Stats(_) => return Err(LabError::Refused("unexpected reply".into())),
+        }
+    }
+    if let Some(p) = &changes.profile {
+        let mut st = st;
+        st.profile = p.clone();
+        st.spec = changes.to_spec()?;
+        if let Ok(text) = serde_json::to_string_pretty(&st) {
+            let _ = fs::write(state_path(), text);
+        }
+    }
+    Ok(())
+}

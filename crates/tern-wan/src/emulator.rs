@@ -1,0 +1,315 @@
+//! The forwarding engine: one thread per direction, each owning a [`Link`] model, reading
+//! packets from its input TUN device and writing them, when due, to the other device.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use tern_link::{DirectionConfig, Link, Offer};
+
+use crate::pcap::PcapWriter;
+use crate::proto::{Direction, DirectionReport, DriverCounters, PROTOCOL_VERSION, StatsReply};
+use crate::{WanError, sys};
+
+/// Packets read per wake-up before deliveries are checked (bounds the time a burst can hold
+/// back due packets).
+const READ_BATCH: usize = 64;
+/// Free packet buffers kept for reuse.
+const POOL_LIMIT: usize = 4096;
+/// Largest packet read from a TUN device (its MTU is set by whoever made it; 64 KiB covers
+/// any MTU).
+pub const MAX_PACKET_BYTES: usize = 65_535;
+
+/// One end of the emulated link: a TUN device, optionally in a network namespace.
+#[derive(Debug, Clone)]
+pub struct TunSide {
+    pub netns: Option<String>,
+    pub dev: String,
+    /// Buffer size for reads; packets larger than this are truncated by the kernel, so it
+    /// must be at least the device MTU.
+    pub mtu: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PcapOptions {
+    pub dir: PathBuf,
+    pub snaplen: u32,
+    pub max_bytes_per_file: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmulatorOptions {
+    pub a: TunSide,
+    pub b: TunSide,
+    pub a_to_b: DirectionConfig,
+    pub b_to_a: DirectionConfig,
+    pub seed: u64,
+    pub pcap: Option<PcapOptions>,
+}
+
+enum Command {
+    Report(Sender<DirectionReport>),
+    Set(DirectionConfig),
+    Stop,
+}
+
+struct DirHandle {
+    tx: Sender<Command>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A running emulator. Dropping it stops both directions.
+pub struct Emulator {
+    dirs: [DirHandle; 2],
+    seed: u64,
+    started_ns: u64,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator").field("seed", &self.seed).finish_non_exhaustive()
+    }
+}
+
+impl Emulator {
+    pub fn start(opts: EmulatorOptions) -> Result<Self, WanError> {
+        opts.a_to_b.validate()?;
+        opts.b_to_a.validate()?;
+        let open = |s: &TunSide| {
+            sys::open_tun(s.netns.as_deref(), &s.dev).map_err(|source| WanError::Tun {
+                dev: s.dev.clone(),
+                netns: s.netns.clone().unwrap_or_default(),
+                source,
+            })
+        };
+        let fd_a = Arc::new(open(&opts.a)?);
+        let fd_b = Arc::new(open(&opts.b)?);
+        if let Some(p) = &opts.pcap {
+            std::fs::create_dir_all(&p.dir).map_err(|source| WanError::Io { what: format!("create {}", p.dir.display()), source })?;
+        }
+        let realtime_offset = sys::realtime_ns().saturating_sub(sys::mono_ns());
+        let spawn = |direction: Direction, input: Arc<OwnedFd>, output: Arc<OwnedFd>, cfg: DirectionConfig, seed: u64, mtu: usize| -> Result<DirHandle, WanError> {
+            let name = match direction {
+                Direction::AToB => "a-to-b",
+                Direction::BToA => "b-to-a",
+            };
+            let pcap = match &opts.pcap {
+                None => None,
+                Some(p) => {
+                    let mk = |side: &str| {
+                        let path = p.dir.join(format!("{name}.{side}.pcap"));
+                        PcapWriter::create(&path, p.snaplen, p.max_bytes_per_file)
+                            .map_err(|source| WanError::Io { what: format!("create {}", path.display()), source })
+                    };
+                    Some((mk("ingress")?, mk("egress")?))
+                }
+            };
+            let wake = Arc::new(sys::eventfd().map_err(|source| WanError::Io { what: "eventfd".into(), source })?);
+            let (tx, rx) = channel();
+            let w = wake.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("wan-{name}"))
+                .spawn(move || {
+                    let mut d = DirLoop {
+                        direction,
+                        link: Link::new(cfg, seed),
+                        input,
+                        output,
+                        wake: w,
+                        rx,
+                        pool: Vec::new(),
+                        mtu,
+                        driver: DriverCounters::default(),
+                        pcap,
+                        realtime_offset,
+                    };
+                    d.run();
+                })
+                .map_err(|source| WanError::Io { what: "spawn thread".into(), source })?;
+            Ok(DirHandle { tx, wake, thread: Some(thread) })
+        };
+        // Distinct but reproducible streams per direction.
+        let a_to_b = spawn(Direction::AToB, fd_a.clone(), fd_b.clone(), opts.a_to_b, opts.seed, opts.a.mtu)?;
+        let b_to_a = spawn(Direction::BToA, fd_b, fd_a, opts.b_to_a, opts.seed ^ 0x5bd1_e995, opts.b.mtu)?;
+        Ok(Self { dirs: [a_to_b, b_to_a], seed: opts.seed, started_ns: sys::mono_ns() })
+    }
+
+    fn handle(&self, d: Direction) -> &DirHandle {
+        match d {
+            Direction::AToB => &self.dirs[0],
+            Direction::BToA => &self.dirs[1],
+        }
+    }
+
+    fn send(&self, d: Direction, cmd: Command) -> Result<(), WanError> {
+        let h = self.handle(d);
+        h.tx.send(cmd).map_err(|_| WanError::Stopped)?;
+        sys::eventfd_signal(h.wake.as_raw_fd());
+        Ok(())
+    }
+
+    pub fn report(&self, d: Direction) -> Result<DirectionReport, WanError> {
+        let (tx, rx) = channel();
+        self.send(d, Command::Report(tx))?;
+        rx.recv().map_err(|_| WanError::Stopped)
+    }
+
+    pub fn stats(&self) -> Result<StatsReply, WanError> {
+        Ok(StatsReply {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            seed: self.seed,
+            uptime_ms: (sys::mono_ns() - self.started_ns) / 1_000_000,
+            a_to_b: self.report(Direction::AToB)?,
+            b_to_a: self.report(Direction::BToA)?,
+        })
+    }
+
+    /// Changes one direction live. Queued packets are kept.
+    pub fn set(&self, d: Direction, cfg: DirectionConfig) -> Result<(), WanError> {
+        cfg.validate()?;
+        self.send(d, Command::Set(cfg))?;
+        // A report round-trip makes the change visible before returning.
+        self.report(d).map(|_| ())
+    }
+
+    pub fn stop(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        for d in [Direction::AToB, Direction::BToA] {
+            let _ = self.send(d, Command::Stop);
+        }
+        for h in &mut self.dirs {
+            if let Some(t) = h.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+struct DirLoop {
+    direction: Direction,
+    link: Link<Vec<u8>>,
+    input: Arc<OwnedFd>,
+    output: Arc<OwnedFd>,
+    wake: Arc<OwnedFd>,
+    rx: Receiver<Command>,
+    pool: Vec<Vec<u8>>,
+    mtu: usize,
+    driver: DriverCounters,
+    pcap: Option<(PcapWriter, PcapWriter)>,
+    realtime_offset: u64,
+}
+
+impl DirLoop {
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.pool.len() < POOL_LIMIT {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Handles pending commands; false when told to stop.
+    fn commands(&mut self) -> bool {
+        sys::eventfd_clear(self.wake.as_raw_fd());
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Stop => return false,
+                Command::Set(cfg) => self.link.set_config(sys::mono_ns(), cfg),
+                Command::Report(tx) => {
+                    if let Some((i, e)) = &mut self.pcap {
+                        let _ = i.flush();
+                        let _ = e.flush();
+                        self.driver.pcap_skipped = i.skipped + e.skipped;
+                    }
+                    let _ = tx.send(DirectionReport {
+                        direction: self.direction,
+                        config: self.link.config().clone(),
+                        stats: self.link.stats(),
+                        driver: self.driver.clone(),
+                    });
+                }
+            }
+        }
+        true
+    }
+
+    /// Reads up to a batch of packets; returns true if the batch was full (more may wait).
+    fn read_batch(&mut self) -> bool {
+        let fd: RawFd = self.input.as_raw_fd();
+        for _ in 0..READ_BATCH {
+            let mut buf = self.pool.pop().unwrap_or_default();
+            buf.resize(self.mtu.clamp(576, MAX_PACKET_BYTES), 0);
+            match sys::read_packet(fd, &mut buf) {
+                Ok(Some(n)) if n > 0 => {
+                    buf.truncate(n);
+                    let now = sys::mono_ns();
+                    if let Some((ingress, _)) = &mut self.pcap {
+                        let _ = ingress.record(now + self.realtime_offset, &buf);
+                    }
+                    match self.link.offer(now, n as u32, buf) {
+                        Offer::Accepted => {}
+                        Offer::QueueDrop(b) | Offer::RandomDrop(b) => self.recycle(b),
+                    }
+                }
+                Ok(_) => {
+                    self.recycle(buf);
+                    return false;
+                }
+                Err(_) => {
+                    self.driver.read_errors += 1;
+                    self.recycle(buf);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn deliver_due(&mut self) {
+        let fd = self.output.as_raw_fd();
+        let now = sys::mono_ns();
+        while let Some(buf) = self.link.poll_deliver(now) {
+            if sys::write_packet(fd, &buf).is_err() {
+                self.driver.write_errors += 1;
+            } else if let Some((_, egress)) = &mut self.pcap {
+                let _ = egress.record(sys::mono_ns() + self.realtime_offset, &buf);
+            }
+            self.recycle(buf);
+        }
+    }
+
+    fn run(&mut self) {
+        sys::set_timer_slack_1us();
+        let fds = [self.input.as_raw_fd(), self.wake.as_raw_fd()];
+        loop {
+            if !self.commands() {
+                break;
+            }
+            let more = self.read_batch();
+            self.deliver_due();
+            if more {
+                continue;
+            }
+            let timeout = self.link.next_deadline_ns().map(|t| t.saturating_sub(sys::mono_ns()));
+            if timeout == Some(0) {
+                continue;
+            }
+            sys::wait_readable(&fds, timeout);
+        }
+        if let Some((i, e)) = &mut self.pcap {
+            let _ = i.flush();
+            let _ = e.flush();
+        }
+    }
+}
