@@ -121,8 +121,9 @@ pub fn write_packet(fd: RawFd, pkt: &[u8]) -> io::Result<()> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// Waits until `fds` are readable or `timeout_ns` passes (None: no timeout).
-pub fn wait_readable(fds: &[RawFd], timeout_ns: Option<u64>) {
+/// Waits until `fds` are readable or `timeout_ns` passes (None: no timeout). Returns false
+/// when the timeout expired with nothing readable.
+pub fn wait_readable(fds: &[RawFd], timeout_ns: Option<u64>) -> bool {
     let mut pfds: [libc::pollfd; 2] = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
     for (p, fd) in pfds.iter_mut().zip(fds) {
         *p = libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 };
@@ -133,5 +134,6 @@ pub fn wait_readable(fds: &[RawFd], timeout_ns: Option<u64>) {
     });
     let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: pfds and ts live across the call; nfds does not exceed pfds' length.
-    unsafe { libc::ppoll(pfds.as_mut_ptr(), fds.len().min(2) as libc::nfds_t, ts_ptr, std::ptr::null()) };
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), fds.len().min(2) as libc::nfds_t, ts_ptr, std::ptr::null()) };
+    n > 0
 }
