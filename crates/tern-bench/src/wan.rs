@@ -47,7 +47,8 @@ pub struct LossResult {
     pub lost: u64,
     pub measured_percent: f64,
     pub configured_percent: f64,
-    /// Exact binomial 99% interval of the lost-packet count for `packets` at the configured rate.
+    /// Exact binomial 99% interval of the lost-packet count for `packets` at the configured
+    /// rate; `lost` minus `emulator_queue_drops` must fall inside it.
     pub interval_99: (u64, u64),
     pub ok: bool,
     /// Ground truth from the emulator's counters over the same run (data direction).
@@ -126,7 +127,23 @@ fn udp(rate_bps: u64, len: u32, secs: u32) -> Result<serde_json::Value, BenchErr
     let _srv = Iperf3Server::start("tern-b", "198.18.2.1", PORT)?;
     iperf3_client(
         "tern-a",
-        &["-c", "198.18.2.1", "-p", &PORT.to_string(), "-u", "-b", &rate_bps.to_string(), "-l", &len.to_string(), "-t", &secs.to_string()],
+        &[
+            "-c",
+            "198.18.2.1",
+            "-p",
+            &PORT.to_string(),
+            "-u",
+            "-b",
+            &rate_bps.to_string(),
+            "-l",
+            &len.to_string(),
+            "-t",
+            &secs.to_string(),
+            // Pace every 100 µs (default 1 ms): iperf3's bursts would overflow small queues
+            // (thesis: 40 packets) and show up as loss the link was not told to make.
+            "--pacing-timer",
+            "100",
+        ],
     )
 }
 
@@ -155,8 +172,11 @@ fn profile_run(p: &Profile, opts: &WanBenchOptions) -> Result<ProfileResult, Ben
     };
     eprintln!("  {}: ping median {:.3} ms (configured {:.3})", p.name, ping.median_ms, configured_ms);
 
-    // Loss: half the link rate, so the queue never drops.
-    let offered = p.rate_bps / 2;
+    // Loss: a quarter of the link rate, so the queue rarely drops. Sender bursts (iperf3
+    // catching up after being descheduled) can still overflow a short queue (thesis: 40
+    // packets); those drops are counted by the emulator and reported separately, and the
+    // check compares only the remaining (random) losses with the configured rate.
+    let offered = p.rate_bps / 4;
     let before = a_to_b_drops()?;
     let (packets, lost, _, _) = udp_result(&udp(offered, 1200, secs)?);
     let after = a_to_b_drops()?;
@@ -168,7 +188,7 @@ fn profile_run(p: &Profile, opts: &WanBenchOptions) -> Result<ProfileResult, Ben
         measured_percent: if packets == 0 { 0.0 } else { lost as f64 * 100.0 / packets as f64 },
         configured_percent: p.loss_percent,
         interval_99,
-        ok: packets > 0 && (interval_99.0..=interval_99.1).contains(&lost),
+        ok: packets > 0 && (interval_99.0..=interval_99.1).contains(&lost.saturating_sub(after.1 - before.1)),
         emulator_random_drops: after.0 - before.0,
         emulator_queue_drops: after.1 - before.1,
     };
@@ -247,12 +267,12 @@ pub fn run(opts: &WanBenchOptions) -> Result<serde_json::Value, BenchError> {
         "Command: `{}`  \nMachine: {} cores, {}, kernel {}; {} s per iperf3 run, {} pings at 10 ms, seed {}.\n\n",
         opts.command, m.cores, m.cpu, m.kernel, opts.duration_s, opts.pings, opts.seed
     ));
-    md.push_str("Ping: median RTT must be within max(3%, 0.3 ms) of the configured RTT. UDP loss: iperf3 at half the rate, lost count within the exact binomial 99% interval. Rate cap: iperf3 UDP offered at 1.2× the rate, IP-level rate received ≤ 1.01× configured over the run. TCP: one iperf3 flow, congestion control set explicitly.\n\n");
-    md.push_str("| profile | link | ping median / configured (ms) | p99 | ok | UDP lost / sent (99% interval) | ok | received / configured rate | ok | TCP cubic Mbit/s | TCP bbr Mbit/s |\n");
+    md.push_str("Ping: median RTT must be within max(3%, 0.3 ms) of the configured RTT. UDP loss: iperf3 at a quarter of the rate, paced every 100 µs; lost count minus the emulator's queue drops (shown as +N q) within the exact binomial 99% interval. Rate cap: iperf3 UDP offered at 1.2× the rate, IP-level rate received ≤ 1.01× configured over the run. TCP: one iperf3 flow, congestion control set explicitly.\n\n");
+    md.push_str("| profile | link | ping median / configured (ms) | p99 | ok | UDP random lost / sent (99% interval) | ok | received / configured rate | ok | TCP cubic Mbit/s | TCP bbr Mbit/s |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &results {
         md.push_str(&format!(
-            "| {} | {} {} ms {}% j{} ms | {:.3} / {:.3} | {:.3} | {} | {} / {} ({}–{}) | {} | {:.4} | {} | {} | {} |\n",
+            "| {} | {} {} ms {}% j{} ms | {:.3} / {:.3} | {:.3} | {} | {} / {}{} ({}–{}) | {} | {:.4} | {} | {} | {} |\n",
             r.profile,
             format_rate(r.rate_bps),
             r.rtt_ms,
@@ -262,8 +282,9 @@ pub fn run(opts: &WanBenchOptions) -> Result<serde_json::Value, BenchError> {
             r.ping.configured_ms,
             r.ping.p99_ms,
             ok(r.ping.ok),
-            r.udp_loss.lost,
+            r.udp_loss.lost - r.udp_loss.emulator_queue_drops.min(r.udp_loss.lost),
             r.udp_loss.packets,
+            if r.udp_loss.emulator_queue_drops > 0 { format!(" (+{} q)", r.udp_loss.emulator_queue_drops) } else { String::new() },
             r.udp_loss.interval_99.0,
             r.udp_loss.interval_99.1,
             ok(r.udp_loss.ok),
