@@ -33,7 +33,12 @@ pub struct Machine {
 }
 
 pub fn machine() -> Machine {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
     let cpu = read("/proc/cpuinfo")
         .lines()
         .find(|l| l.starts_with("model name"))
@@ -44,13 +49,20 @@ pub fn machine() -> Machine {
     Machine {
         kernel: read("/proc/sys/kernel/osrelease"),
         cpu,
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         default_congestion_control: read("/proc/sys/net/ipv4/tcp_congestion_control"),
     }
 }
 
 /// Writes `name.json` and `name.md` into `dir`.
-pub fn write_results(dir: &Path, name: &str, json: &serde_json::Value, markdown: &str) -> Result<(), BenchError> {
+pub fn write_results(
+    dir: &Path,
+    name: &str,
+    json: &serde_json::Value,
+    markdown: &str,
+) -> Result<(), BenchError> {
     let io = |what: String| move |source| BenchError::Io { what, source };
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     let j = dir.join(format!("{name}.json"));

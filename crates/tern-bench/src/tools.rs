@@ -9,19 +9,35 @@ use crate::BenchError;
 
 /// Round-trip times in ms from `ping -c count -i interval`, one per reply.
 pub fn ping(netns: &str, dst: &str, count: u32, interval_s: f64) -> Result<Vec<f64>, BenchError> {
-    let out = tern_lab::run_in(netns, "ping", &["-n", "-c", &count.to_string(), "-i", &format!("{interval_s}"), "-W", "2", dst])
-        .or_else(|e| match e {
-            // ping exits 1 when some replies were lost; the replies it got still count.
-            tern_lab::LabError::Command { .. } => Ok(String::new()),
-            other => Err(other),
-        })?;
+    let out = tern_lab::run_in(
+        netns,
+        "ping",
+        &[
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{interval_s}"),
+            "-W",
+            "2",
+            dst,
+        ],
+    )
+    .or_else(|e| match e {
+        // ping exits 1 when some replies were lost; the replies it got still count.
+        tern_lab::LabError::Command { .. } => Ok(String::new()),
+        other => Err(other),
+    })?;
     let rtts: Vec<f64> = out
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect();
     if rtts.is_empty() {
-        return Err(BenchError::Tool { tool: "ping", detail: format!("no replies from {dst}") });
+        return Err(BenchError::Tool {
+            tool: "ping",
+            detail: format!("no replies from {dst}"),
+        });
     }
     Ok(rtts)
 }
@@ -46,12 +62,25 @@ impl std::fmt::Debug for Iperf3Server {
 impl Iperf3Server {
     pub fn start(netns: &str, bind: &str, port: u16) -> Result<Self, BenchError> {
         let child = Command::new("ip")
-            .args(["netns", "exec", netns, "iperf3", "-s", "-B", bind, "-p", &port.to_string()])
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "iperf3",
+                "-s",
+                "-B",
+                bind,
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|source| BenchError::Io { what: "start iperf3 server".into(), source })?;
+            .map_err(|source| BenchError::Io {
+                what: "start iperf3 server".into(),
+                source,
+            })?;
         std::thread::sleep(Duration::from_millis(300));
         Ok(Self(child))
     }
@@ -73,18 +102,28 @@ pub fn iperf3_client(netns: &str, args: &[&str]) -> Result<Value, BenchError> {
         .args(&full)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| BenchError::Io { what: "run iperf3".into(), source })?;
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| BenchError::Tool { tool: "iperf3", detail: format!("{e}: {}", String::from_utf8_lossy(&out.stderr)) })?;
+        .map_err(|source| BenchError::Io {
+            what: "run iperf3".into(),
+            source,
+        })?;
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| BenchError::Tool {
+        tool: "iperf3",
+        detail: format!("{e}: {}", String::from_utf8_lossy(&out.stderr)),
+    })?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(BenchError::Tool { tool: "iperf3", detail: err.to_string() });
+        return Err(BenchError::Tool {
+            tool: "iperf3",
+            detail: err.to_string(),
+        });
     }
     Ok(v)
 }
 
 /// Receiver-side goodput in bit/s of a TCP iperf3 report.
 pub fn tcp_goodput_bps(report: &Value) -> f64 {
-    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0)
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
 }
 
 /// (packets sent, packets lost, receiver payload bytes, seconds) of a UDP iperf3 report.

@@ -25,7 +25,11 @@ pub struct WanBenchArgs {
 
 pub fn wan(a: WanBenchArgs) -> Result<()> {
     tern_lab::check_prerequisites()?;
-    let profiles = if a.profiles.is_empty() { PROFILES.iter().map(|p| p.name.to_string()).collect() } else { a.profiles };
+    let profiles = if a.profiles.is_empty() {
+        PROFILES.iter().map(|p| p.name.to_string()).collect()
+    } else {
+        a.profiles
+    };
     let opts = tern_bench::wan::WanBenchOptions {
         profiles,
         duration_s: a.duration,
@@ -33,7 +37,10 @@ pub fn wan(a: WanBenchArgs) -> Result<()> {
         seed: a.seed,
         out_dir: a.out,
         tern_exe: std::env::current_exe().context("locate the tern binary")?,
-        command: format!("tern {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
     };
     tern_bench::wan::run(&opts)?;
     Ok(())

@@ -13,7 +13,11 @@ use tern_link::{JitterShape, LinkSpec, format_rate, parse_duration_us, parse_los
 use tern_wan::proto::Direction;
 
 #[derive(Parser, Debug)]
-#[command(name = "tern", version, about = "Move live VMs between data centers over the WAN, fast — and the lab to measure it in.")]
+#[command(
+    name = "tern",
+    version,
+    about = "Move live VMs between data centers over the WAN, fast — and the lab to measure it in."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -207,7 +211,11 @@ fn wan(a: WanArgs) -> Result<()> {
         None => a.link.changes().to_spec()?,
     };
     let dir = spec.direction();
-    let side = |netns: &Option<String>, dev: &str| tern_wan::TunSide { netns: netns.clone(), dev: dev.to_string(), mtu: a.mtu };
+    let side = |netns: &Option<String>, dev: &str| tern_wan::TunSide {
+        netns: netns.clone(),
+        dev: dev.to_string(),
+        mtu: a.mtu,
+    };
     let opts = tern_wan::EmulatorOptions {
         a: side(&a.a_netns, &a.a_dev),
         b: side(&a.b_netns, &a.b_dev),
@@ -255,10 +263,16 @@ fn describe(c: &tern_link::DirectionConfig) -> String {
 
 fn lab(c: LabCmd) -> Result<()> {
     match c {
-        LabCmd::Up { link, seed, pcap_dir } => {
+        LabCmd::Up {
+            link,
+            seed,
+            pcap_dir,
+        } => {
             let changes = link.changes();
             if changes.profile.is_none() && changes.is_empty() {
-                bail!("give a --profile or custom link flags (--rate, --rtt, --loss, --jitter, --queue); see `tern lab up --help`");
+                bail!(
+                    "give a --profile or custom link flags (--rate, --rtt, --loss, --jitter, --queue); see `tern lab up --help`"
+                );
             }
             let st = tern_lab::up(&tern_lab::UpOptions {
                 changes,
@@ -268,10 +282,20 @@ fn lab(c: LabCmd) -> Result<()> {
             })?;
             println!("lab up: profile {}", st.profile);
             for s in &st.sites {
-                println!("  site {}: netns {}, address {} ({}), WAN device {}", s.name, s.netns, s.address, s.subnet, s.wan_dev);
+                println!(
+                    "  site {}: netns {}, address {} ({}), WAN device {}",
+                    s.name, s.netns, s.address, s.subnet, s.wan_dev
+                );
             }
-            println!("  link (each direction): {}", describe(&st.spec.direction()));
-            println!("  emulator pid {}, log {}", st.emulator_pid, st.emulator_log.display());
+            println!(
+                "  link (each direction): {}",
+                describe(&st.spec.direction())
+            );
+            println!(
+                "  emulator pid {}, log {}",
+                st.emulator_pid,
+                st.emulator_log.display()
+            );
             println!("try: tern lab exec a -- ping -c 3 198.18.2.1");
         }
         LabCmd::Down => {
@@ -287,7 +311,10 @@ fn lab(c: LabCmd) -> Result<()> {
             } else {
                 println!("lab up: profile {}", s.profile.unwrap_or_default());
                 for site in &s.sites {
-                    println!("  site {}: netns {}, address {} ({})", site.name, site.netns, site.address, site.subnet);
+                    println!(
+                        "  site {}: netns {}, address {} ({})",
+                        site.name, site.netns, site.address, site.subnet
+                    );
                 }
                 if let (Some(ab), Some(ba)) = (&s.a_to_b, &s.b_to_a) {
                     println!("  a-to-b: {}", describe(ab));
@@ -320,7 +347,9 @@ fn lab(c: LabCmd) -> Result<()> {
         LabCmd::Set { link, direction } => {
             let changes = link.changes();
             if changes.is_empty() {
-                bail!("nothing to change: give --profile or link flags (see `tern lab set --help`)");
+                bail!(
+                    "nothing to change: give --profile or link flags (see `tern lab set --help`)"
+                );
             }
             let dirs = match direction {
                 None | Some(DirArg::Both) => vec![],
@@ -348,4 +377,3 @@ fn lab(c: LabCmd) -> Result<()> {
     }
     Ok(())
 }
-

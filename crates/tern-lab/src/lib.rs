@@ -58,7 +58,9 @@ pub fn sites() -> [Site; 2] {
 pub enum LabError {
     #[error("the lab needs root (network namespaces, TUN devices); run it with sudo")]
     NotRoot,
-    #[error("/dev/net/tun is missing: load the tun module (modprobe tun) or run on a machine with TUN support")]
+    #[error(
+        "/dev/net/tun is missing: load the tun module (modprobe tun) or run on a machine with TUN support"
+    )]
     NoTun,
     #[error("a lab is already up (profile {profile}); run `tern lab down` first")]
     AlreadyUp { profile: String },
@@ -94,9 +96,15 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| LabError::Command { command: command.clone(), stderr: e.to_string() })?;
+        .map_err(|e| LabError::Command {
+            command: command.clone(),
+            stderr: e.to_string(),
+        })?;
     if !out.status.success() {
-        return Err(LabError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(LabError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -284,7 +292,8 @@ fn allow_cubic() -> Result<(), LabError> {
     let path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
     let cur = fs::read_to_string(path).map_err(io_err(path))?;
     if !cur.split_whitespace().any(|c| c == "cubic") {
-        fs::write(path, format!("{} cubic", cur.trim())).map_err(io_err(format!("write {path}")))?;
+        fs::write(path, format!("{} cubic", cur.trim()))
+            .map_err(io_err(format!("write {path}")))?;
     }
     Ok(())
 }
@@ -294,14 +303,57 @@ fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
     run("ip", &["netns", "add", ns])?;
     run_in(ns, "ip", &["link", "set", "lo", "up"])?;
     // IPv6 off: no router solicitations or MLD reports crossing the emulated link.
-    run_in(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+    run_in(
+        ns,
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )?;
     // The site LAN is a bridge: VM and service ports attach to it in later work.
     run_in(ns, "ip", &["link", "add", SITE_DEV, "type", "bridge"])?;
-    run_in(ns, "ip", &["addr", "add", &format!("{}/24", site.address), "dev", SITE_DEV])?;
+    run_in(
+        ns,
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", site.address),
+            "dev",
+            SITE_DEV,
+        ],
+    )?;
     run_in(ns, "ip", &["link", "set", SITE_DEV, "up"])?;
     run_in(ns, "ip", &["tuntap", "add", "dev", WAN_DEV, "mode", "tun"])?;
-    run_in(ns, "ip", &["link", "set", WAN_DEV, "mtu", "1500", "txqueuelen", "1000", "up"])?;
-    run_in(ns, "ip", &["route", "add", &peer.subnet, "dev", WAN_DEV, "src", &site.address])?;
+    run_in(
+        ns,
+        "ip",
+        &[
+            "link",
+            "set",
+            WAN_DEV,
+            "mtu",
+            "1500",
+            "txqueuelen",
+            "1000",
+            "up",
+        ],
+    )?;
+    run_in(
+        ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            &peer.subnet,
+            "dev",
+            WAN_DEV,
+            "src",
+            &site.address,
+        ],
+    )?;
     Ok(())
 }
 
@@ -311,7 +363,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     let spec = opts.changes.to_spec()?;
     if let Some(st) = read_state() {
         if pid_alive(st.emulator_pid) {
-            return Err(LabError::AlreadyUp { profile: st.profile });
+            return Err(LabError::AlreadyUp {
+                profile: st.profile,
+            });
         }
     }
     down()?;
@@ -332,17 +386,33 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     }
 }
 
-fn start_emulator(opts: &UpOptions, spec: &LinkSpec, a: &Site, b: &Site) -> Result<LabState, LabError> {
+fn start_emulator(
+    opts: &UpOptions,
+    spec: &LinkSpec,
+    a: &Site,
+    b: &Site,
+) -> Result<LabState, LabError> {
     let control = Path::new(RUN_DIR).join("wan.sock");
     let log_path = Path::new(RUN_DIR).join("wan.log");
-    let log = fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+    let log =
+        fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(io_err("dup log"))?;
     let spec_json = serde_json::to_string(spec).map_err(|e| LabError::Refused(e.to_string()))?;
     let mut cmd = Command::new(&opts.tern_exe);
-    cmd.args(["wan", "--a-netns", &a.netns, "--a-dev", WAN_DEV, "--b-netns", &b.netns, "--b-dev", WAN_DEV])
-        .arg("--control")
-        .arg(&control)
-        .args(["--spec-json", &spec_json, "--seed", &opts.seed.to_string()]);
+    cmd.args([
+        "wan",
+        "--a-netns",
+        &a.netns,
+        "--a-dev",
+        WAN_DEV,
+        "--b-netns",
+        &b.netns,
+        "--b-dev",
+        WAN_DEV,
+    ])
+    .arg("--control")
+    .arg(&control)
+    .args(["--spec-json", &spec_json, "--seed", &opts.seed.to_string()]);
     if let Some(dir) = &opts.pcap_dir {
         cmd.arg("--pcap-dir").arg(dir);
     }
@@ -362,7 +432,11 @@ fn start_emulator(opts: &UpOptions, spec: &LinkSpec, a: &Site, b: &Site) -> Resu
         if let Ok(Reply::Stats(_)) = tern_wan::request(&control, &Request::Stats) {
             let state = LabState {
                 version: STATE_VERSION,
-                profile: opts.changes.profile.clone().unwrap_or_else(|| "custom".into()),
+                profile: opts
+                    .changes
+                    .profile
+                    .clone()
+                    .unwrap_or_else(|| "custom".into()),
                 spec: spec.clone(),
                 seed: opts.seed,
                 emulator_pid: child.id(),
@@ -371,10 +445,12 @@ fn start_emulator(opts: &UpOptions, spec: &LinkSpec, a: &Site, b: &Site) -> Resu
                 pcap_dir: opts.pcap_dir.clone(),
                 sites: sites().to_vec(),
             };
-            let text = serde_json::to_string_pretty(&state).map_err(|e| LabError::Refused(e.to_string()))?;
+            let text = serde_json::to_string_pretty(&state)
+                .map_err(|e| LabError::Refused(e.to_string()))?;
             let tmp = state_path().with_extension("tmp");
             let mut f = fs::File::create(&tmp).map_err(io_err("write state"))?;
-            f.write_all(text.as_bytes()).map_err(io_err("write state"))?;
+            f.write_all(text.as_bytes())
+                .map_err(io_err("write state"))?;
             f.sync_all().map_err(io_err("write state"))?;
             fs::rename(&tmp, state_path()).map_err(io_err("write state"))?;
             return Ok(state);
@@ -387,8 +463,19 @@ fn start_emulator(opts: &UpOptions, spec: &LinkSpec, a: &Site, b: &Site) -> Resu
     }
     let _ = child.wait();
     let tail = fs::read_to_string(&log_path).unwrap_or_default();
-    let tail: String = tail.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    Err(LabError::EmulatorFailed { log: log_path.display().to_string(), tail })
+    let tail: String = tail
+        .lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    Err(LabError::EmulatorFailed {
+        log: log_path.display().to_string(),
+        tail,
+    })
 }
 
 /// Removes everything the lab made. Idempotent; works after a crash.
@@ -409,7 +496,10 @@ pub fn down() -> Result<(), LabError> {
         if netns_exists(&site.netns) {
             // Processes left inside (iperf3 servers, shells) would keep the namespace alive.
             if let Ok(pids) = run("ip", &["netns", "pids", &site.netns]) {
-                for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     // SAFETY: kill with a pid the kernel listed inside the lab's own namespace.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
@@ -424,13 +514,15 @@ pub fn down() -> Result<(), LabError> {
 }
 
 fn require_up() -> Result<LabState, LabError> {
-    read_state().filter(|s| pid_alive(s.emulator_pid)).ok_or(LabError::NotUp)
+    read_state()
+        .filter(|s| pid_alive(s.emulator_pid))
+        .ok_or(LabError::NotUp)
 }
 
 pub fn stats() -> Result<StatsReply, LabError> {
     let st = require_up()?;
     match tern_wan::request(&st.control_socket, &Request::Stats)? {
-        Reply::Stats(s) => Ok(s),
+        Reply::Stats(s) => Ok(*s),
         Reply::Error { message } => Err(LabError::Refused(message)),
         Reply::Ok => Err(LabError::Refused("unexpected reply".into())),
     }
@@ -469,7 +561,11 @@ pub fn status() -> Result<LabStatus, LabError> {
 pub fn set(changes: &LinkChanges, directions: &[Direction]) -> Result<(), LabError> {
     let st = require_up()?;
     let current = stats()?;
-    let dirs: Vec<Direction> = if directions.is_empty() { vec![Direction::AToB, Direction::BToA] } else { directions.to_vec() };
+    let dirs: Vec<Direction> = if directions.is_empty() {
+        vec![Direction::AToB, Direction::BToA]
+    } else {
+        directions.to_vec()
+    };
     // Validate both before changing either.
     let mut planned = Vec::new();
     for d in dirs {

@@ -22,9 +22,16 @@ pub const MIN_DEFAULT_QUEUE_BYTES: u64 = 100 * 1500;
 pub enum LossModel {
     None,
     /// Independent loss with probability `p`.
-    Bernoulli { p: f64 },
+    Bernoulli {
+        p: f64,
+    },
     /// Two-state Markov chain (Gilbert–Elliott): bursts of loss.
-    GilbertElliott { p_good_to_bad: f64, p_bad_to_good: f64, loss_in_bad: f64, loss_in_good: f64 },
+    GilbertElliott {
+        p_good_to_bad: f64,
+        p_bad_to_good: f64,
+        loss_in_bad: f64,
+        loss_in_good: f64,
+    },
 }
 
 impl LossModel {
@@ -33,7 +40,12 @@ impl LossModel {
         match *self {
             LossModel::None => 0.0,
             LossModel::Bernoulli { p } => p,
-            LossModel::GilbertElliott { p_good_to_bad, p_bad_to_good, loss_in_bad, loss_in_good } => {
+            LossModel::GilbertElliott {
+                p_good_to_bad,
+                p_bad_to_good,
+                loss_in_bad,
+                loss_in_good,
+            } => {
                 let denom = p_good_to_bad + p_bad_to_good;
                 if denom == 0.0 {
                     return loss_in_good;
@@ -48,13 +60,19 @@ impl LossModel {
         let probs: &[f64] = match self {
             LossModel::None => &[],
             LossModel::Bernoulli { p } => &[*p][..],
-            LossModel::GilbertElliott { p_good_to_bad, p_bad_to_good, loss_in_bad, loss_in_good } => {
-                &[*p_good_to_bad, *p_bad_to_good, *loss_in_bad, *loss_in_good][..]
-            }
+            LossModel::GilbertElliott {
+                p_good_to_bad,
+                p_bad_to_good,
+                loss_in_bad,
+                loss_in_good,
+            } => &[*p_good_to_bad, *p_bad_to_good, *loss_in_bad, *loss_in_good][..],
         };
         for &p in probs {
             if !(0.0..=1.0).contains(&p) {
-                return Err(ConfigError::OutOfRange { what: "loss probability", value: p.to_string() });
+                return Err(ConfigError::OutOfRange {
+                    what: "loss probability",
+                    value: p.to_string(),
+                });
             }
         }
         Ok(())
@@ -93,16 +111,28 @@ pub struct DirectionConfig {
 impl DirectionConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.rate_bps > MAX_RATE_BPS {
-            return Err(ConfigError::OutOfRange { what: "rate", value: format!("{} bit/s", self.rate_bps) });
+            return Err(ConfigError::OutOfRange {
+                what: "rate",
+                value: format!("{} bit/s", self.rate_bps),
+            });
         }
         if self.delay_us > MAX_DELAY_US || self.jitter_us > MAX_DELAY_US {
-            return Err(ConfigError::OutOfRange { what: "delay or jitter", value: format!("{} µs", self.delay_us.max(self.jitter_us)) });
+            return Err(ConfigError::OutOfRange {
+                what: "delay or jitter",
+                value: format!("{} µs", self.delay_us.max(self.jitter_us)),
+            });
         }
         if self.queue_limit_packets == 0 || self.queue_limit_packets > MAX_QUEUE_PACKETS {
-            return Err(ConfigError::OutOfRange { what: "queue limit (packets)", value: self.queue_limit_packets.to_string() });
+            return Err(ConfigError::OutOfRange {
+                what: "queue limit (packets)",
+                value: self.queue_limit_packets.to_string(),
+            });
         }
         if self.queue_limit_bytes < 1500 || self.queue_limit_bytes > MAX_QUEUE_BYTES {
-            return Err(ConfigError::OutOfRange { what: "queue limit (bytes)", value: self.queue_limit_bytes.to_string() });
+            return Err(ConfigError::OutOfRange {
+                what: "queue limit (bytes)",
+                value: self.queue_limit_bytes.to_string(),
+            });
         }
         self.loss.validate()
     }
@@ -125,7 +155,11 @@ pub struct LinkSpec {
 
 impl LinkSpec {
     pub fn new(rate_bps: u64, rtt_us: u64, loss_fraction: f64, jitter_us: u64) -> Self {
-        let loss = if loss_fraction > 0.0 { LossModel::Bernoulli { p: loss_fraction } } else { LossModel::None };
+        let loss = if loss_fraction > 0.0 {
+            LossModel::Bernoulli { p: loss_fraction }
+        } else {
+            LossModel::None
+        };
         Self {
             rate_bps,
             rtt_us,
@@ -185,43 +219,151 @@ const M: u64 = 1_000_000;
 /// The profiles of the seed experiments (HyperIP 000/001, the thesis 002, CloudNet and
 /// PipeCloud 004). `ll-metro` and `ll-metro-5ms` are the two renderings of one seed row.
 pub const PROFILES: &[Profile] = &[
-    Profile { name: "baseline", rate_bps: G, rtt_us: 0, loss_percent: 0.0, jitter_us: 0, queue_packets: None, about: "unimpaired gigabit LAN" },
-    Profile { name: "sonet", rate_bps: G, rtt_us: 5_000, loss_percent: 0.001, jitter_us: 0, queue_packets: None, about: "HyperIP SONET row" },
-    Profile { name: "ll-metro", rate_bps: G, rtt_us: 500, loss_percent: 0.005, jitter_us: 0, queue_packets: None, about: "HyperIP low-latency metro (0.5 ms rendering)" },
-    Profile { name: "ll-metro-5ms", rate_bps: G, rtt_us: 5_000, loss_percent: 0.005, jitter_us: 0, queue_packets: None, about: "HyperIP low-latency metro (5 ms rendering)" },
-    Profile { name: "metro", rate_bps: G, rtt_us: 12_000, loss_percent: 0.1, jitter_us: 0, queue_packets: None, about: "HyperIP metro row" },
-    Profile { name: "mpls", rate_bps: 100 * M, rtt_us: 25_000, loss_percent: 0.05, jitter_us: 3_000, queue_packets: None, about: "HyperIP MPLS row" },
-    Profile { name: "cloudnet-lab", rate_bps: 100 * M, rtt_us: 20_000, loss_percent: 0.0, jitter_us: 0, queue_packets: None, about: "CloudNet emulated lab link" },
-    Profile { name: "cloudnet-wan", rate_bps: 465 * M, rtt_us: 27_000, loss_percent: 0.0, jitter_us: 0, queue_packets: None, about: "CloudNet Texas-Illinois WAN" },
-    Profile { name: "dr-50", rate_bps: G, rtt_us: 50_000, loss_percent: 0.0, jitter_us: 0, queue_packets: None, about: "PipeCloud 50 ms backup site" },
-    Profile { name: "dr-100", rate_bps: G, rtt_us: 100_000, loss_percent: 0.0, jitter_us: 0, queue_packets: None, about: "PipeCloud 100 ms backup site" },
-    Profile { name: "thesis", rate_bps: 100 * M, rtt_us: 60_000, loss_percent: 0.0, jitter_us: 0, queue_packets: Some(40), about: "ACK-compression thesis dummynet pipe" },
+    Profile {
+        name: "baseline",
+        rate_bps: G,
+        rtt_us: 0,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "unimpaired gigabit LAN",
+    },
+    Profile {
+        name: "sonet",
+        rate_bps: G,
+        rtt_us: 5_000,
+        loss_percent: 0.001,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "HyperIP SONET row",
+    },
+    Profile {
+        name: "ll-metro",
+        rate_bps: G,
+        rtt_us: 500,
+        loss_percent: 0.005,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "HyperIP low-latency metro (0.5 ms rendering)",
+    },
+    Profile {
+        name: "ll-metro-5ms",
+        rate_bps: G,
+        rtt_us: 5_000,
+        loss_percent: 0.005,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "HyperIP low-latency metro (5 ms rendering)",
+    },
+    Profile {
+        name: "metro",
+        rate_bps: G,
+        rtt_us: 12_000,
+        loss_percent: 0.1,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "HyperIP metro row",
+    },
+    Profile {
+        name: "mpls",
+        rate_bps: 100 * M,
+        rtt_us: 25_000,
+        loss_percent: 0.05,
+        jitter_us: 3_000,
+        queue_packets: None,
+        about: "HyperIP MPLS row",
+    },
+    Profile {
+        name: "cloudnet-lab",
+        rate_bps: 100 * M,
+        rtt_us: 20_000,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "CloudNet emulated lab link",
+    },
+    Profile {
+        name: "cloudnet-wan",
+        rate_bps: 465 * M,
+        rtt_us: 27_000,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "CloudNet Texas-Illinois WAN",
+    },
+    Profile {
+        name: "dr-50",
+        rate_bps: G,
+        rtt_us: 50_000,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "PipeCloud 50 ms backup site",
+    },
+    Profile {
+        name: "dr-100",
+        rate_bps: G,
+        rtt_us: 100_000,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: None,
+        about: "PipeCloud 100 ms backup site",
+    },
+    Profile {
+        name: "thesis",
+        rate_bps: 100 * M,
+        rtt_us: 60_000,
+        loss_percent: 0.0,
+        jitter_us: 0,
+        queue_packets: Some(40),
+        about: "ACK-compression thesis dummynet pipe",
+    },
 ];
 
 impl Profile {
     pub fn find(name: &str) -> Result<&'static Profile, ConfigError> {
-        PROFILES.iter().find(|p| p.name == name).ok_or_else(|| ConfigError::UnknownProfile {
-            name: name.to_string(),
-            known: PROFILES.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-        })
+        PROFILES
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| ConfigError::UnknownProfile {
+                name: name.to_string(),
+                known: PROFILES
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     pub fn spec(&self) -> LinkSpec {
-        let mut spec = LinkSpec::new(self.rate_bps, self.rtt_us, self.loss_percent / 100.0, self.jitter_us);
+        let mut spec = LinkSpec::new(
+            self.rate_bps,
+            self.rtt_us,
+            self.loss_percent / 100.0,
+            self.jitter_us,
+        );
         spec.queue_packets = self.queue_packets;
         spec
     }
 }
 
 fn split_number(s: &str) -> (&str, &str) {
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     (&s[..end], s[end..].trim())
 }
 
 fn parse_f64(what: &'static str, input: &str, num: &str) -> Result<f64, ConfigError> {
-    let v: f64 = num.parse().map_err(|_| ConfigError::Malformed { what, input: input.to_string() })?;
+    let v: f64 = num.parse().map_err(|_| ConfigError::Malformed {
+        what,
+        input: input.to_string(),
+    })?;
     if !v.is_finite() || v < 0.0 {
-        return Err(ConfigError::Malformed { what, input: input.to_string() });
+        return Err(ConfigError::Malformed {
+            what,
+            input: input.to_string(),
+        });
     }
     Ok(v)
 }
@@ -237,11 +379,19 @@ pub fn parse_rate(input: &str) -> Result<u64, ConfigError> {
         "k" | "kbit" | "kbps" | "kb" => 1e3,
         "m" | "mbit" | "mbps" | "mb" => 1e6,
         "g" | "gbit" | "gbps" | "gb" => 1e9,
-        _ => return Err(ConfigError::Malformed { what: "rate", input: input.to_string() }),
+        _ => {
+            return Err(ConfigError::Malformed {
+                what: "rate",
+                input: input.to_string(),
+            });
+        }
     };
     let bps = (v * mult).round();
     if bps > MAX_RATE_BPS as f64 {
-        return Err(ConfigError::OutOfRange { what: "rate", value: input.to_string() });
+        return Err(ConfigError::OutOfRange {
+            what: "rate",
+            value: input.to_string(),
+        });
     }
     Ok(bps as u64)
 }
@@ -256,11 +406,19 @@ pub fn parse_duration_us(input: &str) -> Result<u64, ConfigError> {
         "ms" => 1e3,
         "s" => 1e6,
         "" if v == 0.0 => 0.0,
-        _ => return Err(ConfigError::Malformed { what: "duration", input: input.to_string() }),
+        _ => {
+            return Err(ConfigError::Malformed {
+                what: "duration",
+                input: input.to_string(),
+            });
+        }
     };
     let us = (v * mult).round();
     if us > MAX_DELAY_US as f64 {
-        return Err(ConfigError::OutOfRange { what: "duration", value: input.to_string() });
+        return Err(ConfigError::OutOfRange {
+            what: "duration",
+            value: input.to_string(),
+        });
     }
     Ok(us as u64)
 }
@@ -274,10 +432,18 @@ pub fn parse_percent(input: &str) -> Result<f64, ConfigError> {
     match unit {
         "%" => {}
         "" if v == 0.0 => {}
-        _ => return Err(ConfigError::Malformed { what: "percentage", input: input.to_string() }),
+        _ => {
+            return Err(ConfigError::Malformed {
+                what: "percentage",
+                input: input.to_string(),
+            });
+        }
     }
     if v > 100.0 {
-        return Err(ConfigError::OutOfRange { what: "percentage", value: input.to_string() });
+        return Err(ConfigError::OutOfRange {
+            what: "percentage",
+            value: input.to_string(),
+        });
     }
     Ok(v / 100.0)
 }
@@ -290,18 +456,33 @@ pub fn parse_loss(input: &str) -> Result<LossModel, ConfigError> {
     if let Some(rest) = s.strip_prefix("ge:") {
         let parts: Vec<&str> = rest.split(',').collect();
         if !(2..=4).contains(&parts.len()) {
-            return Err(ConfigError::Malformed { what: "Gilbert-Elliott loss (ge:P,R[,H[,K]])", input: input.to_string() });
+            return Err(ConfigError::Malformed {
+                what: "Gilbert-Elliott loss (ge:P,R[,H[,K]])",
+                input: input.to_string(),
+            });
         }
         let m = LossModel::GilbertElliott {
             p_good_to_bad: parse_percent(parts[0])?,
             p_bad_to_good: parse_percent(parts[1])?,
-            loss_in_bad: parts.get(2).map(|p| parse_percent(p)).transpose()?.unwrap_or(1.0),
-            loss_in_good: parts.get(3).map(|p| parse_percent(p)).transpose()?.unwrap_or(0.0),
+            loss_in_bad: parts
+                .get(2)
+                .map(|p| parse_percent(p))
+                .transpose()?
+                .unwrap_or(1.0),
+            loss_in_good: parts
+                .get(3)
+                .map(|p| parse_percent(p))
+                .transpose()?
+                .unwrap_or(0.0),
         };
         return Ok(m);
     }
     let p = parse_percent(s)?;
-    Ok(if p == 0.0 { LossModel::None } else { LossModel::Bernoulli { p } })
+    Ok(if p == 0.0 {
+        LossModel::None
+    } else {
+        LossModel::Bernoulli { p }
+    })
 }
 
 /// Formats bits/s the way users type them (`100mbit`).
@@ -368,7 +549,14 @@ mod tests {
         d.validate().unwrap();
         let thesis = Profile::find("thesis").unwrap().spec().direction();
         assert_eq!(thesis.queue_limit_packets, 40);
-        assert_eq!(Profile::find("baseline").unwrap().spec().direction().queue_limit_bytes, MIN_DEFAULT_QUEUE_BYTES);
+        assert_eq!(
+            Profile::find("baseline")
+                .unwrap()
+                .spec()
+                .direction()
+                .queue_limit_bytes,
+            MIN_DEFAULT_QUEUE_BYTES
+        );
         let err = Profile::find("moon").unwrap_err().to_string();
         assert!(err.contains("moon") && err.contains("mpls"), "{err}");
         for p in PROFILES {

@@ -19,7 +19,12 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self { counts: Box::new([0; BUCKETS]), total: 0, sum_us: 0, max_us: 0 }
+        Self {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+            sum_us: 0,
+            max_us: 0,
+        }
     }
 }
 
@@ -90,7 +95,11 @@ impl Histogram {
     pub fn summary(&self) -> HistogramSummary {
         HistogramSummary {
             count: self.total,
-            mean_us: if self.total == 0 { 0.0 } else { self.sum_us as f64 / self.total as f64 },
+            mean_us: if self.total == 0 {
+                0.0
+            } else {
+                self.sum_us as f64 / self.total as f64
+            },
             p50_us: self.quantile(0.5),
             p90_us: self.quantile(0.9),
             p99_us: self.quantile(0.99),

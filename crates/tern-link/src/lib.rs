@@ -29,9 +29,9 @@ mod link;
 mod rng;
 
 pub use config::{
-    DirectionConfig, JitterShape, LinkSpec, LossModel, MAX_DELAY_US, MAX_QUEUE_BYTES, MAX_QUEUE_PACKETS,
-    MAX_RATE_BPS, MIN_DEFAULT_QUEUE_BYTES, PROFILES, Profile, format_rate, parse_duration_us, parse_loss,
-    parse_percent, parse_rate,
+    DirectionConfig, JitterShape, LinkSpec, LossModel, MAX_DELAY_US, MAX_QUEUE_BYTES,
+    MAX_QUEUE_PACKETS, MAX_RATE_BPS, MIN_DEFAULT_QUEUE_BYTES, PROFILES, Profile, format_rate,
+    parse_duration_us, parse_loss, parse_percent, parse_rate,
 };
 pub use histogram::{Histogram, HistogramSummary};
 pub use link::{Counters, DirectionStats, Link, Offer};

@@ -153,12 +153,25 @@ impl<P> Link<P> {
         match self.cfg.loss {
             LossModel::None => false,
             LossModel::Bernoulli { p } => self.rng.chance(p),
-            LossModel::GilbertElliott { p_good_to_bad, p_bad_to_good, loss_in_bad, loss_in_good } => {
-                let flip = if self.ge_bad { p_bad_to_good } else { p_good_to_bad };
+            LossModel::GilbertElliott {
+                p_good_to_bad,
+                p_bad_to_good,
+                loss_in_bad,
+                loss_in_good,
+            } => {
+                let flip = if self.ge_bad {
+                    p_bad_to_good
+                } else {
+                    p_good_to_bad
+                };
                 if self.rng.chance(flip) {
                     self.ge_bad = !self.ge_bad;
                 }
-                self.rng.chance(if self.ge_bad { loss_in_bad } else { loss_in_good })
+                self.rng.chance(if self.ge_bad {
+                    loss_in_bad
+                } else {
+                    loss_in_good
+                })
             }
         }
     }
@@ -190,7 +203,9 @@ impl<P> Link<P> {
             if depart > now_ns {
                 break;
             }
-            let Some(w) = self.queue.pop_front() else { break };
+            let Some(w) = self.queue.pop_front() else {
+                break;
+            };
             self.head_depart_ns = None;
             self.link_free_ns = depart;
             self.queued_bytes -= u64::from(w.len);
@@ -200,7 +215,13 @@ impl<P> Link<P> {
             }
             self.last_arrive_ns = self.last_arrive_ns.max(arrive);
             self.seq += 1;
-            self.delay_line.push(Reverse(InFlight { arrive_ns: arrive, seq: self.seq, enq_ns: w.enq_ns, len: w.len, pkt: w.pkt }));
+            self.delay_line.push(Reverse(InFlight {
+                arrive_ns: arrive,
+                seq: self.seq,
+                enq_ns: w.enq_ns,
+                len: w.len,
+                pkt: w.pkt,
+            }));
         }
     }
 
@@ -222,7 +243,11 @@ impl<P> Link<P> {
             self.counters.queue_drop_bytes += u64::from(len);
             return Offer::QueueDrop(pkt);
         }
-        self.queue.push_back(Waiting { enq_ns: now_ns, len, pkt });
+        self.queue.push_back(Waiting {
+            enq_ns: now_ns,
+            len,
+            pkt,
+        });
         self.queued_bytes += u64::from(len);
         self.counters.max_queue_bytes = self.counters.max_queue_bytes.max(self.queued_bytes);
         Offer::Accepted
@@ -245,7 +270,8 @@ impl<P> Link<P> {
     /// Earliest time at which `poll_deliver` can return a packet, if any is held.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let head = self.queue.front().map(|h| {
-            self.head_depart_ns.unwrap_or_else(|| h.enq_ns.max(self.link_free_ns) + self.tx_ns(h.len))
+            self.head_depart_ns
+                .unwrap_or_else(|| h.enq_ns.max(self.link_free_ns) + self.tx_ns(h.len))
         });
         let line = self.delay_line.peek().map(|f| f.0.arrive_ns);
         match (head, line) {

@@ -19,7 +19,10 @@ fn drain(link: &mut Link<u64>, mut now: u64) -> Vec<(u64, u64)> {
         }
         match link.next_deadline_ns() {
             Some(t) => {
-                assert!(t > now, "deadline {t} not after now {now} with nothing deliverable");
+                assert!(
+                    t > now,
+                    "deadline {t} not after now {now} with nothing deliverable"
+                );
                 now = t;
             }
             None => return out,
@@ -38,7 +41,10 @@ fn serialization_clock_spaces_packets_by_rate() {
     let times: Vec<u64> = out.iter().map(|(t, _)| *t).collect();
     let expected: Vec<u64> = (1..=10).map(|k| k * MS + 10 * MS).collect();
     assert_eq!(times, expected);
-    assert_eq!(out.iter().map(|(_, p)| *p).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        out.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -63,8 +69,15 @@ fn queue_overflow_drops_tail_by_packets_and_bytes() {
     let mut c = cfg(12_000_000, 0);
     c.queue_limit_packets = 5;
     let mut link = Link::new(c.clone(), 1);
-    let verdicts: Vec<bool> = (0..10).map(|i| link.offer(0, 1500, i) == Offer::Accepted).collect();
-    assert_eq!(verdicts, [true, true, true, true, true, false, false, false, false, false]);
+    let verdicts: Vec<bool> = (0..10)
+        .map(|i| link.offer(0, 1500, i) == Offer::Accepted)
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            true, true, true, true, true, false, false, false, false, false
+        ]
+    );
     // After one packet has serialized, there is room for exactly one more.
     assert_eq!(link.offer(MS, 1500, 10), Offer::Accepted);
     assert_eq!(link.offer(MS, 1500, 11), Offer::QueueDrop(11));
@@ -116,7 +129,10 @@ fn jitter_shapes_have_stated_spread_and_reorder_option() {
             link.offer(id * 50 * MS, 100, id);
         }
         let out = drain(&mut link, 0);
-        let delays: Vec<f64> = out.iter().map(|(t, id)| (t - id * 50 * MS) as f64 / 1e3).collect();
+        let delays: Vec<f64> = out
+            .iter()
+            .map(|(t, id)| (t - id * 50 * MS) as f64 / 1e3)
+            .collect();
         let mean = delays.iter().sum::<f64>() / n as f64;
         let sd = (delays.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
         assert!((mean - 10_000.0).abs() < 50.0, "{shape:?} mean {mean}");
@@ -124,12 +140,18 @@ fn jitter_shapes_have_stated_spread_and_reorder_option() {
             JitterShape::Uniform => 2_000.0 / 3f64.sqrt(),
             JitterShape::Normal => 2_000.0,
         };
-        assert!((sd - want_sd).abs() / want_sd < 0.03, "{shape:?} sd {sd} want {want_sd}");
+        assert!(
+            (sd - want_sd).abs() / want_sd < 0.03,
+            "{shape:?} sd {sd} want {want_sd}"
+        );
         let (lo, hi) = match shape {
             JitterShape::Uniform => (8_000.0, 12_000.0),
             JitterShape::Normal => (4_000.0, 16_000.0),
         };
-        assert!(delays.iter().all(|d| (lo..=hi).contains(d)), "{shape:?} out of bounds");
+        assert!(
+            delays.iter().all(|d| (lo..=hi).contains(d)),
+            "{shape:?} out of bounds"
+        );
     }
     // With reorder on and dense traffic, some packets do overtake.
     let mut c = cfg(0, 10_000);
@@ -196,7 +218,10 @@ fn gilbert_elliott_loss_is_bursty_with_the_right_mean() {
         in_burst = dropped;
     }
     let rate = lost as f64 / n as f64;
-    assert!((rate - model.mean_loss()).abs() / model.mean_loss() < 0.05, "rate {rate}");
+    assert!(
+        (rate - model.mean_loss()).abs() / model.mean_loss() < 0.05,
+        "rate {rate}"
+    );
     let mean_burst = lost as f64 / bursts as f64;
     assert!((mean_burst - 4.0).abs() < 0.3, "mean burst {mean_burst}");
 }
@@ -217,7 +242,10 @@ fn reconfiguration_keeps_queued_packets_and_applies_new_rate() {
     faster.queue_limit_bytes = 10_000_000;
     link.set_config(2_500_000, faster);
     let rest = drain(&mut link, 2_500_000);
-    assert_eq!(rest.iter().map(|(_, p)| *p).collect::<Vec<_>>(), (2..10).collect::<Vec<_>>());
+    assert_eq!(
+        rest.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+        (2..10).collect::<Vec<_>>()
+    );
     // Packet 2 finishes at the old rate (3 ms), then 0.1 ms each, plus the new 5 ms delay.
     assert_eq!(rest[0].0, 3 * MS + 5 * MS);
     assert_eq!(rest[1].0, 3 * MS + 100_000 + 5 * MS);
@@ -255,11 +283,18 @@ fn rate_is_never_exceeded_over_any_window_under_overload() {
         // One packet may straddle the window start, and deliveries are observed at poll
         // times up to one offer gap (< 1 packet time) late: two packets of slack.
         let allowed = rate * window / 8 / 1_000_000_000 + 2 * 1500;
-        assert!(bytes <= allowed, "window ending {} carried {bytes} > {allowed}", out[i].0);
+        assert!(
+            bytes <= allowed,
+            "window ending {} carried {bytes} > {allowed}",
+            out[i].0
+        );
     }
     let s = link.stats();
     let total = s.counters.forwarded_bytes as f64 * 8.0;
-    assert!(total / 1.0 <= rate as f64 * 1.01 && total >= rate as f64 * 0.97, "{total}");
+    assert!(
+        total / 1.0 <= rate as f64 * 1.01 && total >= rate as f64 * 0.97,
+        "{total}"
+    );
     assert!(s.counters.queue_drop_packets > 0);
 }
 
@@ -267,7 +302,10 @@ fn rate_is_never_exceeded_over_any_window_under_overload() {
 fn conservation_and_determinism_under_random_settings() {
     fn trace(seed: u64) -> (Vec<(u64, u64)>, tern_link::DirectionStats) {
         let mut rng = tern_link::Rng::new(seed);
-        let mut c = cfg(1_000_000 + rng.next_u64() % 1_000_000_000, rng.next_u64() % 50_000);
+        let mut c = cfg(
+            1_000_000 + rng.next_u64() % 1_000_000_000,
+            rng.next_u64() % 50_000,
+        );
         c.jitter_us = rng.next_u64() % 5_000;
         c.reorder = rng.next_u64() % 2 == 0;
         c.loss = LossModel::Bernoulli { p: 0.01 };
@@ -295,13 +333,25 @@ fn conservation_and_determinism_under_random_settings() {
         let (out, s) = trace(seed);
         let c = &s.counters;
         assert_eq!(c.offered_packets, 5_000);
-        assert_eq!(c.forwarded_packets + c.queue_drop_packets + c.random_drop_packets, c.offered_packets, "seed {seed}");
-        assert_eq!(c.forwarded_bytes + c.queue_drop_bytes + c.random_drop_bytes, c.offered_bytes, "seed {seed}");
+        assert_eq!(
+            c.forwarded_packets + c.queue_drop_packets + c.random_drop_packets,
+            c.offered_packets,
+            "seed {seed}"
+        );
+        assert_eq!(
+            c.forwarded_bytes + c.queue_drop_bytes + c.random_drop_bytes,
+            c.offered_bytes,
+            "seed {seed}"
+        );
         let mut ids: Vec<u64> = out.iter().map(|(_, p)| *p).collect();
         assert_eq!(ids.len() as u64, c.forwarded_packets);
         ids.sort_unstable();
         ids.dedup();
-        assert_eq!(ids.len() as u64, c.forwarded_packets, "seed {seed}: a packet was delivered twice");
+        assert_eq!(
+            ids.len() as u64,
+            c.forwarded_packets,
+            "seed {seed}: a packet was delivered twice"
+        );
         assert_eq!(trace(seed).0, out, "seed {seed} is not deterministic");
     }
 }

@@ -78,7 +78,9 @@ pub struct Emulator {
 
 impl std::fmt::Debug for Emulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emulator").field("seed", &self.seed).finish_non_exhaustive()
+        f.debug_struct("Emulator")
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,10 +98,19 @@ impl Emulator {
         let fd_a = Arc::new(open(&opts.a)?);
         let fd_b = Arc::new(open(&opts.b)?);
         if let Some(p) = &opts.pcap {
-            std::fs::create_dir_all(&p.dir).map_err(|source| WanError::Io { what: format!("create {}", p.dir.display()), source })?;
+            std::fs::create_dir_all(&p.dir).map_err(|source| WanError::Io {
+                what: format!("create {}", p.dir.display()),
+                source,
+            })?;
         }
         let realtime_offset = sys::realtime_ns().saturating_sub(sys::mono_ns());
-        let spawn = |direction: Direction, input: Arc<OwnedFd>, output: Arc<OwnedFd>, cfg: DirectionConfig, seed: u64, mtu: usize| -> Result<DirHandle, WanError> {
+        let spawn = |direction: Direction,
+                     input: Arc<OwnedFd>,
+                     output: Arc<OwnedFd>,
+                     cfg: DirectionConfig,
+                     seed: u64,
+                     mtu: usize|
+         -> Result<DirHandle, WanError> {
             let name = match direction {
                 Direction::AToB => "a-to-b",
                 Direction::BToA => "b-to-a",
@@ -109,13 +120,20 @@ impl Emulator {
                 Some(p) => {
                     let mk = |side: &str| {
                         let path = p.dir.join(format!("{name}.{side}.pcap"));
-                        PcapWriter::create(&path, p.snaplen, p.max_bytes_per_file)
-                            .map_err(|source| WanError::Io { what: format!("create {}", path.display()), source })
+                        PcapWriter::create(&path, p.snaplen, p.max_bytes_per_file).map_err(
+                            |source| WanError::Io {
+                                what: format!("create {}", path.display()),
+                                source,
+                            },
+                        )
                     };
                     Some((mk("ingress")?, mk("egress")?))
                 }
             };
-            let wake = Arc::new(sys::eventfd().map_err(|source| WanError::Io { what: "eventfd".into(), source })?);
+            let wake = Arc::new(sys::eventfd().map_err(|source| WanError::Io {
+                what: "eventfd".into(),
+                source,
+            })?);
             let (tx, rx) = channel();
             let w = wake.clone();
             let thread = std::thread::Builder::new()
@@ -137,13 +155,38 @@ impl Emulator {
                     };
                     d.run();
                 })
-                .map_err(|source| WanError::Io { what: "spawn thread".into(), source })?;
-            Ok(DirHandle { tx, wake, thread: Some(thread) })
+                .map_err(|source| WanError::Io {
+                    what: "spawn thread".into(),
+                    source,
+                })?;
+            Ok(DirHandle {
+                tx,
+                wake,
+                thread: Some(thread),
+            })
         };
         // Distinct but reproducible streams per direction.
-        let a_to_b = spawn(Direction::AToB, fd_a.clone(), fd_b.clone(), opts.a_to_b, opts.seed, opts.a.mtu)?;
-        let b_to_a = spawn(Direction::BToA, fd_b, fd_a, opts.b_to_a, opts.seed ^ 0x5bd1_e995, opts.b.mtu)?;
-        Ok(Self { dirs: [a_to_b, b_to_a], seed: opts.seed, started_ns: sys::mono_ns() })
+        let a_to_b = spawn(
+            Direction::AToB,
+            fd_a.clone(),
+            fd_b.clone(),
+            opts.a_to_b,
+            opts.seed,
+            opts.a.mtu,
+        )?;
+        let b_to_a = spawn(
+            Direction::BToA,
+            fd_b,
+            fd_a,
+            opts.b_to_a,
+            opts.seed ^ 0x5bd1_e995,
+            opts.b.mtu,
+        )?;
+        Ok(Self {
+            dirs: [a_to_b, b_to_a],
+            seed: opts.seed,
+            started_ns: sys::mono_ns(),
+        })
     }
 
     fn handle(&self, d: Direction) -> &DirHandle {

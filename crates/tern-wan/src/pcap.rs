@@ -27,7 +27,13 @@ impl PcapWriter {
         out.write_all(&0u32.to_le_bytes())?;
         out.write_all(&snaplen.to_le_bytes())?;
         out.write_all(&LINKTYPE_RAW.to_le_bytes())?;
-        Ok(Self { out, snaplen, written_bytes: 24, max_bytes, skipped: 0 })
+        Ok(Self {
+            out,
+            snaplen,
+            written_bytes: 24,
+            max_bytes,
+            skipped: 0,
+        })
     }
 
     pub fn record(&mut self, unix_ns: u64, pkt: &[u8]) -> io::Result<()> {
@@ -36,8 +42,10 @@ impl PcapWriter {
             self.skipped += 1;
             return Ok(());
         }
-        self.out.write_all(&((unix_ns / 1_000_000_000) as u32).to_le_bytes())?;
-        self.out.write_all(&((unix_ns % 1_000_000_000) as u32).to_le_bytes())?;
+        self.out
+            .write_all(&((unix_ns / 1_000_000_000) as u32).to_le_bytes())?;
+        self.out
+            .write_all(&((unix_ns % 1_000_000_000) as u32).to_le_bytes())?;
         self.out.write_all(&(cap as u32).to_le_bytes())?;
         self.out.write_all(&(pkt.len() as u32).to_le_bytes())?;
         self.out.write_all(&pkt[..cap])?;
@@ -67,9 +75,18 @@ mod tests {
         assert_eq!(w.skipped, 1);
         let b = std::fs::read(&path).unwrap();
         assert_eq!(&b[0..4], &0xa1b2_3c4du32.to_le_bytes());
-        assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), LINKTYPE_RAW);
-        assert_eq!(u32::from_le_bytes(b[24..28].try_into().unwrap()), 1_700_000_000);
-        assert_eq!(u32::from_le_bytes(b[28..32].try_into().unwrap()), 123_456_789);
+        assert_eq!(
+            u32::from_le_bytes(b[20..24].try_into().unwrap()),
+            LINKTYPE_RAW
+        );
+        assert_eq!(
+            u32::from_le_bytes(b[24..28].try_into().unwrap()),
+            1_700_000_000
+        );
+        assert_eq!(
+            u32::from_le_bytes(b[28..32].try_into().unwrap()),
+            123_456_789
+        );
         assert_eq!(u32::from_le_bytes(b[32..36].try_into().unwrap()), 8); // captured
         assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 20); // original
         assert_eq!(b.len(), 24 + 16 + 8 + 16 + 3);

@@ -22,7 +22,10 @@ pub enum Request {
     /// Current settings and counters of both directions.
     Stats,
     /// Replace the settings of one direction; queued packets are kept.
-    Set { direction: Direction, config: DirectionConfig },
+    Set {
+        direction: Direction,
+        config: DirectionConfig,
+    },
     /// Stop forwarding and exit.
     Shutdown,
 }
@@ -58,7 +61,7 @@ pub struct StatsReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Stats(StatsReply),
+    Stats(Box<StatsReply>),
     Ok,
     Error { message: String },
 }

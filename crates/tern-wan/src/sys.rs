@@ -16,7 +16,10 @@ pub fn realtime_ns() -> u64 {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; clock_gettime cannot fail for these clocks.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -30,7 +33,11 @@ pub fn set_timer_slack_1us() {
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -47,7 +54,10 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// a short-lived thread, so the caller's namespace never changes.
 pub fn open_tun(netns: Option<&str>, dev: &str) -> io::Result<OwnedFd> {
     if dev.is_empty() || dev.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {dev:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {dev:?}"),
+        ));
     }
     let netns = netns.map(str::to_owned);
     let dev = dev.to_owned();
@@ -118,22 +128,43 @@ pub fn read_packet(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
 pub fn write_packet(fd: RawFd, pkt: &[u8]) -> io::Result<()> {
     // SAFETY: writes pkt.len() bytes from a live buffer.
     let n = unsafe { libc::write(fd, pkt.as_ptr().cast(), pkt.len()) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Waits until `fds` are readable or `timeout_ns` passes (None: no timeout). Returns false
 /// when the timeout expired with nothing readable.
 pub fn wait_readable(fds: &[RawFd], timeout_ns: Option<u64>) -> bool {
-    let mut pfds: [libc::pollfd; 2] = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
+    let mut pfds: [libc::pollfd; 2] = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
     for (p, fd) in pfds.iter_mut().zip(fds) {
-        *p = libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 };
+        *p = libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
     }
     let ts = timeout_ns.map(|ns| libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: pfds and ts live across the call; nfds does not exceed pfds' length.
-    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), fds.len().min(2) as libc::nfds_t, ts_ptr, std::ptr::null()) };
+    let n = unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            fds.len().min(2) as libc::nfds_t,
+            ts_ptr,
+            std::ptr::null(),
+        )
+    };
     n > 0
 }

@@ -1,0 +1,308 @@
+//! End-to-end tests of `tern lab`: the real binary, real namespaces, TUN devices, ping,
+//! iperf3 and tcpdump. They need root (as in CI); elsewhere they say so and skip, unless
+//! CI=true, where not being root is a failure.
+
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The lab's namespaces are global: one test at a time.
+static LAB: Mutex<()> = Mutex::new(());
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("run tern")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = tern(args);
+    assert!(
+        out.status.success(),
+        "tern {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(args)).expect("JSON output")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").is_err(),
+            "lab tests must run as root in CI"
+        );
+        eprintln!("skipping: the lab tests need root");
+    }
+    root
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+/// RTTs in ms of `count` pings from site A to site B.
+fn ping_ms(count: u32) -> Vec<f64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-a",
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "198.18.2.1",
+        ])
+        .output()
+        .expect("ping");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn a_to_b(stats: &Value) -> &Value {
+    &stats["a_to_b"]["stats"]
+}
+
+#[test]
+fn lab_lifecycle_status_stats_and_live_changes() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    ok(&["lab", "up", "--profile", "mpls"]);
+    assert!(netns_exists("tern-a") && netns_exists("tern-b"));
+
+    let st = json(&["lab", "status", "--json"]);
+    assert_eq!(st["up"], true);
+    assert_eq!(st["profile"], "mpls");
+    assert_eq!(st["sites"][0]["netns"], "tern-a");
+    assert_eq!(st["sites"][0]["address"], "198.18.1.1");
+    assert_eq!(st["sites"][1]["address"], "198.18.2.1");
+    assert_eq!(st["a_to_b"]["rate_bps"], 100_000_000);
+    assert_eq!(st["a_to_b"]["delay_us"], 12_500);
+    assert_eq!(st["a_to_b"]["jitter_us"], 3_000);
+
+    // Traffic crosses only through the emulator, with its delay (25 ms ± 6 ms of jitter).
+    let rtts = ping_ms(10);
+    assert!(rtts.len() >= 8, "{rtts:?}");
+    assert!(rtts.iter().all(|r| (18.0..40.0).contains(r)), "{rtts:?}");
+    let stats = json(&["lab", "stats", "--json"]);
+    assert!(a_to_b(&stats)["forwarded_packets"].as_u64().unwrap() >= 8);
+    assert!(
+        stats["b_to_a"]["stats"]["forwarded_packets"]
+            .as_u64()
+            .unwrap()
+            >= 8
+    );
+    assert!(a_to_b(&stats)["sojourn"]["p50_us"].as_u64().unwrap() >= 8_000);
+
+    // Live change of both directions, then of one.
+    ok(&["lab", "set", "--rtt", "100ms", "--jitter", "0"]);
+    let rtts = ping_ms(5);
+    assert!(rtts.iter().all(|r| (99.0..110.0).contains(r)), "{rtts:?}");
+    ok(&["lab", "set", "--direction", "b-to-a", "--rate", "10mbit"]);
+    let st = json(&["lab", "status", "--json"]);
+    assert_eq!(st["a_to_b"]["rate_bps"], 100_000_000);
+    assert_eq!(st["b_to_a"]["rate_bps"], 10_000_000);
+    assert_eq!(st["a_to_b"]["delay_us"], 50_000);
+
+    // A second `up` is refused while the lab runs.
+    let out = tern(&["lab", "up", "--profile", "baseline"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already up"));
+
+    ok(&["lab", "down"]);
+    assert!(!netns_exists("tern-a") && !netns_exists("tern-b"));
+    assert_eq!(json(&["lab", "status", "--json"])["up"], false);
+    ok(&["lab", "down"]); // idempotent
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["lab", "up", "--profile", "moon"],
+            "no profile named \"moon\"",
+        ),
+        (&["lab", "up", "--rate", "fast"], "malformed rate"),
+        (&["lab", "up", "--loss", "5"], "malformed percentage"),
+        (&["lab", "up", "--rtt", "25"], "malformed duration"),
+        (&["lab", "up", "--loss", "150%"], "out of range"),
+        (&["lab", "exec", "z", "true"], "no site"),
+    ];
+    for (args, want) in cases {
+        let out = tern(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    let out = tern(&["lab", "stats"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no lab is up"));
+}
+
+#[test]
+fn a_crashed_emulator_is_cleaned_up() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    ok(&["lab", "up", "--profile", "baseline"]);
+    let pid = json(&["lab", "status", "--json"])["emulator_pid"]
+        .as_i64()
+        .unwrap();
+    // SAFETY: kill with the pid of the emulator this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    let st = json(&["lab", "status", "--json"]);
+    assert_eq!(st["up"], false);
+    assert_eq!(st["emulator_alive"], false);
+    // `up` over the wreckage works, and so does `down`.
+    ok(&["lab", "up", "--profile", "sonet"]);
+    assert!(!ping_ms(3).is_empty());
+    ok(&["lab", "down"]);
+    assert!(!netns_exists("tern-a"));
+}
+
+#[test]
+fn reconfiguration_keeps_queued_packets() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    // 2 Mbit/s with room for 1000 packets: a 1 s burst at 8 Mbit/s queues most of it.
+    ok(&[
+        "lab", "up", "--rate", "2mbit", "--rtt", "10ms", "--queue", "1000",
+    ]);
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-b",
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            "198.18.2.1",
+            "-p",
+            "5299",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-a",
+            "iperf3",
+            "-c",
+            "198.18.2.1",
+            "-p",
+            "5299",
+            "-u",
+            "-b",
+            "8M",
+            "-l",
+            "1000",
+            "-t",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_400));
+    let before = json(&["lab", "stats", "--json"]);
+    let queued = a_to_b(&before)["queued_packets"].as_u64().unwrap();
+    assert!(queued > 100, "expected a standing queue, got {queued}");
+    ok(&["lab", "set", "--rate", "1gbit"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = json(&["lab", "stats", "--json"]);
+    let s = a_to_b(&after);
+    assert_eq!(s["queued_packets"], 0);
+    assert_eq!(
+        s["queue_drop_packets"],
+        a_to_b(&before)["queue_drop_packets"],
+        "the change dropped queued packets"
+    );
+    let offered = s["offered_packets"].as_u64().unwrap();
+    let accounted = s["forwarded_packets"].as_u64().unwrap()
+        + s["queue_drop_packets"].as_u64().unwrap()
+        + s["random_drop_packets"].as_u64().unwrap()
+        + s["in_flight_packets"].as_u64().unwrap();
+    assert_eq!(offered, accounted);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let _ = client.wait();
+    ok(&["lab", "down"]);
+}
+
+#[test]
+fn pcap_capture_of_both_sides_reads_back_with_tcpdump() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    let dir = std::env::temp_dir().join(format!("tern-pcap-test-{}", std::process::id()));
+    ok(&["lab", "down"]);
+    ok(&[
+        "lab",
+        "up",
+        "--profile",
+        "ll-metro",
+        "--pcap-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(ping_ms(4).len(), 4);
+    // Stats flush the capture buffers.
+    json(&["lab", "stats", "--json"]);
+    for f in [
+        "a-to-b.ingress",
+        "a-to-b.egress",
+        "b-to-a.ingress",
+        "b-to-a.egress",
+    ] {
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(dir.join(format!("{f}.pcap")))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let icmp = text.lines().filter(|l| l.contains("ICMP")).count();
+        assert_eq!(icmp, 4, "{f}: {text}");
+    }
+    ok(&["lab", "down"]);
+    let _ = std::fs::remove_dir_all(dir);
+}

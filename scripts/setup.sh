@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what tern needs on a fresh Debian machine of this kind, idempotently, and builds
+# the release binary. Sourced by demo.sh and test.sh; safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tern's lab makes network namespaces and TUN devices: run this as root (sudo $0)" >&2
+  exit 1
+fi
+
+# Debian packages: iperf3, ping and tcpdump are the real tools the lab is measured with.
+pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -e /dev/net/tun ]; then
+  modprobe tun 2>/dev/null || true
+  [ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 600 /dev/net/tun; }
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+cargo build --release --locked --quiet
