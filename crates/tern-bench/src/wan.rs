@@ -169,6 +169,7 @@ fn up(changes: LinkChanges, opts: &WanBenchOptions) -> Result<(), BenchError> {
         changes,
         seed: opts.seed,
         pcap_dir: None,
+        gso: true,
         tern_exe: opts.tern_exe.clone(),
     })?;
     Ok(())

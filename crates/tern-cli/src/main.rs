@@ -47,6 +47,9 @@ enum LabCmd {
         /// Capture both sides of the link as pcap files in this directory.
         #[arg(long)]
         pcap_dir: Option<PathBuf>,
+        /// Write every packet separately (no GSO coalescing of TCP trains on egress).
+        #[arg(long)]
+        no_gso: bool,
     },
     /// Remove everything the lab made (idempotent; also cleans up after a crash).
     Down,
@@ -184,6 +187,9 @@ struct WanArgs {
     /// Capture stops (and counts skipped packets) once a file reaches this size in MiB.
     #[arg(long, default_value_t = 1024)]
     pcap_max_mib: u64,
+    /// Write every packet separately instead of coalescing TCP trains into GSO packets.
+    #[arg(long)]
+    no_gso: bool,
 }
 
 fn main() {
@@ -227,6 +233,7 @@ fn wan(a: WanArgs) -> Result<()> {
             snaplen: a.pcap_snaplen,
             max_bytes_per_file: a.pcap_max_mib << 20,
         }),
+        gso: !a.no_gso,
     };
     if let Some(parent) = a.control.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
@@ -267,6 +274,7 @@ fn lab(c: LabCmd) -> Result<()> {
             link,
             seed,
             pcap_dir,
+            no_gso,
         } => {
             let changes = link.changes();
             if changes.profile.is_none() && changes.is_empty() {
@@ -278,6 +286,7 @@ fn lab(c: LabCmd) -> Result<()> {
                 changes,
                 seed,
                 pcap_dir,
+                gso: !no_gso,
                 tern_exe: std::env::current_exe().context("locate the tern binary")?,
             })?;
             println!("lab up: profile {}", st.profile);

@@ -248,6 +248,8 @@ pub struct UpOptions {
     pub changes: LinkChanges,
     pub seed: u64,
     pub pcap_dir: Option<PathBuf>,
+    /// Coalesce TCP trains into GSO writes (on by default; off to compare).
+    pub gso: bool,
     /// The `tern` binary that runs the emulator daemon.
     pub tern_exe: PathBuf,
 }
@@ -415,6 +417,9 @@ fn start_emulator(
     .args(["--spec-json", &spec_json, "--seed", &opts.seed.to_string()]);
     if let Some(dir) = &opts.pcap_dir {
         cmd.arg("--pcap-dir").arg(dir);
+    }
+    if !opts.gso {
+        cmd.arg("--no-gso");
     }
     // Own process group: a Ctrl-C in the terminal that ran `lab up` does not stop the link.
     let mut child = cmd

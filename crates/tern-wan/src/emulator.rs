@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use tern_link::{DirectionConfig, Link, Offer};
 
+use crate::gso::{self, VNET_HDR_LEN};
 use crate::pcap::PcapWriter;
 use crate::proto::{Direction, DirectionReport, DriverCounters, PROTOCOL_VERSION, StatsReply};
 use crate::{WanError, sys};
@@ -55,6 +56,8 @@ pub struct EmulatorOptions {
     pub b_to_a: DirectionConfig,
     pub seed: u64,
     pub pcap: Option<PcapOptions>,
+    /// Write runs of consecutive TCP segments of one flow as one GSO packet (see `gso`).
+    pub gso: bool,
 }
 
 enum Command {
@@ -89,7 +92,7 @@ impl Emulator {
         opts.a_to_b.validate()?;
         opts.b_to_a.validate()?;
         let open = |s: &TunSide| {
-            sys::open_tun(s.netns.as_deref(), &s.dev).map_err(|source| WanError::Tun {
+            sys::open_tun(s.netns.as_deref(), &s.dev, opts.gso).map_err(|source| WanError::Tun {
                 dev: s.dev.clone(),
                 netns: s.netns.clone().unwrap_or_default(),
                 source,
@@ -130,6 +133,7 @@ impl Emulator {
                     Some((mk("ingress")?, mk("egress")?))
                 }
             };
+            let gso = opts.gso;
             let wake = Arc::new(sys::eventfd().map_err(|source| WanError::Io {
                 what: "eventfd".into(),
                 source,
@@ -152,6 +156,10 @@ impl Emulator {
                         pcap,
                         realtime_offset,
                         overshoot_ewma_ns: 100_000,
+                        gso,
+                        due: Vec::new(),
+                        runs: Vec::new(),
+                        headers: Vec::new(),
                     };
                     d.run();
                 })
@@ -264,6 +272,11 @@ struct DirLoop {
     realtime_offset: u64,
     /// Smoothed lateness of timer wake-ups (this machine's timers overshoot by ~70-100 µs).
     overshoot_ewma_ns: u64,
+    /// Buffers start with a virtio-net header; due TCP trains are merged on write.
+    gso: bool,
+    due: Vec<Vec<u8>>,
+    runs: Vec<std::ops::Range<usize>>,
+    headers: Vec<u8>,
 }
 
 impl DirLoop {
@@ -337,22 +350,30 @@ impl DirLoop {
     /// Reads up to a batch of packets; returns true if the batch was full (more may wait).
     fn read_batch(&mut self) -> bool {
         let fd: RawFd = self.input.as_raw_fd();
+        let off = if self.gso { VNET_HDR_LEN } else { 0 };
         for _ in 0..READ_BATCH {
             let mut buf = self.pool.pop().unwrap_or_default();
-            buf.resize(self.mtu.clamp(576, MAX_PACKET_BYTES), 0);
+            buf.resize(off + self.mtu.clamp(576, MAX_PACKET_BYTES), 0);
             match sys::read_packet(fd, &mut buf) {
-                Ok(Some(n)) if n > 0 => {
+                Ok(Some(n)) if n > off => {
                     buf.truncate(n);
+                    // No offloads were enabled, so the kernel never hands us a super-packet.
+                    if self.gso && buf[1] != 0 {
+                        self.driver.unexpected_offload += 1;
+                        self.recycle(buf);
+                        continue;
+                    }
                     let now = sys::mono_ns();
                     if let Some((ingress, _)) = &mut self.pcap {
-                        let _ = ingress.record(now + self.realtime_offset, &buf);
+                        let _ = ingress.record(now + self.realtime_offset, &buf[off..]);
                     }
-                    match self.link.offer(now, n as u32, buf) {
+                    match self.link.offer(now, (n - off) as u32, buf) {
                         Offer::Accepted => {}
                         Offer::QueueDrop(b) | Offer::RandomDrop(b) => self.recycle(b),
                     }
                 }
-                Ok(_) => {
+                Ok(Some(_)) => self.recycle(buf),
+                Ok(None) => {
                     self.recycle(buf);
                     return false;
                 }
@@ -369,14 +390,59 @@ impl DirLoop {
     fn deliver_due(&mut self) {
         let fd = self.output.as_raw_fd();
         let now = sys::mono_ns();
+        let mut due = std::mem::take(&mut self.due);
         while let Some(buf) = self.link.poll_deliver(now) {
-            if sys::write_packet(fd, &buf).is_err() {
-                self.driver.write_errors += 1;
-            } else if let Some((_, egress)) = &mut self.pcap {
-                let _ = egress.record(sys::mono_ns() + self.realtime_offset, &buf);
-            }
-            self.recycle(buf);
+            due.push(buf);
         }
+        if due.is_empty() {
+            self.due = due;
+            return;
+        }
+        let off = if self.gso { VNET_HDR_LEN } else { 0 };
+        if let Some((_, egress)) = &mut self.pcap {
+            let t = sys::mono_ns() + self.realtime_offset;
+            for b in &due {
+                let _ = egress.record(t, &b[off..]);
+            }
+        }
+        if self.gso {
+            // Single packets go out with an empty header (no offload, checksums complete).
+            for b in &mut due {
+                b[..VNET_HDR_LEN].fill(0);
+            }
+            let pkts: Vec<&[u8]> = due.iter().map(|b| &b[VNET_HDR_LEN..]).collect();
+            gso::plan(&pkts, &mut self.runs);
+            for run in &self.runs {
+                let ok = if run.len() == 1 {
+                    sys::write_packet(fd, &due[run.start]).is_ok()
+                } else {
+                    let train = &pkts[run.clone()];
+                    let mut vnet = [0u8; VNET_HDR_LEN];
+                    gso::merged_headers(train, &mut vnet, &mut self.headers);
+                    let hl = self.headers.len();
+                    let mut parts: Vec<&[u8]> = Vec::with_capacity(train.len() + 2);
+                    parts.push(&vnet);
+                    parts.push(&self.headers);
+                    parts.extend(train.iter().map(|p| &p[hl..]));
+                    self.driver.merged_writes += 1;
+                    self.driver.merged_packets += run.len() as u64;
+                    sys::writev_packet(fd, &parts).is_ok()
+                };
+                if !ok {
+                    self.driver.write_errors += run.len() as u64;
+                }
+            }
+        } else {
+            for b in &due {
+                if sys::write_packet(fd, b).is_err() {
+                    self.driver.write_errors += 1;
+                }
+            }
+        }
+        for b in due.drain(..) {
+            self.recycle(b);
+        }
+        self.due = due;
     }
 
     fn run(&mut self) {

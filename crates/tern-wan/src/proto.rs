@@ -38,6 +38,11 @@ pub struct DriverCounters {
     pub write_errors: u64,
     /// Packets not captured because the pcap size cap was reached.
     pub pcap_skipped: u64,
+    /// Packets read with an offload header the emulator did not ask for (dropped).
+    pub unexpected_offload: u64,
+    /// GSO writes, and the packets they carried (egress coalescing).
+    pub merged_writes: u64,
+    pub merged_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,7 +52,9 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// descriptor in non-blocking mode. With `netns`, the device is looked up in the named
 /// network namespace (`/run/netns/NAME`, as made by `ip netns add`); the switch happens on
 /// a short-lived thread, so the caller's namespace never changes.
-pub fn open_tun(netns: Option<&str>, dev: &str) -> io::Result<OwnedFd> {
+/// With `vnet_hdr`, every read and write carries a virtio-net header (`IFF_VNET_HDR`), which
+/// lets writes be GSO super-packets.
+pub fn open_tun(netns: Option<&str>, dev: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
     if dev.is_empty() || dev.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -79,7 +81,8 @@ pub fn open_tun(netns: Option<&str>, dev: &str) -> io::Result<OwnedFd> {
         for (dst, src) in req.ifr_name.iter_mut().zip(dev.as_bytes()) {
             *dst = *src as libc::c_char;
         }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let vnet = if vnet_hdr { libc::IFF_VNET_HDR } else { 0 };
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which outlives the call.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })
             .map_err(|e| io::Error::new(e.kind(), format!("attach to TUN device {dev:?}: {e}")))?;
@@ -129,6 +132,28 @@ pub fn write_packet(fd: RawFd, pkt: &[u8]) -> io::Result<()> {
     // SAFETY: writes pkt.len() bytes from a live buffer.
     let n = unsafe { libc::write(fd, pkt.as_ptr().cast(), pkt.len()) };
     if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes one packet gathered from several slices (at most 64).
+pub fn writev_packet(fd: RawFd, parts: &[&[u8]]) -> io::Result<()> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 64];
+    let n = parts.len().min(iov.len());
+    for (v, p) in iov.iter_mut().zip(parts) {
+        *v = libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        };
+    }
+    // SAFETY: the first `n` iovecs point into slices that outlive the call; writev only reads them.
+    let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+    if r < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
