@@ -364,7 +364,12 @@ print(n, h.hexdigest())
     let server = server.wait_with_output().unwrap();
     let sent = String::from_utf8_lossy(&client.stdout).trim().to_string();
     let got = String::from_utf8_lossy(&server.stdout).trim().to_string();
-    let bytes: u64 = sent.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0);
+    let bytes: u64 = sent
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
     assert!(bytes > 20_000_000, "unexpected byte count: {sent}");
     assert_eq!(sent, got);
     let stats = json(&["lab", "stats", "--json"]);
