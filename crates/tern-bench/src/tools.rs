@@ -1,6 +1,6 @@
 //! Running ping and iperf3 inside the lab's namespaces and reading their output.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -61,18 +61,8 @@ impl std::fmt::Debug for Iperf3Server {
 
 impl Iperf3Server {
     pub fn start(netns: &str, bind: &str, port: u16) -> Result<Self, BenchError> {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "iperf3",
-                "-s",
-                "-B",
-                bind,
-                "-p",
-                &port.to_string(),
-            ])
+        let child = tern_lab::netns_command(netns, "iperf3")
+            .args(["-s", "-B", bind, "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -97,8 +87,7 @@ impl Drop for Iperf3Server {
 pub fn iperf3_client(netns: &str, args: &[&str]) -> Result<Value, BenchError> {
     let mut full = vec!["-J"];
     full.extend_from_slice(args);
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "iperf3"])
+    let out = tern_lab::netns_command(netns, "iperf3")
         .args(&full)
         .stdin(Stdio::null())
         .output()

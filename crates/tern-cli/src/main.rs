@@ -376,9 +376,8 @@ fn lab(c: LabCmd) -> Result<()> {
             let Some(s) = tern_lab::sites().into_iter().find(|s| s.name == site) else {
                 bail!("no site {site:?} (sites: a, b)");
             };
-            let status = std::process::Command::new("ip")
-                .args(["netns", "exec", &s.netns])
-                .args(&command)
+            let status = tern_lab::netns_command(&s.netns, &command[0])
+                .args(&command[1..])
                 .status()
                 .context("run ip netns exec")?;
             std::process::exit(status.code().unwrap_or(1));

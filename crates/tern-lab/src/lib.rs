@@ -109,6 +109,13 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A command that runs `program` inside a site's namespace (`ip netns exec`).
+pub fn netns_command(netns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, program]);
+    c
+}
+
 /// Runs a command inside a site's namespace.
 pub fn run_in(netns: &str, program: &str, args: &[&str]) -> Result<String, LabError> {
     let mut full = vec!["netns", "exec", netns, program];

@@ -420,13 +420,17 @@ impl DirLoop {
                     let mut vnet = [0u8; VNET_HDR_LEN];
                     gso::merged_headers(train, &mut vnet, &mut self.headers);
                     let hl = self.headers.len();
-                    let mut parts: Vec<&[u8]> = Vec::with_capacity(train.len() + 2);
-                    parts.push(&vnet);
-                    parts.push(&self.headers);
-                    parts.extend(train.iter().map(|p| &p[hl..]));
+                    // No allocation per write: runs hold at most MAX_SEGMENTS packets.
+                    let mut parts: [&[u8]; gso::MAX_SEGMENTS + 2] = [&[]; gso::MAX_SEGMENTS + 2];
+                    parts[0] = &vnet;
+                    parts[1] = &self.headers;
+                    for (slot, p) in parts[2..].iter_mut().zip(train) {
+                        *slot = &p[hl..];
+                    }
+                    let parts = &parts[..train.len() + 2];
                     self.driver.merged_writes += 1;
                     self.driver.merged_packets += run.len() as u64;
-                    sys::writev_packet(fd, &parts).is_ok()
+                    sys::writev_packet(fd, parts).is_ok()
                 };
                 if !ok {
                     self.driver.write_errors += run.len() as u64;

@@ -28,7 +28,6 @@ mod sys;
 pub use control::{request, serve};
 pub use emulator::{Emulator, EmulatorOptions, MAX_PACKET_BYTES, PcapOptions, TunSide};
 pub use pcap::PcapWriter;
-pub use sys::mono_ns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WanError {
