@@ -9,8 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-# Debian packages: iperf3, ping and tcpdump are the real tools the lab is measured with.
-pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps)
+# Debian packages: iperf3, ping and tcpdump are the real tools the lab is measured with;
+# kcptun is the accelerator `tern bench accel` compares tern with (zstd: its corpus ratio).
+pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps kcptun zstd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,8 @@
 //! under the results directory, with the exact command, the machine and the kernel.
 //! Benchmarks check targets and report them; they never fail a build.
 
+pub mod accel;
+pub mod rr;
 pub mod tools;
 pub mod wan;
 

@@ -170,6 +170,7 @@ fn up(changes: LinkChanges, opts: &WanBenchOptions) -> Result<(), BenchError> {
         seed: opts.seed,
         pcap_dir: None,
         gso: true,
+        accel: false,
         tern_exe: opts.tern_exe.clone(),
     })?;
     Ok(())

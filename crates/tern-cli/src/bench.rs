@@ -45,3 +45,154 @@ pub fn wan(a: WanBenchArgs) -> Result<()> {
     tern_bench::wan::run(&opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct AccelBenchArgs {
+    /// Profiles whose goodput is measured, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    profiles: Vec<String>,
+    /// Transports: cubic, bbr (kernel TCP), kcptun, tern (lab up --accel).
+    #[arg(long, value_delimiter = ',', default_value = "cubic,bbr,kcptun,tern")]
+    transports: Vec<String>,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 8)]
+    seconds: u32,
+    /// Skip the compressible-corpus runs.
+    #[arg(long)]
+    no_compressible: bool,
+    /// Profiles for the 1 MiB request/response test ("none" for none).
+    #[arg(long, value_delimiter = ',', default_value = "mpls")]
+    rr_profiles: Vec<String>,
+    /// Requests per request/response run.
+    #[arg(long, default_value_t = 20)]
+    rr_count: u32,
+    /// The compressible corpus (made from /usr on first use, then reused).
+    #[arg(long, default_value = "/var/tmp/tern-corpus-usr.tar")]
+    corpus: PathBuf,
+    /// Size cap of a newly made corpus, in MiB.
+    #[arg(long, default_value_t = 512)]
+    corpus_mib: u64,
+    /// kcptun --sndwnd/--rcvwnd for every profile (default: max(4096, 2 × BDP)).
+    #[arg(long)]
+    kcptun_window: Option<u32>,
+    /// kcptun FEC as DATA,PARITY shards (kcptun's own default is 10,3).
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0, 0])]
+    kcptun_fec: Vec<u32>,
+    /// Directory for accel.json, accel.md and accel.svg.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn accel(a: AccelBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    let profiles = if a.profiles.is_empty() {
+        PROFILES.iter().map(|p| p.name.to_string()).collect()
+    } else {
+        a.profiles
+    };
+    let rr_profiles = a
+        .rr_profiles
+        .into_iter()
+        .filter(|p| !p.is_empty() && p != "none")
+        .collect();
+    let transports = a
+        .transports
+        .iter()
+        .map(|t| tern_bench::accel::Transport::parse(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if a.seconds == 0 || a.seconds > 600 {
+        anyhow::bail!("--seconds must be 1..=600");
+    }
+    if a.rr_count == 0 || a.rr_count > tern_bench::rr::MAX_COUNT {
+        anyhow::bail!("--rr-count must be 1..={}", tern_bench::rr::MAX_COUNT);
+    }
+    let corpus_max_bytes = a.corpus_mib << 20;
+    if corpus_max_bytes == 0 || corpus_max_bytes > tern_bench::accel::MAX_CORPUS_BYTES {
+        anyhow::bail!(
+            "--corpus-mib must be 1..={}",
+            tern_bench::accel::MAX_CORPUS_BYTES >> 20
+        );
+    }
+    let (ds, ps) = (a.kcptun_fec[0], a.kcptun_fec[1]);
+    if ds + ps > tern_bench::accel::KCP_MAX_SHARDS || (ds == 0) != (ps == 0) {
+        anyhow::bail!(
+            "--kcptun-fec: both 0, or both > 0 with at most {} shards",
+            tern_bench::accel::KCP_MAX_SHARDS
+        );
+    }
+    if a.kcptun_window
+        .is_some_and(|w| w == 0 || w > tern_bench::accel::KCP_MAX_WINDOW_PACKETS)
+    {
+        anyhow::bail!(
+            "--kcptun-window must be 1..={}",
+            tern_bench::accel::KCP_MAX_WINDOW_PACKETS
+        );
+    }
+    let opts = tern_bench::accel::AccelBenchOptions {
+        profiles,
+        rr_profiles,
+        transports,
+        duration_s: a.seconds,
+        compressible: !a.no_compressible,
+        rr_count: a.rr_count,
+        corpus_path: a.corpus,
+        corpus_max_bytes,
+        kcptun_window_packets: a.kcptun_window,
+        kcptun_fec: (ds, ps),
+        out_dir: a.out,
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::accel::run(&opts)?;
+    Ok(())
+}
+
+/// `tern bench rr-server` (hidden): the server side of the 1 MiB request/response probe.
+#[derive(clap::Args, Debug)]
+pub struct RrServerArgs {
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Congestion control set on every accepted connection.
+    #[arg(long)]
+    cc: Option<String>,
+    /// Exit after this many requests (default: serve until killed).
+    #[arg(long)]
+    max_requests: Option<u64>,
+}
+
+pub fn rr_server(a: RrServerArgs) -> Result<()> {
+    tern_bench::rr::serve(a.listen, a.cc.as_deref(), a.max_requests)?;
+    Ok(())
+}
+
+/// `tern bench rr-client` (hidden): sequential 1 MiB fetches, each on a new connection.
+#[derive(clap::Args, Debug)]
+pub struct RrClientArgs {
+    #[arg(long)]
+    connect: std::net::SocketAddr,
+    #[arg(long, default_value_t = 20)]
+    count: u32,
+    /// Congestion control of the client's sockets.
+    #[arg(long)]
+    cc: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn rr_client(a: RrClientArgs) -> Result<()> {
+    let r = tern_bench::rr::client(a.connect, a.count, a.cc.as_deref())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} × 1 MiB from {}: median {:.2} ms, p90 {:.2} ms, min {:.2} ms, max {:.2} ms",
+            r.count, a.connect, r.median_ms, r.p90_ms, r.min_ms, r.max_ms
+        );
+    }
+    Ok(())
+}

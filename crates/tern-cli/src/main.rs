@@ -33,6 +33,40 @@ enum Cmd {
     /// Benchmarks; each writes JSON and markdown under bench/results/.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The per-site WAN accelerator daemon (TCP termination over tern's UDP transport).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
+    Keygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Run a node in the foreground until SIGINT/SIGTERM (config: see `docs/transport.md`).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Peers, transport counters and flows of a running node.
+    Status {
+        /// The node's control socket (`control` in its config).
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Read the control socket path from this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a config file and print what it would do.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,6 +84,10 @@ enum LabCmd {
         /// Write every packet separately (no GSO coalescing of TCP trains on egress).
         #[arg(long)]
         no_gso: bool,
+        /// Start a tern node in each site (fresh keys) that transparently accelerates TCP
+        /// between 198.18.1.0/24 and 198.18.2.0/24; without it, traffic is plain kernel TCP.
+        #[arg(long)]
+        accel: bool,
     },
     /// Remove everything the lab made (idempotent; also cleans up after a crash).
     Down,
@@ -84,6 +122,14 @@ enum LabCmd {
 enum BenchCmd {
     /// Measure the emulator against its own settings on every profile.
     Wan(bench::WanBenchArgs),
+    /// tern's accelerator against kernel TCP (cubic, bbr) and kcptun on every profile.
+    Accel(bench::AccelBenchArgs),
+    /// Server of the 1 MiB request/response probe (used by `bench accel`).
+    #[command(hide = true)]
+    RrServer(bench::RrServerArgs),
+    /// Client of the 1 MiB request/response probe (used by `bench accel`).
+    #[command(hide = true)]
+    RrClient(bench::RrClientArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,6 +254,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Wan(a) => wan(a),
         Cmd::Lab(c) => lab(c),
         Cmd::Bench(BenchCmd::Wan(a)) => bench::wan(a),
+        Cmd::Bench(BenchCmd::Accel(a)) => bench::accel(a),
+        Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
+        Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
+        Cmd::Node(c) => node(c),
+        Cmd::Keygen { out } => keygen(&out),
     }
 }
 
@@ -254,6 +305,121 @@ fn wan(a: WanArgs) -> Result<()> {
     Ok(())
 }
 
+fn keygen(out: &std::path::Path) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let k = tern_transport::crypto::StaticKeypair::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("create {} (it must not exist yet)", out.display()))?;
+    writeln!(f, "{}", tern_transport::crypto::encode_key(&k.private))?;
+    println!("{}", tern_transport::crypto::encode_key(&k.public));
+    eprintln!(
+        "private key written to {}; the line above is the public key for peers' configs",
+        out.display()
+    );
+    Ok(())
+}
+
+fn node(c: NodeCmd) -> Result<()> {
+    match c {
+        NodeCmd::Run { config } => {
+            let cfg = tern_node::NodeConfig::load(&config)?;
+            tern_node::Node::new(cfg)?.run()?;
+        }
+        NodeCmd::Check { config } => {
+            let cfg = tern_node::NodeConfig::load(&config)?;
+            println!(
+                "node {}: UDP {}, public key {}",
+                cfg.name,
+                cfg.listen,
+                tern_transport::crypto::encode_key(&cfg.identity.public)
+            );
+            for p in &cfg.peers {
+                println!(
+                    "  peer {} at {}",
+                    p.name,
+                    p.address.map_or("(accepts only)".into(), |a| a.to_string())
+                );
+            }
+            for a in &cfg.accelerate {
+                println!(
+                    "  transparently accelerate TCP to {} via {}",
+                    a.subnet, cfg.peers[a.peer].name
+                );
+            }
+            for f in &cfg.forward {
+                println!(
+                    "  forward {} -> {} via {}",
+                    f.listen, f.target, cfg.peers[f.peer].name
+                );
+            }
+        }
+        NodeCmd::Status {
+            socket,
+            config,
+            json,
+        } => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => tern_node::NodeConfig::load(&c)?.control,
+                (None, None) => bail!("give --socket or --config"),
+            };
+            let s = tern_node::request_status(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("node {} (udp {}), up {:.0} s", s.name, s.listen, s.uptime_s);
+                for p in &s.peers {
+                    print!(
+                        "  peer {}: {}",
+                        p.name,
+                        if p.connected {
+                            "connected"
+                        } else {
+                            "not connected"
+                        }
+                    );
+                    if let Some(t) = &p.transport {
+                        print!(
+                            ", srtt {:.1} ms, rate {}, loss est {:.3}%, sent {} B, fec recovered {}",
+                            t.srtt_us as f64 / 1e3,
+                            format_rate(t.pacing_rate_bps),
+                            t.loss_estimate * 100.0,
+                            t.bytes_sent,
+                            t.fec_recovered
+                        );
+                    }
+                    println!();
+                }
+                let f = &s.flows;
+                println!(
+                    "  flows: {} active, {} opened, {} refused; TCP in {} B, out {} B; compressed {} -> {} B",
+                    f.active,
+                    f.opened,
+                    f.refused,
+                    f.tcp_bytes_in,
+                    f.tcp_bytes_out,
+                    f.compress_in,
+                    f.compress_out
+                );
+                let e = &s.endpoint;
+                println!(
+                    "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",
+                    e.dropped_malformed,
+                    e.dropped_unknown_index,
+                    e.handshakes_rejected,
+                    e.handshakes_unknown_key
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn describe(c: &tern_link::DirectionConfig) -> String {
     format!(
         "rate {}, delay {} ms, jitter {} ms ({:?}{}), loss {:.4}%, queue {} B / {} pkts",
@@ -275,6 +441,7 @@ fn lab(c: LabCmd) -> Result<()> {
             seed,
             pcap_dir,
             no_gso,
+            accel,
         } => {
             let changes = link.changes();
             if changes.profile.is_none() && changes.is_empty() {
@@ -287,6 +454,7 @@ fn lab(c: LabCmd) -> Result<()> {
                 seed,
                 pcap_dir,
                 gso: !no_gso,
+                accel,
                 tern_exe: std::env::current_exe().context("locate the tern binary")?,
             })?;
             println!("lab up: profile {}", st.profile);
@@ -305,6 +473,15 @@ fn lab(c: LabCmd) -> Result<()> {
                 st.emulator_pid,
                 st.emulator_log.display()
             );
+            for n in &st.nodes {
+                println!(
+                    "  tern node in site {}: pid {}, config {}, log {}",
+                    n.site,
+                    n.pid,
+                    n.config.display(),
+                    n.log.display()
+                );
+            }
             println!("try: tern lab exec a -- ping -c 3 198.18.2.1");
         }
         LabCmd::Down => {

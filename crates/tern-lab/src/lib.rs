@@ -234,6 +234,20 @@ pub struct LabState {
     pub emulator_log: PathBuf,
     pub pcap_dir: Option<PathBuf>,
     pub sites: Vec<Site>,
+    /// tern nodes started by `--accel` (empty: plain kernel TCP between the sites).
+    #[serde(default)]
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// A tern node the lab runs inside a site.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub site: String,
+    pub pid: u32,
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    pub public_key: String,
 }
 
 /// `tern lab status` output.
@@ -248,6 +262,8 @@ pub struct LabStatus {
     pub emulator_log: Option<PathBuf>,
     pub a_to_b: Option<DirectionConfig>,
     pub b_to_a: Option<DirectionConfig>,
+    /// tern nodes (with `--accel`).
+    pub nodes: Vec<NodeInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +275,9 @@ pub struct UpOptions {
     pub gso: bool,
     /// The `tern` binary that runs the emulator daemon.
     pub tern_exe: PathBuf,
+    /// Start a tern node in each site with fresh keys and transparent acceleration between
+    /// the two site subnets.
+    pub accel: bool,
 }
 
 fn state_path() -> PathBuf {
@@ -384,7 +403,12 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     let result = (|| {
         make_site(&a, &b)?;
         make_site(&b, &a)?;
-        start_emulator(opts, &spec, &a, &b)
+        let mut state = start_emulator(opts, &spec, &a, &b)?;
+        if opts.accel {
+            state.nodes = start_nodes(&opts.tern_exe, &a, &b)?;
+            write_state(&state)?;
+        }
+        Ok(state)
     })();
     match result {
         Ok(state) => Ok(state),
@@ -456,15 +480,9 @@ fn start_emulator(
                 emulator_log: log_path,
                 pcap_dir: opts.pcap_dir.clone(),
                 sites: sites().to_vec(),
+                nodes: Vec::new(),
             };
-            let text = serde_json::to_string_pretty(&state)
-                .map_err(|e| LabError::Refused(e.to_string()))?;
-            let tmp = state_path().with_extension("tmp");
-            let mut f = fs::File::create(&tmp).map_err(io_err("write state"))?;
-            f.write_all(text.as_bytes())
-                .map_err(io_err("write state"))?;
-            f.sync_all().map_err(io_err("write state"))?;
-            fs::rename(&tmp, state_path()).map_err(io_err("write state"))?;
+            write_state(&state)?;
             return Ok(state);
         }
         if Instant::now() > deadline {
@@ -488,6 +506,122 @@ fn start_emulator(
         log: log_path.display().to_string(),
         tail,
     })
+}
+
+fn write_state(state: &LabState) -> Result<(), LabError> {
+    let text = serde_json::to_string_pretty(state).map_err(|e| LabError::Refused(e.to_string()))?;
+    let tmp = state_path().with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io_err("write state"))?;
+    f.write_all(text.as_bytes())
+        .map_err(io_err("write state"))?;
+    f.sync_all().map_err(io_err("write state"))?;
+    fs::rename(&tmp, state_path()).map_err(io_err("write state"))?;
+    Ok(())
+}
+
+/// UDP port of the lab's tern nodes.
+pub const NODE_PORT: u16 = 7400;
+
+/// Writes keys and configs for a node per site and starts them; returns when both report
+/// their peer connected.
+fn start_nodes(tern_exe: &Path, a: &Site, b: &Site) -> Result<Vec<NodeInfo>, LabError> {
+    use tern_transport::crypto::{StaticKeypair, encode_key};
+    let keys = [
+        StaticKeypair::generate().map_err(|e| LabError::Refused(e.to_string()))?,
+        StaticKeypair::generate().map_err(|e| LabError::Refused(e.to_string()))?,
+    ];
+    let sites = [a, b];
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let (me, peer) = (sites[i], sites[1 - i]);
+        let dir = Path::new(RUN_DIR);
+        let key_path = dir.join(format!("node-{}.key", me.name));
+        write_private(&key_path, &encode_key(&keys[i].private))?;
+        let control = dir.join(format!("node-{}.sock", me.name));
+        let config = format!(
+            "# Written by `tern lab up --accel`.\n\
+             [node]\nname = \"site-{me_name}\"\nprivate_key_file = \"{key}\"\n\
+             listen = \"{me_addr}:{port}\"\ncontrol = \"{control}\"\n\
+             metrics = \"127.0.0.1:9464\"\n\n\
+             [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
+             address = \"{peer_addr}:{port}\"\n\n\
+             [[accelerate]]\nsubnet = \"{peer_subnet}\"\npeer = \"site-{peer_name}\"\n",
+            me_name = me.name,
+            key = key_path.display(),
+            me_addr = me.address,
+            port = NODE_PORT,
+            control = control.display(),
+            peer_name = peer.name,
+            peer_key = encode_key(&keys[1 - i].public),
+            peer_addr = peer.address,
+            peer_subnet = peer.subnet,
+        );
+        let config_path = dir.join(format!("node-{}.toml", me.name));
+        fs::write(&config_path, config)
+            .map_err(io_err(format!("write {}", config_path.display())))?;
+        let log_path = dir.join(format!("node-{}.log", me.name));
+        let log = fs::File::create(&log_path)
+            .map_err(io_err(format!("create {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io_err("dup log"))?;
+        let child = netns_command(&me.netns, &tern_exe.display().to_string())
+            .args(["node", "run", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(io_err(format!("start tern node in {}", me.netns)))?;
+        nodes.push(NodeInfo {
+            site: me.name.clone(),
+            pid: child.id(),
+            config: config_path,
+            control,
+            log: log_path,
+            public_key: encode_key(&keys[i].public),
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let connected = nodes.iter().all(|n| {
+            tern_node::request_status(&n.control)
+                .map(|s| s.peers.iter().all(|p| p.connected))
+                .unwrap_or(false)
+        });
+        if connected {
+            return Ok(nodes);
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}: {}",
+                        n.log.display(),
+                        fs::read_to_string(&n.log).unwrap_or_default().trim()
+                    )
+                })
+                .collect();
+            return Err(LabError::Refused(format!(
+                "tern nodes did not connect within 15 s\n{}",
+                logs.join("\n")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("write {}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .map_err(io_err(format!("write {}", path.display())))
 }
 
 /// Removes everything the lab made. Idempotent; works after a crash.
@@ -519,7 +653,15 @@ pub fn down() -> Result<(), LabError> {
             run("ip", &["netns", "del", &site.netns])?;
         }
     }
-    for f in ["state.json", "wan.sock", "state.tmp"] {
+    for f in [
+        "state.json",
+        "wan.sock",
+        "state.tmp",
+        "node-a.sock",
+        "node-b.sock",
+        "node-a.key",
+        "node-b.key",
+    ] {
         let _ = fs::remove_file(Path::new(RUN_DIR).join(f));
     }
     Ok(())
@@ -552,6 +694,7 @@ pub fn status() -> Result<LabStatus, LabError> {
             emulator_log: None,
             a_to_b: None,
             b_to_a: None,
+            nodes: Vec::new(),
         });
     };
     let alive = pid_alive(st.emulator_pid);
@@ -566,6 +709,7 @@ pub fn status() -> Result<LabStatus, LabError> {
         emulator_log: Some(st.emulator_log),
         a_to_b: live.as_ref().map(|s| s.a_to_b.config.clone()),
         b_to_a: live.as_ref().map(|s| s.b_to_a.config.clone()),
+        nodes: st.nodes,
     })
 }
 

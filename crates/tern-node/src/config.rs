@@ -1,0 +1,396 @@
+//! Node configuration (TOML).
+//!
+//! ```toml
+//! [node]
+//! name = "site-a"
+//! private_key_file = "/etc/tern/site-a.key"   # written by `tern keygen`
+//! listen = "198.18.1.1:7400"                  # UDP address of the transport
+//! control = "/run/tern/site-a.sock"           # `tern node status` talks to this socket
+//! metrics = "127.0.0.1:9464"                  # Prometheus text endpoint (loopback only)
+//! max_rate = "1gbit"                          # optional cap on the WAN send rate
+//! fec = true                                  # adaptive forward error correction
+//! compression = "zstd"                        # zstd | lz4 | none
+//!
+//! [[peer]]
+//! name = "site-b"
+//! public_key = "base64 key printed by tern keygen"
+//! address = "198.18.2.1:7400"                 # omit to only accept connections
+//!
+//! [[accelerate]]                              # transparent interception (nftables REDIRECT)
+//! subnet = "198.18.2.0/24"
+//! peer = "site-b"
+//!
+//! [[forward]]                                 # explicit port forward
+//! listen = "127.0.0.1:9000"
+//! peer = "site-b"
+//! target = "198.18.2.1:5201"
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tern_transport::crypto::{self, StaticKeypair};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    #[serde(default)]
+    accelerate: Vec<RawAccelerate>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    private_key_file: PathBuf,
+    listen: String,
+    control: PathBuf,
+    metrics: Option<String>,
+    max_rate: Option<String>,
+    fec: Option<bool>,
+    compression: Option<String>,
+    /// Local port of the transparent listener (REDIRECT target).
+    intercept_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    public_key: String,
+    address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccelerate {
+    subnet: String,
+    peer: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: String,
+    peer: String,
+    target: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn parse(s: &str) -> Option<Ipv4Net> {
+        let (a, p) = s.split_once('/')?;
+        let addr: Ipv4Addr = a.parse().ok()?;
+        let prefix: u8 = p.parse().ok().filter(|&p| p <= 32)?;
+        let mask = Self::mask(prefix);
+        (u32::from(addr) & !mask == 0).then_some(Ipv4Net { addr, prefix })
+    }
+    fn mask(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.addr)
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Lz4,
+    Zstd,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub public: [u8; 32],
+    pub address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Accelerate {
+    pub subnet: Ipv4Net,
+    pub peer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub listen: SocketAddr,
+    pub peer: usize,
+    pub target: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    pub identity: StaticKeypair,
+    pub listen: SocketAddr,
+    pub control: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub max_rate_bps: Option<u64>,
+    pub fec: bool,
+    pub compression: Compression,
+    pub intercept_port: u16,
+    pub peers: Vec<Peer>,
+    pub accelerate: Vec<Accelerate>,
+    pub forward: Vec<Forward>,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_string(),
+            message,
+        };
+        let addr = |field: &str, s: &str| -> Result<SocketAddr, ConfigError> {
+            s.parse()
+                .map_err(|_| invalid(field, format!("{s:?} is not an IP:port address")))
+        };
+        let key_text = std::fs::read_to_string(&raw.node.private_key_file).map_err(|source| {
+            ConfigError::Read {
+                path: raw.node.private_key_file.clone(),
+                source,
+            }
+        })?;
+        let private = crypto::decode_key(key_text.trim()).map_err(|e| {
+            invalid(
+                "node.private_key_file",
+                format!("{}: {e}", raw.node.private_key_file.display()),
+            )
+        })?;
+        let identity = StaticKeypair {
+            public: crypto::public_key(&private),
+            private,
+        };
+        let metrics = match &raw.node.metrics {
+            Some(m) => {
+                let a = addr("node.metrics", m)?;
+                if !a.ip().is_loopback() {
+                    return Err(invalid(
+                        "node.metrics",
+                        format!("{a} is not a loopback address"),
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        let max_rate_bps = match &raw.node.max_rate {
+            Some(r) => Some(
+                tern_link::parse_rate(r).map_err(|e| invalid("node.max_rate", e.to_string()))?,
+            )
+            .filter(|&r| r > 0),
+            None => None,
+        };
+        let compression = match raw.node.compression.as_deref().unwrap_or("zstd") {
+            "none" => Compression::None,
+            "lz4" => Compression::Lz4,
+            "zstd" => Compression::Zstd,
+            other => {
+                return Err(invalid(
+                    "node.compression",
+                    format!("{other:?}: expected zstd, lz4 or none"),
+                ));
+            }
+        };
+        let mut peers = Vec::new();
+        for (i, p) in raw.peer.iter().enumerate() {
+            let field = format!("peer[{i}]");
+            let public = crypto::decode_key(p.public_key.trim())
+                .map_err(|e| invalid(&format!("{field}.public_key"), e.to_string()))?;
+            if public == identity.public {
+                return Err(invalid(&field, "peer key is this node's own key".into()));
+            }
+            if peers.iter().any(|q: &Peer| q.name == p.name) {
+                return Err(invalid(&field, format!("duplicate peer name {:?}", p.name)));
+            }
+            let address = match &p.address {
+                Some(a) => Some(addr(&format!("{field}.address"), a)?),
+                None => None,
+            };
+            peers.push(Peer {
+                name: p.name.clone(),
+                public,
+                address,
+            });
+        }
+        let find_peer = |field: &str, name: &str| {
+            peers
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| invalid(field, format!("no [[peer]] named {name:?}")))
+        };
+        let mut accelerate = Vec::new();
+        for (i, a) in raw.accelerate.iter().enumerate() {
+            let field = format!("accelerate[{i}]");
+            let subnet = Ipv4Net::parse(&a.subnet).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.subnet"),
+                    format!("{:?} is not an IPv4 network like 198.18.2.0/24", a.subnet),
+                )
+            })?;
+            accelerate.push(Accelerate {
+                subnet,
+                peer: find_peer(&format!("{field}.peer"), &a.peer)?,
+            });
+        }
+        let mut forward = Vec::new();
+        for (i, f) in raw.forward.iter().enumerate() {
+            let field = format!("forward[{i}]");
+            forward.push(Forward {
+                listen: addr(&format!("{field}.listen"), &f.listen)?,
+                peer: find_peer(&format!("{field}.peer"), &f.peer)?,
+                target: addr(&format!("{field}.target"), &f.target)?,
+            });
+        }
+        Ok(NodeConfig {
+            name: raw.node.name,
+            identity,
+            listen: addr("node.listen", &raw.node.listen)?,
+            control: raw.node.control,
+            metrics,
+            max_rate_bps,
+            fec: raw.node.fec.unwrap_or(true),
+            compression,
+            intercept_port: raw.node.intercept_port.unwrap_or(7401),
+            peers,
+            accelerate,
+            forward,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_key(dir: &Path, seed: u64) -> (PathBuf, StaticKeypair) {
+        let k = StaticKeypair::from_seed(seed);
+        let p = dir.join(format!("k{seed}"));
+        std::fs::write(&p, crypto::encode_key(&k.private)).unwrap();
+        (p, k)
+    }
+
+    #[test]
+    fn parses_a_full_config_and_rejects_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("tern-node-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kp, _) = write_key(&dir, 1);
+        let (_, peer) = write_key(&dir, 2);
+        let good = format!(
+            r#"
+[node]
+name = "a"
+private_key_file = "{}"
+listen = "198.18.1.1:7400"
+control = "/tmp/x.sock"
+metrics = "127.0.0.1:9464"
+max_rate = "100mbit"
+[[peer]]
+name = "b"
+public_key = "{}"
+address = "198.18.2.1:7400"
+[[accelerate]]
+subnet = "198.18.2.0/24"
+peer = "b"
+[[forward]]
+listen = "127.0.0.1:9000"
+peer = "b"
+target = "198.18.2.1:5201"
+"#,
+            kp.display(),
+            crypto::encode_key(&peer.public)
+        );
+        let c = NodeConfig::parse(Path::new("x.toml"), &good).unwrap();
+        assert_eq!(c.max_rate_bps, Some(100_000_000));
+        assert!(
+            c.accelerate[0]
+                .subnet
+                .contains("198.18.2.9".parse().unwrap())
+        );
+        assert!(
+            !c.accelerate[0]
+                .subnet
+                .contains("198.18.1.9".parse().unwrap())
+        );
+        for (from, to, want) in [
+            ("198.18.2.0/24", "198.18.2.1/24", "not an IPv4 network"),
+            (
+                "metrics = \"127.0.0.1:9464\"",
+                "metrics = \"0.0.0.0:9464\"",
+                "not a loopback",
+            ),
+            (
+                "peer = \"b\"\n[[forward]]",
+                "peer = \"c\"\n[[forward]]",
+                "no [[peer]] named",
+            ),
+            ("name = \"a\"", "name = \"a\"\nbogus = 1", "unknown field"),
+            (
+                "max_rate = \"100mbit\"",
+                "max_rate = \"fast\"",
+                "node.max_rate",
+            ),
+        ] {
+            let bad = good.replacen(from, to, 1);
+            let err = NodeConfig::parse(Path::new("x.toml"), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,59 @@
+//! tern-node: the per-site daemon. It terminates TCP at the site (transparently, through an
+//! nftables REDIRECT to its listener, or through explicit port forwards) and carries every
+//! connection as a stream of tern's encrypted, loss-tolerant UDP transport to the peer site's
+//! node, which opens the real connection to the original destination.
+//!
+//! Guarantees: bytes arrive once and in order or the connection is reset (a TCP RST on both
+//! ends); FIN and RST map both ways; a peer that is not connected refuses new connections with
+//! RST; datagrams that fail authentication only move drop counters.
+
+pub mod config;
+pub mod nft;
+pub mod node;
+pub mod status;
+pub mod sys;
+
+use std::path::Path;
+
+use thiserror::Error;
+
+pub use config::NodeConfig;
+pub use node::Node;
+pub use status::NodeStatus;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nft refused the interception rules: {0}")]
+    Nft(String),
+    #[error("bad status reply from {path}: {message}")]
+    Status { path: String, message: String },
+}
+
+/// Asks a running node for its status over its control socket.
+pub fn request_status(socket: &Path) -> Result<NodeStatus, NodeError> {
+    use std::io::{Read, Write};
+    let io = |what: String| move |source| NodeError::Io { what, source };
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(io(format!(
+        "connect to node control socket {} (is the node running?)",
+        socket.display()
+    )))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(io("set timeout".into()))?;
+    s.write_all(b"status\n")
+        .map_err(io("send status request".into()))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .map_err(io("read status reply".into()))?;
+    serde_json::from_str(reply.trim()).map_err(|e| NodeError::Status {
+        path: socket.display().to_string(),
+        message: e.to_string(),
+    })
+}

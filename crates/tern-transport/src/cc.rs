@@ -1,0 +1,342 @@
+//! Rate-based congestion control that does not read random loss as congestion.
+//!
+//! The model is BBR's: the bottleneck rate is the windowed maximum of delivery-rate samples
+//! (10 rounds), the propagation delay is the windowed minimum RTT (10 s), pacing rate =
+//! gain × bottleneck rate and the in-flight cap is 2 × BDP. Loss does not move the model unless
+//! a round loses more than `LOSS_THRESH` of its packets (beyond FEC repair): then the rate is
+//! capped at 85 % of that round's delivery rate until a clean round. Queueing delay is bounded by
+//! the in-flight cap and drained by the 0.75 phase of the gain cycle. FEC repair packets are
+//! paced like data and recovered packets count as delivered, so repair bytes are inside the
+//! controller's budget.
+//!
+//! ```text
+//!  Startup --(bw grew < 25 % for 3 rounds)--> Drain --(in flight <= BDP)--> ProbeBw
+//!  ProbeBw gain cycle per min-RTT: 1.25, 0.75, 1, 1, 1, 1, 1, 1
+//! ```
+
+/// Round loss fraction above which a round counts as congested.
+pub const LOSS_THRESH: f64 = 0.15;
+const STARTUP_GAIN: f64 = 2.885;
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+const BW_WINDOW_ROUNDS: usize = 10;
+const MIN_RTT_WINDOW_NS: u64 = 10_000_000_000;
+const INITIAL_WINDOW_PACKETS: u64 = 32;
+
+/// Delivery state captured when a packet is sent (BBR's rate sample inputs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendSnapshot {
+    pub delivered: u64,
+    pub delivered_time_ns: u64,
+    pub first_sent_time_ns: u64,
+    pub app_limited: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Startup,
+    Drain,
+    ProbeBw,
+}
+
+#[derive(Debug)]
+pub struct RateController {
+    mtu: u64,
+    max_rate_bps: Option<u64>,
+    mode: Mode,
+    delivered: u64,
+    delivered_time_ns: u64,
+    first_sent_time_ns: u64,
+    app_limited_until: u64,
+    // round tracking
+    round: u64,
+    next_round_delivered: u64,
+    round_lost: u64,
+    round_acked: u64,
+    round_max_rate: f64,
+    bw_rounds: [f64; BW_WINDOW_ROUNDS],
+    btl_bw: f64, // bytes per second
+    loss_cap: Option<f64>,
+    full_bw: f64,
+    full_bw_count: u32,
+    min_rtt_ns: u64,
+    min_rtt_stamp_ns: u64,
+    initial_rtt_ns: u64,
+    cycle_index: usize,
+    cycle_stamp_ns: u64,
+}
+
+impl RateController {
+    pub fn new(initial_rtt_us: u64, mtu: usize, max_rate_bps: Option<u64>) -> Self {
+        Self {
+            mtu: mtu as u64,
+            max_rate_bps,
+            mode: Mode::Startup,
+            delivered: 0,
+            delivered_time_ns: 0,
+            first_sent_time_ns: 0,
+            app_limited_until: 0,
+            round: 0,
+            next_round_delivered: 0,
+            round_lost: 0,
+            round_acked: 0,
+            round_max_rate: 0.0,
+            bw_rounds: [0.0; BW_WINDOW_ROUNDS],
+            btl_bw: 0.0,
+            loss_cap: None,
+            full_bw: 0.0,
+            full_bw_count: 0,
+            min_rtt_ns: u64::MAX,
+            min_rtt_stamp_ns: 0,
+            initial_rtt_ns: initial_rtt_us.max(1) * 1000,
+            cycle_index: 0,
+            cycle_stamp_ns: 0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.mtu = mtu as u64;
+    }
+
+    /// Estimated bottleneck rate in bytes per second (0 before the first sample).
+    pub fn btl_bw_bytes_per_s(&self) -> f64 {
+        self.bw()
+    }
+
+    pub fn min_rtt_ns(&self) -> Option<u64> {
+        (self.min_rtt_ns != u64::MAX).then_some(self.min_rtt_ns)
+    }
+
+    fn rtt_ns(&self) -> u64 {
+        self.min_rtt_ns().unwrap_or(self.initial_rtt_ns)
+    }
+
+    fn bw(&self) -> f64 {
+        let mut bw = self.btl_bw;
+        if bw <= 0.0 {
+            bw = (INITIAL_WINDOW_PACKETS * self.mtu) as f64 * 1e9 / self.rtt_ns() as f64;
+        }
+        if let Some(cap) = self.loss_cap {
+            bw = bw.min(cap);
+        }
+        if let Some(max) = self.max_rate_bps {
+            bw = bw.min(max as f64 / 8.0);
+        }
+        bw
+    }
+
+    fn pacing_gain(&self) -> f64 {
+        match self.mode {
+            Mode::Startup => STARTUP_GAIN,
+            Mode::Drain => 1.0 / STARTUP_GAIN,
+            Mode::ProbeBw => CYCLE[self.cycle_index],
+        }
+    }
+
+    /// Pacing rate in bytes per second.
+    pub fn pacing_rate(&self) -> f64 {
+        let mut rate = self.pacing_gain() * self.bw();
+        if let Some(max) = self.max_rate_bps {
+            rate = rate.min(max as f64 / 8.0);
+        }
+        rate.max(self.mtu as f64 * 10.0)
+    }
+
+    pub fn bdp_bytes(&self) -> u64 {
+        (self.bw() * self.rtt_ns() as f64 / 1e9) as u64
+    }
+
+    /// In-flight cap in bytes.
+    pub fn cwnd(&self) -> u64 {
+        let gain = if self.mode == Mode::Startup {
+            STARTUP_GAIN
+        } else {
+            2.0
+        };
+        let bdp = (gain * self.bdp_bytes() as f64) as u64;
+        bdp.max(INITIAL_WINDOW_PACKETS * self.mtu) + 4 * self.mtu
+    }
+
+    pub fn on_sent(&mut self, now_ns: u64, bytes_in_flight: u64) -> SendSnapshot {
+        if bytes_in_flight == 0 {
+            // Restart from idle: the send-rate interval starts now.
+            self.first_sent_time_ns = now_ns;
+            self.delivered_time_ns = now_ns;
+        }
+        SendSnapshot {
+            delivered: self.delivered,
+            delivered_time_ns: self.delivered_time_ns,
+            first_sent_time_ns: self.first_sent_time_ns,
+            app_limited: self.app_limited_until != 0,
+        }
+    }
+
+    /// The sender ran out of data with room left in the window: samples until the data now
+    /// in flight is delivered do not measure the path.
+    pub fn on_app_limited(&mut self, bytes_in_flight: u64) {
+        self.app_limited_until = (self.delivered + bytes_in_flight).max(1);
+    }
+
+    /// One packet acknowledged (or recovered by FEC and then acknowledged).
+    pub fn on_ack(&mut self, now_ns: u64, snap: &SendSnapshot, sent_time_ns: u64, bytes: u64) {
+        self.delivered += bytes;
+        self.delivered_time_ns = now_ns;
+        if self.app_limited_until != 0 && self.delivered > self.app_limited_until {
+            self.app_limited_until = 0;
+        }
+        self.round_acked += 1;
+        self.first_sent_time_ns = self.first_sent_time_ns.max(sent_time_ns);
+        let send_elapsed = sent_time_ns.saturating_sub(snap.first_sent_time_ns);
+        let ack_elapsed = now_ns.saturating_sub(snap.delivered_time_ns);
+        let interval = send_elapsed.max(ack_elapsed);
+        // Samples over less than a millisecond are dominated by scheduling noise.
+        if interval >= 1_000_000.min(self.rtt_ns() / 2) && interval > 0 {
+            let rate = (self.delivered - snap.delivered) as f64 * 1e9 / interval as f64;
+            if !snap.app_limited || rate > self.btl_bw {
+                self.round_max_rate = self.round_max_rate.max(rate);
+                if rate > self.btl_bw {
+                    self.btl_bw = rate;
+                }
+            }
+        }
+        if snap.delivered >= self.next_round_delivered {
+            self.end_round(now_ns);
+        }
+    }
+
+    pub fn on_rtt_sample(&mut self, now_ns: u64, rtt_ns: u64) {
+        if rtt_ns < self.min_rtt_ns
+            || now_ns.saturating_sub(self.min_rtt_stamp_ns) > MIN_RTT_WINDOW_NS
+        {
+            self.min_rtt_ns = rtt_ns.max(1);
+            self.min_rtt_stamp_ns = now_ns;
+        }
+    }
+
+    pub fn on_lost(&mut self, _bytes: u64) {
+        self.round_lost += 1;
+    }
+
+    pub fn update_mode(&mut self, now_ns: u64, bytes_in_flight: u64) {
+        match self.mode {
+            Mode::Drain if bytes_in_flight <= self.bdp_bytes() => {
+                self.mode = Mode::ProbeBw;
+                self.cycle_index = 2;
+                self.cycle_stamp_ns = now_ns;
+            }
+            Mode::ProbeBw if now_ns.saturating_sub(self.cycle_stamp_ns) > self.rtt_ns() => {
+                // Leave the 1.25 probe early when the queue it built is not draining.
+                self.cycle_index = (self.cycle_index + 1) % CYCLE.len();
+                self.cycle_stamp_ns = now_ns;
+            }
+            _ => {}
+        }
+    }
+
+    fn end_round(&mut self, _now_ns: u64) {
+        self.round += 1;
+        self.next_round_delivered = self.delivered;
+        let total = self.round_lost + self.round_acked;
+        let loss = if total > 0 {
+            self.round_lost as f64 / total as f64
+        } else {
+            0.0
+        };
+        if total >= 8 && loss > LOSS_THRESH {
+            let cap = 0.85 * self.round_max_rate.max(self.bw() * 0.5);
+            self.loss_cap = Some(self.loss_cap.map_or(cap, |c| c.min(cap)));
+        } else if loss < LOSS_THRESH / 2.0 {
+            self.loss_cap = None;
+        }
+        // Windowed max over the last rounds.
+        let slot = (self.round as usize) % BW_WINDOW_ROUNDS;
+        self.bw_rounds[slot] = self.round_max_rate;
+        let windowed = self.bw_rounds.iter().copied().fold(0.0, f64::max);
+        if windowed > 0.0 {
+            self.btl_bw = windowed;
+        }
+        if self.mode == Mode::Startup && self.round_max_rate > 0.0 {
+            if self.btl_bw >= self.full_bw * 1.25 {
+                self.full_bw = self.btl_bw;
+                self.full_bw_count = 0;
+            } else {
+                self.full_bw_count += 1;
+                if self.full_bw_count >= 3 {
+                    self.mode = Mode::Drain;
+                }
+            }
+        }
+        self.round_lost = 0;
+        self.round_acked = 0;
+        self.round_max_rate = 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds the controller an ideal path of `rate` bytes/s and `rtt` ns, with `loss` of packets
+    /// dropped at random, and returns its final bandwidth estimate.
+    fn run(rate: f64, rtt_ns: u64, loss_every: u64) -> RateController {
+        let mut cc = RateController::new(50_000, 1400, None);
+        let mut now = 0u64;
+        let mut in_flight: std::collections::VecDeque<(u64, SendSnapshot, u64)> =
+            Default::default();
+        let mut next_free = 0u64;
+        let mut pn = 0u64;
+        for _ in 0..200_000 {
+            // Send while the window allows, paced.
+            while (in_flight.len() as u64) * 1400 < cc.cwnd() {
+                let snap = cc.on_sent(now, in_flight.len() as u64 * 1400);
+                // Bottleneck serialization.
+                next_free = next_free.max(now) + (1400.0 * 1e9 / rate) as u64;
+                in_flight.push_back((next_free + rtt_ns, snap, now));
+                now += (1400.0 * 1e9 / cc.pacing_rate()) as u64;
+            }
+            let (arrive, snap, sent) = in_flight.pop_front().unwrap();
+            now = now.max(arrive);
+            pn += 1;
+            if loss_every > 0 && pn % loss_every == 0 {
+                cc.on_lost(1400);
+            } else {
+                cc.on_rtt_sample(now, now - sent);
+                cc.on_ack(now, &snap, sent, 1400);
+            }
+            cc.update_mode(now, in_flight.len() as u64 * 1400);
+        }
+        cc
+    }
+
+    #[test]
+    fn converges_to_bottleneck_rate_and_ignores_random_loss() {
+        let rate = 12_500_000.0; // 100 Mbit/s
+        for loss_every in [0, 1000, 100] {
+            let cc = run(rate, 25_000_000, loss_every);
+            let bw = cc.btl_bw_bytes_per_s();
+            assert!(
+                (0.85 * rate..1.3 * rate).contains(&bw),
+                "loss 1/{loss_every}: bw {bw}"
+            );
+            assert_eq!(cc.mode(), Mode::ProbeBw);
+        }
+    }
+
+    #[test]
+    fn heavy_loss_caps_the_rate() {
+        let rate = 12_500_000.0;
+        let cc = run(rate, 25_000_000, 4); // 25 % loss: congestion, not noise
+        assert!(cc.loss_cap.is_some());
+        assert!(cc.pacing_rate() < rate);
+    }
+
+    #[test]
+    fn respects_the_configured_maximum() {
+        let mut cc = RateController::new(10_000, 1400, Some(8_000_000));
+        cc.btl_bw = 1e9;
+        assert!(cc.pacing_rate() <= 1_000_000.0);
+    }
+}

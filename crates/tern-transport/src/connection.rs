@@ -1,0 +1,1351 @@
+//! One authenticated connection between two site nodes: packet protection, streams, flow
+//! control, acknowledgement, loss recovery, FEC, pacing and rate control.
+//!
+//! Sans-IO: `handle_packet(now, ..)`, `handle_timeout(now)`, `poll_transmit(now, out)`,
+//! `poll_timeout()`, `poll_event()`. Time is nanoseconds on any monotonic clock.
+//!
+//! Streams are reliable ordered byte streams with FIN (half-close) and RESET (abort both
+//! directions), mapping TCP FIN and RST. The initiator of the handshake opens even stream ids,
+//! the responder odd ones; a frame for an unseen peer id opens that stream (zero-RTT open: the
+//! first data rides with the open).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use thiserror::Error;
+
+use crate::cc::{RateController, SendSnapshot};
+use crate::crypto::{PacketKeys, ReplayWindow};
+use crate::fec::{self, FecDecoder, FecEncoder, RepairSymbol};
+use crate::rangeset::RangeSet;
+use crate::stream::{RecvStream, SendStream};
+use crate::wire::{self, DATA_HEADER_LEN, Frame, MAX_ACK_RANGES, PnRange};
+
+/// Bytes of every data packet's plaintext kept free so a FEC repair symbol covering a
+/// full-size packet still fits in one datagram.
+const FEC_RESERVE: usize = 24;
+const TAG_LEN: usize = 16;
+/// RESET code sent when the peer opens more streams than `max_streams`.
+pub const RESET_REFUSED: u64 = 0x100;
+/// Close codes.
+pub const CLOSE_NORMAL: u64 = 0;
+pub const CLOSE_IDLE: u64 = 1;
+pub const CLOSE_PROTOCOL: u64 = 2;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest UDP payload tried by path-MTU probing (1500-byte path: 1472).
+    pub max_udp_payload: usize,
+    /// UDP payload used until a probe confirms a larger one.
+    pub min_udp_payload: usize,
+    pub stream_window_bytes: u64,
+    pub conn_window_bytes: u64,
+    /// Bytes the application may queue per stream beyond what is acknowledged.
+    pub stream_send_buffer_bytes: u64,
+    pub max_streams: usize,
+    pub initial_rtt_us: u64,
+    pub max_rate_bps: Option<u64>,
+    pub fec: bool,
+    /// Target probability that a FEC block cannot be repaired.
+    pub fec_target_failure: f64,
+    pub idle_timeout_us: u64,
+    pub keepalive_us: u64,
+    pub max_ack_delay_us: u64,
+    /// Acknowledge at least every this many ack-eliciting packets.
+    pub ack_every: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_udp_payload: 1472,
+            min_udp_payload: 1232,
+            stream_window_bytes: 16 << 20,
+            conn_window_bytes: 64 << 20,
+            stream_send_buffer_bytes: 8 << 20,
+            max_streams: 1024,
+            initial_rtt_us: 50_000,
+            max_rate_bps: None,
+            fec: true,
+            fec_target_failure: 1e-3,
+            idle_timeout_us: 15_000_000,
+            keepalive_us: 1_000_000,
+            max_ack_delay_us: 2_000,
+            ack_every: 8,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("stream {0} does not exist or is closed")]
+    Unknown(u64),
+    #[error("stream {0} was reset by the peer (code {1})")]
+    Reset(u64, u64),
+    #[error("too many open streams (limit {0})")]
+    TooMany(usize),
+    #[error("stream {0} is already finished")]
+    Finished(u64),
+    #[error("connection is closed")]
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer opened a stream (its first bytes may already be readable).
+    StreamOpened(u64),
+    Readable(u64),
+    Writable(u64),
+    /// The peer reset the stream; its state is gone.
+    StreamReset {
+        id: u64,
+        code: u64,
+    },
+    Closed {
+        code: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConnStats {
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub stream_bytes_sent: u64,
+    pub stream_bytes_retransmitted: u64,
+    pub packets_lost: u64,
+    pub fec_repairs_sent: u64,
+    pub fec_recovered: u64,
+    pub auth_failures: u64,
+    pub duplicates: u64,
+    pub malformed: u64,
+    pub srtt_us: u64,
+    pub min_rtt_us: u64,
+    pub pacing_rate_bps: u64,
+    pub cwnd_bytes: u64,
+    pub bytes_in_flight: u64,
+    pub loss_estimate: f64,
+    pub udp_payload: usize,
+    pub streams_open: usize,
+}
+
+#[derive(Debug, Clone)]
+enum SentFrame {
+    Stream {
+        id: u64,
+        offset: u64,
+        len: u32,
+        fin: bool,
+    },
+    Reset {
+        id: u64,
+        code: u64,
+        final_size: u64,
+    },
+    MaxStreamData(u64),
+    MaxData,
+    Close,
+}
+
+#[derive(Debug)]
+struct SentPacket {
+    time_ns: u64,
+    size: u32,
+    ack_eliciting: bool,
+    repair: bool,
+    mtu_probe: bool,
+    snap: SendSnapshot,
+    frames: Vec<SentFrame>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    send: SendStream,
+    recv: RecvStream,
+    queued: bool,
+    want_writable: bool,
+    readable_signalled: bool,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    config: Config,
+    is_initiator: bool,
+    keys: PacketKeys,
+    remote_index: u32,
+    confirmed: bool,
+    closed: Option<u64>,
+    close_pending: Option<u64>,
+    // --- sending
+    next_pn: u64,
+    sent: BTreeMap<u64, SentPacket>,
+    bytes_in_flight: u64,
+    largest_acked: Option<u64>,
+    srtt_ns: u64,
+    rttvar_ns: u64,
+    latest_rtt_ns: u64,
+    has_rtt: bool,
+    pto_count: u32,
+    loss_time_ns: Option<u64>,
+    last_ack_eliciting_ns: u64,
+    cc: RateController,
+    next_send_ns: u64,
+    udp_payload: usize,
+    mtu_probe: Option<(u64, usize)>,
+    mtu_probe_done: bool,
+    // --- receiving
+    replay: ReplayWindow,
+    received: RangeSet,
+    largest_received: Option<u64>,
+    ack_pending: u32,
+    ack_deadline_ns: Option<u64>,
+    ack_immediate: bool,
+    ack_needed: bool,
+    last_received_ns: u64,
+    last_sent_ns: u64,
+    // --- streams
+    streams: BTreeMap<u64, Stream>,
+    send_queue: VecDeque<u64>,
+    next_local_id: u64,
+    next_remote_id: u64,
+    pending_max_stream_data: BTreeSet<u64>,
+    pending_max_data: bool,
+    pending_resets: VecDeque<(u64, u64, u64)>,
+    ping_pending: bool,
+    conn_max_advertised: u64,
+    conn_received: u64,
+    conn_consumed: u64,
+    peer_max_data: u64,
+    conn_sent: u64,
+    conn_buffered: u64,
+    events: VecDeque<Event>,
+    // --- FEC
+    fec_enc: FecEncoder,
+    fec_dec: FecDecoder,
+    fec_block_start_ns: u64,
+    repairs: VecDeque<RepairSymbol>,
+    loss_window_sent: u64,
+    loss_window_lost: u64,
+    peer_recovered_total: u64,
+    recovered_total: u64,
+    loss_estimate: f64,
+    // --- scratch
+    plain: Vec<u8>,
+    frame_buf: Vec<u8>,
+    stats: ConnStats,
+}
+
+impl Connection {
+    /// A connection after a completed handshake. `initial_max_data` is the peer's stream window
+    /// (both sides use the same configuration).
+    pub fn new(
+        config: Config,
+        keys: PacketKeys,
+        remote_index: u32,
+        is_initiator: bool,
+        now_ns: u64,
+    ) -> Self {
+        let udp_payload = config.min_udp_payload.min(config.max_udp_payload);
+        Self {
+            cc: RateController::new(config.initial_rtt_us, udp_payload, config.max_rate_bps),
+            is_initiator,
+            keys,
+            remote_index,
+            confirmed: is_initiator,
+            closed: None,
+            close_pending: None,
+            next_pn: 0,
+            sent: BTreeMap::new(),
+            bytes_in_flight: 0,
+            largest_acked: None,
+            srtt_ns: config.initial_rtt_us * 1000,
+            rttvar_ns: config.initial_rtt_us * 500,
+            latest_rtt_ns: 0,
+            has_rtt: false,
+            pto_count: 0,
+            loss_time_ns: None,
+            last_ack_eliciting_ns: now_ns,
+            next_send_ns: now_ns,
+            udp_payload,
+            mtu_probe: None,
+            mtu_probe_done: config.max_udp_payload <= udp_payload,
+            replay: ReplayWindow::new(),
+            received: RangeSet::new(),
+            largest_received: None,
+            ack_pending: 0,
+            ack_deadline_ns: None,
+            ack_immediate: false,
+            ack_needed: false,
+            last_received_ns: now_ns,
+            last_sent_ns: now_ns,
+            streams: BTreeMap::new(),
+            send_queue: VecDeque::new(),
+            next_local_id: u64::from(!is_initiator),
+            next_remote_id: u64::from(is_initiator),
+            pending_max_stream_data: BTreeSet::new(),
+            pending_max_data: false,
+            pending_resets: VecDeque::new(),
+            ping_pending: is_initiator,
+            conn_max_advertised: config.conn_window_bytes,
+            conn_received: 0,
+            conn_consumed: 0,
+            peer_max_data: config.conn_window_bytes,
+            conn_sent: 0,
+            conn_buffered: 0,
+            events: VecDeque::new(),
+            fec_enc: FecEncoder::new(),
+            fec_dec: FecDecoder::new(),
+            fec_block_start_ns: 0,
+            repairs: VecDeque::new(),
+            loss_window_sent: 0,
+            loss_window_lost: 0,
+            peer_recovered_total: 0,
+            recovered_total: 0,
+            loss_estimate: 0.0,
+            plain: Vec::with_capacity(2048),
+            frame_buf: Vec::with_capacity(2048),
+            stats: ConnStats::default(),
+            config,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    pub fn is_initiator(&self) -> bool {
+        self.is_initiator
+    }
+
+    pub fn remote_index(&self) -> u32 {
+        self.remote_index
+    }
+
+    pub fn stats(&self) -> ConnStats {
+        let mut s = self.stats.clone();
+        s.srtt_us = self.srtt_ns / 1000;
+        s.min_rtt_us = self.cc.min_rtt_ns().unwrap_or(0) / 1000;
+        s.pacing_rate_bps = (self.cc.pacing_rate() * 8.0) as u64;
+        s.cwnd_bytes = self.cc.cwnd();
+        s.bytes_in_flight = self.bytes_in_flight;
+        s.loss_estimate = self.loss_estimate;
+        s.udp_payload = self.udp_payload;
+        s.streams_open = self.streams.len();
+        s.fec_recovered = self.recovered_total;
+        s
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ------------------------------------------------------------------ streams (application)
+
+    pub fn open_stream(&mut self) -> Result<u64, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::Closed);
+        }
+        if self.streams.len() >= self.config.max_streams {
+            return Err(StreamError::TooMany(self.config.max_streams));
+        }
+        let id = self.next_local_id;
+        self.next_local_id += 2;
+        self.streams.insert(id, self.new_stream());
+        Ok(id)
+    }
+
+    fn new_stream(&self) -> Stream {
+        Stream {
+            send: SendStream::new(self.config.stream_window_bytes),
+            recv: RecvStream::new(self.config.stream_window_bytes),
+            queued: false,
+            want_writable: false,
+            readable_signalled: false,
+        }
+    }
+
+    fn stream_mut(&mut self, id: u64) -> Result<&mut Stream, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::Closed);
+        }
+        self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))
+    }
+
+    /// Bytes `stream_write` would accept now.
+    pub fn stream_capacity(&self, id: u64) -> usize {
+        let Some(s) = self.streams.get(&id) else {
+            return 0;
+        };
+        if s.send.fin_written || s.send.reset.is_some() || self.closed.is_some() {
+            return 0;
+        }
+        let stream_room = self
+            .config
+            .stream_send_buffer_bytes
+            .saturating_sub(s.send.buffered());
+        let conn_room = (self.config.conn_window_bytes * 2).saturating_sub(self.conn_buffered);
+        stream_room.min(conn_room) as usize
+    }
+
+    /// Queues data; returns how much was taken (0 = full: `Writable` follows when room frees).
+    pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
+        let cap = self.stream_capacity(id);
+        let s = self.stream_mut(id)?;
+        if s.send.fin_written {
+            return Err(StreamError::Finished(id));
+        }
+        let n = cap.min(data.len());
+        if n < data.len() {
+            s.want_writable = true;
+        }
+        if n > 0 {
+            s.send.write(&data[..n]);
+            self.conn_buffered += n as u64;
+            self.enqueue(id);
+        }
+        Ok(n)
+    }
+
+    /// Half-closes the sending direction (TCP FIN).
+    pub fn stream_finish(&mut self, id: u64) -> Result<(), StreamError> {
+        let s = self.stream_mut(id)?;
+        s.send.fin_written = true;
+        self.enqueue(id);
+        Ok(())
+    }
+
+    /// Aborts both directions (TCP RST); the stream's state is dropped.
+    pub fn stream_reset(&mut self, id: u64, code: u64) -> Result<(), StreamError> {
+        let s = self.streams.remove(&id).ok_or(StreamError::Unknown(id))?;
+        self.conn_buffered -= s.send.buffered();
+        self.pending_resets.push_back((id, code, s.send.written));
+        Ok(())
+    }
+
+    /// Reads contiguous data. Returns (bytes, fin): fin is true once everything up to the
+    /// peer's FIN has been read.
+    pub fn stream_read(&mut self, id: u64, out: &mut [u8]) -> Result<(usize, bool), StreamError> {
+        let window = self.config.stream_window_bytes;
+        let s = self.stream_mut(id)?;
+        if let Some(code) = s.recv.reset {
+            return Err(StreamError::Reset(id, code));
+        }
+        let n = s.recv.read(out);
+        let fin = s.recv.is_finished();
+        if s.recv.readable_bytes() == 0 {
+            s.readable_signalled = false;
+        }
+        if s.recv.fin_offset.is_none()
+            && s.recv.read_offset + window - s.recv.max_advertised >= window / 4
+        {
+            s.recv.max_advertised = s.recv.read_offset + window;
+            self.pending_max_stream_data.insert(id);
+        }
+        self.conn_consumed += n as u64;
+        let cw = self.config.conn_window_bytes;
+        if self.conn_consumed + cw - self.conn_max_advertised >= cw / 4 {
+            self.conn_max_advertised = self.conn_consumed + cw;
+            self.pending_max_data = true;
+        }
+        self.maybe_remove(id);
+        Ok((n, fin))
+    }
+
+    pub fn stream_readable_bytes(&self, id: u64) -> usize {
+        self.streams
+            .get(&id)
+            .map_or(0, |s| s.recv.readable_bytes() as usize)
+    }
+
+    fn maybe_remove(&mut self, id: u64) {
+        if let Some(s) = self.streams.get(&id)
+            && s.send.is_done()
+            && (s.recv.is_finished() || s.recv.reset.is_some())
+        {
+            self.streams.remove(&id);
+        }
+    }
+
+    fn enqueue(&mut self, id: u64) {
+        if let Some(s) = self.streams.get_mut(&id)
+            && !s.queued
+            && s.send.has_pending()
+        {
+            s.queued = true;
+            self.send_queue.push_back(id);
+        }
+    }
+
+    /// Closes the connection; a CLOSE frame is sent once.
+    pub fn close(&mut self, code: u64) {
+        if self.closed.is_none() {
+            self.close_pending = Some(code);
+        }
+    }
+
+    // ------------------------------------------------------------------ receiving
+
+    /// An authenticated-looking data packet for this connection (header already parsed).
+    pub fn handle_packet(&mut self, now_ns: u64, pn: u64, ciphertext: &[u8]) {
+        if self.closed.is_some() {
+            return;
+        }
+        if !self.replay.check(pn) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        if self.keys.open(pn, ciphertext, &mut plain).is_err() {
+            self.stats.auth_failures += 1;
+            self.plain = plain;
+            return;
+        }
+        self.replay.accept(pn);
+        self.stats.packets_received += 1;
+        self.stats.bytes_received += (ciphertext.len() + DATA_HEADER_LEN) as u64;
+        self.last_received_ns = now_ns;
+        self.confirmed = true;
+        if self.process_payload(now_ns, pn, &plain, false) {
+            self.fec_dec.on_source(pn, &plain);
+        }
+        self.plain = plain;
+    }
+
+    /// Returns true if the payload was valid.
+    fn process_payload(&mut self, now_ns: u64, pn: u64, payload: &[u8], recovered: bool) -> bool {
+        if self.received.contains(pn) {
+            self.stats.duplicates += 1;
+            return false;
+        }
+        let frames = match wire::decode_frames(payload) {
+            Ok(f) => f,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return false;
+            }
+        };
+        let mut ack_eliciting = false;
+        let mut repairs = Vec::new();
+        for frame in frames {
+            match frame {
+                Frame::Padding => {}
+                Frame::Ping => ack_eliciting = true,
+                Frame::Ack {
+                    ack_delay_us,
+                    recovered_total,
+                    ranges,
+                } => self.on_ack_frame(now_ns, ack_delay_us, recovered_total, &ranges),
+                Frame::Stream {
+                    id,
+                    offset,
+                    fin,
+                    data,
+                } => {
+                    ack_eliciting = true;
+                    self.on_stream_frame(id, offset, fin, data);
+                }
+                Frame::ResetStream { id, code, .. } => {
+                    ack_eliciting = true;
+                    self.on_reset_frame(id, code);
+                }
+                Frame::MaxStreamData { id, max } => {
+                    ack_eliciting = true;
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.send.max_data = s.send.max_data.max(max);
+                    }
+                    self.enqueue(id);
+                }
+                Frame::MaxData { max } => {
+                    ack_eliciting = true;
+                    if max > self.peer_max_data {
+                        self.peer_max_data = max;
+                        let ids: Vec<u64> = self.streams.keys().copied().collect();
+                        for id in ids {
+                            self.enqueue(id);
+                        }
+                    }
+                }
+                Frame::Repair { symbol } => {
+                    if !recovered {
+                        repairs.push(symbol.to_vec());
+                    }
+                }
+                Frame::Close { code } => {
+                    self.closed = Some(code);
+                    self.events.push_back(Event::Closed { code });
+                    return true;
+                }
+            }
+            if self.closed.is_some() {
+                return true;
+            }
+        }
+        let is_new_gap = self.largest_received.is_some_and(|l| pn > l + 1);
+        let is_late = self.largest_received.is_some_and(|l| pn < l);
+        self.received.insert(pn..pn + 1);
+        self.received.keep_highest(4 * MAX_ACK_RANGES);
+        self.largest_received = Some(self.largest_received.map_or(pn, |l| l.max(pn)));
+        self.ack_needed = true;
+        if ack_eliciting {
+            self.ack_pending += 1;
+            if self.ack_pending >= self.config.ack_every || is_new_gap || is_late {
+                self.ack_immediate = true;
+            } else if self.ack_deadline_ns.is_none() {
+                let delay = (self.config.max_ack_delay_us * 1000)
+                    .min(self.srtt_ns / 8)
+                    .max(200_000);
+                self.ack_deadline_ns = Some(now_ns + delay);
+            }
+        }
+        for symbol in repairs {
+            let Ok(sym) = RepairSymbol::decode(&symbol) else {
+                self.stats.malformed += 1;
+                continue;
+            };
+            for (rpn, rpayload) in self.fec_dec.on_repair(sym) {
+                if !self.received.contains(rpn) && self.replay.accept(rpn) {
+                    self.recovered_total += 1;
+                    self.process_payload(now_ns, rpn, &rpayload, true);
+                }
+            }
+        }
+        true
+    }
+
+    fn on_stream_frame(&mut self, id: u64, offset: u64, fin: bool, data: &[u8]) {
+        let local = (id & 1) == u64::from(!self.is_initiator);
+        if !self.streams.contains_key(&id) {
+            if local || id < self.next_remote_id {
+                return; // closed stream: late or duplicate data
+            }
+            self.open_remote_up_to(id);
+            if !self.streams.contains_key(&id) {
+                return;
+            }
+        }
+        let s = self.streams.get_mut(&id).expect("checked");
+        let end = offset + data.len() as u64;
+        if end > s.recv.max_advertised {
+            self.stats.malformed += 1;
+            self.close(CLOSE_PROTOCOL);
+            return;
+        }
+        let before = s.recv.highest;
+        match s.recv.on_data(offset, data, fin) {
+            Ok(readable) => {
+                self.conn_received += s.recv.highest - before;
+                if readable && !s.readable_signalled {
+                    s.readable_signalled = true;
+                    self.events.push_back(Event::Readable(id));
+                }
+            }
+            Err(_) => {
+                self.stats.malformed += 1;
+                self.close(CLOSE_PROTOCOL);
+            }
+        }
+        if self.conn_received > self.conn_max_advertised {
+            self.close(CLOSE_PROTOCOL);
+        }
+    }
+
+    /// Opens every peer stream id up to `id` (lower ones may still arrive); refuses beyond
+    /// the stream limit.
+    fn open_remote_up_to(&mut self, id: u64) {
+        while self.next_remote_id <= id {
+            let nid = self.next_remote_id;
+            self.next_remote_id += 2;
+            if self.streams.len() >= self.config.max_streams {
+                self.pending_resets.push_back((nid, RESET_REFUSED, 0));
+                continue;
+            }
+            self.streams.insert(nid, self.new_stream());
+            self.events.push_back(Event::StreamOpened(nid));
+        }
+    }
+
+    fn on_reset_frame(&mut self, id: u64, code: u64) {
+        let local = (id & 1) == u64::from(!self.is_initiator);
+        if !local && id >= self.next_remote_id {
+            // Reset of a stream whose data never arrived: open it (and lower ids), then reset.
+            self.open_remote_up_to(id);
+        }
+        if let Some(s) = self.streams.remove(&id) {
+            self.conn_buffered -= s.send.buffered();
+            self.events.push_back(Event::StreamReset { id, code });
+        }
+    }
+
+    fn on_ack_frame(&mut self, now_ns: u64, ack_delay_us: u64, recovered: u64, ranges: &[PnRange]) {
+        if recovered > self.peer_recovered_total {
+            self.loss_window_lost += recovered - self.peer_recovered_total;
+            self.peer_recovered_total = recovered;
+        }
+        let Some(largest) = ranges.first().map(|r| r.end) else {
+            return;
+        };
+        let mut newly: Vec<(u64, SentPacket)> = Vec::new();
+        for r in ranges {
+            let pns: Vec<u64> = self
+                .sent
+                .range(r.start..=r.end)
+                .map(|(&pn, _)| pn)
+                .collect();
+            for pn in pns {
+                let p = self.sent.remove(&pn).expect("present");
+                newly.push((pn, p));
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        self.largest_acked = Some(self.largest_acked.map_or(largest, |l| l.max(largest)));
+        // RTT from the largest newly acknowledged packet, if it is the ACK's largest.
+        if let Some((pn, p)) = newly.iter().max_by_key(|(pn, _)| *pn)
+            && *pn == largest
+        {
+            let mut rtt = now_ns.saturating_sub(p.time_ns);
+            self.cc.on_rtt_sample(now_ns, rtt);
+            let min_rtt = self.cc.min_rtt_ns().unwrap_or(rtt);
+            let delay = ack_delay_us * 1000;
+            if rtt >= min_rtt + delay {
+                rtt -= delay;
+            }
+            self.latest_rtt_ns = rtt;
+            if !self.has_rtt {
+                self.srtt_ns = rtt;
+                self.rttvar_ns = rtt / 2;
+                self.has_rtt = true;
+            } else {
+                let diff = self.srtt_ns.abs_diff(rtt);
+                self.rttvar_ns = (3 * self.rttvar_ns + diff) / 4;
+                self.srtt_ns = (7 * self.srtt_ns + rtt) / 8;
+            }
+        }
+        for (pn, p) in newly {
+            self.bytes_in_flight -= u64::from(p.size);
+            self.cc
+                .on_ack(now_ns, &p.snap, p.time_ns, u64::from(p.size));
+            if p.mtu_probe {
+                self.on_mtu_probe_acked(pn);
+            }
+            for f in p.frames {
+                self.on_frame_acked(f);
+            }
+        }
+        self.pto_count = 0;
+        self.detect_losses(now_ns);
+        self.cc.update_mode(now_ns, self.bytes_in_flight);
+    }
+
+    fn on_frame_acked(&mut self, f: SentFrame) {
+        if let SentFrame::Stream {
+            id,
+            offset,
+            len,
+            fin,
+        } = f
+            && let Some(s) = self.streams.get_mut(&id)
+        {
+            let freed = s.send.on_acked(offset..offset + u64::from(len), fin);
+            self.conn_buffered -= freed;
+            if freed > 0 && s.want_writable {
+                s.want_writable = false;
+                self.events.push_back(Event::Writable(id));
+            }
+            self.maybe_remove(id);
+        }
+    }
+
+    fn on_frame_lost(&mut self, f: SentFrame) {
+        match f {
+            SentFrame::Stream {
+                id,
+                offset,
+                len,
+                fin,
+            } => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.send.on_lost(offset..offset + u64::from(len), fin);
+                    self.stats.stream_bytes_retransmitted += u64::from(len);
+                    self.enqueue(id);
+                }
+            }
+            SentFrame::Reset {
+                id,
+                code,
+                final_size,
+            } => self.pending_resets.push_back((id, code, final_size)),
+            SentFrame::MaxStreamData(id) => {
+                if self.streams.contains_key(&id) {
+                    self.pending_max_stream_data.insert(id);
+                }
+            }
+            SentFrame::MaxData => self.pending_max_data = true,
+            SentFrame::Close => {
+                if let Some(code) = self.closed {
+                    self.close_pending = Some(code);
+                }
+            }
+        }
+    }
+
+    fn fec_span(&self) -> u64 {
+        if self.fec_active() {
+            (fec::MAX_BLOCK_SOURCES + fec::MAX_BLOCK_REPAIRS) as u64
+        } else {
+            0
+        }
+    }
+
+    fn fec_active(&self) -> bool {
+        self.config.fec && self.loss_estimate > 1e-5
+    }
+
+    fn loss_delay_ns(&self) -> u64 {
+        let base = self.srtt_ns.max(self.latest_rtt_ns) * 9 / 8;
+        let fec_extra = if self.fec_active() {
+            self.fec_block_duration_ns() * 2
+        } else {
+            0
+        };
+        base.max(1_000_000) + fec_extra
+    }
+
+    fn fec_block_duration_ns(&self) -> u64 {
+        (self.srtt_ns / 4).clamp(2_000_000, 10_000_000)
+    }
+
+    fn detect_losses(&mut self, now_ns: u64) {
+        let Some(largest) = self.largest_acked else {
+            return;
+        };
+        let threshold = 3 + self.fec_span();
+        let delay = self.loss_delay_ns();
+        self.loss_time_ns = None;
+        let mut lost = Vec::new();
+        for (&pn, p) in self.sent.range(..largest) {
+            if largest - pn >= threshold || p.time_ns + delay <= now_ns {
+                lost.push(pn);
+            } else {
+                self.loss_time_ns = Some(p.time_ns + delay);
+                break;
+            }
+        }
+        for pn in lost {
+            self.declare_lost(pn);
+        }
+    }
+
+    fn declare_lost(&mut self, pn: u64) {
+        let Some(p) = self.sent.remove(&pn) else {
+            return;
+        };
+        self.bytes_in_flight -= u64::from(p.size);
+        if p.mtu_probe {
+            self.on_mtu_probe_lost(pn);
+        } else if !p.repair {
+            self.stats.packets_lost += 1;
+            self.loss_window_lost += 1;
+            self.cc.on_lost(u64::from(p.size));
+        }
+        for f in p.frames {
+            self.on_frame_lost(f);
+        }
+    }
+
+    fn on_mtu_probe_acked(&mut self, pn: u64) {
+        if let Some((probe_pn, size)) = self.mtu_probe
+            && probe_pn == pn
+        {
+            self.udp_payload = size;
+            self.cc.set_mtu(size);
+            self.mtu_probe = None;
+            self.mtu_probe_done = true;
+        }
+    }
+
+    fn on_mtu_probe_lost(&mut self, pn: u64) {
+        if let Some((probe_pn, size)) = self.mtu_probe
+            && probe_pn == pn
+        {
+            self.mtu_probe = None;
+            // Try a smaller size next; give up at the minimum.
+            let next = size.saturating_sub(64);
+            if next <= self.udp_payload {
+                self.mtu_probe_done = true;
+            } else {
+                self.config.max_udp_payload = next;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.closed.is_some() {
+            return None;
+        }
+        let mut t = self.last_received_ns + self.config.idle_timeout_us * 1000;
+        let mut min = |x: Option<u64>| {
+            if let Some(x) = x {
+                t = t.min(x);
+            }
+        };
+        min(self.ack_deadline_ns);
+        min(self.loss_time_ns);
+        if self.sent.values().any(|p| p.ack_eliciting) {
+            min(Some(self.pto_deadline()));
+        }
+        if self.has_sendable() {
+            min(Some(self.next_send_ns));
+        }
+        if self.fec_enc.open_len() > 0 {
+            min(Some(self.fec_block_start_ns + self.fec_block_duration_ns()));
+        }
+        if self.confirmed {
+            min(Some(
+                self.last_sent_ns.max(self.last_received_ns) + self.config.keepalive_us * 1000,
+            ));
+        }
+        Some(t)
+    }
+
+    fn pto_deadline(&self) -> u64 {
+        let pto = self.srtt_ns
+            + (4 * self.rttvar_ns).max(1_000_000)
+            + self.config.max_ack_delay_us * 1000
+            + if self.fec_active() {
+                self.fec_block_duration_ns()
+            } else {
+                0
+            };
+        self.last_ack_eliciting_ns + (pto << self.pto_count.min(6))
+    }
+
+    pub fn handle_timeout(&mut self, now_ns: u64) {
+        if self.closed.is_some() {
+            return;
+        }
+        if now_ns >= self.last_received_ns + self.config.idle_timeout_us * 1000 {
+            self.closed = Some(CLOSE_IDLE);
+            self.events.push_back(Event::Closed { code: CLOSE_IDLE });
+            return;
+        }
+        if self.ack_deadline_ns.is_some_and(|d| now_ns >= d) {
+            self.ack_immediate = true;
+            self.ack_deadline_ns = None;
+        }
+        if self.loss_time_ns.is_some_and(|t| now_ns >= t) {
+            self.detect_losses(now_ns);
+        }
+        if self.sent.values().any(|p| p.ack_eliciting) && now_ns >= self.pto_deadline() {
+            self.pto_count += 1;
+            self.last_ack_eliciting_ns = now_ns;
+            // Probe: resend the oldest outstanding data.
+            let oldest: Vec<u64> = self
+                .sent
+                .iter()
+                .filter(|(_, p)| p.ack_eliciting)
+                .map(|(&pn, _)| pn)
+                .take(2)
+                .collect();
+            for pn in oldest {
+                self.declare_lost(pn);
+            }
+            self.ping_pending = true;
+        }
+        if self.fec_enc.open_len() > 0
+            && now_ns >= self.fec_block_start_ns + self.fec_block_duration_ns()
+        {
+            self.finish_fec_block();
+        }
+        if self.confirmed
+            && now_ns
+                >= self.last_sent_ns.max(self.last_received_ns) + self.config.keepalive_us * 1000
+        {
+            self.ping_pending = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ sending
+
+    fn has_stream_data(&self) -> bool {
+        !self.send_queue.is_empty()
+    }
+
+    fn has_control(&self) -> bool {
+        self.ping_pending
+            || self.pending_max_data
+            || !self.pending_max_stream_data.is_empty()
+            || !self.pending_resets.is_empty()
+            || self.close_pending.is_some()
+    }
+
+    fn has_sendable(&self) -> bool {
+        self.confirmed
+            && (!self.repairs.is_empty()
+                || self.has_control()
+                || (self.has_stream_data() && self.bytes_in_flight < self.cc.cwnd()))
+    }
+
+    fn max_plain(&self) -> usize {
+        self.udp_payload - DATA_HEADER_LEN - TAG_LEN - FEC_RESERVE
+    }
+
+    fn finish_fec_block(&mut self) {
+        let k = self.fec_enc.open_len();
+        let r = if self.fec_active() {
+            fec::repair_count(k, self.loss_estimate, self.config.fec_target_failure)
+        } else {
+            0
+        };
+        self.repairs.extend(self.fec_enc.finish_block(r));
+    }
+
+    fn update_loss_estimate(&mut self) {
+        if self.loss_window_sent >= 2000 {
+            let sample = self.loss_window_lost as f64 / self.loss_window_sent as f64;
+            self.loss_estimate = if self.loss_estimate == 0.0 {
+                sample
+            } else {
+                0.75 * self.loss_estimate + 0.25 * sample
+            }
+            .min(0.2);
+            self.loss_window_sent = 0;
+            self.loss_window_lost = 0;
+        }
+    }
+
+    /// Appends one datagram to `out` if something should be sent now. Call until it returns
+    /// false; then wait until `poll_timeout()` or new input.
+    pub fn poll_transmit(&mut self, now_ns: u64, out: &mut Vec<u8>) -> bool {
+        if self.closed.is_some() && self.close_pending.is_none() {
+            return false;
+        }
+        let ack_due = self.ack_immediate
+            || (self.ack_pending > 0 && self.ack_deadline_ns.is_some_and(|d| now_ns >= d));
+        // Pacing: allow a small catch-up burst to absorb timer lateness.
+        let interval_ns = |bytes: usize, rate: f64| (bytes as f64 * 1e9 / rate) as u64;
+        let rate = self.cc.pacing_rate();
+        let burst_ns = interval_ns(2 * self.udp_payload, rate).max(250_000);
+        let paced_ok = now_ns + 20_000 >= self.next_send_ns;
+        if self.close_pending.is_some() {
+            return self.send_close(now_ns, out);
+        }
+        if paced_ok
+            && self.confirmed
+            && let Some(sym) = self.repairs.pop_front()
+        {
+            let mut buf = std::mem::take(&mut self.frame_buf);
+            buf.clear();
+            sym.encode(&mut buf);
+            let mut plain = std::mem::take(&mut self.plain);
+            plain.clear();
+            Frame::Repair { symbol: &buf }.encode(&mut plain);
+            self.frame_buf = buf;
+            self.seal_and_record(now_ns, plain, Vec::new(), false, true, false, out);
+            self.stats.fec_repairs_sent += 1;
+            self.advance_pacer(now_ns, burst_ns, rate);
+            return true;
+        }
+        let cwnd_ok = self.bytes_in_flight < self.cc.cwnd();
+        let data_ok = self.confirmed
+            && paced_ok
+            && (self.has_control() || (cwnd_ok && self.has_stream_data()));
+        let probe_ok = self.confirmed
+            && paced_ok
+            && cwnd_ok
+            && !self.mtu_probe_done
+            && self.mtu_probe.is_none()
+            && self.has_rtt;
+        if !data_ok && !ack_due && !probe_ok {
+            if self.confirmed && cwnd_ok && paced_ok && !self.has_stream_data() {
+                self.cc.on_app_limited(self.bytes_in_flight);
+                if self.fec_enc.open_len() > 0 {
+                    self.finish_fec_block();
+                    if !self.repairs.is_empty() {
+                        return self.poll_transmit(now_ns, out);
+                    }
+                }
+            }
+            return false;
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        let mut frames = Vec::new();
+        let limit = if probe_ok && !data_ok {
+            self.config.max_udp_payload - DATA_HEADER_LEN - TAG_LEN
+        } else {
+            self.max_plain()
+        };
+        if self.ack_needed && self.largest_received.is_some() {
+            self.write_ack(now_ns, &mut plain);
+        }
+        let mut ack_eliciting = false;
+        if data_ok {
+            ack_eliciting |= self.write_control(&mut plain, &mut frames, limit);
+            if cwnd_ok {
+                ack_eliciting |= self.write_stream_frames(&mut plain, &mut frames, limit);
+            }
+        }
+        let mut mtu_probe = false;
+        if probe_ok && !data_ok {
+            Frame::Ping.encode(&mut plain);
+            plain.resize(limit, 0); // PADDING
+            ack_eliciting = true;
+            mtu_probe = true;
+        }
+        if plain.is_empty() {
+            self.plain = plain;
+            return false;
+        }
+        if ack_eliciting {
+            self.advance_pacer(now_ns, burst_ns, rate);
+        }
+        let protect = ack_eliciting && !mtu_probe && self.fec_active();
+        let pn = self.next_pn;
+        if mtu_probe {
+            self.mtu_probe = Some((pn, self.config.max_udp_payload));
+        }
+        self.seal_and_record(now_ns, plain, frames, ack_eliciting, false, mtu_probe, out);
+        if protect {
+            if self.fec_enc.open_len() == 0 {
+                self.fec_block_start_ns = now_ns;
+            }
+            self.fec_enc.push(pn, &self.plain);
+            let k_target = ((rate * self.fec_block_duration_ns() as f64 / 1e9)
+                / self.udp_payload as f64) as usize;
+            if self.fec_enc.open_len() >= k_target.clamp(8, fec::MAX_BLOCK_SOURCES) {
+                self.finish_fec_block();
+            }
+        } else if self.fec_enc.open_len() > 0 && ack_eliciting {
+            self.finish_fec_block();
+        }
+        true
+    }
+
+    fn advance_pacer(&mut self, now_ns: u64, burst_ns: u64, rate: f64) {
+        let base = self.next_send_ns.max(now_ns.saturating_sub(burst_ns));
+        self.next_send_ns = base + (self.udp_payload as f64 * 1e9 / rate) as u64;
+    }
+
+    fn write_ack(&mut self, _now_ns: u64, plain: &mut Vec<u8>) {
+        let ranges: Vec<PnRange> = self
+            .received
+            .iter_rev()
+            .take(MAX_ACK_RANGES)
+            .map(|r| PnRange {
+                start: r.start,
+                end: r.end - 1,
+            })
+            .collect();
+        Frame::Ack {
+            ack_delay_us: 0,
+            recovered_total: self.recovered_total,
+            ranges,
+        }
+        .encode(plain);
+        self.ack_pending = 0;
+        self.ack_immediate = false;
+        self.ack_deadline_ns = None;
+        self.ack_needed = false;
+    }
+
+    fn write_control(
+        &mut self,
+        plain: &mut Vec<u8>,
+        frames: &mut Vec<SentFrame>,
+        limit: usize,
+    ) -> bool {
+        let mut any = false;
+        if self.ping_pending {
+            Frame::Ping.encode(plain);
+            self.ping_pending = false;
+            any = true;
+        }
+        while plain.len() + 32 < limit
+            && let Some((id, code, final_size)) = self.pending_resets.pop_front()
+        {
+            Frame::ResetStream {
+                id,
+                code,
+                final_size,
+            }
+            .encode(plain);
+            frames.push(SentFrame::Reset {
+                id,
+                code,
+                final_size,
+            });
+            any = true;
+        }
+        if self.pending_max_data && plain.len() + 16 < limit {
+            Frame::MaxData {
+                max: self.conn_max_advertised,
+            }
+            .encode(plain);
+            frames.push(SentFrame::MaxData);
+            self.pending_max_data = false;
+            any = true;
+        }
+        while plain.len() + 24 < limit
+            && let Some(id) = self.pending_max_stream_data.pop_first()
+        {
+            if let Some(s) = self.streams.get(&id) {
+                Frame::MaxStreamData {
+                    id,
+                    max: s.recv.max_advertised,
+                }
+                .encode(plain);
+                frames.push(SentFrame::MaxStreamData(id));
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn write_stream_frames(
+        &mut self,
+        plain: &mut Vec<u8>,
+        frames: &mut Vec<SentFrame>,
+        limit: usize,
+    ) -> bool {
+        let mut any = false;
+        let mut data = std::mem::take(&mut self.frame_buf);
+        while let Some(&id) = self.send_queue.front() {
+            let room = limit.saturating_sub(plain.len());
+            if room < 24 {
+                break;
+            }
+            self.send_queue.pop_front();
+            let conn_room = self.peer_max_data.saturating_sub(self.conn_sent);
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.queued = false;
+            let hdr = wire::stream_header_len(id, s.send.sent, room);
+            let max_len = room.saturating_sub(hdr) as u64;
+            data.clear();
+            let (offset, len, fin, new_bytes) = if let Some(r) =
+                s.send.retransmit.pop_front(max_len)
+            {
+                let len = r.end - r.start;
+                s.send.copy_range(r.start, len as usize, &mut data);
+                let fin =
+                    s.send.fin_written && r.end == s.send.written && s.send.sent == s.send.written;
+                (r.start, len, fin, 0)
+            } else {
+                let avail = (s.send.written - s.send.sent)
+                    .min(s.send.max_data.saturating_sub(s.send.sent))
+                    .min(conn_room)
+                    .min(max_len);
+                let offset = s.send.sent;
+                s.send.copy_range(offset, avail as usize, &mut data);
+                s.send.sent += avail;
+                let fin = s.send.fin_written && s.send.sent == s.send.written;
+                (offset, avail, fin, avail)
+            };
+            if len == 0 && !(fin && !s.send.fin_sent) {
+                // Flow-control blocked (the peer's window update re-queues the stream).
+                continue;
+            }
+            if fin {
+                s.send.fin_sent = true;
+            }
+            self.conn_sent += new_bytes;
+            self.stats.stream_bytes_sent += len;
+            Frame::Stream {
+                id,
+                offset,
+                fin,
+                data: &data,
+            }
+            .encode(plain);
+            frames.push(SentFrame::Stream {
+                id,
+                offset,
+                len: len as u32,
+                fin,
+            });
+            any = true;
+            if s.send.has_pending() {
+                s.queued = true;
+                self.send_queue.push_back(id);
+            }
+        }
+        self.frame_buf = data;
+        any
+    }
+
+    fn send_close(&mut self, now_ns: u64, out: &mut Vec<u8>) -> bool {
+        let code = self.close_pending.take().unwrap_or(CLOSE_NORMAL);
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        Frame::Close { code }.encode(&mut plain);
+        self.seal_and_record(
+            now_ns,
+            plain,
+            vec![SentFrame::Close],
+            true,
+            false,
+            false,
+            out,
+        );
+        if self.closed.is_none() {
+            self.closed = Some(code);
+            self.events.push_back(Event::Closed { code });
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn seal_and_record(
+        &mut self,
+        now_ns: u64,
+        plain: Vec<u8>,
+        frames: Vec<SentFrame>,
+        ack_eliciting: bool,
+        repair: bool,
+        mtu_probe: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        let start = out.len();
+        wire::put_data_header(out, self.remote_index, pn);
+        self.keys
+            .seal(pn, &plain, out)
+            .expect("sealing with a valid key cannot fail");
+        let size = (out.len() - start) as u32;
+        self.plain = plain;
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += u64::from(size);
+        self.last_sent_ns = now_ns;
+        let in_flight = ack_eliciting || repair;
+        if in_flight {
+            let snap = self.cc.on_sent(now_ns, self.bytes_in_flight);
+            if ack_eliciting {
+                self.last_ack_eliciting_ns = now_ns;
+            }
+            if !repair && !mtu_probe {
+                self.loss_window_sent += 1;
+                self.update_loss_estimate();
+            }
+            self.bytes_in_flight += u64::from(size);
+            self.sent.insert(
+                pn,
+                SentPacket {
+                    time_ns: now_ns,
+                    size,
+                    ack_eliciting,
+                    repair,
+                    mtu_probe,
+                    snap,
+                    frames,
+                },
+            );
+        }
+    }
+}

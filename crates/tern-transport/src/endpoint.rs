@@ -1,0 +1,451 @@
+//! A node's endpoint: its static identity, its pinned peers, the Noise IK handshake and the
+//! demultiplexing of datagrams to connections.
+//!
+//! ```text
+//!  initiator                                   responder
+//!  Idle --connect--> InitSent --[0x01 init]-->  (peer key pinned? timestamp newer?)
+//!                    (retry every 1 s)          Established (unconfirmed until 1st data)
+//!  Established <--[0x02 response]--------------
+//!  --[0x03 data: PING]-->                       confirmed
+//! ```
+//! Simultaneous initiation: the side with the smaller static public key keeps its own
+//! initiation and ignores the other's. A newer valid initiation from a peer with an established
+//! connection replaces it (the peer restarted). Anything that fails parsing or authentication is
+//! dropped and counted; nothing a remote sends can make this code panic.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+
+use crate::connection::{Config, Connection, Event};
+use crate::crypto::{self, InitiatorHandshake, StaticKeypair};
+use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
+
+/// Handshake initiations processed per second at most (each costs Diffie-Hellman work).
+pub const MAX_INITS_PER_SECOND: u32 = 50;
+const HANDSHAKE_RETRY_NS: u64 = 1_000_000_000;
+
+pub type PeerId = usize;
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: String,
+    pub public: [u8; 32],
+    /// Where to send initiations; None = wait for the peer to connect.
+    pub addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointEvent {
+    Connected(PeerId),
+    Disconnected { peer: PeerId, code: u64 },
+    Stream { peer: PeerId, event: Event },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub datagrams_received: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unknown_index: u64,
+    pub handshakes_rejected: u64,
+    pub handshakes_unknown_key: u64,
+    pub handshakes_replayed: u64,
+    pub handshakes_rate_limited: u64,
+    pub handshakes_completed: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    hs: InitiatorHandshake,
+    local_index: u32,
+}
+
+#[derive(Debug)]
+struct Peer {
+    config: PeerConfig,
+    addr: Option<SocketAddr>,
+    conn: Option<Connection>,
+    local_index: u32,
+    pending: Option<Pending>,
+    next_attempt_ns: u64,
+    last_init_timestamp: u64,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    identity: StaticKeypair,
+    config: Config,
+    peers: Vec<Peer>,
+    by_index: BTreeMap<u32, PeerId>,
+    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<EndpointEvent>,
+    stats: EndpointStats,
+    rng: u64,
+    deterministic: bool,
+    epoch_ns: u64,
+    init_tokens: u32,
+    init_refill_ns: u64,
+    next_peer: usize,
+}
+
+impl Endpoint {
+    /// `seed`: drives session indexes, and when `deterministic` also the handshake's ephemeral
+    /// keys (simulation only). `epoch_ns`: wall-clock time at `now_ns == 0`, so initiation
+    /// timestamps keep increasing across restarts.
+    pub fn new(
+        identity: StaticKeypair,
+        peers: Vec<PeerConfig>,
+        config: Config,
+        seed: u64,
+        deterministic: bool,
+        epoch_ns: u64,
+    ) -> Self {
+        let peers = peers
+            .into_iter()
+            .map(|c| Peer {
+                addr: c.addr,
+                config: c,
+                conn: None,
+                local_index: 0,
+                pending: None,
+                next_attempt_ns: 0,
+                last_init_timestamp: 0,
+            })
+            .collect();
+        Self {
+            identity,
+            config,
+            peers,
+            by_index: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: EndpointStats::default(),
+            rng: seed ^ 0x5851_f42d_4c95_7f2d,
+            deterministic,
+            epoch_ns,
+            init_tokens: MAX_INITS_PER_SECOND,
+            init_refill_ns: 0,
+            next_peer: 0,
+        }
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn new_index(&mut self) -> u32 {
+        loop {
+            let i = self.next_rand() as u32;
+            if i != 0 && !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn peer_name(&self, peer: PeerId) -> &str {
+        &self.peers[peer].config.name
+    }
+
+    pub fn peer_addr(&self, peer: PeerId) -> Option<SocketAddr> {
+        self.peers[peer].addr
+    }
+
+    pub fn connection(&mut self, peer: PeerId) -> Option<&mut Connection> {
+        self.peers.get_mut(peer)?.conn.as_mut()
+    }
+
+    pub fn connection_ref(&self, peer: PeerId) -> Option<&Connection> {
+        self.peers.get(peer)?.conn.as_ref()
+    }
+
+    pub fn is_connected(&self, peer: PeerId) -> bool {
+        self.peers[peer]
+            .conn
+            .as_ref()
+            .is_some_and(|c| !c.is_closed())
+    }
+
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        for (id, p) in self.peers.iter_mut().enumerate() {
+            if let Some(c) = p.conn.as_mut()
+                && let Some(event) = c.poll_event()
+            {
+                if let Event::Closed { code } = event {
+                    p.conn = None;
+                    p.next_attempt_ns = 0;
+                    self.by_index.remove(&p.local_index);
+                    return Some(EndpointEvent::Disconnected { peer: id, code });
+                }
+                return Some(EndpointEvent::Stream { peer: id, event });
+            }
+        }
+        None
+    }
+
+    fn timestamp(&self, now_ns: u64) -> u64 {
+        self.epoch_ns.wrapping_add(now_ns)
+    }
+
+    fn start_handshake(&mut self, now_ns: u64, peer: PeerId) {
+        let Some(addr) = self.peers[peer].addr else {
+            return;
+        };
+        if let Some(old) = self.peers[peer].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        let local_index = self.new_index();
+        let mut payload = vec![PROTOCOL_VERSION];
+        payload.extend_from_slice(&self.timestamp(now_ns).to_be_bytes());
+        let seed = self.deterministic.then(|| self.next_rand());
+        let public = self.peers[peer].config.public;
+        let Ok((hs, msg)) = InitiatorHandshake::start(&self.identity, &public, &payload, seed)
+        else {
+            return;
+        };
+        let mut pkt = vec![TYPE_INIT];
+        pkt.extend_from_slice(&local_index.to_be_bytes());
+        pkt.extend_from_slice(&msg);
+        self.transmits.push_back((addr, pkt));
+        self.by_index.insert(local_index, peer);
+        let p = &mut self.peers[peer];
+        p.pending = Some(Pending { hs, local_index });
+        p.next_attempt_ns = now_ns + HANDSHAKE_RETRY_NS;
+    }
+
+    /// A datagram from `from`.
+    pub fn handle_datagram(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
+        self.stats.datagrams_received += 1;
+        let Some(&kind) = data.first() else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        match kind {
+            TYPE_DATA => self.on_data(now_ns, data),
+            TYPE_INIT => self.on_init(now_ns, from, data),
+            TYPE_RESPONSE => self.on_response(now_ns, from, data),
+            _ => self.stats.dropped_malformed += 1,
+        }
+    }
+
+    fn on_data(&mut self, now_ns: u64, data: &[u8]) {
+        let mut r = Reader::new(data);
+        let (Ok(_), Ok(index), Ok(pn)) = (r.u8(), r.u32(), r.u64()) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let ct = r.rest();
+        if ct.len() < crypto::PacketKeys::TAG_LEN {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        let Some(&peer) = self.by_index.get(&index) else {
+            self.stats.dropped_unknown_index += 1;
+            return;
+        };
+        let p = &mut self.peers[peer];
+        match p.conn.as_mut() {
+            Some(c) if p.local_index == index => c.handle_packet(now_ns, pn, ct),
+            _ => self.stats.dropped_unknown_index += 1,
+        }
+    }
+
+    fn take_init_token(&mut self, now_ns: u64) -> bool {
+        if now_ns >= self.init_refill_ns + 1_000_000_000 {
+            self.init_tokens = MAX_INITS_PER_SECOND;
+            self.init_refill_ns = now_ns;
+        }
+        if self.init_tokens == 0 {
+            return false;
+        }
+        self.init_tokens -= 1;
+        true
+    }
+
+    fn on_init(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
+        if data.len() < 5 {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        if !self.take_init_token(now_ns) {
+            self.stats.handshakes_rate_limited += 1;
+            return;
+        }
+        let remote_index = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+        let seed = self.deterministic.then(|| self.next_rand());
+        let Ok(accepted) = crypto::accept_initiation(&self.identity, &data[5..], seed) else {
+            self.stats.handshakes_rejected += 1;
+            return;
+        };
+        let Some(peer) = self
+            .peers
+            .iter()
+            .position(|p| p.config.public == accepted.remote_public)
+        else {
+            self.stats.handshakes_unknown_key += 1;
+            return;
+        };
+        let payload = &accepted.payload;
+        if payload.len() != 9 || payload[0] != PROTOCOL_VERSION {
+            self.stats.handshakes_rejected += 1;
+            return;
+        }
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&payload[1..9]);
+        let ts = u64::from_be_bytes(ts);
+        if ts <= self.peers[peer].last_init_timestamp {
+            self.stats.handshakes_replayed += 1;
+            return;
+        }
+        // Simultaneous open: the smaller key's own initiation wins.
+        if self.peers[peer].pending.is_some() && self.identity.public < accepted.remote_public {
+            return;
+        }
+        let Ok((msg2, keys)) = accepted.respond(&[PROTOCOL_VERSION]) else {
+            self.stats.handshakes_rejected += 1;
+            return;
+        };
+        self.peers[peer].last_init_timestamp = ts;
+        if let Some(old) = self.peers[peer].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        self.drop_connection(peer);
+        let local_index = self.new_index();
+        let mut pkt = vec![TYPE_RESPONSE];
+        pkt.extend_from_slice(&local_index.to_be_bytes());
+        pkt.extend_from_slice(&remote_index.to_be_bytes());
+        pkt.extend_from_slice(&msg2);
+        self.transmits.push_back((from, pkt));
+        let conn = Connection::new(self.config.clone(), keys, remote_index, false, now_ns);
+        self.by_index.insert(local_index, peer);
+        let p = &mut self.peers[peer];
+        p.addr = Some(from);
+        p.local_index = local_index;
+        p.conn = Some(conn);
+        self.stats.handshakes_completed += 1;
+        self.events.push_back(EndpointEvent::Connected(peer));
+    }
+
+    fn drop_connection(&mut self, peer: PeerId) {
+        if let Some(old) = self.peers[peer].conn.take() {
+            let _ = old;
+            self.by_index.remove(&self.peers[peer].local_index);
+            self.events.push_back(EndpointEvent::Disconnected {
+                peer,
+                code: crate::connection::CLOSE_NORMAL,
+            });
+        }
+    }
+
+    fn on_response(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
+        let mut r = Reader::new(data);
+        let (Ok(_), Ok(remote_index), Ok(index)) = (r.u8(), r.u32(), r.u32()) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let Some(&peer) = self.by_index.get(&index) else {
+            self.stats.dropped_unknown_index += 1;
+            return;
+        };
+        let p = &mut self.peers[peer];
+        if p.pending.as_ref().map(|x| x.local_index) != Some(index) {
+            self.stats.dropped_unknown_index += 1;
+            return;
+        }
+        let pending = p.pending.take().expect("checked");
+        let Ok((payload, keys)) = pending.hs.finish(r.rest()) else {
+            self.stats.handshakes_rejected += 1;
+            self.by_index.remove(&index);
+            return;
+        };
+        if payload.first() != Some(&PROTOCOL_VERSION) {
+            self.stats.handshakes_rejected += 1;
+            self.by_index.remove(&index);
+            return;
+        }
+        self.drop_connection(peer);
+        let conn = Connection::new(self.config.clone(), keys, remote_index, true, now_ns);
+        self.by_index.insert(index, peer);
+        let p = &mut self.peers[peer];
+        p.addr = Some(from);
+        p.local_index = index;
+        p.conn = Some(conn);
+        self.stats.handshakes_completed += 1;
+        self.events.push_back(EndpointEvent::Connected(peer));
+    }
+
+    pub fn handle_timeout(&mut self, now_ns: u64) {
+        for peer in 0..self.peers.len() {
+            if let Some(c) = self.peers[peer].conn.as_mut() {
+                c.handle_timeout(now_ns);
+            } else if self.peers[peer].addr.is_some() && now_ns >= self.peers[peer].next_attempt_ns
+            {
+                self.start_handshake(now_ns, peer);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t: Option<u64> = None;
+        let mut min = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
+        if !self.transmits.is_empty() {
+            min(0);
+        }
+        for p in &self.peers {
+            match &p.conn {
+                Some(c) => {
+                    if let Some(x) = c.poll_timeout() {
+                        min(x);
+                    }
+                }
+                None if p.addr.is_some() => min(p.next_attempt_ns),
+                None => {}
+            }
+        }
+        t
+    }
+
+    /// Appends one datagram to `out` and returns its destination, or None.
+    pub fn poll_transmit(&mut self, now_ns: u64, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        if let Some((addr, pkt)) = self.transmits.pop_front() {
+            out.extend_from_slice(&pkt);
+            return Some(addr);
+        }
+        let n = self.peers.len();
+        for i in 0..n {
+            let peer = (self.next_peer + i) % n;
+            let p = &mut self.peers[peer];
+            if let (Some(c), Some(addr)) = (p.conn.as_mut(), p.addr)
+                && c.poll_transmit(now_ns, out)
+            {
+                self.next_peer = (peer + 1) % n;
+                return Some(addr);
+            }
+        }
+        None
+    }
+}
+
+/// Parses just enough of a datagram to say what it is, for counters and tracing.
+pub fn datagram_kind(data: &[u8]) -> &'static str {
+    match data.first() {
+        Some(&TYPE_INIT) => "init",
+        Some(&TYPE_RESPONSE) => "response",
+        Some(&wire::TYPE_DATA) => "data",
+        _ => "unknown",
+    }
+}

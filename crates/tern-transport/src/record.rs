@@ -1,0 +1,911 @@
+//! Adaptive compression of stream data as self-delimiting records.
+//!
+//! # Role
+//!
+//! The node cuts each relayed TCP byte stream into chunks (≤ 64 KiB) and turns every chunk
+//! into one record on the reliable stream with [`RecordEncoder`]; the far side feeds the
+//! stream, in slices of any size, to [`RecordDecoder`], which emits the original bytes.
+//! Compression pays on a WAN link only when the data compresses, so the encoder watches its
+//! own results: when a record shrinks by less than 20 % the stream falls back to raw records
+//! for a back-off of N records (N = 8, doubling after every failed probe up to 1024, back to
+//! 8 after a probe that compresses), then probes again. Already-compressed or encrypted
+//! payloads thus cost one probe per up to 1024 records instead of a compression per record.
+//!
+//! # Wire format (integers big-endian)
+//!
+//! ```text
+//! [codec u8][stored_len u32][original_len u32][stored bytes; stored_len]
+//! codec 0 = raw   (stored_len == original_len)
+//!       1 = lz4   (one lz4_flex / LZ4 block, no frame, no size prefix)
+//!       2 = zstd  (one zstd frame from the bulk API)
+//! ```
+//!
+//! `original_len ≤ MAX_RECORD` (256 KiB) and `stored_len ≤ MAX_STORED`; the decoder checks
+//! both before buffering or allocating anything, and checks that a compressed record
+//! decompresses to exactly `original_len` bytes. Empty chunks produce no record; larger
+//! chunks are split at `MAX_RECORD`. A compressed record is only emitted when it is smaller
+//! than the raw record would be. Unknown codec numbers are errors: a new codec needs a new
+//! transport protocol version.
+//!
+//! Sans-IO and deterministic: the compressors are pure functions of their input.
+
+use std::fmt;
+
+use lz4_flex::block::{CompressTable, compress_into_with_table, get_maximum_output_size};
+
+/// Largest original (decompressed) size of one record, in bytes.
+pub const MAX_RECORD: usize = 256 * 1024;
+/// Largest stored size the decoder accepts: `MAX_RECORD` plus room for a codec's framing.
+pub const MAX_STORED: usize = MAX_RECORD + 1024;
+/// Size of a record header, in bytes.
+pub const RECORD_HEADER_LEN: usize = 9;
+/// Chunks shorter than this are always sent raw and do not affect the back-off.
+pub const MIN_COMPRESS_LEN: usize = 64;
+/// Raw records after the first poor compression result.
+pub const INITIAL_BACKOFF_RECORDS: u32 = 8;
+/// Upper bound of the doubling back-off.
+pub const MAX_BACKOFF_RECORDS: u32 = 1024;
+
+const CODEC_RAW: u8 = 0;
+const CODEC_LZ4: u8 = 1;
+const CODEC_ZSTD: u8 = 2;
+
+/// Compression codec of a stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Codec {
+    /// No compression.
+    Raw,
+    /// LZ4 block format: fast, modest ratio.
+    Lz4,
+    /// Zstandard at the given level (1..=19 typical; 0 means zstd's default, 3).
+    Zstd {
+        /// Compression level.
+        level: i32,
+    },
+}
+
+impl Codec {
+    /// The codec number written in record headers.
+    pub fn id(self) -> u8 {
+        match self {
+            Codec::Raw => CODEC_RAW,
+            Codec::Lz4 => CODEC_LZ4,
+            Codec::Zstd { .. } => CODEC_ZSTD,
+        }
+    }
+}
+
+/// Errors from decoding a record stream. After one, the decoder refuses further input.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The codec byte is not 0, 1 or 2.
+    #[error("unknown record codec {codec} at stream offset {offset}")]
+    UnknownCodec {
+        /// The codec byte.
+        codec: u8,
+        /// Stream offset of the record header.
+        offset: u64,
+    },
+    /// `original_len` exceeds [`MAX_RECORD`].
+    #[error("record at stream offset {offset} claims {original_len} bytes, limit is {MAX_RECORD}")]
+    RecordTooLarge {
+        /// The header's original length.
+        original_len: u32,
+        /// Stream offset of the record header.
+        offset: u64,
+    },
+    /// `stored_len` exceeds [`MAX_STORED`].
+    #[error("record at stream offset {offset} stores {stored_len} bytes, limit is {MAX_STORED}")]
+    StoredTooLarge {
+        /// The header's stored length.
+        stored_len: u32,
+        /// Stream offset of the record header.
+        offset: u64,
+    },
+    /// A raw record whose two lengths differ.
+    #[error(
+        "raw record at stream offset {offset} stores {stored_len} bytes but claims {original_len}"
+    )]
+    RawLengthMismatch {
+        /// The header's stored length.
+        stored_len: u32,
+        /// The header's original length.
+        original_len: u32,
+        /// Stream offset of the record header.
+        offset: u64,
+    },
+    /// LZ4 data that does not decode.
+    #[error("lz4 record at stream offset {offset} is corrupt")]
+    Lz4 {
+        /// Stream offset of the record header.
+        offset: u64,
+        /// What lz4_flex found.
+        #[source]
+        source: lz4_flex::block::DecompressError,
+    },
+    /// Zstandard data that does not decode (or a decompression context could not be made).
+    #[error("zstd record at stream offset {offset} is corrupt")]
+    Zstd {
+        /// Stream offset of the record header.
+        offset: u64,
+        /// What zstd reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Decompressed size differs from the header's `original_len`.
+    #[error(
+        "record at stream offset {offset} decompressed to {actual} bytes, header says {expected}"
+    )]
+    SizeMismatch {
+        /// The header's original length.
+        expected: usize,
+        /// Bytes actually produced.
+        actual: usize,
+        /// Stream offset of the record header.
+        offset: u64,
+    },
+    /// An earlier error ended this stream.
+    #[error("record stream already failed")]
+    Failed,
+}
+
+/// Counters of a [`RecordEncoder`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompressorStats {
+    /// Chunk bytes given to `encode`.
+    pub input_bytes: u64,
+    /// Bytes appended to `out`, headers included.
+    pub output_bytes: u64,
+    /// Records stored raw.
+    pub records_raw: u64,
+    /// Records stored compressed.
+    pub records_compressed: u64,
+    /// Compression attempts made at the end of a back-off.
+    pub probes: u64,
+    /// Times the stream switched to raw records because compression did not pay.
+    pub backoffs: u64,
+}
+
+/// Per-stream adaptive compressor producing records.
+pub struct RecordEncoder {
+    codec: Codec,
+    lz4_table: CompressTable,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Length of the next back-off, in records.
+    backoff_records: u32,
+    /// Raw records still to send before the next probe.
+    raw_remaining: u32,
+    /// The next compression attempt is a probe.
+    probing: bool,
+    stats: CompressorStats,
+}
+
+impl fmt::Debug for RecordEncoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordEncoder")
+            .field("codec", &self.codec)
+            .field("backoff_records", &self.backoff_records)
+            .field("raw_remaining", &self.raw_remaining)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordEncoder {
+    /// An encoder compressing with `codec`.
+    ///
+    /// If a zstd context cannot be created (out of memory), the stream is sent raw.
+    pub fn new(codec: Codec) -> Self {
+        let (codec, zstd) = match codec {
+            Codec::Zstd { level } => match zstd::bulk::Compressor::new(level) {
+                Ok(c) => (codec, Some(c)),
+                Err(_) => (Codec::Raw, None),
+            },
+            other => (other, None),
+        };
+        RecordEncoder {
+            codec,
+            lz4_table: CompressTable::large(),
+            zstd,
+            backoff_records: INITIAL_BACKOFF_RECORDS,
+            raw_remaining: 0,
+            probing: false,
+            stats: CompressorStats::default(),
+        }
+    }
+
+    /// The codec in use.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &CompressorStats {
+        &self.stats
+    }
+
+    /// Appends `chunk` to `out` as one record (several if it exceeds [`MAX_RECORD`]; none if
+    /// it is empty).
+    pub fn encode(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let before = out.len();
+        for piece in chunk.chunks(MAX_RECORD) {
+            self.encode_one(piece, out);
+        }
+        self.stats.input_bytes += chunk.len() as u64;
+        self.stats.output_bytes += (out.len() - before) as u64;
+    }
+
+    fn encode_one(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        if self.codec == Codec::Raw || piece.len() < MIN_COMPRESS_LEN {
+            write_raw(piece, out);
+            self.stats.records_raw += 1;
+            return;
+        }
+        if self.raw_remaining > 0 {
+            self.raw_remaining -= 1;
+            self.probing = self.raw_remaining == 0;
+            write_raw(piece, out);
+            self.stats.records_raw += 1;
+            return;
+        }
+        if self.probing {
+            self.stats.probes += 1;
+        }
+        let start = out.len();
+        let stored = self.compress(piece, out, start);
+        match stored {
+            Some(stored) if stored < piece.len() => {
+                write_header(out, start, self.codec.id(), stored, piece.len());
+                self.stats.records_compressed += 1;
+            }
+            _ => {
+                out.truncate(start);
+                write_raw(piece, out);
+                self.stats.records_raw += 1;
+            }
+        }
+        // Paying off means saving at least 20 %: stored * 5 <= original * 4.
+        let paid = stored.is_some_and(|s| s * 5 <= piece.len() * 4);
+        if paid {
+            if self.probing {
+                self.backoff_records = INITIAL_BACKOFF_RECORDS;
+            }
+        } else {
+            if self.probing {
+                self.backoff_records = (self.backoff_records * 2).min(MAX_BACKOFF_RECORDS);
+            }
+            self.raw_remaining = self.backoff_records;
+            self.stats.backoffs += 1;
+        }
+        self.probing = false;
+    }
+
+    /// Compresses `piece` into `out` after a header-sized gap at `start`; returns the
+    /// compressed length, or `None` if the codec failed or the output did not fit.
+    fn compress(&mut self, piece: &[u8], out: &mut Vec<u8>, start: usize) -> Option<usize> {
+        let body = start + RECORD_HEADER_LEN;
+        match self.codec {
+            Codec::Raw => None,
+            Codec::Lz4 => {
+                out.resize(body + get_maximum_output_size(piece.len()), 0);
+                let n = compress_into_with_table(piece, &mut out[body..], &mut self.lz4_table).ok();
+                out.truncate(body + n.unwrap_or(0));
+                n
+            }
+            Codec::Zstd { .. } => {
+                let zstd = self.zstd.as_mut()?;
+                // Anything not smaller than the input is useless, so that is all the room
+                // zstd gets; it reports "destination too small" beyond it.
+                out.resize(body + piece.len(), 0);
+                let n = zstd.compress_to_buffer(piece, &mut out[body..]).ok();
+                out.truncate(body + n.unwrap_or(0));
+                n
+            }
+        }
+    }
+}
+
+fn write_header(out: &mut [u8], start: usize, codec: u8, stored: usize, original: usize) {
+    debug_assert!(original <= MAX_RECORD && stored <= MAX_STORED);
+    out[start] = codec;
+    out[start + 1..start + 5].copy_from_slice(&(stored as u32).to_be_bytes());
+    out[start + 5..start + 9].copy_from_slice(&(original as u32).to_be_bytes());
+}
+
+fn write_raw(piece: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + RECORD_HEADER_LEN, 0);
+    write_header(out, start, CODEC_RAW, piece.len(), piece.len());
+    out.extend_from_slice(piece);
+}
+
+/// Counters of a [`RecordDecoder`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecompressorStats {
+    /// Stream bytes of complete records consumed, headers included.
+    pub input_bytes: u64,
+    /// Bytes produced.
+    pub output_bytes: u64,
+    /// Records decoded.
+    pub records: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    codec: u8,
+    stored_len: usize,
+    original_len: usize,
+}
+
+impl Header {
+    fn total_len(&self) -> usize {
+        RECORD_HEADER_LEN + self.stored_len
+    }
+}
+
+/// Validates a record header; `offset` is its stream offset, for errors.
+fn parse_header(bytes: &[u8; RECORD_HEADER_LEN], offset: u64) -> Result<Header, RecordError> {
+    let codec = bytes[0];
+    let stored = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let original = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
+    if codec > CODEC_ZSTD {
+        return Err(RecordError::UnknownCodec { codec, offset });
+    }
+    if original as usize > MAX_RECORD {
+        return Err(RecordError::RecordTooLarge {
+            original_len: original,
+            offset,
+        });
+    }
+    if stored as usize > MAX_STORED {
+        return Err(RecordError::StoredTooLarge {
+            stored_len: stored,
+            offset,
+        });
+    }
+    if codec == CODEC_RAW && stored != original {
+        return Err(RecordError::RawLengthMismatch {
+            stored_len: stored,
+            original_len: original,
+            offset,
+        });
+    }
+    Ok(Header {
+        codec,
+        stored_len: stored as usize,
+        original_len: original as usize,
+    })
+}
+
+/// Incremental record decoder: push arbitrary slices of the stream, get the original bytes.
+pub struct RecordDecoder {
+    /// An incomplete record (at most `RECORD_HEADER_LEN + MAX_STORED` bytes).
+    partial: Vec<u8>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// Stream offset of the next record header.
+    offset: u64,
+    failed: bool,
+    stats: DecompressorStats,
+}
+
+impl fmt::Debug for RecordDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordDecoder")
+            .field("buffered", &self.partial.len())
+            .field("offset", &self.offset)
+            .field("failed", &self.failed)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RecordDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecordDecoder {
+    /// A decoder at the start of a stream.
+    pub fn new() -> Self {
+        RecordDecoder {
+            partial: Vec::new(),
+            zstd: None,
+            offset: 0,
+            failed: false,
+            stats: DecompressorStats::default(),
+        }
+    }
+
+    /// Bytes held from an incomplete record.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &DecompressorStats {
+        &self.stats
+    }
+
+    /// Consumes `input` and appends the contents of every record it completes to `out`.
+    ///
+    /// Partial records are buffered, not errors. On error, `out` keeps the records decoded
+    /// before the bad one, and the decoder rejects all further input.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if self.failed {
+            return Err(RecordError::Failed);
+        }
+        let result = self.push_inner(input, out);
+        if result.is_err() {
+            self.failed = true;
+            self.partial = Vec::new();
+        }
+        result
+    }
+
+    fn push_inner(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if !self.partial.is_empty() {
+            // Complete the header, then the body, of the buffered record.
+            let need = RECORD_HEADER_LEN.saturating_sub(self.partial.len());
+            let (head, rest) = input.split_at(need.min(input.len()));
+            self.partial.extend_from_slice(head);
+            input = rest;
+            let Some(header_bytes) = self.partial.first_chunk::<RECORD_HEADER_LEN>() else {
+                return Ok(());
+            };
+            let header = parse_header(header_bytes, self.offset)?;
+            let need = header.total_len() - self.partial.len();
+            let (body, rest) = input.split_at(need.min(input.len()));
+            self.partial.extend_from_slice(body);
+            input = rest;
+            if self.partial.len() < header.total_len() {
+                return Ok(());
+            }
+            let record = std::mem::take(&mut self.partial);
+            let result = self.decode_record(header, &record[RECORD_HEADER_LEN..], out);
+            // Keep the allocation for the next partial record.
+            self.partial = record;
+            self.partial.clear();
+            result?;
+        }
+        while let Some(header_bytes) = input.first_chunk::<RECORD_HEADER_LEN>() {
+            let header = parse_header(header_bytes, self.offset)?;
+            let Some(record) = input.get(..header.total_len()) else {
+                break;
+            };
+            self.decode_record(header, &record[RECORD_HEADER_LEN..], out)?;
+            input = &input[header.total_len()..];
+        }
+        // Header validated above when present, so this is bounded by one record.
+        self.partial.extend_from_slice(input);
+        Ok(())
+    }
+
+    fn decode_record(
+        &mut self,
+        header: Header,
+        stored: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
+        let offset = self.offset;
+        let start = out.len();
+        let expected = header.original_len;
+        let produced = match header.codec {
+            CODEC_RAW => {
+                out.extend_from_slice(stored);
+                Ok(stored.len())
+            }
+            CODEC_LZ4 => {
+                out.resize(start + expected, 0);
+                lz4_flex::block::decompress_into(stored, &mut out[start..])
+                    .map_err(|source| RecordError::Lz4 { offset, source })
+            }
+            _ => {
+                out.resize(start + expected, 0);
+                let zstd = match &mut self.zstd {
+                    Some(z) => z,
+                    None => self.zstd.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|source| RecordError::Zstd { offset, source })?,
+                    ),
+                };
+                zstd.decompress_to_buffer(stored, &mut out[start..])
+                    .map_err(|source| RecordError::Zstd { offset, source })
+            }
+        };
+        match produced {
+            Ok(actual) if actual == expected => {
+                self.offset += header.total_len() as u64;
+                self.stats.input_bytes += header.total_len() as u64;
+                self.stats.output_bytes += expected as u64;
+                self.stats.records += 1;
+                Ok(())
+            }
+            Ok(actual) => {
+                out.truncate(start);
+                Err(RecordError::SizeMismatch {
+                    expected,
+                    actual,
+                    offset,
+                })
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TestRng(u64);
+
+    impl TestRng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    const CODECS: [Codec; 5] = [
+        Codec::Raw,
+        Codec::Lz4,
+        Codec::Zstd { level: 1 },
+        Codec::Zstd { level: 3 },
+        Codec::Zstd { level: -5 },
+    ];
+
+    /// Text-like data with some random stretches.
+    fn sample(rng: &mut TestRng, len: usize) -> Vec<u8> {
+        let words: [&[u8]; 6] = [b"migrate ", b"page ", b"dirty ", b"qemu ", b"tern ", b"\n"];
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            if rng.below(10) == 0 {
+                let n = rng.below(200) as usize;
+                out.extend(rng.bytes(n));
+            } else {
+                out.extend_from_slice(words[rng.below(words.len() as u64) as usize]);
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn decode_in_pieces(stream: &[u8], rng: &mut TestRng) -> Vec<u8> {
+        let mut dec = RecordDecoder::new();
+        let mut out = Vec::new();
+        let mut rest = stream;
+        while !rest.is_empty() {
+            let cut = match rng.below(4) {
+                0 => 1,
+                1 => rng.below(20) as usize,
+                _ => rng.below(100_000) as usize,
+            }
+            .min(rest.len());
+            dec.push(&rest[..cut], &mut out).unwrap();
+            rest = &rest[cut..];
+            assert!(dec.buffered() <= RECORD_HEADER_LEN + MAX_STORED);
+        }
+        assert_eq!(dec.buffered(), 0);
+        assert_eq!(dec.stats().input_bytes, stream.len() as u64);
+        out
+    }
+
+    #[test]
+    fn round_trip_all_codecs_random_splits() {
+        for (i, codec) in CODECS.into_iter().enumerate() {
+            let mut rng = TestRng(i as u64);
+            let mut enc = RecordEncoder::new(codec);
+            let mut stream = Vec::new();
+            let mut original = Vec::new();
+            for _ in 0..60 {
+                let len = match rng.below(6) {
+                    0 => rng.below(MIN_COMPRESS_LEN as u64) as usize,
+                    1 => 64 * 1024,
+                    2 => MAX_RECORD + rng.below(1000) as usize, // split into two records
+                    _ => rng.below(70_000) as usize,
+                };
+                let chunk = if rng.below(4) == 0 {
+                    rng.bytes(len)
+                } else {
+                    sample(&mut rng, len)
+                };
+                enc.encode(&chunk, &mut stream);
+                original.extend_from_slice(&chunk);
+            }
+            let stats = *enc.stats();
+            assert_eq!(stats.input_bytes, original.len() as u64);
+            assert_eq!(stats.output_bytes, stream.len() as u64);
+            if codec != Codec::Raw {
+                assert!(stats.records_compressed > 0, "{codec:?} {stats:?}");
+            }
+            for _ in 0..3 {
+                assert!(decode_in_pieces(&stream, &mut rng) == original, "{codec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn compressible_data_is_compressed() {
+        let text = b"The quick brown fox jumps over the lazy dog. ".repeat(1500);
+        for codec in [Codec::Lz4, Codec::Zstd { level: 3 }] {
+            let mut enc = RecordEncoder::new(codec);
+            let mut stream = Vec::new();
+            for _ in 0..10 {
+                enc.encode(&text[..64 * 1024], &mut stream);
+            }
+            let stats = *enc.stats();
+            assert_eq!(stats.records_compressed, 10, "{codec:?}");
+            assert_eq!(stats.records_raw, 0);
+            assert!(
+                stats.output_bytes * 10 < stats.input_bytes,
+                "{codec:?} {stats:?}"
+            );
+            assert_eq!(stream[0], codec.id());
+            let mut out = Vec::new();
+            RecordDecoder::new().push(&stream, &mut out).unwrap();
+            assert_eq!(out.len(), 10 * 64 * 1024);
+        }
+    }
+
+    #[test]
+    fn incompressible_data_backs_off_and_probes() {
+        let mut rng = TestRng(7);
+        for codec in [Codec::Lz4, Codec::Zstd { level: 1 }] {
+            let mut enc = RecordEncoder::new(codec);
+            let mut stream = Vec::new();
+            let mut original = Vec::new();
+            // 1 failure -> 8 raw, probe fails -> 16 raw, -> 32, -> 64: 1+8+1+16+1+32+1+64.
+            for _ in 0..124 {
+                let chunk = rng.bytes(4096);
+                enc.encode(&chunk, &mut stream);
+                original.extend_from_slice(&chunk);
+            }
+            let stats = *enc.stats();
+            assert_eq!(stats.records_compressed, 0, "{codec:?}");
+            assert_eq!(stats.records_raw, 124);
+            assert_eq!(stats.probes, 3, "{stats:?}");
+            assert_eq!(stats.backoffs, 4);
+            assert_eq!(enc.backoff_records, 64);
+            assert_eq!(enc.raw_remaining, 0);
+            assert_eq!(
+                stats.output_bytes,
+                stats.input_bytes + 124 * RECORD_HEADER_LEN as u64
+            );
+
+            // Compressible data again: the next probe succeeds and resets the back-off.
+            let text = b"abcabcabcabc".repeat(400);
+            enc.encode(&text, &mut stream);
+            original.extend_from_slice(&text);
+            assert_eq!(enc.stats().probes, 4);
+            assert_eq!(enc.stats().records_compressed, 1);
+            assert_eq!(enc.backoff_records, INITIAL_BACKOFF_RECORDS);
+            assert_eq!(decode_in_pieces(&stream, &mut rng), original);
+        }
+    }
+
+    #[test]
+    fn back_off_is_capped() {
+        let mut rng = TestRng(8);
+        let mut enc = RecordEncoder::new(Codec::Lz4);
+        let mut stream = Vec::new();
+        for _ in 0..5000 {
+            stream.clear();
+            enc.encode(&rng.bytes(MIN_COMPRESS_LEN), &mut stream);
+        }
+        assert_eq!(enc.backoff_records, MAX_BACKOFF_RECORDS);
+        assert!(enc.stats().probes <= 10, "{:?}", enc.stats());
+    }
+
+    #[test]
+    fn raw_record_golden_bytes() {
+        let mut enc = RecordEncoder::new(Codec::Lz4);
+        let mut out = vec![0xff];
+        enc.encode(b"hello", &mut out);
+        assert_eq!(
+            out,
+            [
+                0xff, 0, 0, 0, 0, 5, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'
+            ]
+        );
+        enc.encode(b"", &mut out);
+        assert_eq!(out.len(), 15, "empty chunk makes no record");
+        let mut plain = Vec::new();
+        let mut dec = RecordDecoder::new();
+        dec.push(&out[1..], &mut plain).unwrap();
+        assert_eq!(plain, b"hello");
+        assert_eq!(dec.stats().records, 1);
+    }
+
+    fn decode_all(stream: &[u8]) -> Result<Vec<u8>, RecordError> {
+        let mut out = Vec::new();
+        RecordDecoder::new().push(stream, &mut out)?;
+        Ok(out)
+    }
+
+    fn record(codec: u8, stored: u32, original: u32, body: &[u8]) -> Vec<u8> {
+        let mut r = vec![codec];
+        r.extend_from_slice(&stored.to_be_bytes());
+        r.extend_from_slice(&original.to_be_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        let huge = record(0, u32::MAX, u32::MAX, b"");
+        assert!(matches!(
+            decode_all(&huge),
+            Err(RecordError::RecordTooLarge { .. })
+        ));
+        let huge_stored = record(1, u32::MAX, 10, b"");
+        assert!(matches!(
+            decode_all(&huge_stored),
+            Err(RecordError::StoredTooLarge { .. })
+        ));
+        let bad_codec = record(3, 1, 1, b"x");
+        assert!(matches!(
+            decode_all(&bad_codec),
+            Err(RecordError::UnknownCodec {
+                codec: 3,
+                offset: 0
+            })
+        ));
+        let raw_mismatch = record(0, 1, 2, b"x");
+        assert!(matches!(
+            decode_all(&raw_mismatch),
+            Err(RecordError::RawLengthMismatch { .. })
+        ));
+
+        // Header errors are reported as soon as the header is complete, before the body.
+        let mut dec = RecordDecoder::new();
+        let mut out = Vec::new();
+        dec.push(&huge[..5], &mut out).unwrap();
+        assert!(dec.push(&huge[5..9], &mut out).is_err());
+        assert!(matches!(dec.push(b"", &mut out), Err(RecordError::Failed)));
+
+        let text = b"hello hello hello hello hello hello hello hello hello hello".repeat(20);
+        for codec in [Codec::Lz4, Codec::Zstd { level: 3 }] {
+            let mut stream = Vec::new();
+            let mut enc = RecordEncoder::new(codec);
+            enc.encode(b"first record is fine, and is raw", &mut stream);
+            let second = stream.len();
+            enc.encode(&text, &mut stream);
+            assert_eq!(stream[second], codec.id());
+
+            // Declared size larger or smaller than the real content.
+            for delta in [-1i64, 1, 100] {
+                let mut bad = stream.clone();
+                let original = text.len() as i64 + delta;
+                bad[second + 5..second + 9].copy_from_slice(&(original as u32).to_be_bytes());
+                let mut out = Vec::new();
+                let err = RecordDecoder::new().push(&bad, &mut out).unwrap_err();
+                assert_eq!(out, b"first record is fine, and is raw", "{codec:?} {err}");
+                assert!(
+                    matches!(
+                        err,
+                        RecordError::SizeMismatch { .. }
+                            | RecordError::Lz4 { .. }
+                            | RecordError::Zstd { .. }
+                    ),
+                    "{codec:?} {delta} {err:?}"
+                );
+                assert!(
+                    err.to_string().contains(&format!("offset {second}")),
+                    "{err}"
+                );
+            }
+            // Corrupted body bytes: every single-byte corruption errors or decodes to the
+            // right length (lz4 literals can change undetected; zstd may too), never panics.
+            let mut rng = TestRng(9);
+            for _ in 0..2000 {
+                let mut bad = stream.clone();
+                let i = second
+                    + RECORD_HEADER_LEN
+                    + rng.below((bad.len() - second - 9) as u64) as usize;
+                bad[i] = rng.next() as u8;
+                if let Ok(out) = decode_all(&bad) {
+                    assert_eq!(out.len(), 32 + text.len());
+                }
+            }
+            // Truncated stored length.
+            let mut bad = stream.clone();
+            let stored = bad.len() - second - RECORD_HEADER_LEN;
+            bad[second + 1..second + 5].copy_from_slice(&(stored as u32 - 3).to_be_bytes());
+            bad.truncate(bad.len() - 3);
+            assert!(decode_all(&bad).is_err(), "{codec:?}");
+        }
+
+        // Random garbage never panics.
+        let mut rng = TestRng(10);
+        for _ in 0..5000 {
+            let len = rng.below(40) as usize;
+            let mut garbage = rng.bytes(len);
+            if len >= 9 {
+                garbage[0] = rng.below(4) as u8;
+                garbage[1..5].copy_from_slice(&((len - 9) as u32).to_be_bytes());
+                garbage[5..9].copy_from_slice(&(rng.below(100) as u32).to_be_bytes());
+            }
+            let _ = decode_all(&garbage);
+        }
+    }
+
+    /// Reads up to `cap` bytes of `tar cf - /usr/lib` as a realistic mixed sample.
+    fn tar_sample(cap: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut child = std::process::Command::new("tar")
+            .args(["cf", "-", "/usr/lib"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn tar");
+        let mut data = Vec::with_capacity(cap);
+        let stdout = child.stdout.take().expect("tar stdout");
+        stdout
+            .take(cap as u64)
+            .read_to_end(&mut data)
+            .expect("read tar");
+        let _ = child.kill();
+        let _ = child.wait();
+        data
+    }
+
+    /// `cargo test --release -p tern-transport --lib record -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run in release with --nocapture"]
+    fn bench_codecs_on_usr_lib() {
+        let data = tar_sample(64 << 20);
+        println!(
+            "sample: {} MiB of `tar cf - /usr/lib`, 64 KiB chunks",
+            data.len() >> 20
+        );
+        let codecs = [
+            ("lz4", Codec::Lz4),
+            ("zstd-1", Codec::Zstd { level: 1 }),
+            ("zstd-3", Codec::Zstd { level: 3 }),
+        ];
+        println!(
+            "| codec | compress MB/s | decompress MB/s | ratio | compressed records | raw records | probes |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (name, codec) in codecs {
+            let mut enc = RecordEncoder::new(codec);
+            let mut stream = Vec::with_capacity(data.len() + data.len() / 100);
+            let start = std::time::Instant::now();
+            for chunk in data.chunks(64 * 1024) {
+                enc.encode(chunk, &mut stream);
+            }
+            let c_secs = start.elapsed().as_secs_f64();
+            let mut dec = RecordDecoder::new();
+            let mut out = Vec::with_capacity(data.len());
+            let start = std::time::Instant::now();
+            for piece in stream.chunks(1400) {
+                dec.push(piece, &mut out).unwrap();
+            }
+            let d_secs = start.elapsed().as_secs_f64();
+            assert!(out == data);
+            let s = enc.stats();
+            println!(
+                "| {name} | {:.0} | {:.0} | {:.3} | {} | {} | {} |",
+                data.len() as f64 / c_secs / 1e6,
+                data.len() as f64 / d_secs / 1e6,
+                s.input_bytes as f64 / s.output_bytes as f64,
+                s.records_compressed,
+                s.records_raw,
+                s.probes
+            );
+        }
+    }
+}
