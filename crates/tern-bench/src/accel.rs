@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tern_link::{Profile, format_rate};
 
 use crate::rr::{RESPONSE_BYTES, RrReport};
-use crate::{BenchError, machine, write_results};
+use crate::{BenchError, error_chain, machine, write_results};
 
 /// iperf3 server port in `tern-b`.
 pub const IPERF_PORT: u16 = 5201;
@@ -178,17 +178,6 @@ impl<T> Cell<T> {
             Cell::Failed(m) => Some(format!("failed: {m}")),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// One iperf3 run.
@@ -361,7 +350,7 @@ impl KcptunConfig {
 /// Receiver-side goodput of an iperf3 TCP report (`-J`).
 pub fn parse_goodput(report: &Value) -> Result<(f64, u64, f64, Option<u64>), BenchError> {
     if let Some(err) = report.get("error").and_then(Value::as_str) {
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "iperf3",
             detail: err.to_string(),
         });
@@ -381,9 +370,11 @@ pub fn parse_goodput(report: &Value) -> Result<(f64, u64, f64, Option<u64>), Ben
     Ok((bps, bytes, seconds, retransmits))
 }
 
-/// A bound on the whole run in seconds, printed before it starts.
+/// The expected duration of the whole run in seconds, printed before it starts. Calibrated
+/// on short runs here: ~1 s per iperf3 run beyond its `-t` (server start, connect, result
+/// exchange), ~2 s per lab up + down, ~0.6 s per kcptun pair.
 pub fn estimate_s(opts: &AccelBenchOptions) -> u64 {
-    let per_run = f64::from(opts.duration_s) + 3.0;
+    let per_run = f64::from(opts.duration_s) + 1.0;
     let runs_per_transport = 2.0 + if opts.compressible { 1.0 } else { 0.0 };
     let plain = opts.transports.iter().any(|t| *t != Transport::Tern);
     let tern = opts.transports.contains(&Transport::Tern);
@@ -396,7 +387,7 @@ pub fn estimate_s(opts: &AccelBenchOptions) -> u64 {
         }
         seen.push(name.clone());
         let Ok(p) = Profile::find(name) else { continue };
-        total += configs * 5.0;
+        total += configs * 2.0;
         if opts.profiles.contains(name) {
             total += opts.transports.len() as f64 * runs_per_transport * per_run;
         }
@@ -411,7 +402,7 @@ pub fn estimate_s(opts: &AccelBenchOptions) -> u64 {
             total += opts.transports.len() as f64 * (2.0 + f64::from(opts.rr_count) * each);
         }
         if opts.transports.contains(&Transport::Kcptun) {
-            total += 3.0;
+            total += 1.8;
         }
     }
     total.ceil() as u64
@@ -801,7 +792,7 @@ fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, BenchErro
             stdout,
             stderr,
         }),
-        None => Err(BenchError::Tool {
+        None => Err(BenchError::Failed {
             tool: "timeout",
             detail: format!("`{what}` killed after {} s", timeout.as_secs()),
         }),
@@ -877,7 +868,7 @@ impl Guarded {
     fn check(&mut self) -> Result<(), BenchError> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(st)) => Err(BenchError::Tool {
+            Ok(Some(st)) => Err(BenchError::Failed {
                 tool: "process",
                 detail: format!("`{}` exited ({st}): {}", self.what, tail(&self.log, 5)),
             }),
@@ -925,15 +916,19 @@ impl<'a> Lab<'a> {
         if accel {
             cmd.arg("--accel");
         }
+        // Someone else's lab (the bench checked at start; this closes the window between
+        // configurations) is theirs: refuse rather than bring it down.
+        if tern_lab::status().is_ok_and(|st| st.up) {
+            return Err("another lab came up during the run; not touching it".into());
+        }
         match run_bounded(&mut cmd, LAB_TIMEOUT) {
             Ok(o) if o.status.success() => Ok(Self { tern_exe }),
             Ok(o) => {
-                lab_down(tern_exe);
-                Err(format!(
-                    "`{}`: {}",
-                    describe(&cmd),
-                    first_paragraph(&o.stderr)
-                ))
+                let why = first_paragraph(&o.stderr);
+                if !why.contains("already up") {
+                    lab_down(tern_exe);
+                }
+                Err(format!("`{}`: {why}", describe(&cmd)))
             }
             Err(e) => {
                 lab_down(tern_exe);
@@ -1019,7 +1014,7 @@ fn make_corpus(path: &Path, max_bytes: u64) -> Result<(), BenchError> {
     let Some(stdout) = tar.stdout.take() else {
         let _ = tar.kill();
         let _ = tar.wait();
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "tar",
             detail: "no stdout".into(),
         });
@@ -1035,7 +1030,7 @@ fn make_corpus(path: &Path, max_bytes: u64) -> Result<(), BenchError> {
     let n = copy.map_err(io(format!("write {}", tmp.display())))?;
     if n == 0 || started.elapsed() > CORPUS_TIMEOUT {
         let _ = std::fs::remove_file(&tmp);
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "tar",
             detail: format!("corpus from /usr: {n} bytes"),
         });
@@ -1288,7 +1283,7 @@ fn rr_run(
     let timeout = Duration::from_secs(30 + 35 * u64::from(ctx.opts.rr_count.min(100)));
     let out = run_bounded(&mut cmd, timeout)?;
     if !out.status.success() {
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "rr-client",
             detail: first_paragraph(&out.stderr),
         });
@@ -1384,7 +1379,17 @@ fn transport_run(
                         None => Ok(g),
                     });
                     let c = Cell::from_result(r);
-                    report_run(ctx, p.name, t, &format!("{flows} flow(s)"), &c);
+                    report_run(
+                        ctx,
+                        p.name,
+                        t,
+                        &if flows == 1 {
+                            "1 flow".to_string()
+                        } else {
+                            format!("{flows} flows")
+                        },
+                        &c,
+                    );
                     *slot = Some(c);
                 }
                 res.cpu_pids = pids;
@@ -1591,16 +1596,18 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         }
     }
     if opts.transports.is_empty() {
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "accel",
             detail: "no transports selected".into(),
         });
     }
-    if tern_lab::status()?.up {
-        return Err(BenchError::Tool {
-            tool: "lab",
-            detail: "a lab is already up (someone else's?); run `tern lab down` first".into(),
-        });
+    // Never tear down a lab someone else is using.
+    let st = tern_lab::status()?;
+    if st.up {
+        return Err(tern_lab::LabError::AlreadyUp {
+            profile: st.profile.unwrap_or_default(),
+        }
+        .into());
     }
     std::fs::create_dir_all(WORK_DIR).map_err(io(format!("create {WORK_DIR}")))?;
     let iperf3_version = tool_version("iperf3", "--version").unwrap_or_default();
@@ -2078,6 +2085,7 @@ mod tests {
 
     #[test]
     fn estimate_of_the_default_run_is_under_25_minutes() {
+        // 11 profiles × 4 transports × 3 runs × 9 s, labs, kcptun, rr on mpls: ~21 min.
         let all: Vec<String> = tern_link::PROFILES
             .iter()
             .map(|p| p.name.to_string())

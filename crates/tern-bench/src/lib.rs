@@ -17,12 +17,27 @@ pub enum BenchError {
     Lab(#[from] tern_lab::LabError),
     #[error("{tool} output could not be read: {detail}")]
     Tool { tool: &'static str, detail: String },
+    /// A tool or process ran and did not do its job (exit status, timeout, bad data).
+    #[error("{tool}: {detail}")]
+    Failed { tool: &'static str, detail: String },
     #[error("{what}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An error and its sources on one line ("a: b: c").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Facts about the machine recorded with every result.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::BenchError;
 use crate::tools::quantile;
+use crate::{BenchError, error_chain};
 
 /// The one request the server accepts (version 1 of this probe).
 pub const REQUEST: &[u8] = b"TERN-RR/1 GET 1048576\n";
@@ -114,7 +114,7 @@ fn serve_one(mut stream: TcpStream, cc: Option<&str>, body: &[u8]) -> Result<(),
     }
     let req = read_request(&mut stream)?;
     if req != REQUEST {
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "rr-server",
             detail: format!("bad request {:?}", String::from_utf8_lossy(&req)),
         });
@@ -237,7 +237,7 @@ fn request_once(
         .read_to_end(buf)
         .map_err(io("read response"))?;
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
-    verify(buf, expected).map_err(|detail| BenchError::Tool {
+    verify(buf, expected).map_err(|detail| BenchError::Failed {
         tool: "rr-client",
         detail,
     })?;
@@ -247,7 +247,7 @@ fn request_once(
 /// Makes `count` sequential requests; any failed or wrong response fails the run.
 pub fn client(connect: SocketAddr, count: u32, cc: Option<&str>) -> Result<RrReport, BenchError> {
     if count == 0 || count > MAX_COUNT {
-        return Err(BenchError::Tool {
+        return Err(BenchError::Failed {
             tool: "rr-client",
             detail: format!("count must be 1..={MAX_COUNT}"),
         });
@@ -256,9 +256,13 @@ pub fn client(connect: SocketAddr, count: u32, cc: Option<&str>) -> Result<RrRep
     let mut buf = Vec::with_capacity(RESPONSE_BYTES + 1);
     let mut times = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let t = request_once(connect, cc, &expected, &mut buf).map_err(|e| BenchError::Tool {
+        let t = request_once(connect, cc, &expected, &mut buf).map_err(|e| BenchError::Failed {
             tool: "rr-client",
-            detail: format!("request {} of {count} to {connect}: {e}", i + 1),
+            detail: format!(
+                "request {} of {count} to {connect}: {}",
+                i + 1,
+                error_chain(&e)
+            ),
         })?;
         times.push(t);
     }

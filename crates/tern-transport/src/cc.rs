@@ -3,7 +3,7 @@
 //! The model is BBR's: the bottleneck rate is the windowed maximum of delivery-rate samples
 //! (10 rounds), the propagation delay is the windowed minimum RTT (10 s), pacing rate =
 //! gain × bottleneck rate and the in-flight cap is 2 × BDP. Loss does not move the model unless
-//! a round loses more than `LOSS_THRESH` of its packets (beyond FEC repair): then the rate is
+//! a round loses more than `LOSS_THRESH` (5 %) of its packets (beyond FEC repair): then the rate is
 //! capped at 85 % of that round's delivery rate until a clean round. Queueing delay is bounded by
 //! the in-flight cap and drained by the 0.75 phase of the gain cycle. FEC repair packets are
 //! paced like data and recovered packets count as delivered, so repair bytes are inside the
@@ -15,7 +15,7 @@
 //! ```
 
 /// Round loss fraction above which a round counts as congested.
-pub const LOSS_THRESH: f64 = 0.15;
+pub const LOSS_THRESH: f64 = 0.05;
 const STARTUP_GAIN: f64 = 2.885;
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_WINDOW_ROUNDS: usize = 10;
@@ -53,6 +53,13 @@ pub struct RateController {
     round_lost: u64,
     round_acked: u64,
     round_max_rate: f64,
+    round_start_ns: u64,
+    round_start_delivered: u64,
+    round_app_limited: bool,
+    round_app_limited_seen: bool,
+    /// (time, delivered, app_limited) at the last round ends: the average delivery rate over
+    /// them caps the max filter, which ACK compression can inflate.
+    history: [(u64, u64, bool); BW_WINDOW_ROUNDS],
     bw_rounds: [f64; BW_WINDOW_ROUNDS],
     btl_bw: f64, // bytes per second
     loss_cap: Option<f64>,
@@ -80,6 +87,11 @@ impl RateController {
             round_lost: 0,
             round_acked: 0,
             round_max_rate: 0.0,
+            round_start_ns: 0,
+            round_start_delivered: 0,
+            round_app_limited: false,
+            round_app_limited_seen: false,
+            history: [(0, 0, true); BW_WINDOW_ROUNDS],
             bw_rounds: [0.0; BW_WINDOW_ROUNDS],
             btl_bw: 0.0,
             loss_cap: None,
@@ -189,18 +201,17 @@ impl RateController {
         }
         self.round_acked += 1;
         self.first_sent_time_ns = self.first_sent_time_ns.max(sent_time_ns);
+        if snap.app_limited {
+            self.round_app_limited = true;
+        }
+        // Per-packet samples only speed up Startup; the model uses per-round averages, which
+        // jitter and ACK compression cannot inflate.
         let send_elapsed = sent_time_ns.saturating_sub(snap.first_sent_time_ns);
         let ack_elapsed = now_ns.saturating_sub(snap.delivered_time_ns);
         let interval = send_elapsed.max(ack_elapsed);
-        // Samples over less than a millisecond are dominated by scheduling noise.
-        if interval >= 1_000_000.min(self.rtt_ns() / 2) && interval > 0 {
+        if self.mode == Mode::Startup && interval >= self.rtt_ns() / 2 && interval > 0 && !snap.app_limited {
             let rate = (self.delivered - snap.delivered) as f64 * 1e9 / interval as f64;
-            if !snap.app_limited || rate > self.btl_bw {
-                self.round_max_rate = self.round_max_rate.max(rate);
-                if rate > self.btl_bw {
-                    self.btl_bw = rate;
-                }
-            }
+            self.btl_bw = self.btl_bw.max(rate);
         }
         if snap.delivered >= self.next_round_delivered {
             self.end_round(now_ns);
@@ -236,25 +247,55 @@ impl RateController {
         }
     }
 
-    fn end_round(&mut self, _now_ns: u64) {
+    fn end_round(&mut self, now_ns: u64) {
         self.round += 1;
         self.next_round_delivered = self.delivered;
+        let elapsed = now_ns.saturating_sub(self.round_start_ns);
+        let bytes = self.delivered - self.round_start_delivered;
+        if elapsed > 0 && self.round_start_ns > 0 {
+            let rate = bytes as f64 * 1e9 / elapsed as f64;
+            if !self.round_app_limited || rate > self.btl_bw {
+                self.round_max_rate = rate;
+            }
+        }
+        self.round_start_ns = now_ns;
+        self.round_start_delivered = self.delivered;
+        self.round_app_limited_seen = self.round_app_limited;
+        self.round_app_limited = false;
         let total = self.round_lost + self.round_acked;
         let loss = if total > 0 {
             self.round_lost as f64 / total as f64
         } else {
             0.0
         };
+        if self.mode == Mode::Startup && total >= 8 && loss > LOSS_THRESH {
+            // Startup overfilled the queue: the rate it reached is the path's.
+            self.mode = Mode::Drain;
+        }
         if total >= 8 && loss > LOSS_THRESH {
             let cap = 0.85 * self.round_max_rate.max(self.bw() * 0.5);
             self.loss_cap = Some(self.loss_cap.map_or(cap, |c| c.min(cap)));
         } else if loss < LOSS_THRESH / 2.0 {
             self.loss_cap = None;
         }
+        if self.round_max_rate <= 0.0 {
+            // Only application-limited samples: the round says nothing about the path, so it
+            // neither ages the bandwidth window nor counts towards leaving Startup.
+            self.round_lost = 0;
+            self.round_acked = 0;
+            return;
+        }
         // Windowed max over the last rounds.
         let slot = (self.round as usize) % BW_WINDOW_ROUNDS;
         self.bw_rounds[slot] = self.round_max_rate;
-        let windowed = self.bw_rounds.iter().copied().fold(0.0, f64::max);
+        let mut windowed = self.bw_rounds.iter().copied().fold(0.0, f64::max);
+        let (t0, d0, _) = self.history[slot];
+        let clean = self.history.iter().all(|h| !h.2);
+        if self.mode != Mode::Startup && clean && now_ns > t0 {
+            let avg = (self.delivered - d0) as f64 * 1e9 / (now_ns - t0) as f64;
+            windowed = windowed.min(1.1 * avg);
+        }
+        self.history[slot] = (now_ns, self.delivered, self.round_app_limited_seen);
         if windowed > 0.0 {
             self.btl_bw = windowed;
         }
@@ -279,59 +320,8 @@ impl RateController {
 mod tests {
     use super::*;
 
-    /// Feeds the controller an ideal path of `rate` bytes/s and `rtt` ns, with `loss` of packets
-    /// dropped at random, and returns its final bandwidth estimate.
-    fn run(rate: f64, rtt_ns: u64, loss_every: u64) -> RateController {
-        let mut cc = RateController::new(50_000, 1400, None);
-        let mut now = 0u64;
-        let mut in_flight: std::collections::VecDeque<(u64, SendSnapshot, u64)> =
-            Default::default();
-        let mut next_free = 0u64;
-        let mut pn = 0u64;
-        for _ in 0..200_000 {
-            // Send while the window allows, paced.
-            while (in_flight.len() as u64) * 1400 < cc.cwnd() {
-                let snap = cc.on_sent(now, in_flight.len() as u64 * 1400);
-                // Bottleneck serialization.
-                next_free = next_free.max(now) + (1400.0 * 1e9 / rate) as u64;
-                in_flight.push_back((next_free + rtt_ns, snap, now));
-                now += (1400.0 * 1e9 / cc.pacing_rate()) as u64;
-            }
-            let (arrive, snap, sent) = in_flight.pop_front().unwrap();
-            now = now.max(arrive);
-            pn += 1;
-            if loss_every > 0 && pn % loss_every == 0 {
-                cc.on_lost(1400);
-            } else {
-                cc.on_rtt_sample(now, now - sent);
-                cc.on_ack(now, &snap, sent, 1400);
-            }
-            cc.update_mode(now, in_flight.len() as u64 * 1400);
-        }
-        cc
-    }
-
-    #[test]
-    fn converges_to_bottleneck_rate_and_ignores_random_loss() {
-        let rate = 12_500_000.0; // 100 Mbit/s
-        for loss_every in [0, 1000, 100] {
-            let cc = run(rate, 25_000_000, loss_every);
-            let bw = cc.btl_bw_bytes_per_s();
-            assert!(
-                (0.85 * rate..1.3 * rate).contains(&bw),
-                "loss 1/{loss_every}: bw {bw}"
-            );
-            assert_eq!(cc.mode(), Mode::ProbeBw);
-        }
-    }
-
-    #[test]
-    fn heavy_loss_caps_the_rate() {
-        let rate = 12_500_000.0;
-        let cc = run(rate, 25_000_000, 4); // 25 % loss: congestion, not noise
-        assert!(cc.loss_cap.is_some());
-        assert!(cc.pacing_rate() < rate);
-    }
+    // Convergence and loss tolerance are exercised end to end in virtual time by
+    // tests/sim.rs (the whole connection over a simulated link).
 
     #[test]
     fn respects_the_configured_maximum() {

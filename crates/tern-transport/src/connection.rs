@@ -24,6 +24,8 @@ use crate::wire::{self, DATA_HEADER_LEN, Frame, MAX_ACK_RANGES, PnRange};
 /// full-size packet still fits in one datagram.
 const FEC_RESERVE: usize = 24;
 const TAG_LEN: usize = 16;
+/// Loss-rate windows (of 2000 packets) whose minimum is the background loss estimate.
+const LOSS_SAMPLES: usize = 8;
 /// RESET code sent when the peer opens more streams than `max_streams`.
 pub const RESET_REFUSED: u64 = 0x100;
 /// Close codes.
@@ -229,6 +231,8 @@ pub struct Connection {
     peer_recovered_total: u64,
     recovered_total: u64,
     loss_estimate: f64,
+    loss_samples: [f64; LOSS_SAMPLES],
+    loss_sample_index: usize,
     // --- scratch
     plain: Vec<u8>,
     frame_buf: Vec<u8>,
@@ -302,6 +306,8 @@ impl Connection {
             peer_recovered_total: 0,
             recovered_total: 0,
             loss_estimate: 0.0,
+            loss_samples: [0.0; LOSS_SAMPLES],
+            loss_sample_index: 0,
             plain: Vec::with_capacity(2048),
             frame_buf: Vec::with_capacity(2048),
             stats: ConnStats::default(),
@@ -311,6 +317,10 @@ impl Connection {
 
     pub fn is_closed(&self) -> bool {
         self.closed.is_some()
+    }
+
+    pub fn cc_mode(&self) -> crate::cc::Mode {
+        self.cc.mode()
     }
 
     pub fn is_initiator(&self) -> bool {
@@ -508,6 +518,10 @@ impl Connection {
         self.confirmed = true;
         if self.process_payload(now_ns, pn, &plain, false) {
             self.fec_dec.on_source(pn, &plain);
+            // A late source can complete a block whose repairs came first.
+            for (rpn, rpayload) in self.fec_dec.take_recovered() {
+                self.on_recovered(now_ns, rpn, &rpayload);
+            }
         }
         self.plain = plain;
     }
@@ -604,13 +618,17 @@ impl Connection {
                 continue;
             };
             for (rpn, rpayload) in self.fec_dec.on_repair(sym) {
-                if !self.received.contains(rpn) && self.replay.accept(rpn) {
-                    self.recovered_total += 1;
-                    self.process_payload(now_ns, rpn, &rpayload, true);
-                }
+                self.on_recovered(now_ns, rpn, &rpayload);
             }
         }
         true
+    }
+
+    fn on_recovered(&mut self, now_ns: u64, pn: u64, payload: &[u8]) {
+        if !self.received.contains(pn) && self.replay.accept(pn) {
+            self.recovered_total += 1;
+            self.process_payload(now_ns, pn, payload, true);
+        }
     }
 
     fn on_stream_frame(&mut self, id: u64, offset: u64, fin: bool, data: &[u8]) {
@@ -997,7 +1015,8 @@ impl Connection {
     fn finish_fec_block(&mut self) {
         let k = self.fec_enc.open_len();
         let r = if self.fec_active() {
-            fec::repair_count(k, self.loss_estimate, self.config.fec_target_failure)
+            // Loss above a few percent is congestion, which more repair traffic would worsen.
+            fec::repair_count(k, self.loss_estimate.min(0.02), self.config.fec_target_failure)
         } else {
             0
         };
@@ -1006,13 +1025,13 @@ impl Connection {
 
     fn update_loss_estimate(&mut self) {
         if self.loss_window_sent >= 2000 {
+            // The background (random) loss is the floor under congestion episodes: take the
+            // minimum over the last windows.
             let sample = self.loss_window_lost as f64 / self.loss_window_sent as f64;
-            self.loss_estimate = if self.loss_estimate == 0.0 {
-                sample
-            } else {
-                0.75 * self.loss_estimate + 0.25 * sample
-            }
-            .min(0.2);
+            self.loss_samples[self.loss_sample_index % LOSS_SAMPLES] = sample;
+            self.loss_sample_index += 1;
+            let n = self.loss_sample_index.min(LOSS_SAMPLES);
+            self.loss_estimate = self.loss_samples[..n].iter().copied().fold(1.0, f64::min);
             self.loss_window_sent = 0;
             self.loss_window_lost = 0;
         }
@@ -1104,13 +1123,22 @@ impl Connection {
         if ack_eliciting {
             self.advance_pacer(now_ns, burst_ns, rate);
         }
-        let protect = ack_eliciting && !mtu_probe && self.fec_active();
+        // ACK-only packets are protected too, so they do not break the run of a block.
+        // A block starts only after the previous block's repairs are out (they take packet
+        // numbers, and a block covers consecutive ones).
+        let protect = !mtu_probe
+            && self.fec_active()
+            && (self.fec_enc.open_len() > 0 || self.repairs.is_empty());
         let pn = self.next_pn;
         if mtu_probe {
             self.mtu_probe = Some((pn, self.config.max_udp_payload));
         }
         self.seal_and_record(now_ns, plain, frames, ack_eliciting, false, mtu_probe, out);
         if protect {
+            if self.fec_enc.open_len() > 0 && self.fec_enc.next_pn() != Some(pn) {
+                // An unprotected packet (ACK, repair) broke the run: close with our count.
+                self.finish_fec_block();
+            }
             if self.fec_enc.open_len() == 0 {
                 self.fec_block_start_ns = now_ns;
             }
@@ -1120,7 +1148,7 @@ impl Connection {
             if self.fec_enc.open_len() >= k_target.clamp(8, fec::MAX_BLOCK_SOURCES) {
                 self.finish_fec_block();
             }
-        } else if self.fec_enc.open_len() > 0 && ack_eliciting {
+        } else if self.fec_enc.open_len() > 0 {
             self.finish_fec_block();
         }
         true
@@ -1325,6 +1353,11 @@ impl Connection {
         self.last_sent_ns = now_ns;
         let in_flight = ack_eliciting || repair;
         if in_flight {
+            if self.send_queue.is_empty() && self.repairs.is_empty() {
+                // Nothing queued behind this packet: its rate sample measures the
+                // application, not the path.
+                self.cc.on_app_limited(self.bytes_in_flight + u64::from(size));
+            }
             let snap = self.cc.on_sent(now_ns, self.bytes_in_flight);
             if ack_eliciting {
                 self.last_ack_eliciting_ns = now_ns;

@@ -842,11 +842,11 @@ mod tests {
         }
     }
 
-    /// Reads up to `cap` bytes of `tar cf - /usr/lib` as a realistic mixed sample.
-    fn tar_sample(cap: usize) -> Vec<u8> {
+    /// Reads up to `cap` bytes of `tar cf - <dir>` as a realistic mixed sample.
+    fn tar_sample(dir: &str, cap: usize) -> Vec<u8> {
         use std::io::Read;
         let mut child = std::process::Command::new("tar")
-            .args(["cf", "-", "/usr/lib"])
+            .args(["cf", "-", dir])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -862,50 +862,64 @@ mod tests {
         data
     }
 
+    /// Compress MB/s, decompress MB/s (decoder fed 1400-byte slices) and the encoder stats.
+    /// `adaptive: false` compresses every chunk (back-off disabled) to show raw codec speed.
+    fn measure(codec: Codec, data: &[u8], adaptive: bool) -> (f64, f64, CompressorStats) {
+        let mut enc = RecordEncoder::new(codec);
+        let mut stream = Vec::with_capacity(data.len() + data.len() / 100);
+        let start = std::time::Instant::now();
+        for chunk in data.chunks(64 * 1024) {
+            if !adaptive {
+                enc.raw_remaining = 0;
+                enc.probing = false;
+            }
+            enc.encode(chunk, &mut stream);
+        }
+        let c_secs = start.elapsed().as_secs_f64();
+        let mut dec = RecordDecoder::new();
+        let mut out = Vec::with_capacity(data.len());
+        let start = std::time::Instant::now();
+        for piece in stream.chunks(1400) {
+            dec.push(piece, &mut out).unwrap();
+        }
+        let d_secs = start.elapsed().as_secs_f64();
+        assert!(out == data);
+        let mbps = |secs: f64| data.len() as f64 / secs / 1e6;
+        (mbps(c_secs), mbps(d_secs), *enc.stats())
+    }
+
     /// `cargo test --release -p tern-transport --lib record -- --ignored --nocapture`
     #[test]
     #[ignore = "benchmark; run in release with --nocapture"]
     fn bench_codecs_on_usr_lib() {
-        let data = tar_sample(64 << 20);
-        println!(
-            "sample: {} MiB of `tar cf - /usr/lib`, 64 KiB chunks",
-            data.len() >> 20
-        );
         let codecs = [
             ("lz4", Codec::Lz4),
             ("zstd-1", Codec::Zstd { level: 1 }),
             ("zstd-3", Codec::Zstd { level: 3 }),
         ];
-        println!(
-            "| codec | compress MB/s | decompress MB/s | ratio | compressed records | raw records | probes |"
-        );
-        println!("|---|---|---|---|---|---|---|");
-        for (name, codec) in codecs {
-            let mut enc = RecordEncoder::new(codec);
-            let mut stream = Vec::with_capacity(data.len() + data.len() / 100);
-            let start = std::time::Instant::now();
-            for chunk in data.chunks(64 * 1024) {
-                enc.encode(chunk, &mut stream);
-            }
-            let c_secs = start.elapsed().as_secs_f64();
-            let mut dec = RecordDecoder::new();
-            let mut out = Vec::with_capacity(data.len());
-            let start = std::time::Instant::now();
-            for piece in stream.chunks(1400) {
-                dec.push(piece, &mut out).unwrap();
-            }
-            let d_secs = start.elapsed().as_secs_f64();
-            assert!(out == data);
-            let s = enc.stats();
+        for dir in ["/usr/lib", "/usr/lib/x86_64-linux-gnu"] {
+            let data = tar_sample(dir, 64 << 20);
             println!(
-                "| {name} | {:.0} | {:.0} | {:.3} | {} | {} | {} |",
-                data.len() as f64 / c_secs / 1e6,
-                data.len() as f64 / d_secs / 1e6,
-                s.input_bytes as f64 / s.output_bytes as f64,
-                s.records_compressed,
-                s.records_raw,
-                s.probes
+                "\nsample: {} MiB of `tar cf - {dir}`, 64 KiB chunks",
+                data.len() >> 20
             );
+            println!(
+                "| codec | mode | compress MB/s | decompress MB/s | ratio | compressed | raw | probes |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            for (name, codec) in codecs {
+                for adaptive in [true, false] {
+                    let (c, d, s) = measure(codec, &data, adaptive);
+                    println!(
+                        "| {name} | {} | {c:.0} | {d:.0} | {:.3} | {} | {} | {} |",
+                        if adaptive { "adaptive" } else { "always" },
+                        s.input_bytes as f64 / s.output_bytes as f64,
+                        s.records_compressed,
+                        s.records_raw,
+                        s.probes
+                    );
+                }
+            }
         }
     }
 }

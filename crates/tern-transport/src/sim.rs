@@ -189,6 +189,7 @@ pub fn run(sc: &Scenario) -> Result<Outcome, SimError> {
     let total_streams = 2 * sc.streams;
     let mut reset_seen = 0usize;
     let mut buf = vec![0u8; 65536];
+    let mut last_trace = 0u64;
     let mut out = Vec::with_capacity(2048);
     loop {
         // Application work and transmissions on both sides.
@@ -369,6 +370,24 @@ pub fn run(sc: &Scenario) -> Result<Outcome, SimError> {
         if all_sent && completed + reset_seen >= total_streams {
             // Drain: let the last ACKs settle so both sides agree nothing is outstanding.
             break;
+        }
+        if std::env::var_os("TERN_SIM_TRACE").is_some() && now / 100_000_000 != last_trace {
+            last_trace = now / 100_000_000;
+            if let Some(c) = sides[0].ep.connection_ref(0) {
+                let st = c.stats();
+                eprintln!(
+                    "t={:.1}s pacing {:.1} Mbit cwnd {} inflight {} srtt {} min {} lost {} mode {:?} dropped {}",
+                    now as f64 / 1e9,
+                    st.pacing_rate_bps as f64 / 1e6,
+                    st.cwnd_bytes,
+                    st.bytes_in_flight,
+                    st.srtt_us,
+                    st.min_rtt_us,
+                    st.packets_lost,
+                    c.cc_mode(),
+                    dropped
+                );
+            }
         }
         // Advance virtual time.
         let mut next = queue.peek().map(|f| f.at.0.0);

@@ -106,3 +106,32 @@ fn fec_repairs_random_loss() {
         "{s:?}"
     );
 }
+
+/// Goodput of one long stream over an mpls-like link in virtual time (prints; for tuning).
+#[test]
+#[ignore]
+fn print_goodput_mpls() {
+    for (rate, delay, loss) in [(100_000_000u64, 12_500_000u64, 0.0005), (1_000_000_000, 6_000_000, 0.001)] {
+        let link = LinkParams {
+            delay_ns: delay,
+            jitter_ns: 3_000_000,
+            loss,
+            rate_bps: rate,
+            queue_bytes: (rate / 8 * delay * 2 / 1_000_000_000).max(150_000),
+            ..LinkParams::default()
+        };
+        let mut sc = scenario(3, link);
+        sc.streams = 1;
+        sc.max_stream_bytes = 200_000_000;
+        let out = run(&sc).unwrap();
+        let secs = out.finished_at_ns as f64 / 1e9;
+        println!(
+            "rate {rate}: {} bytes in {secs:.2} s = {:.1} Mbit/s per direction; {} of {} datagrams dropped; a {:?}",
+            out.bytes_delivered / 2,
+            out.bytes_delivered as f64 * 4.0 / secs / 1e6,
+            out.dropped,
+            out.datagrams,
+            out.stats_a
+        );
+    }
+}
