@@ -210,7 +210,11 @@ impl RateController {
         let send_elapsed = sent_time_ns.saturating_sub(snap.first_sent_time_ns);
         let ack_elapsed = now_ns.saturating_sub(snap.delivered_time_ns);
         let interval = send_elapsed.max(ack_elapsed);
-        if self.mode == Mode::Startup && interval >= self.rtt_ns() / 2 && interval > 0 && !snap.app_limited {
+        if self.mode == Mode::Startup
+            && interval >= self.rtt_ns() / 2
+            && interval > 0
+            && !snap.app_limited
+        {
             let rate = (self.delivered - snap.delivered) as f64 * 1e9 / interval as f64;
             self.btl_bw = self.btl_bw.max(rate);
         }

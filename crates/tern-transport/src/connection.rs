@@ -1016,7 +1016,11 @@ impl Connection {
         let k = self.fec_enc.open_len();
         let r = if self.fec_active() {
             // Loss above a few percent is congestion, which more repair traffic would worsen.
-            fec::repair_count(k, self.loss_estimate.min(0.02), self.config.fec_target_failure)
+            fec::repair_count(
+                k,
+                self.loss_estimate.min(0.02),
+                self.config.fec_target_failure,
+            )
         } else {
             0
         };
@@ -1356,7 +1360,8 @@ impl Connection {
             if self.send_queue.is_empty() && self.repairs.is_empty() {
                 // Nothing queued behind this packet: its rate sample measures the
                 // application, not the path.
-                self.cc.on_app_limited(self.bytes_in_flight + u64::from(size));
+                self.cc
+                    .on_app_limited(self.bytes_in_flight + u64::from(size));
             }
             let snap = self.cc.on_sent(now_ns, self.bytes_in_flight);
             if ack_eliciting {

@@ -111,7 +111,10 @@ fn fec_repairs_random_loss() {
 #[test]
 #[ignore]
 fn print_goodput_mpls() {
-    for (rate, delay, loss) in [(100_000_000u64, 12_500_000u64, 0.0005), (1_000_000_000, 6_000_000, 0.001)] {
+    for (rate, delay, loss) in [
+        (100_000_000u64, 12_500_000u64, 0.0005),
+        (1_000_000_000, 6_000_000, 0.001),
+    ] {
         let link = LinkParams {
             delay_ns: delay,
             jitter_ns: 3_000_000,
