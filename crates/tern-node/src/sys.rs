@@ -375,8 +375,8 @@ impl UdpBatch {
                 Err(e)
             };
         }
-        for i in 0..n as usize {
-            self.lens[i] = msgs[i].msg_len as usize;
+        for (len, m) in self.lens.iter_mut().zip(&msgs).take(n as usize) {
+            *len = m.msg_len as usize;
         }
         self.count = n as usize;
         Ok(self.count)

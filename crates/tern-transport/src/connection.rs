@@ -1279,7 +1279,7 @@ impl Connection {
                 let fin = s.send.fin_written && s.send.sent == s.send.written;
                 (offset, avail, fin, avail)
             };
-            if len == 0 && !(fin && !s.send.fin_sent) {
+            if len == 0 && (!fin || s.send.fin_sent) {
                 // Flow-control blocked (the peer's window update re-queues the stream).
                 continue;
             }

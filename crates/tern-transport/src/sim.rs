@@ -193,6 +193,7 @@ pub fn run(sc: &Scenario) -> Result<Outcome, SimError> {
     let mut out = Vec::with_capacity(2048);
     loop {
         // Application work and transmissions on both sides.
+        #[allow(clippy::needless_range_loop)] // `si` also names the side in the data
         for si in 0..2 {
             let side = &mut sides[si];
             while let Some(ev) = side.ep.poll_event() {
@@ -212,11 +213,7 @@ pub fn run(sc: &Scenario) -> Result<Outcome, SimError> {
                             let Some(c) = side.ep.connection(0) else {
                                 continue;
                             };
-                            loop {
-                                let (n, fin) = match c.stream_read(id, &mut buf) {
-                                    Ok(x) => x,
-                                    Err(_) => break,
-                                };
+                            while let Ok((n, fin)) = c.stream_read(id, &mut buf) {
                                 let got = side.receiving.entry(id).or_insert(0);
                                 for (i, &b) in buf[..n].iter().enumerate() {
                                     let off = *got + i as u64;
