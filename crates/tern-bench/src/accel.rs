@@ -1698,7 +1698,7 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
             )
             .join(" ")
     );
-    let commands = json!({
+    let mut commands = json!({
         "lab": "tern lab up --profile P   (tern: tern lab up --profile P --accel); tern lab down between configurations",
         "iperf3_server": format!("ip netns exec {SITE_B} iperf3 -s -1 -B 0.0.0.0 -p {IPERF_PORT} --rcv-timeout 15000"),
         "iperf3_client": format!("ip netns exec {SITE_A} iperf3 -J --connect-timeout 10000 -c {ADDR_B} -p {IPERF_PORT} -t S [-P 4] -C cubic|bbr [-F corpus]  (kcptun: -c 127.0.0.1 -p {KCP_IPERF_LOCAL_PORT}, no -C)"),
@@ -1708,6 +1708,12 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         "rr_server": format!("ip netns exec {SITE_B} tern bench rr-server --listen 0.0.0.0:{RR_PORT} [--cc cubic|bbr]"),
         "rr_client": format!("ip netns exec {SITE_A} tern bench rr-client --connect {ADDR_B}:{RR_PORT} --count N --json [--cc cubic|bbr]  (kcptun: --connect 127.0.0.1:{KCP_RR_LOCAL_PORT})"),
     });
+    let with_kcptun = opts.transports.contains(&Transport::Kcptun);
+    if !with_kcptun {
+        if let Some(c) = commands.as_object_mut() {
+            c.retain(|k, _| !k.starts_with("kcptun"));
+        }
+    }
     let json = json!({
         "benchmark": "accel",
         "command": opts.command,
@@ -1724,7 +1730,6 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         "profiles": results,
     });
 
-    let names: Vec<&str> = opts.transports.iter().map(|t| t.name()).collect();
     let mut md = String::new();
     md.push_str("# tern bench accel — tern against kernel TCP and kcptun\n\n");
     let _ = writeln!(
@@ -1736,9 +1741,10 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         m.kernel,
         m.default_congestion_control,
         iperf3_version,
-        kcptun_version
-            .clone()
-            .unwrap_or_else(|e| format!("unavailable ({e})")),
+        match &kcptun_version {
+            Ok(v) => v.clone(),
+            Err(e) => format!("kcptun: {e}"),
+        },
         elapsed / 60,
         elapsed % 60
     );
@@ -1782,23 +1788,26 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
     for (k, v) in commands.as_object().into_iter().flatten() {
         let _ = writeln!(md, "- {k}: `{}`", v.as_str().unwrap_or(""));
     }
-    md.push_str("- kcptun per profile (window packets, FEC data/parity): ");
-    md.push_str(
-        &results
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} {} {}/{}",
-                    r.profile,
-                    r.kcptun.window_packets,
-                    r.kcptun.data_shards,
-                    r.kcptun.parity_shards
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    md.push_str("\n\n");
+    if with_kcptun {
+        md.push_str("- kcptun per profile (window packets, FEC data/parity): ");
+        md.push_str(
+            &results
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}/{}",
+                        r.profile,
+                        r.kcptun.window_packets,
+                        r.kcptun.data_shards,
+                        r.kcptun.parity_shards
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        md.push('\n');
+    }
+    md.push('\n');
     let mut problems = BTreeMap::new();
     for r in &results {
         for t in &r.transports {
@@ -1837,7 +1846,6 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         }
         md.push('\n');
     }
-    let _ = names;
 
     let groups: Vec<ChartGroup> = results
         .iter()
@@ -2081,6 +2089,44 @@ mod tests {
         r2.transports[2] = sample(Transport::Tern, None);
         let t = goodput_table(&[r2], &[Transport::Cubic, Transport::Bbr, Transport::Tern]);
         assert!(t.contains("n/a / n/a") && t.contains("– / –"), "{t}");
+    }
+
+    #[test]
+    fn bounded_run_kills_a_hung_process() {
+        let t = Instant::now();
+        let e =
+            run_bounded(Command::new("sleep").arg("30"), Duration::from_millis(200)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(e.to_string().contains("killed after"), "{e}");
+        let o = run_bounded(Command::new("echo").arg("hi"), Duration::from_secs(10)).unwrap();
+        assert_eq!(o.stdout, b"hi\n");
+    }
+
+    #[test]
+    fn lab_up_refused_is_reported_not_fatal() {
+        if tern_lab::status().is_ok_and(|s| s.up) {
+            eprintln!("skipped: a lab is up");
+            return;
+        }
+        // A stand-in `tern` that knows no --accel (as before the accelerator existed).
+        let dir = std::env::temp_dir().join(format!("tern-accel-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("tern");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\ncase \"$*\" in *--accel*) echo \"error: unexpected argument '--accel' found\" >&2; echo >&2; echo 'Usage: tern lab up' >&2; exit 2;; esac\nexit 0\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = Lab::up(&exe, "mpls", true).unwrap_err();
+        assert!(
+            e.ends_with("error: unexpected argument '--accel' found"),
+            "{e}"
+        );
+        let lab = Lab::up(&exe, "mpls", false).unwrap();
+        drop(lab);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
