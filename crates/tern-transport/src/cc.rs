@@ -4,7 +4,7 @@
 //! (10 rounds), the propagation delay is the windowed minimum RTT (10 s), pacing rate =
 //! gain × bottleneck rate and the in-flight cap is 2 × BDP. Loss does not move the model unless
 //! a round loses more than `LOSS_THRESH` (5 %) of its packets (beyond FEC repair): then the rate is
-//! capped at 85 % of that round's delivery rate until a clean round. Queueing delay is bounded by
+//! capped at 85 % of that round's delivery rate for the next round. Queueing delay is bounded by
 //! the in-flight cap and drained by the 0.75 phase of the gain cycle. FEC repair packets are
 //! paced like data and recovered packets count as delivered, so repair bytes are inside the
 //! controller's budget.
@@ -278,9 +278,10 @@ impl RateController {
             self.mode = Mode::Drain;
         }
         if total >= 8 && loss > LOSS_THRESH {
-            let cap = 0.85 * self.round_max_rate.max(self.bw() * 0.5);
-            self.loss_cap = Some(self.loss_cap.map_or(cap, |c| c.min(cap)));
-        } else if loss < LOSS_THRESH / 2.0 {
+            // One round at 85 % of what the congested round delivered; no ratchet, so a burst
+            // of loss rounds cannot drive the rate into the ground.
+            self.loss_cap = Some(0.85 * self.round_max_rate.max(self.btl_bw * 0.5));
+        } else {
             self.loss_cap = None;
         }
         if self.round_max_rate <= 0.0 {
