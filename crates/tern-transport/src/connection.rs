@@ -190,6 +190,8 @@ pub struct Connection {
     pto_count: u32,
     loss_time_ns: Option<u64>,
     last_ack_eliciting_ns: u64,
+    /// Ack-eliciting packets in `sent` (the PTO timer runs while any are outstanding).
+    ack_eliciting_in_flight: u64,
     cc: RateController,
     next_send_ns: u64,
     udp_payload: usize,
@@ -269,6 +271,7 @@ impl Connection {
             pto_count: 0,
             loss_time_ns: None,
             last_ack_eliciting_ns: now_ns,
+            ack_eliciting_in_flight: 0,
             next_send_ns: now_ns,
             udp_payload,
             mtu_probe: None,
@@ -711,7 +714,7 @@ impl Connection {
                 .map(|(&pn, _)| pn)
                 .collect();
             for pn in pns {
-                let p = self.sent.remove(&pn).expect("present");
+                let p = self.remove_sent(pn).expect("present");
                 newly.push((pn, p));
             }
         }
@@ -856,8 +859,16 @@ impl Connection {
         }
     }
 
+    fn remove_sent(&mut self, pn: u64) -> Option<SentPacket> {
+        let p = self.sent.remove(&pn)?;
+        if p.ack_eliciting {
+            self.ack_eliciting_in_flight -= 1;
+        }
+        Some(p)
+    }
+
     fn declare_lost(&mut self, pn: u64) {
-        let Some(p) = self.sent.remove(&pn) else {
+        let Some(p) = self.remove_sent(pn) else {
             return;
         };
         self.bytes_in_flight -= u64::from(p.size);
@@ -913,7 +924,7 @@ impl Connection {
         };
         min(self.ack_deadline_ns);
         min(self.loss_time_ns);
-        if self.sent.values().any(|p| p.ack_eliciting) {
+        if self.ack_eliciting_in_flight > 0 {
             min(Some(self.pto_deadline()));
         }
         if self.has_sendable() {
@@ -958,7 +969,7 @@ impl Connection {
         if self.loss_time_ns.is_some_and(|t| now_ns >= t) {
             self.detect_losses(now_ns);
         }
-        if self.sent.values().any(|p| p.ack_eliciting) && now_ns >= self.pto_deadline() {
+        if self.ack_eliciting_in_flight > 0 && now_ns >= self.pto_deadline() {
             self.pto_count += 1;
             self.last_ack_eliciting_ns = now_ns;
             // Probe: resend the oldest outstanding data.
@@ -1366,6 +1377,7 @@ impl Connection {
             let snap = self.cc.on_sent(now_ns, self.bytes_in_flight);
             if ack_eliciting {
                 self.last_ack_eliciting_ns = now_ns;
+                self.ack_eliciting_in_flight += 1;
             }
             if !repair && !mtu_probe {
                 self.loss_window_sent += 1;
