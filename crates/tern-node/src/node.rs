@@ -796,10 +796,10 @@ impl Node {
                     name: self.ep.peer_name(p).to_string(),
                     address: self.ep.peer_addr(p).map(|a| a.to_string()),
                     connected: self.ep.is_connected(p),
-                    transport: self.ep.connection_ref(p).map(|c| c.stats()).map(Into::into),
+                    transport: self.ep.connection_ref(p).map(|c| c.stats()),
                 })
                 .collect(),
-            endpoint: self.ep.stats().clone().into(),
+            endpoint: self.ep.stats().clone(),
             flows: totals,
         }
     }

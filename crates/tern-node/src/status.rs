@@ -27,89 +27,11 @@ pub struct FlowTotals {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct TransportStatus {
-    pub packets_sent: u64,
-    pub packets_received: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub stream_bytes_sent: u64,
-    pub stream_bytes_retransmitted: u64,
-    pub packets_lost: u64,
-    pub fec_repairs_sent: u64,
-    pub fec_recovered: u64,
-    pub auth_failures: u64,
-    pub duplicates: u64,
-    pub malformed: u64,
-    pub srtt_us: u64,
-    pub min_rtt_us: u64,
-    pub pacing_rate_bps: u64,
-    pub cwnd_bytes: u64,
-    pub bytes_in_flight: u64,
-    pub loss_estimate: f64,
-    pub udp_payload: usize,
-    pub streams_open: usize,
-}
-
-impl From<ConnStats> for TransportStatus {
-    fn from(s: ConnStats) -> Self {
-        Self {
-            packets_sent: s.packets_sent,
-            packets_received: s.packets_received,
-            bytes_sent: s.bytes_sent,
-            bytes_received: s.bytes_received,
-            stream_bytes_sent: s.stream_bytes_sent,
-            stream_bytes_retransmitted: s.stream_bytes_retransmitted,
-            packets_lost: s.packets_lost,
-            fec_repairs_sent: s.fec_repairs_sent,
-            fec_recovered: s.fec_recovered,
-            auth_failures: s.auth_failures,
-            duplicates: s.duplicates,
-            malformed: s.malformed,
-            srtt_us: s.srtt_us,
-            min_rtt_us: s.min_rtt_us,
-            pacing_rate_bps: s.pacing_rate_bps,
-            cwnd_bytes: s.cwnd_bytes,
-            bytes_in_flight: s.bytes_in_flight,
-            loss_estimate: s.loss_estimate,
-            udp_payload: s.udp_payload,
-            streams_open: s.streams_open,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DropCounters {
-    pub datagrams_received: u64,
-    pub dropped_malformed: u64,
-    pub dropped_unknown_index: u64,
-    pub handshakes_rejected: u64,
-    pub handshakes_unknown_key: u64,
-    pub handshakes_replayed: u64,
-    pub handshakes_rate_limited: u64,
-    pub handshakes_completed: u64,
-}
-
-impl From<EndpointStats> for DropCounters {
-    fn from(s: EndpointStats) -> Self {
-        Self {
-            datagrams_received: s.datagrams_received,
-            dropped_malformed: s.dropped_malformed,
-            dropped_unknown_index: s.dropped_unknown_index,
-            handshakes_rejected: s.handshakes_rejected,
-            handshakes_unknown_key: s.handshakes_unknown_key,
-            handshakes_replayed: s.handshakes_replayed,
-            handshakes_rate_limited: s.handshakes_rate_limited,
-            handshakes_completed: s.handshakes_completed,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: String,
     pub address: Option<String>,
     pub connected: bool,
-    pub transport: Option<TransportStatus>,
+    pub transport: Option<ConnStats>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -118,7 +40,7 @@ pub struct NodeStatus {
     pub listen: String,
     pub uptime_s: f64,
     pub peers: Vec<PeerStatus>,
-    pub endpoint: DropCounters,
+    pub endpoint: EndpointStats,
     pub flows: FlowTotals,
 }
 

@@ -107,7 +107,8 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Counters and estimates of one connection (serialized as-is in `tern node status`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConnStats {
     pub packets_sent: u64,
     pub packets_received: u64,

@@ -41,7 +41,8 @@ pub enum EndpointEvent {
     Stream { peer: PeerId, event: Event },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Drop and handshake counters (serialized as-is in `tern node status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointStats {
     pub datagrams_received: u64,
     pub dropped_malformed: u64,
