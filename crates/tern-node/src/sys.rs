@@ -337,25 +337,33 @@ impl UdpBatch {
         self.count += 1;
     }
 
-    /// Receives up to BATCH datagrams; Ok(0) when none is waiting.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut iovs: Vec<libc::iovec> = self
-            .bufs
+    /// iovecs and message headers for the first `count` slots: receive (`full`) offers each
+    /// whole buffer, send offers the queued length. The headers point into `self` and into
+    /// the returned iovec Vec, whose heap buffer stays put while the caller holds it.
+    fn headers(&mut self, count: usize, full: bool) -> (Vec<libc::iovec>, Vec<libc::mmsghdr>) {
+        let mut iovs: Vec<libc::iovec> = self.bufs[..count]
             .iter_mut()
-            .map(|b| libc::iovec {
+            .zip(&self.lens)
+            .map(|(b, &len)| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
-                iov_len: DATAGRAM_MAX,
+                iov_len: if full { DATAGRAM_MAX } else { len },
             })
             .collect();
         // SAFETY: zeroed mmsghdr is valid; fields are filled below.
         let mut msgs: Vec<libc::mmsghdr> =
-            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+            (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
         for (i, m) in msgs.iter_mut().enumerate() {
             m.msg_hdr.msg_iov = &mut iovs[i];
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         }
+        (iovs, msgs)
+    }
+
+    /// Receives up to BATCH datagrams; Ok(0) when none is waiting.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let (_iovs, mut msgs) = self.headers(BATCH, true);
         // SAFETY: every pointer refers to buffers that live until the call returns.
         let n = unsafe {
             libc::recvmmsg(
@@ -387,22 +395,7 @@ impl UdpBatch {
         if self.count == 0 {
             return Ok(0);
         }
-        let mut iovs: Vec<libc::iovec> = (0..self.count)
-            .map(|i| libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            })
-            .collect();
-        // SAFETY: zeroed mmsghdr is valid; fields are filled below.
-        let mut msgs: Vec<libc::mmsghdr> = (0..self.count)
-            .map(|_| unsafe { std::mem::zeroed() })
-            .collect();
-        for (i, m) in msgs.iter_mut().enumerate() {
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        }
+        let (_iovs, mut msgs) = self.headers(self.count, false);
         // SAFETY: pointers refer to our buffers, alive for the call.
         let n = unsafe {
             libc::sendmmsg(

@@ -331,7 +331,28 @@ impl Endpoint {
         pkt.extend_from_slice(&remote_index.to_be_bytes());
         pkt.extend_from_slice(&msg2);
         self.transmits.push_back((from, pkt));
-        let conn = Connection::new(self.config.clone(), keys, remote_index, false, now_ns);
+        self.install(now_ns, peer, from, local_index, remote_index, keys, false);
+    }
+
+    /// A finished handshake: the peer's new connection, reachable by `local_index`.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        now_ns: u64,
+        peer: PeerId,
+        from: SocketAddr,
+        local_index: u32,
+        remote_index: u32,
+        keys: crypto::PacketKeys,
+        is_initiator: bool,
+    ) {
+        let conn = Connection::new(
+            self.config.clone(),
+            keys,
+            remote_index,
+            is_initiator,
+            now_ns,
+        );
         self.by_index.insert(local_index, peer);
         let p = &mut self.peers[peer];
         p.addr = Some(from);
@@ -342,8 +363,7 @@ impl Endpoint {
     }
 
     fn drop_connection(&mut self, peer: PeerId) {
-        if let Some(old) = self.peers[peer].conn.take() {
-            let _ = old;
+        if self.peers[peer].conn.take().is_some() {
             self.by_index.remove(&self.peers[peer].local_index);
             self.events.push_back(EndpointEvent::Disconnected {
                 peer,
@@ -379,14 +399,7 @@ impl Endpoint {
             return;
         }
         self.drop_connection(peer);
-        let conn = Connection::new(self.config.clone(), keys, remote_index, true, now_ns);
-        self.by_index.insert(index, peer);
-        let p = &mut self.peers[peer];
-        p.addr = Some(from);
-        p.local_index = index;
-        p.conn = Some(conn);
-        self.stats.handshakes_completed += 1;
-        self.events.push_back(EndpointEvent::Connected(peer));
+        self.install(now_ns, peer, from, index, remote_index, keys, true);
     }
 
     pub fn handle_timeout(&mut self, now_ns: u64) {
