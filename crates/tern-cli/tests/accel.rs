@@ -2,51 +2,17 @@
 //! unmodified Python clients and servers talk plain TCP and are intercepted transparently.
 //! Root only (CI runs as root; elsewhere they skip unless CI=true).
 
-use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{is_root, lock, ok};
 use serde_json::Value;
-
-static LAB: Mutex<()> = Mutex::new(());
-
-fn tern(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(args)
-        .output()
-        .expect("run tern")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = tern(args);
-    assert!(
-        out.status.success(),
-        "tern {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn node_status(site: &str) -> Value {
     let sock = format!("/run/tern/lab/node-{site}.sock");
     serde_json::from_str(&ok(&["node", "status", "--socket", &sock, "--json"])).unwrap()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").is_err(),
-            "accel tests must run as root in CI"
-        );
-        eprintln!("skipping: the accel tests need root");
-    }
-    root
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LAB.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn python_in(ns: &str, code: &str) -> Command {

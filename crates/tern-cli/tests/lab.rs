@@ -2,52 +2,13 @@
 //! iperf3 and tcpdump. They need root (as in CI); elsewhere they say so and skip, unless
 //! CI=true, where not being root is a failure.
 
-use std::process::{Command, Output};
-use std::sync::Mutex;
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
+use common::{is_root, json, lock, ok, tern};
 use serde_json::Value;
-
-/// The lab's namespaces are global: one test at a time.
-static LAB: Mutex<()> = Mutex::new(());
-
-fn tern(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(args)
-        .output()
-        .expect("run tern")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = tern(args);
-    assert!(
-        out.status.success(),
-        "tern {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).expect("JSON output")
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var("CI").is_err(),
-            "lab tests must run as root in CI"
-        );
-        eprintln!("skipping: the lab tests need root");
-    }
-    root
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn netns_exists(name: &str) -> bool {
     std::path::Path::new("/run/netns").join(name).exists()
