@@ -84,8 +84,9 @@ enum LabCmd {
         /// Write every packet separately (no GSO coalescing of TCP trains on egress).
         #[arg(long)]
         no_gso: bool,
-        /// Start a tern node in each site (fresh keys) that transparently accelerates TCP
-        /// between 198.18.1.0/24 and 198.18.2.0/24; without it, traffic is plain kernel TCP.
+        /// Make each site's tern node transparently accelerate TCP between 198.18.1.0/24 and
+        /// 198.18.2.0/24; without it, that traffic is plain kernel TCP. (The nodes always run:
+        /// they carry the VM overlay 198.18.100.0/24 and `tern migrate` streams.)
         #[arg(long)]
         accel: bool,
     },
@@ -355,6 +356,25 @@ fn node(c: NodeCmd) -> Result<()> {
                 println!(
                     "  forward {} -> {} via {}",
                     f.listen, f.target, cfg.peers[f.peer].name
+                );
+            }
+            if let Some((a, b)) = cfg.bypass_ports {
+                println!("  never intercept TCP to ports {a}-{b}");
+            }
+            if let Some(o) = &cfg.overlay {
+                println!(
+                    "  overlay switch at {}{}",
+                    o.socket.display(),
+                    o.tap
+                        .as_ref()
+                        .map_or(String::new(), |t| format!(", TAP {t}"))
+                );
+            }
+            if let Some(m) = &cfg.migration {
+                println!(
+                    "  migration relay at {} (targets under {})",
+                    m.socket.display(),
+                    m.target_dir.display()
                 );
             }
         }

@@ -234,7 +234,8 @@ pub struct LabState {
     pub emulator_log: PathBuf,
     pub pcap_dir: Option<PathBuf>,
     pub sites: Vec<Site>,
-    /// tern nodes started by `--accel` (empty: plain kernel TCP between the sites).
+    /// The tern node of each site (overlay switch, migration relay; with `--accel` also
+    /// transparent TCP acceleration).
     #[serde(default)]
     pub nodes: Vec<NodeInfo>,
 }
@@ -262,7 +263,7 @@ pub struct LabStatus {
     pub emulator_log: Option<PathBuf>,
     pub a_to_b: Option<DirectionConfig>,
     pub b_to_a: Option<DirectionConfig>,
-    /// tern nodes (with `--accel`).
+    /// tern nodes, one per site.
     pub nodes: Vec<NodeInfo>,
 }
 
@@ -404,10 +405,8 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
         make_site(&a, &b)?;
         make_site(&b, &a)?;
         let mut state = start_emulator(opts, &spec, &a, &b)?;
-        if opts.accel {
-            state.nodes = start_nodes(&opts.tern_exe, &a, &b)?;
-            write_state(&state)?;
-        }
+        state.nodes = start_nodes(&opts.tern_exe, &a, &b, opts.accel)?;
+        write_state(&state)?;
         Ok(state)
     })();
     match result {
@@ -519,12 +518,35 @@ fn write_state(state: &LabState) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The VM overlay (one L2 segment across the sites); site N's TAP is `.N`.
+pub const OVERLAY_PREFIX: &str = "198.18.100";
+pub const OVERLAY_TAP: &str = "ternov0";
+/// Where VM state lives; remote migration targets must be sockets under it.
+pub const VM_DIR: &str = "/run/tern/vm";
+/// TCP destination ports the nodes never intercept (QEMU-to-QEMU `--direct` migration).
+pub const DIRECT_PORTS: (u16, u16) = (7450, 7499);
+
+/// The overlay switch socket of a site (QEMU `-netdev stream` connects here).
+pub fn switch_socket(site: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("switch-{site}.sock"))
+}
+
+/// The migration relay socket of a site's node.
+pub fn migrate_socket(site: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("migrate-{site}.sock"))
+}
+
 /// UDP port of the lab's tern nodes.
 pub const NODE_PORT: u16 = 7400;
 
 /// Writes keys and configs for a node per site and starts them; returns when both report
 /// their peer connected.
-fn start_nodes(tern_exe: &Path, a: &Site, b: &Site) -> Result<Vec<NodeInfo>, LabError> {
+fn start_nodes(
+    tern_exe: &Path,
+    a: &Site,
+    b: &Site,
+    accel: bool,
+) -> Result<Vec<NodeInfo>, LabError> {
     use tern_transport::crypto::{StaticKeypair, encode_key};
     let keys = [
         StaticKeypair::generate().map_err(|e| LabError::Refused(e.to_string()))?,
@@ -538,14 +560,29 @@ fn start_nodes(tern_exe: &Path, a: &Site, b: &Site) -> Result<Vec<NodeInfo>, Lab
         let key_path = dir.join(format!("node-{}.key", me.name));
         write_private(&key_path, &encode_key(&keys[i].private))?;
         let control = dir.join(format!("node-{}.sock", me.name));
+        let accelerate = if accel {
+            format!(
+                "\n[[accelerate]]\nsubnet = \"{}\"\npeer = \"site-{}\"\n",
+                peer.subnet, peer.name
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            "# Written by `tern lab up --accel`.\n\
+            "# Written by `tern lab up`.\n\
              [node]\nname = \"site-{me_name}\"\nprivate_key_file = \"{key}\"\n\
              listen = \"{me_addr}:{port}\"\ncontrol = \"{control}\"\n\
-             metrics = \"127.0.0.1:9464\"\n\n\
+             metrics = \"127.0.0.1:9464\"\nbypass_ports = \"{bp0}-{bp1}\"\n\n\
              [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
              address = \"{peer_addr}:{port}\"\n\n\
-             [[accelerate]]\nsubnet = \"{peer_subnet}\"\npeer = \"site-{peer_name}\"\n",
+             [overlay]\nsocket = \"{switch}\"\ntap = \"{OVERLAY_TAP}\"\n\
+             tap_address = \"{OVERLAY_PREFIX}.{index}/24\"\n\n\
+             [migration]\nsocket = \"{migrate}\"\ntarget_dir = \"{VM_DIR}\"\n{accelerate}",
+            bp0 = DIRECT_PORTS.0,
+            bp1 = DIRECT_PORTS.1,
+            switch = switch_socket(&me.name).display(),
+            migrate = migrate_socket(&me.name).display(),
+            index = i + 1,
             me_name = me.name,
             key = key_path.display(),
             me_addr = me.address,
@@ -554,7 +591,6 @@ fn start_nodes(tern_exe: &Path, a: &Site, b: &Site) -> Result<Vec<NodeInfo>, Lab
             peer_name = peer.name,
             peer_key = encode_key(&keys[1 - i].public),
             peer_addr = peer.address,
-            peer_subnet = peer.subnet,
         );
         let config_path = dir.join(format!("node-{}.toml", me.name));
         fs::write(&config_path, config)

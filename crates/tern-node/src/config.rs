@@ -24,7 +24,19 @@
 //! listen = "127.0.0.1:9000"
 //! peer = "site-b"
 //! target = "198.18.2.1:5201"
+//!
+//! [overlay]                                   # the site's virtual L2 switch
+//! socket = "/run/tern/switch-a.sock"          # VM NICs: -netdev stream,addr.path=...
+//! tap = "ternov0"                             # optional TAP port into this host
+//! tap_address = "198.18.100.1/24"             # optional address of the TAP
+//!
+//! [migration]                                 # live-migration relay (`tern migrate`)
+//! socket = "/run/tern/migrate-a.sock"         # local requests
+//! target_dir = "/run/tern/vm"                 # remote requests may only reach sockets here
 //! ```
+//!
+//! `bypass_ports = "7450-7499"` in `[node]` leaves TCP to those destination ports alone
+//! (plain kernel TCP even inside accelerated subnets, e.g. for `tern migrate --direct`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -61,6 +73,23 @@ struct RawConfig {
     accelerate: Vec<RawAccelerate>,
     #[serde(default)]
     forward: Vec<RawForward>,
+    overlay: Option<RawOverlay>,
+    migration: Option<RawMigration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverlay {
+    socket: PathBuf,
+    tap: Option<String>,
+    tap_address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMigration {
+    socket: PathBuf,
+    target_dir: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +105,8 @@ struct RawNode {
     compression: Option<String>,
     /// Local port of the transparent listener (REDIRECT target).
     intercept_port: Option<u16>,
+    /// Destination ports never intercepted, "A-B" or "A".
+    bypass_ports: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +191,19 @@ pub struct Forward {
     pub target: SocketAddr,
 }
 
+#[derive(Debug, Clone)]
+pub struct Overlay {
+    pub socket: PathBuf,
+    pub tap: Option<String>,
+    pub tap_address: Option<(Ipv4Addr, u8)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Migration {
+    pub socket: PathBuf,
+    pub target_dir: PathBuf,
+}
+
 #[derive(Debug)]
 pub struct NodeConfig {
     pub name: String,
@@ -174,6 +218,9 @@ pub struct NodeConfig {
     pub peers: Vec<Peer>,
     pub accelerate: Vec<Accelerate>,
     pub forward: Vec<Forward>,
+    pub bypass_ports: Option<(u16, u16)>,
+    pub overlay: Option<Overlay>,
+    pub migration: Option<Migration>,
 }
 
 impl NodeConfig {
@@ -296,7 +343,82 @@ impl NodeConfig {
                 target: addr(&format!("{field}.target"), &f.target)?,
             });
         }
+        let bypass_ports = match &raw.node.bypass_ports {
+            Some(r) => {
+                let bad = || {
+                    invalid(
+                        "node.bypass_ports",
+                        format!("{r:?} is not a port or a range like 7450-7499"),
+                    )
+                };
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                let a: u16 = a.trim().parse().map_err(|_| bad())?;
+                let b: u16 = b.trim().parse().map_err(|_| bad())?;
+                if a == 0 || b < a {
+                    return Err(bad());
+                }
+                Some((a, b))
+            }
+            None => None,
+        };
+        let overlay = match raw.overlay {
+            Some(o) => {
+                if let Some(t) = &o.tap
+                    && (t.is_empty()
+                        || t.len() > 15
+                        || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                {
+                    return Err(invalid(
+                        "overlay.tap",
+                        format!("{t:?} is not an interface name (1-15 of [A-Za-z0-9-])"),
+                    ));
+                }
+                let tap_address = match &o.tap_address {
+                    Some(a) => {
+                        let parsed = a.split_once('/').and_then(|(ip, p)| {
+                            Some((ip.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?))
+                        });
+                        match parsed {
+                            Some((ip, p)) if p <= 32 && o.tap.is_some() => Some((ip, p)),
+                            _ => {
+                                return Err(invalid(
+                                    "overlay.tap_address",
+                                    format!(
+                                        "{a:?} must be an address like 198.18.100.1/24, with tap set"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                Some(Overlay {
+                    socket: o.socket,
+                    tap: o.tap,
+                    tap_address,
+                })
+            }
+            None => None,
+        };
+        let migration = match raw.migration {
+            Some(m) => {
+                if !m.target_dir.is_absolute() {
+                    return Err(invalid(
+                        "migration.target_dir",
+                        format!("{} is not an absolute path", m.target_dir.display()),
+                    ));
+                }
+                Some(Migration {
+                    socket: m.socket,
+                    target_dir: m.target_dir,
+                })
+            }
+            None => None,
+        };
         Ok(NodeConfig {
+            bypass_ports,
+            overlay,
+            migration,
             name: raw.node.name,
             identity,
             listen: addr("node.listen", &raw.node.listen)?,
@@ -350,12 +472,24 @@ peer = "b"
 listen = "127.0.0.1:9000"
 peer = "b"
 target = "198.18.2.1:5201"
+[overlay]
+socket = "/run/x.sock"
+tap = "ternov0"
+tap_address = "198.18.100.1/24"
+[migration]
+socket = "/run/m.sock"
+target_dir = "/run/tern/vm"
 "#,
             kp.display(),
             crypto::encode_key(&peer.public)
         );
         let c = NodeConfig::parse(Path::new("x.toml"), &good).unwrap();
         assert_eq!(c.max_rate_bps, Some(100_000_000));
+        assert_eq!(
+            c.overlay.as_ref().unwrap().tap_address,
+            Some(("198.18.100.1".parse().unwrap(), 24))
+        );
+        assert!(c.migration.is_some());
         assert!(
             c.accelerate[0]
                 .subnet
@@ -384,6 +518,14 @@ target = "198.18.2.1:5201"
                 "max_rate = \"fast\"",
                 "node.max_rate",
             ),
+            (
+                "max_rate = \"100mbit\"",
+                "bypass_ports = \"9-3\"",
+                "node.bypass_ports",
+            ),
+            ("tap = \"ternov0\"", "tap = \"a b\"", "overlay.tap"),
+            ("100.1/24", "100.1", "overlay.tap_address"),
+            ("\"/run/tern/vm\"", "\"vm\"", "migration.target_dir"),
         ] {
             let bad = good.replacen(from, to, 1);
             let err = NodeConfig::parse(Path::new("x.toml"), &bad)

@@ -10,7 +10,9 @@
 pub mod config;
 pub mod nft;
 pub mod node;
+pub mod open;
 pub mod status;
+pub mod switch;
 pub mod sys;
 
 use std::path::Path;

@@ -17,16 +17,20 @@ pub fn table_name(node: &str) -> String {
     format!("tern_{clean}")
 }
 
-pub fn ruleset(table: &str, rules: &[Accelerate], port: u16) -> String {
+pub fn ruleset(table: &str, rules: &[Accelerate], port: u16, bypass: Option<(u16, u16)>) -> String {
     let nets: Vec<String> = rules.iter().map(|a| a.subnet.to_string()).collect();
     let set = nets.join(", ");
+    let ports = match bypass {
+        Some((a, b)) => format!("!= {{ 0, {a}-{b} }}"),
+        None => "!= 0".to_string(),
+    };
     format!(
         "table ip {table} {{\n\
          \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n\
          \t\tmeta mark {NODE_MARK:#x} return\n\
-         \t\tip daddr {{ {set} }} tcp dport != 0 redirect to :{port}\n\t}}\n\
+         \t\tip daddr {{ {set} }} tcp dport {ports} redirect to :{port}\n\t}}\n\
          \tchain prerouting {{\n\t\ttype nat hook prerouting priority -100; policy accept;\n\
-         \t\tip daddr {{ {set} }} tcp dport != 0 redirect to :{port}\n\t}}\n}}\n"
+         \t\tip daddr {{ {set} }} tcp dport {ports} redirect to :{port}\n\t}}\n}}\n"
     )
 }
 
@@ -63,10 +67,15 @@ fn nft(input: &str) -> Result<(), NodeError> {
 }
 
 /// Installs (replacing any stale copy) the interception table; returns its name.
-pub fn install(node: &str, rules: &[Accelerate], port: u16) -> Result<String, NodeError> {
+pub fn install(
+    node: &str,
+    rules: &[Accelerate],
+    port: u16,
+    bypass: Option<(u16, u16)>,
+) -> Result<String, NodeError> {
     let table = table_name(node);
     let _ = nft(&format!("delete table ip {table}\n"));
-    nft(&ruleset(&table, rules, port))?;
+    nft(&ruleset(&table, rules, port, bypass))?;
     Ok(table)
 }
 

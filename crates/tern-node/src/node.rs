@@ -6,14 +6,18 @@
 //!   TCP bytes --RecordEncoder (compress)--> stream ==WAN== stream --RecordDecoder--> TCP to target
 //!   FIN <-> stream finish, RST <-> stream reset, connect failure -> reset -> client RST
 //! ```
-//! Stream open header (first bytes of every stream, before the records):
-//! `'T' | version 1 | kind 1 (TCP) | 4 | IPv4 address (4) | port (2)` = 10 bytes.
+//! Every stream starts with an open header (`open.rs`): TCP target, unix socket (live
+//! migration, `tern migrate`) or overlay (the L2 switch, `switch.rs`). Migration streams are
+//! read from QEMU only while the stream's unacknowledged bytes stay under about two
+//! bandwidth-delay products, so QEMU's own bandwidth estimate is the WAN's drain rate.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tern_transport::connection::Config;
@@ -22,15 +26,21 @@ use tern_transport::record::{Codec, RecordDecoder, RecordEncoder};
 use tern_transport::{Event, StreamError};
 
 use crate::config::{Compression, NodeConfig};
-use crate::status::{FlowTotals, NodeStatus, PeerStatus};
+use crate::open::OpenHeader;
+use crate::status::{FlowTotals, NodeStatus, OverlayStatus, PeerStatus};
+use crate::switch::{self, FrameDecoder, Port, Switch};
 use crate::sys::{self, Epoll, UdpBatch};
-use crate::{NodeError, nft};
+use crate::{NodeError, nft, open};
 
 const TOKEN_UDP: u64 = 0;
 const TOKEN_CONTROL: u64 = 1;
 const TOKEN_METRICS: u64 = 2;
 const TOKEN_INTERCEPT: u64 = 3;
+const TOKEN_OVERLAY: u64 = 4;
+const TOKEN_MIGRATE: u64 = 5;
+const TOKEN_TAP: u64 = 6;
 const TOKEN_FORWARD: u64 = 16;
+const TOKEN_PORT: u64 = 1 << 31;
 const TOKEN_FLOW: u64 = 1 << 32;
 /// Bytes read from a TCP socket per record.
 const CHUNK: usize = 64 * 1024;
@@ -38,7 +48,13 @@ const CHUNK: usize = 64 * 1024;
 const OUT_LIMIT: usize = 4 << 20;
 /// Most concurrently terminated connections.
 const MAX_FLOWS: usize = 4096;
-const HEADER_LEN: usize = 10;
+/// Most VM NICs attached to the switch.
+const MAX_PORTS: usize = 256;
+/// Frames queued towards one VM NIC before further frames to it are dropped.
+const PORT_OUT_LIMIT: usize = 1 << 20;
+/// Bounds of a migration stream's unacknowledged bytes (about two BDPs in between).
+const MIGRATION_BUFFER_MIN: u64 = 256 << 10;
+const MIGRATION_BUFFER_MAX: u64 = 8 << 20;
 /// Stream reset codes.
 pub const RESET_TCP_RST: u64 = 1;
 pub const RESET_CONNECT_FAILED: u64 = 2;
@@ -51,6 +67,52 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// The local end of a flow: a terminated TCP connection or a unix socket (migration).
+#[derive(Debug)]
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+    /// Makes close send a TCP RST (unix sockets just close).
+    fn abort_on_close(&self) {
+        if let Sock::Tcp(s) = self {
+            sys::set_linger_zero(s.as_raw_fd());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowKind {
+    Tcp,
+    Migration,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum FlowState {
     /// Accepting side: waiting for the open header from the stream.
@@ -61,7 +123,8 @@ enum FlowState {
 
 #[derive(Debug)]
 struct Flow {
-    sock: Option<TcpStream>,
+    sock: Option<Sock>,
+    kind: FlowKind,
     peer: PeerId,
     stream: u64,
     state: FlowState,
@@ -99,10 +162,57 @@ pub struct Node {
     clock_base: u64,
     started_ns: u64,
     nft_table: Option<String>,
+    overlay: Option<Overlay>,
+    migrate: Option<UnixListener>,
+}
+
+/// A VM NIC on the switch.
+#[derive(Debug)]
+struct VmPort {
+    sock: UnixStream,
+    dec: FrameDecoder,
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+/// The overlay link to one remote site: our stream to it and its stream to us.
+#[derive(Debug, Default)]
+struct RemoteLink {
+    out: Option<u64>,
+    inbound: Option<u64>,
+    dec: FrameDecoder,
+}
+
+#[derive(Debug)]
+struct Overlay {
+    listener: UnixListener,
+    socket: std::path::PathBuf,
+    tap: Option<File>,
+    ports: BTreeMap<u64, VmPort>,
+    next_port: u64,
+    remotes: Vec<RemoteLink>,
+    sw: Switch,
+    frame: Vec<u8>,
+    status: OverlayStatus,
 }
 
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Binds a non-blocking unix listener, replacing a stale socket file (mode 0600).
+fn bind_unix(path: &Path) -> Result<UnixListener, NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: String| move |source| NodeError::Io { what, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    l.set_nonblocking(true)
+        .map_err(io("listener non-blocking".into()))?;
+    Ok(l)
 }
 
 impl Node {
@@ -177,6 +287,66 @@ impl Node {
                 .add(l.as_raw_fd(), TOKEN_FORWARD + i as u64, sys::READ)
                 .map_err(io("epoll add".into()))?;
         }
+        let overlay = match &config.overlay {
+            Some(o) => {
+                let listener = bind_unix(&o.socket)?;
+                epoll
+                    .add(listener.as_raw_fd(), TOKEN_OVERLAY, sys::READ)
+                    .map_err(io("epoll add".into()))?;
+                let tap = match &o.tap {
+                    Some(name) => {
+                        let f = sys::open_tap(name).map_err(io(format!("TAP {name}")))?;
+                        let mut cmds = vec![vec!["link", "set", name.as_str(), "up"]];
+                        let addr = o.tap_address.map(|(ip, p)| format!("{ip}/{p}"));
+                        if let Some(a) = &addr {
+                            cmds.push(vec!["addr", "replace", a.as_str(), "dev", name.as_str()]);
+                        }
+                        for c in cmds {
+                            let ok = std::process::Command::new("ip")
+                                .args(&c)
+                                .status()
+                                .map(|s| s.success())
+                                .unwrap_or(false);
+                            if !ok {
+                                return Err(NodeError::Io {
+                                    what: format!("ip {}", c.join(" ")),
+                                    source: io::Error::other("failed"),
+                                });
+                            }
+                        }
+                        epoll
+                            .add(f.as_raw_fd(), TOKEN_TAP, sys::READ | sys::EDGE)
+                            .map_err(io("epoll add".into()))?;
+                        Some(f)
+                    }
+                    None => None,
+                };
+                Some(Overlay {
+                    listener,
+                    socket: o.socket.clone(),
+                    tap,
+                    ports: BTreeMap::new(),
+                    next_port: 0,
+                    remotes: (0..config.peers.len())
+                        .map(|_| RemoteLink::default())
+                        .collect(),
+                    sw: Switch::new(),
+                    frame: Vec::with_capacity(switch::MAX_FRAME),
+                    status: OverlayStatus::default(),
+                })
+            }
+            None => None,
+        };
+        let migrate = match &config.migration {
+            Some(m) => {
+                let l = bind_unix(&m.socket)?;
+                epoll
+                    .add(l.as_raw_fd(), TOKEN_MIGRATE, sys::READ)
+                    .map_err(io("epoll add".into()))?;
+                Some(l)
+            }
+            None => None,
+        };
         let nft_table = if config.accelerate.is_empty() {
             None
         } else {
@@ -184,6 +354,7 @@ impl Node {
                 &config.name,
                 &config.accelerate,
                 config.intercept_port,
+                config.bypass_ports,
             )?)
         };
         let transport = Config {
@@ -236,6 +407,8 @@ impl Node {
             clock_base,
             started_ns: sys::mono_ns(),
             nft_table,
+            overlay,
+            migrate,
             config,
         })
     }
@@ -308,6 +481,12 @@ impl Node {
             nft::remove(&t);
         }
         let _ = std::fs::remove_file(&self.config.control);
+        if let Some(o) = &self.overlay {
+            let _ = std::fs::remove_file(&o.socket);
+        }
+        if let Some(m) = &self.config.migration {
+            let _ = std::fs::remove_file(&m.socket);
+        }
     }
 
     fn on_ready(&mut self, token: u64, events: u32) {
@@ -323,9 +502,13 @@ impl Node {
             TOKEN_CONTROL => self.serve_control(),
             TOKEN_METRICS => self.serve_metrics(),
             TOKEN_INTERCEPT => self.accept(None),
-            t if (TOKEN_FORWARD..TOKEN_FLOW).contains(&t) => {
+            TOKEN_OVERLAY => self.accept_ports(),
+            TOKEN_MIGRATE => self.accept_migrations(),
+            TOKEN_TAP => self.read_tap(),
+            t if (TOKEN_FORWARD..TOKEN_PORT).contains(&t) => {
                 self.accept(Some((t - TOKEN_FORWARD) as usize))
             }
+            t if (TOKEN_PORT..TOKEN_FLOW).contains(&t) => self.on_port_ready(t - TOKEN_PORT),
             t => self.on_flow_ready(t - TOKEN_FLOW, events),
         }
     }
@@ -387,6 +570,7 @@ impl Node {
             match ev {
                 EndpointEvent::Connected(peer) => {
                     eprintln!("tern node: connected to peer {}", self.ep.peer_name(peer));
+                    self.open_overlay_link(peer);
                 }
                 EndpointEvent::Disconnected { peer, code } => {
                     eprintln!(
@@ -400,6 +584,10 @@ impl Node {
                         .collect();
                     for f in ids {
                         self.abort_flow(f, false);
+                    }
+                    if let Some(o) = &mut self.overlay {
+                        o.remotes[peer] = RemoteLink::default();
+                        o.sw.remove_port(Port::Remote(peer));
                     }
                 }
                 EndpointEvent::Stream { peer, event } => self.on_stream_event(peer, event),
@@ -417,12 +605,14 @@ impl Node {
                     self.totals.refused += 1;
                     return;
                 }
-                let f = self.new_flow(None, peer, id, FlowState::AwaitHeader);
+                let f = self.new_flow(None, FlowKind::Tcp, peer, id, FlowState::AwaitHeader);
                 self.pump_stream(f);
             }
             Event::Readable(id) => {
                 if let Some(&f) = self.by_stream.get(&(peer, id)) {
                     self.pump_stream(f);
+                } else if self.is_overlay_inbound(peer, id) {
+                    self.pump_overlay_in(peer);
                 }
             }
             Event::Writable(id) => {
@@ -434,6 +624,15 @@ impl Node {
                 if let Some(&f) = self.by_stream.get(&(peer, id)) {
                     self.totals.reset_by_peer += 1;
                     self.abort_flow(f, false);
+                } else if let Some(o) = &mut self.overlay {
+                    let link = &mut o.remotes[peer];
+                    if link.inbound == Some(id) {
+                        link.inbound = None;
+                        link.dec = FrameDecoder::default();
+                    }
+                    if link.out == Some(id) {
+                        link.out = None;
+                    }
                 }
             }
             Event::Closed { .. } => {}
@@ -442,7 +641,8 @@ impl Node {
 
     fn new_flow(
         &mut self,
-        sock: Option<TcpStream>,
+        sock: Option<Sock>,
+        kind: FlowKind,
         peer: PeerId,
         stream: u64,
         state: FlowState,
@@ -451,7 +651,7 @@ impl Node {
         self.next_flow += 1;
         if let Some(s) = &sock {
             let _ = self.epoll.add(
-                s.as_raw_fd(),
+                s.fd(),
                 TOKEN_FLOW + id,
                 sys::READ | sys::WRITE | sys::EDGE | sys::HUP,
             );
@@ -460,6 +660,7 @@ impl Node {
             id,
             Flow {
                 sock,
+                kind,
                 peer,
                 stream,
                 state,
@@ -524,14 +725,18 @@ impl Node {
                     continue;
                 }
             };
-            let mut header = Vec::with_capacity(HEADER_LEN);
-            header.extend_from_slice(&[b'T', 1, 1, 4]);
-            header.extend_from_slice(&target.ip().octets());
-            header.extend_from_slice(&target.port().to_be_bytes());
+            let mut header = Vec::new();
+            OpenHeader::Tcp(target).encode(&mut header);
             if let Some(c) = self.ep.connection(peer) {
                 let _ = c.stream_write(stream, &header);
             }
-            let f = self.new_flow(Some(sock), peer, stream, FlowState::Open);
+            let f = self.new_flow(
+                Some(Sock::Tcp(sock)),
+                FlowKind::Tcp,
+                peer,
+                stream,
+                FlowState::Open,
+            );
             self.pump_tcp(f);
         }
     }
@@ -541,7 +746,7 @@ impl Node {
             return;
         };
         if flow.state == FlowState::Connecting && events & (sys::WRITE | sys::HUP) != 0 {
-            let fd = flow.sock.as_ref().map(|s| s.as_raw_fd()).unwrap_or(-1);
+            let fd = flow.sock.as_ref().map(|s| s.fd()).unwrap_or(-1);
             match sys::take_error(fd) {
                 Ok(()) => flow.state = FlowState::Open,
                 Err(_) => {
@@ -585,9 +790,17 @@ impl Node {
             let Some(conn) = self.ep.connection(flow.peer) else {
                 return;
             };
-            let cap = conn.stream_capacity(flow.stream);
+            let mut cap = conn.stream_capacity(flow.stream);
+            if flow.kind == FlowKind::Migration {
+                // Back-pressure: QEMU must see the WAN's drain rate, not a buffer's fill rate.
+                let st = conn.stats();
+                let bdp = st.pacing_rate_bps / 8 * st.srtt_us.max(1000) / 1_000_000;
+                let limit = (2 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
+                let room = limit.saturating_sub(conn.stream_buffered(flow.stream));
+                cap = cap.min(room as usize);
+            }
             if cap < 2048 {
-                return; // resumes on Writable
+                return; // resumes on Writable, or on the next loop once acks free room
             }
             let want = (cap - 64).min(CHUNK);
             let sock = flow.sock.as_mut().expect("open flows have sockets");
@@ -639,40 +852,80 @@ impl Node {
             };
             let mut data = &self.buf[..n];
             if flow.state == FlowState::AwaitHeader {
-                let need = HEADER_LEN - flow.header.len();
-                let take = need.min(data.len());
+                // Accumulate until the header is complete (it may span reads).
+                let before = flow.header.len();
+                let take = (open::MAX_HEADER_LEN - before).min(data.len());
                 flow.header.extend_from_slice(&data[..take]);
-                data = &data[take..];
-                if flow.header.len() == HEADER_LEN {
-                    let h = &flow.header;
-                    if h[0] != b'T' || h[1] != 1 || h[2] != 1 || h[3] != 4 {
+                let (header, used) = match OpenHeader::decode(&flow.header) {
+                    Ok(Some(x)) => x,
+                    Ok(None) if flow.header.len() < open::MAX_HEADER_LEN && !fin => {
+                        if n == 0 {
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(None) | Err(_) => {
                         self.totals.bad_header += 1;
                         let _ = conn.stream_reset(flow.stream, RESET_BAD_HEADER);
                         self.drop_flow(f);
                         return;
                     }
-                    let ip = Ipv4Addr::new(h[4], h[5], h[6], h[7]);
-                    let port = u16::from_be_bytes([h[8], h[9]]);
-                    let target = SocketAddr::V4(SocketAddrV4::new(ip, port));
-                    match sys::connect_nonblocking(target) {
-                        Ok(sock) => {
+                };
+                data = &data[used - before..];
+                let opened = match header {
+                    OpenHeader::Tcp(target) => sys::connect_nonblocking(SocketAddr::V4(target))
+                        .map(|sock| {
                             flow.state = FlowState::Connecting;
-                            let _ = self.epoll.add(
-                                sock.as_raw_fd(),
-                                TOKEN_FLOW + f,
-                                sys::READ | sys::WRITE | sys::EDGE | sys::HUP,
-                            );
-                            flow.sock = Some(sock);
+                            Sock::Tcp(sock)
+                        }),
+                    OpenHeader::Unix(rel) => match &self.config.migration {
+                        Some(m) => {
+                            let path = m.target_dir.join(&rel);
+                            UnixStream::connect(&path).and_then(|sock| {
+                                sock.set_nonblocking(true)?;
+                                flow.state = FlowState::Open;
+                                flow.kind = FlowKind::Migration;
+                                self.totals.migrations += 1;
+                                Ok(Sock::Unix(sock))
+                            })
                         }
-                        Err(_) => {
-                            self.totals.connect_failed += 1;
-                            let _ = conn.stream_reset(flow.stream, RESET_CONNECT_FAILED);
-                            self.drop_flow(f);
-                            return;
+                        None => Err(io::Error::other("no [migration] section")),
+                    },
+                    OpenHeader::Overlay => {
+                        let (peer, stream) = (flow.peer, flow.stream);
+                        let rest = data.to_vec();
+                        self.by_stream.remove(&(peer, stream));
+                        self.flows.remove(&f);
+                        self.adopt_overlay_inbound(peer, stream, &rest);
+                        return;
+                    }
+                };
+                let flow = self.flows.get_mut(&f).expect("present");
+                match opened {
+                    Ok(sock) => {
+                        let _ = self.epoll.add(
+                            sock.fd(),
+                            TOKEN_FLOW + f,
+                            sys::READ | sys::WRITE | sys::EDGE | sys::HUP,
+                        );
+                        flow.sock = Some(sock);
+                    }
+                    Err(_) => {
+                        self.totals.connect_failed += 1;
+                        if let Some(c) = self.ep.connection(flow.peer) {
+                            let _ = c.stream_reset(flow.stream, RESET_CONNECT_FAILED);
                         }
+                        self.drop_flow(f);
+                        return;
                     }
                 }
             }
+            let Some(flow) = self.flows.get_mut(&f) else {
+                return;
+            };
+            let Some(conn) = self.ep.connection(flow.peer) else {
+                return;
+            };
             if !data.is_empty() {
                 self.totals.stream_bytes_in += data.len() as u64;
                 let before = flow.out.len();
@@ -719,7 +972,7 @@ impl Node {
             flow.out_pos = 0;
             if flow.stream_fin && !flow.shut_write {
                 flow.shut_write = true;
-                let _ = sock.shutdown(std::net::Shutdown::Write);
+                sock.shutdown_write();
             }
         } else if flow.out_pos > OUT_LIMIT {
             flow.out.drain(..flow.out_pos);
@@ -753,7 +1006,7 @@ impl Node {
     fn abort_flow(&mut self, f: u64, reset_stream: bool) {
         if let Some(flow) = self.flows.get(&f) {
             if let Some(s) = &flow.sock {
-                sys::set_linger_zero(s.as_raw_fd());
+                s.abort_on_close();
             }
             if reset_stream {
                 let (peer, stream) = (flow.peer, flow.stream);
@@ -768,13 +1021,349 @@ impl Node {
     fn drop_flow(&mut self, f: u64) {
         if let Some(flow) = self.flows.remove(&f) {
             if let Some(s) = &flow.sock {
-                self.epoll.delete(s.as_raw_fd());
+                self.epoll.delete(s.fd());
             }
             self.by_stream.remove(&(flow.peer, flow.stream));
             let st = flow.enc.stats();
             self.totals.compress_in += st.input_bytes;
             self.totals.compress_out += st.output_bytes;
         }
+    }
+
+    // ------------------------------------------------------------------ overlay (L2 switch)
+
+    fn open_overlay_link(&mut self, peer: PeerId) {
+        let Some(o) = &mut self.overlay else { return };
+        let Some(conn) = self.ep.connection(peer) else {
+            return;
+        };
+        if let Ok(id) = conn.open_stream() {
+            let mut h = Vec::new();
+            OpenHeader::Overlay.encode(&mut h);
+            let _ = conn.stream_write(id, &h);
+            o.remotes[peer].out = Some(id);
+        }
+    }
+
+    fn is_overlay_inbound(&self, peer: PeerId, id: u64) -> bool {
+        self.overlay
+            .as_ref()
+            .is_some_and(|o| o.remotes[peer].inbound == Some(id))
+    }
+
+    fn adopt_overlay_inbound(&mut self, peer: PeerId, stream: u64, rest: &[u8]) {
+        let Some(o) = &mut self.overlay else {
+            self.totals.bad_header += 1;
+            if let Some(c) = self.ep.connection(peer) {
+                let _ = c.stream_reset(stream, RESET_BAD_HEADER);
+            }
+            return;
+        };
+        let link = &mut o.remotes[peer];
+        link.inbound = Some(stream);
+        link.dec = FrameDecoder::default();
+        link.dec.push(rest);
+        self.pump_overlay_in(peer);
+    }
+
+    /// Frames arriving from a remote site.
+    fn pump_overlay_in(&mut self, peer: PeerId) {
+        loop {
+            let Some(o) = &mut self.overlay else { return };
+            let Some(id) = o.remotes[peer].inbound else {
+                return;
+            };
+            let Some(conn) = self.ep.connection(peer) else {
+                return;
+            };
+            let (n, _fin) = conn.stream_read(id, &mut self.buf).unwrap_or((0, true));
+            o.remotes[peer].dec.push(&self.buf[..n]);
+            loop {
+                let o = self.overlay.as_mut().expect("checked");
+                let link = &mut o.remotes[peer];
+                match link.dec.next_frame() {
+                    Ok(Some(fr)) => {
+                        o.frame.clear();
+                        o.frame.extend_from_slice(fr);
+                        o.status.remote_frames_in += 1;
+                        self.switch_frame(Port::Remote(peer));
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        o.status.bad_frames += 1;
+                        link.inbound = None;
+                        if let Some(c) = self.ep.connection(peer) {
+                            let _ = c.stream_reset(id, RESET_BAD_RECORD);
+                        }
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    fn accept_ports(&mut self) {
+        loop {
+            let Some(o) = &mut self.overlay else { return };
+            let sock = match o.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if would_block(&e) => return,
+                Err(e) => {
+                    eprintln!("tern node: overlay accept: {e}");
+                    return;
+                }
+            };
+            if o.ports.len() >= MAX_PORTS || sock.set_nonblocking(true).is_err() {
+                o.status.ports_refused += 1;
+                continue;
+            }
+            let id = o.next_port;
+            o.next_port += 1;
+            let _ = self.epoll.add(
+                sock.as_raw_fd(),
+                TOKEN_PORT + id,
+                sys::READ | sys::WRITE | sys::EDGE | sys::HUP,
+            );
+            o.ports.insert(
+                id,
+                VmPort {
+                    sock,
+                    dec: FrameDecoder::default(),
+                    out: Vec::new(),
+                    out_pos: 0,
+                },
+            );
+            o.status.ports_attached += 1;
+            self.on_port_ready(id);
+        }
+    }
+
+    /// A VM NIC is readable or writable: flush queued frames, then switch what it sent.
+    fn on_port_ready(&mut self, id: u64) {
+        if !self.flush_port(id) {
+            return;
+        }
+        loop {
+            let Some(o) = &mut self.overlay else { return };
+            let Some(p) = o.ports.get_mut(&id) else {
+                return;
+            };
+            match p.sock.read(&mut self.buf) {
+                Ok(0) => return self.close_port(id),
+                Ok(n) => p.dec.push(&self.buf[..n]),
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.close_port(id),
+            }
+            loop {
+                let o = self.overlay.as_mut().expect("checked");
+                let Some(p) = o.ports.get_mut(&id) else {
+                    return;
+                };
+                match p.dec.next_frame() {
+                    Ok(Some(fr)) => {
+                        o.frame.clear();
+                        o.frame.extend_from_slice(fr);
+                        self.switch_frame(Port::Vm(id));
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        o.status.bad_frames += 1;
+                        return self.close_port(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes queued frames to a VM NIC; false if the port was closed.
+    fn flush_port(&mut self, id: u64) -> bool {
+        let Some(o) = &mut self.overlay else {
+            return false;
+        };
+        let Some(p) = o.ports.get_mut(&id) else {
+            return false;
+        };
+        while p.out_pos < p.out.len() {
+            match p.sock.write(&p.out[p.out_pos..]) {
+                Ok(n) => p.out_pos += n,
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_port(id);
+                    return false;
+                }
+            }
+        }
+        if p.out_pos == p.out.len() {
+            p.out.clear();
+            p.out_pos = 0;
+        }
+        true
+    }
+
+    fn close_port(&mut self, id: u64) {
+        let Some(o) = &mut self.overlay else { return };
+        if let Some(p) = o.ports.remove(&id) {
+            self.epoll.delete(p.sock.as_raw_fd());
+            o.sw.remove_port(Port::Vm(id));
+            o.status.ports_detached += 1;
+        }
+    }
+
+    fn read_tap(&mut self) {
+        loop {
+            let Some(o) = &mut self.overlay else { return };
+            let Some(tap) = &mut o.tap else { return };
+            o.frame.resize(switch::MAX_FRAME + 1, 0);
+            match tap.read(&mut o.frame) {
+                Ok(n) if n <= switch::MAX_FRAME => {
+                    o.frame.truncate(n);
+                    self.switch_frame(Port::Tap);
+                }
+                Ok(_) => o.status.bad_frames += 1,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Switches the frame in `overlay.frame` that entered at `ingress`.
+    fn switch_frame(&mut self, ingress: Port) {
+        let Some(o) = &mut self.overlay else { return };
+        let targets: Vec<Port> = match o.sw.handle_frame(ingress, &o.frame) {
+            switch::Forward::One(p) => vec![p],
+            switch::Forward::Drop => return,
+            switch::Forward::Flood => {
+                let mut t: Vec<Port> = o.ports.keys().map(|&id| Port::Vm(id)).collect();
+                if o.tap.is_some() {
+                    t.push(Port::Tap);
+                }
+                t.extend((0..o.remotes.len()).map(Port::Remote));
+                t.retain(|&p| Switch::floods_to(ingress, p));
+                t
+            }
+        };
+        for port in targets {
+            let o = self.overlay.as_mut().expect("checked");
+            match port {
+                Port::Vm(id) => {
+                    let Some(p) = o.ports.get_mut(&id) else {
+                        continue;
+                    };
+                    if p.out.len() - p.out_pos > PORT_OUT_LIMIT {
+                        o.status.frames_dropped += 1;
+                        continue;
+                    }
+                    switch::encode_frame(&o.frame, &mut p.out);
+                    self.flush_port(id);
+                }
+                Port::Tap => {
+                    if let Some(tap) = &mut o.tap
+                        && tap.write(&o.frame).is_err()
+                    {
+                        o.status.frames_dropped += 1;
+                    }
+                }
+                Port::Remote(peer) => {
+                    let Some(id) = o.remotes[peer].out else {
+                        continue;
+                    };
+                    let Some(conn) = self.ep.connection(peer) else {
+                        continue;
+                    };
+                    if conn.stream_capacity(id) < o.frame.len() + 4 {
+                        o.status.frames_dropped += 1;
+                        continue;
+                    }
+                    let mut framed = Vec::with_capacity(o.frame.len() + 4);
+                    switch::encode_frame(&o.frame, &mut framed);
+                    let _ = conn.stream_write(id, &framed);
+                    o.status.remote_frames_out += 1;
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ migration relay
+
+    /// A local request (`tern migrate`): `'M' | 1 | len | peer name | len | relative path`,
+    /// answered with one byte, 0 = stream open (then the socket is the migration stream),
+    /// otherwise an error line follows and the socket closes.
+    fn accept_migrations(&mut self) {
+        loop {
+            let Some(l) = &self.migrate else { return };
+            let mut sock = match l.accept() {
+                Ok((s, _)) => s,
+                Err(e) if would_block(&e) => return,
+                Err(e) => {
+                    eprintln!("tern node: migration accept: {e}");
+                    return;
+                }
+            };
+            match self.open_migration(&mut sock) {
+                Ok((peer, stream)) => {
+                    let _ = sock.write_all(&[0]);
+                    let _ = sock.set_nonblocking(true);
+                    self.totals.migrations += 1;
+                    let f = self.new_flow(
+                        Some(Sock::Unix(sock)),
+                        FlowKind::Migration,
+                        peer,
+                        stream,
+                        FlowState::Open,
+                    );
+                    self.pump_tcp(f);
+                }
+                Err(msg) => {
+                    self.totals.refused += 1;
+                    let _ = sock.write_all(format!("\x01{msg}\n").as_bytes());
+                }
+            }
+        }
+    }
+
+    fn open_migration(&mut self, sock: &mut UnixStream) -> Result<(PeerId, u64), String> {
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let mut byte = |what: &str| -> Result<u8, String> {
+            let mut b = [0u8; 1];
+            sock.read_exact(&mut b)
+                .map_err(|e| format!("reading {what}: {e}"))?;
+            Ok(b[0])
+        };
+        if byte("magic")? != b'M' || byte("version")? != 1 {
+            return Err("bad request magic (expected 'M', 1)".into());
+        }
+        let mut field = |what: &str| -> Result<String, String> {
+            let mut lb = [0u8; 1];
+            sock.read_exact(&mut lb)
+                .map_err(|e| format!("reading {what}: {e}"))?;
+            let mut v = vec![0u8; lb[0] as usize];
+            sock.read_exact(&mut v)
+                .map_err(|e| format!("reading {what}: {e}"))?;
+            String::from_utf8(v).map_err(|_| format!("{what} is not UTF-8"))
+        };
+        let peer_name = field("peer name")?;
+        let path = field("path")?;
+        if !open::safe_relative_path(&path) {
+            return Err(format!("unsafe target path {path:?}"));
+        }
+        let peer = (0..self.ep.peer_count())
+            .find(|&p| self.ep.peer_name(p) == peer_name)
+            .ok_or_else(|| format!("no peer named {peer_name:?}"))?;
+        if !self.ep.is_connected(peer) {
+            return Err(format!("peer {peer_name:?} is not connected"));
+        }
+        let conn = self.ep.connection(peer).ok_or("peer is not connected")?;
+        let stream = conn.open_stream().map_err(|e| e.to_string())?;
+        let mut h = Vec::new();
+        OpenHeader::Unix(path).encode(&mut h);
+        let _ = conn.stream_write(stream, &h);
+        Ok((peer, stream))
     }
 
     // ------------------------------------------------------------------ status
@@ -801,6 +1390,11 @@ impl Node {
                 .collect(),
             endpoint: self.ep.stats().clone(),
             flows: totals,
+            overlay: self.overlay.as_ref().map(|o| OverlayStatus {
+                ports: o.ports.len(),
+                switch: o.sw.stats(),
+                ..o.status.clone()
+            }),
         }
     }
 

@@ -24,6 +24,23 @@ pub struct FlowTotals {
     pub stream_bytes_in: u64,
     pub compress_in: u64,
     pub compress_out: u64,
+    /// Live-migration streams relayed (either direction).
+    pub migrations: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    /// VM NICs attached now.
+    pub ports: usize,
+    pub ports_attached: u64,
+    pub ports_detached: u64,
+    pub ports_refused: u64,
+    pub remote_frames_in: u64,
+    pub remote_frames_out: u64,
+    /// Frames dropped because a port or the WAN could not take them (L2 semantics).
+    pub frames_dropped: u64,
+    pub bad_frames: u64,
+    pub switch: crate::switch::SwitchStats,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,6 +59,8 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     pub endpoint: EndpointStats,
     pub flows: FlowTotals,
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
 }
 
 /// Prometheus text exposition format.

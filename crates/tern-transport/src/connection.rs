@@ -401,6 +401,11 @@ impl Connection {
         stream_room.min(conn_room) as usize
     }
 
+    /// Bytes written to a stream and not yet acknowledged (queued plus in flight).
+    pub fn stream_buffered(&self, id: u64) -> u64 {
+        self.streams.get(&id).map_or(0, |s| s.send.buffered())
+    }
+
     /// Queues data; returns how much was taken (0 = full: `Writable` follows when room frees).
     pub fn stream_write(&mut self, id: u64, data: &[u8]) -> Result<usize, StreamError> {
         let cap = self.stream_capacity(id);
