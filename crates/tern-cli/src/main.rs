@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
 mod bench;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ enum Cmd {
     /// The per-site WAN accelerator daemon (TCP termination over tern's UDP transport).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Guest VMs at a site: start, list, stop (QEMU under TCG).
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -259,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
+        Cmd::Vm(c) => vm::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }
 }
