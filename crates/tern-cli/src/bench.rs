@@ -196,3 +196,67 @@ pub fn rr_client(a: RrClientArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct VmotionBenchArgs {
+    /// Link profiles, comma-separated (default: the seed's VMotion table).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,sonet,ll-metro,ll-metro-5ms,metro,mpls"
+    )]
+    profiles: Vec<String>,
+    /// Methods: cubic, bbr (QEMU over kernel TCP), tern.
+    #[arg(long, value_delimiter = ',', default_value = "cubic,bbr,tern")]
+    methods: Vec<String>,
+    /// Migrations per profile and method.
+    #[arg(long, default_value_t = 4)]
+    runs: u32,
+    /// Guest RAM of the reference VM, MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Guest workload of the reference VM.
+    #[arg(long, default_value = "web-db")]
+    workload: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the byte-for-byte RAM comparison (then only the guest's checksums verify).
+    #[arg(long)]
+    no_check_memory: bool,
+    /// Give up on one migration after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    migrate_timeout: u64,
+    /// Directory for vmotion.json, vmotion.md and vmotion.svg.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn vmotion(a: VmotionBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    for p in &a.profiles {
+        tern_link::Profile::find(p)?;
+    }
+    let methods = a
+        .methods
+        .iter()
+        .map(|m| tern_bench::vmotion::Method::parse(m).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = tern_bench::vmotion::VmotionOptions {
+        profiles: a.profiles,
+        methods,
+        runs: a.runs.max(1),
+        mem_mib: a.mem,
+        workload: a.workload,
+        seed: a.seed,
+        check_memory: !a.no_check_memory,
+        migrate_timeout_s: a.migrate_timeout,
+        out_dir: a.out,
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::vmotion::run(&opts)?;
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
 mod bench;
+mod migrate;
 mod vm;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ enum Cmd {
     /// Guest VMs at a site: start, list, stop (QEMU under TCG).
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Live-migrate a VM to the other site over tern's transport (or --direct kernel TCP),
+    /// with progress and a summary (`--json`: total_s, downtime_ms, wire_bytes, verified).
+    Migrate(migrate::MigrateArgs),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -129,6 +133,9 @@ enum BenchCmd {
     Wan(bench::WanBenchArgs),
     /// tern's accelerator against kernel TCP (cubic, bbr) and kcptun on every profile.
     Accel(bench::AccelBenchArgs),
+    /// The seed's VMotion table: live migration of a reference VM on every seed profile,
+    /// QEMU over TCP cubic and bbr against tern, verified every time.
+    Vmotion(bench::VmotionBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -260,10 +267,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Lab(c) => lab(c),
         Cmd::Bench(BenchCmd::Wan(a)) => bench::wan(a),
         Cmd::Bench(BenchCmd::Accel(a)) => bench::accel(a),
+        Cmd::Bench(BenchCmd::Vmotion(a)) => bench::vmotion(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
         Cmd::Vm(c) => vm::run(c),
+        Cmd::Migrate(a) => migrate::run(a),
         Cmd::Keygen { out } => keygen(&out),
     }
 }

@@ -1,0 +1,612 @@
+//! The migration driver: starts the destination, connects the stream (through the site
+//! nodes, or direct TCP), drives QMP, watches progress, verifies, and cleans up on failure.
+
+use std::io::Write as _;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tern_vm::{QmpClient, VmHost, VmSpec};
+
+use crate::memcmp::{self, MemCompare};
+use crate::monitor::{Monitor, Progress, Sample, Verdict, progress_line};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Vm(#[from] tern_vm::VmError),
+    #[error("QMP {what}")]
+    Qmp {
+        what: String,
+        #[source]
+        source: tern_vm::ClientError,
+    },
+    #[error("{0}")]
+    Refused(String),
+    /// The migration did not complete; the source was left running.
+    #[error("migration {reason}; the source VM at site {site} was left {state}")]
+    Aborted {
+        reason: String,
+        site: String,
+        state: String,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn qmp_err(what: impl Into<String>) -> impl FnOnce(tern_vm::ClientError) -> MigrateError {
+    let what = what.into();
+    move |source| MigrateError::Qmp { what, source }
+}
+
+/// How the migration stream travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Through the site nodes: tern's transport, compression, back-pressure.
+    Tern,
+    /// QEMU to QEMU over kernel TCP with this congestion control.
+    Direct,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub name: String,
+    pub to_site: String,
+    pub route: Route,
+    /// Congestion control of both sites' kernel TCP for `Direct` (`cubic`, `bbr`, `reno`).
+    pub cc: String,
+    /// TCP port of the destination QEMU for `Direct` (inside the nodes' bypass range).
+    pub direct_port: u16,
+    /// QEMU's `downtime-limit`, ms.
+    pub downtime_limit_ms: u64,
+    /// QEMU's `max-bandwidth`, bytes/s.
+    pub max_bandwidth: u64,
+    /// Give up when QEMU sends nothing for this long.
+    pub stall_timeout: Duration,
+    /// Hard bound on the whole migration.
+    pub timeout: Duration,
+    /// Start the destination paused and compare both guests' RAM before resuming it.
+    pub check_memory: bool,
+    /// After the switchover, wait for this many good in-guest verification passes on the
+    /// destination (tern guests with a workload only; 0 skips).
+    pub guest_verify_passes: u32,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+impl MigrateOptions {
+    pub fn new(name: &str, to_site: &str) -> MigrateOptions {
+        MigrateOptions {
+            name: name.into(),
+            to_site: to_site.into(),
+            route: Route::Tern,
+            cc: "cubic".into(),
+            direct_port: tern_lab::DIRECT_PORTS.0,
+            downtime_limit_ms: 300,
+            max_bandwidth: 10 << 30,
+            stall_timeout: Duration::from_secs(20),
+            timeout: Duration::from_secs(1800),
+            check_memory: false,
+            guest_verify_passes: 1,
+            progress: true,
+        }
+    }
+}
+
+/// What `tern migrate --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub route: Route,
+    /// Congestion control of the direct path (`null` through tern).
+    pub cc: Option<String>,
+    pub profile: Option<String>,
+    /// From the `migrate` command to the destination running (with `check_memory`: to the
+    /// destination's load completion).
+    pub total_s: f64,
+    /// Source STOP event to destination RESUME event (QEMU's timestamps). With
+    /// `check_memory`, to the destination's MIGRATION completed event instead, since the
+    /// destination then waits for the comparison before it resumes.
+    pub downtime_ms: f64,
+    /// QEMU's own `downtime` figure (excludes time the VM sat paused before the stop).
+    pub qemu_downtime_ms: u64,
+    /// Bytes QEMU wrote into its migration socket (`ram.transferred`, before compression).
+    pub qemu_bytes: u64,
+    /// IP bytes the sending site put on the emulated link during the migration (both
+    /// paths measured the same way, retransmissions and overlay traffic included).
+    pub wire_bytes: u64,
+    pub iterations: u64,
+    /// Every check that ran passed: RAM byte-for-byte (with `check_memory`) and the
+    /// guest's own checksums (tern guests); `false` if any failed, `null` if none ran.
+    pub verified: Option<bool>,
+    pub memory: Option<MemCompare>,
+    pub guest_verify: Option<GuestVerify>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestVerify {
+    pub passes_ok: u32,
+    pub failures: u32,
+    pub last_line: String,
+}
+
+fn now_ms(t0: Instant) -> u64 {
+    t0.elapsed().as_millis() as u64
+}
+
+fn link_bytes(from_site: &str) -> u64 {
+    tern_lab::stats()
+        .map(|s| {
+            let d = if from_site == "a" {
+                &s.a_to_b
+            } else {
+                &s.b_to_a
+            };
+            d.stats.counters.offered_bytes
+        })
+        .unwrap_or(0)
+}
+
+fn set_cc(site: &str, cc: &str) -> Result<(), MigrateError> {
+    let netns = format!("tern-{site}");
+    tern_lab::run_in(
+        &netns,
+        "sysctl",
+        &["-q", "-w", &format!("net.ipv4.tcp_congestion_control={cc}")],
+    )
+    .map(|_| ())
+    .map_err(|e| MigrateError::Refused(format!("set {cc} in {netns}: {e}")))
+}
+
+fn site_ip(site: &str) -> Result<String, MigrateError> {
+    tern_lab::sites()
+        .into_iter()
+        .find(|s| s.name == site)
+        .map(|s| s.address.to_string())
+        .ok_or_else(|| MigrateError::Refused(format!("no site {site:?}")))
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Counts `tern-guest: verify` lines in a serial log: (ok, failed, last line).
+pub fn guest_verify_lines(log: &str) -> (u32, u32, String) {
+    let mut ok = 0;
+    let mut bad = 0;
+    let mut last = String::new();
+    for l in log.lines() {
+        if l.contains("tern-guest: verify ok") {
+            ok += 1;
+            last = l.trim().to_string();
+        } else if l.contains("tern-guest: verify FAIL") {
+            bad += 1;
+            last = l.trim().to_string();
+        }
+    }
+    (ok, bad, last)
+}
+
+/// Migrates a VM; on any failure the destination is stopped and the source left running.
+pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
+    let host = VmHost::lab();
+    let lab = tern_lab::status().map_err(|e| MigrateError::Refused(e.to_string()))?;
+    if !lab.up {
+        return Err(MigrateError::Refused(
+            "no lab is up: run `tern lab up` first".into(),
+        ));
+    }
+    let src = host.record(&opts.name, None)?;
+    let from = src.site.clone();
+    if from == opts.to_site {
+        return Err(MigrateError::Refused(format!(
+            "{} already runs at site {from}",
+            opts.name
+        )));
+    }
+    site_ip(&opts.to_site)?;
+    let mut sq = host.qmp(&opts.name, Some(&from))?;
+    let status = sq
+        .execute("query-status", Value::Null)
+        .map_err(qmp_err("query-status"))?;
+    let state = status["status"].as_str().unwrap_or("?").to_string();
+    if state != "running" && state != "paused" {
+        return Err(MigrateError::Refused(format!(
+            "the source VM is {state}, not running"
+        )));
+    }
+    preflight(&mut sq, opts)?;
+
+    // The destination: same machine, the destination site's switch.
+    let mut spec: VmSpec = src.spec.clone();
+    if spec.net_socket.is_some() {
+        spec.net_socket = Some(tern_lab::switch_socket(&opts.to_site));
+    }
+    let dest_dir = host.paths(&opts.name, &opts.to_site).dir;
+    let incoming_sock = dest_dir.join("incoming.sock");
+    let uri = match opts.route {
+        Route::Tern => format!("unix:{}", incoming_sock.display()),
+        Route::Direct => format!("tcp:{}:{}", site_ip(&opts.to_site)?, opts.direct_port),
+    };
+    if opts.route == Route::Direct {
+        set_cc(&from, &opts.cc)?;
+        set_cc(&opts.to_site, &opts.cc)?;
+    }
+    let dest = if opts.check_memory {
+        host.start_incoming_paused(&spec, &opts.to_site, &uri)?
+    } else {
+        host.start_incoming(&spec, &opts.to_site, &uri)?
+    };
+    let result = run(opts, &host, &mut sq, &from, &dest, &incoming_sock, &uri);
+    match result {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            // Leave the source as it was: cancel, resume if QEMU stopped it, drop the dest.
+            let _ = sq.execute("migrate_cancel", Value::Null);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let st = sq
+                    .execute("query-migrate", Value::Null)
+                    .map(|v| v["status"].as_str().unwrap_or("none").to_string())
+                    .unwrap_or_default();
+                if !matches!(st.as_str(), "active" | "cancelling" | "setup" | "device")
+                    || Instant::now() > deadline
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = host.stop_instance(&opts.name, &opts.to_site);
+            let state = sq
+                .execute("query-status", Value::Null)
+                .ok()
+                .and_then(|v| v["status"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".into());
+            let state = if state != "running" && src_was_running(&status) {
+                let _ = sq.execute("cont", Value::Null);
+                sq.execute("query-status", Value::Null)
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(str::to_string))
+                    .unwrap_or(state)
+            } else {
+                state
+            };
+            match e {
+                MigrateError::Aborted { reason, .. } => Err(MigrateError::Aborted {
+                    reason,
+                    site: from,
+                    state,
+                }),
+                other => Err(MigrateError::Aborted {
+                    reason: format!("failed: {}", error_chain(&other)),
+                    site: from,
+                    state,
+                }),
+            }
+        }
+    }
+}
+
+fn src_was_running(status: &Value) -> bool {
+    status["status"].as_str() == Some("running")
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Refuses configurations tern cannot carry and sets the parameters every path shares.
+fn preflight(q: &mut QmpClient, opts: &MigrateOptions) -> Result<(), MigrateError> {
+    let mig = q
+        .execute("query-migrate", Value::Null)
+        .map_err(qmp_err("query-migrate"))?;
+    if let Some(s) = mig["status"].as_str()
+        && matches!(s, "active" | "setup" | "cancelling" | "device")
+    {
+        return Err(MigrateError::Refused(format!(
+            "a migration is already {s} for this VM"
+        )));
+    }
+    q.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    )
+    .map_err(qmp_err("migrate-set-capabilities"))?;
+    q.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": opts.downtime_limit_ms, "max-bandwidth": opts.max_bandwidth}),
+    )
+    .map_err(qmp_err("migrate-set-parameters"))?;
+    Ok(())
+}
+
+fn run(
+    opts: &MigrateOptions,
+    host: &VmHost,
+    sq: &mut QmpClient,
+    from: &str,
+    dest: &tern_vm::VmInfo,
+    incoming_sock: &Path,
+    uri: &str,
+) -> Result<MigrateReport, MigrateError> {
+    let mut dq = host.qmp(&opts.name, Some(&opts.to_site))?;
+    dq.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    )
+    .map_err(qmp_err("destination migrate-set-capabilities"))?;
+    let _ = sq.events();
+    let wire0 = link_bytes(from);
+    let t0 = Instant::now();
+    let t0_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    match opts.route {
+        Route::Tern => {
+            if !wait_for(incoming_sock, Duration::from_secs(10)) {
+                return Err(MigrateError::Refused(format!(
+                    "destination QEMU did not open {}",
+                    incoming_sock.display()
+                )));
+            }
+            let rel = incoming_sock
+                .strip_prefix(tern_lab::VM_DIR)
+                .map_err(|_| MigrateError::Refused("incoming socket outside the VM dir".into()))?
+                .to_string_lossy()
+                .into_owned();
+            let stream = crate::relay::open(
+                &tern_lab::migrate_socket(from),
+                &format!("site-{}", opts.to_site),
+                &rel,
+            )
+            .map_err(MigrateError::Refused)?;
+            sq.execute_with_fd("getfd", json!({"fdname": "tern-mig"}), stream.as_fd())
+                .map_err(qmp_err("getfd"))?;
+            drop(stream);
+            sq.execute("migrate", json!({"uri": "fd:tern-mig"}))
+                .map_err(qmp_err("migrate"))?;
+        }
+        Route::Direct => {
+            // QEMU listens once its monitor answers; give the listener a moment.
+            std::thread::sleep(Duration::from_millis(200));
+            sq.execute("migrate", json!({"uri": uri}))
+                .map_err(qmp_err("migrate"))?;
+        }
+    }
+    let mut monitor = Monitor::new(0, opts.stall_timeout.as_millis() as u64);
+    let mut last_print = 0u64;
+    let tty = opts.progress && unsafe_isatty_stderr();
+    let final_info = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let v = sq
+            .execute("query-migrate", Value::Null)
+            .map_err(qmp_err("query-migrate"))?;
+        let now = now_ms(t0);
+        let verdict = monitor.on_sample(now, Sample::from_qmp(&v));
+        if opts.progress && (tty || now - last_print >= 2000 || verdict != Verdict::Running) {
+            last_print = now;
+            let line = progress_line(monitor.progress());
+            let mut e = std::io::stderr();
+            if tty {
+                let _ = write!(e, "\r{line}");
+            } else {
+                let _ = writeln!(e, "{line}");
+            }
+        }
+        match verdict {
+            Verdict::Running if t0.elapsed() > opts.timeout => {
+                return Err(MigrateError::Aborted {
+                    reason: format!("timed out after {:?}", opts.timeout),
+                    site: String::new(),
+                    state: String::new(),
+                });
+            }
+            Verdict::Running => {}
+            Verdict::Completed => break v,
+            Verdict::Failed => {
+                let why = v["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(MigrateError::Aborted {
+                    reason: format!("failed in QEMU: {why}"),
+                    site: String::new(),
+                    state: String::new(),
+                });
+            }
+            Verdict::Stalled => {
+                return Err(MigrateError::Aborted {
+                    reason: format!(
+                        "stalled: nothing sent for {} s (link cut or peer gone?)",
+                        opts.stall_timeout.as_secs()
+                    ),
+                    site: String::new(),
+                    state: String::new(),
+                });
+            }
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let progress: Progress = monitor.progress().clone();
+    // Downtime: source STOP to destination RESUME (or, paused, to its completion).
+    let stop = sq
+        .wait_event("STOP", Duration::from_secs(5))
+        .map_err(qmp_err("waiting for the source's STOP event"))?;
+    let mut memory = None;
+    let end_event = if opts.check_memory {
+        let done = wait_dest_migration_done(&mut dq)?;
+        let m = compare_memory(
+            sq,
+            &mut dq,
+            &dest.dir,
+            src_mem_bytes(host, &opts.name, from)?,
+        )?;
+        memory = Some(m);
+        dq.execute("cont", Value::Null)
+            .map_err(qmp_err("resume the destination"))?;
+        done
+    } else {
+        dq.wait_event("RESUME", Duration::from_secs(30))
+            .map_err(qmp_err("waiting for the destination's RESUME event"))?
+    };
+    // To the destination's resume (or load completion), by QEMU's clock: the RAM
+    // comparison of --check-memory does not count.
+    let total_s = end_event.timestamp_us.saturating_sub(t0_unix_us) as f64 / 1e6;
+    let wire_bytes = link_bytes(from).saturating_sub(wire0);
+    let downtime_ms = (end_event.timestamp_us.saturating_sub(stop.timestamp_us)) as f64 / 1000.0;
+    host.promote(&opts.name, &opts.to_site)?;
+
+    let guest_verify = if opts.guest_verify_passes > 0 && dest.workload.is_some() {
+        Some(wait_guest_verify(
+            &dest.serial_log,
+            opts.guest_verify_passes,
+        )?)
+    } else {
+        None
+    };
+    let mut checks = Vec::new();
+    if let Some(m) = &memory {
+        checks.push(m.pages_differing == 0);
+    }
+    if let Some(g) = &guest_verify {
+        checks.push(g.failures == 0 && g.passes_ok >= opts.guest_verify_passes);
+    }
+    let verified = (!checks.is_empty()).then(|| checks.iter().all(|&c| c));
+    Ok(MigrateReport {
+        name: opts.name.clone(),
+        from: from.to_string(),
+        to: opts.to_site.clone(),
+        route: opts.route,
+        cc: (opts.route == Route::Direct).then(|| opts.cc.clone()),
+        profile: tern_lab::status().ok().and_then(|s| s.profile),
+        total_s,
+        downtime_ms,
+        qemu_downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
+        qemu_bytes: final_info["ram"]["transferred"]
+            .as_u64()
+            .unwrap_or(progress.transferred_bytes),
+        wire_bytes,
+        iterations: final_info["ram"]["dirty-sync-count"]
+            .as_u64()
+            .unwrap_or(progress.iterations),
+        verified,
+        memory,
+        guest_verify,
+    })
+}
+
+fn unsafe_isatty_stderr() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(2) == 1 }
+}
+
+fn src_mem_bytes(host: &VmHost, name: &str, site: &str) -> Result<u64, MigrateError> {
+    let rec = host.record(name, Some(site))?;
+    Ok(tern_vm::vm::ram_kib(rec.spec.mem_mib) * 1024)
+}
+
+fn wait_dest_migration_done(dq: &mut QmpClient) -> Result<tern_vm::Event, MigrateError> {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = dq
+            .wait_event("MIGRATION", end.saturating_duration_since(Instant::now()))
+            .map_err(qmp_err("waiting for the destination to finish loading"))?;
+        match ev.data["status"].as_str() {
+            Some("completed") => return Ok(ev),
+            Some("failed") => {
+                return Err(MigrateError::Refused(
+                    "the destination failed to load the migration stream".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Dumps both guests' RAM (`pmemsave`) and compares it page by page.
+fn compare_memory(
+    sq: &mut QmpClient,
+    dq: &mut QmpClient,
+    dest_dir: &Path,
+    bytes: u64,
+) -> Result<MemCompare, MigrateError> {
+    let dir: PathBuf = dest_dir.to_path_buf();
+    let (a, b) = (dir.join("mem-source.bin"), dir.join("mem-dest.bin"));
+    for (q, f) in [(&mut *sq, &a), (&mut *dq, &b)] {
+        q.set_command_timeout(Duration::from_secs(120));
+        q.execute(
+            "pmemsave",
+            json!({"val": 0, "size": bytes, "filename": f.to_string_lossy()}),
+        )
+        .map_err(qmp_err(format!("pmemsave to {}", f.display())))?;
+    }
+    let r = memcmp::compare_files(&a, &b).map_err(|source| MigrateError::Io {
+        what: "compare RAM dumps".into(),
+        source,
+    });
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    r
+}
+
+/// Waits for `passes` verification lines in the destination's serial log (which only holds
+/// what the guest printed after it resumed there), or the first failure.
+fn wait_guest_verify(log: &Path, passes: u32) -> Result<GuestVerify, MigrateError> {
+    let end = Instant::now() + GUEST_VERIFY_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let (ok, bad, last) = guest_verify_lines(&text);
+        if bad > 0 || ok >= passes || Instant::now() > end {
+            return Ok(GuestVerify {
+                passes_ok: ok,
+                failures: bad,
+                last_line: last,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How long the guest may take for its verification passes after a migration.
+const GUEST_VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_guest_verify_lines() {
+        let log = "boot\ntern-guest: ready workload=web-db\ntern-guest: verify ok pass=1 records=9\n\
+                   noise\ntern-guest: verify ok pass=2 records=9\n";
+        assert_eq!(
+            guest_verify_lines(log),
+            (2, 0, "tern-guest: verify ok pass=2 records=9".into())
+        );
+        let (ok, bad, last) = guest_verify_lines("tern-guest: verify FAIL pass=3 record=7\n");
+        assert_eq!((ok, bad), (0, 1));
+        assert!(last.contains("FAIL"));
+    }
+}
