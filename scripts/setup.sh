@@ -11,7 +11,7 @@ fi
 
 # Debian packages: iperf3, ping and tcpdump are the real tools the lab is measured with;
 # kcptun is the accelerator `tern bench accel` compares tern with (zstd: its corpus ratio).
-pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps kcptun zstd)
+pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps kcptun zstd qemu-system-x86 busybox-static cpio file)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,3 +32,4 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
 cargo build --release --locked --quiet
+bash scripts/guest-image.sh # the test guest (vmlinuz, initrd.img) in /var/lib/tern/guest
