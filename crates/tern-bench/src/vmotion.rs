@@ -71,6 +71,8 @@ pub struct VmotionOptions {
     pub runs: u32,
     pub mem_mib: u32,
     pub workload: String,
+    /// The workload's page-dirtying rate, MiB/s.
+    pub rate_mb_s: u32,
     pub seed: u64,
     pub check_memory: bool,
     pub migrate_timeout_s: u64,
@@ -163,9 +165,10 @@ pub fn markdown(opts: &VmotionOptions, cells: &[Cell]) -> String {
     let _ = writeln!(md, "# tern bench vmotion\n");
     let _ = writeln!(
         md,
-        "Command: `{}`. Reference VM: {} MiB, workload `{}`, QEMU 7.2 TCG; {} run(s) per cell, \
-         medians; methods alternate within each run and the VM moves back and forth.\n",
-        opts.command, opts.mem_mib, opts.workload, opts.runs
+        "Command: `{}`. Reference VM: {} MiB, workload `{}` dirtying {} MiB/s, QEMU 7.2 TCG; \
+         {} run(s) per cell, medians; methods alternate within each run and the VM moves back \
+         and forth.\n",
+        opts.command, opts.mem_mib, opts.workload, opts.rate_mb_s, opts.runs
     );
     let get = |p: &str, m: Method| cells.iter().find(|c| c.profile == p && c.method == m);
     let header = |md: &mut String, what: &str| {
@@ -280,6 +283,7 @@ const VM: &str = "vmotion-ref";
 /// Boots the reference VM at site `a` and waits until its workload is ready.
 fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
     let mem = opts.mem_mib.to_string();
+    let rate = opts.rate_mb_s.to_string();
     let out = run_bounded(
         tern(opts).args([
             "vm",
@@ -291,6 +295,8 @@ fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
             &mem,
             "--workload",
             &opts.workload,
+            "--rate",
+            &rate,
         ]),
         Duration::from_secs(60),
     )?;
@@ -452,6 +458,7 @@ pub fn run(opts: &VmotionOptions) -> Result<Value, BenchError> {
         "machine": machine(),
         "mem_mib": opts.mem_mib,
         "workload": opts.workload,
+        "rate_mb_s": opts.rate_mb_s,
         "runs": opts.runs,
         "elapsed_s": started.elapsed().as_secs_f64(),
         "cells": cells,
@@ -508,6 +515,7 @@ mod tests {
             runs: 2,
             mem_mib: 512,
             workload: "web-db".into(),
+            rate_mb_s: 2,
             seed: 1,
             check_memory: true,
             migrate_timeout_s: 60,

@@ -218,6 +218,10 @@ pub struct VmotionBenchArgs {
     /// Guest workload of the reference VM.
     #[arg(long, default_value = "web-db")]
     workload: String,
+    /// Pages the workload dirties, MiB/s (QEMU over cubic on `mpls` moves about 3 MiB/s, so
+    /// a faster writer never converges without tern).
+    #[arg(long, default_value_t = 2)]
+    rate: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Skip the byte-for-byte RAM comparison (then only the guest's checksums verify).
@@ -247,6 +251,7 @@ pub fn vmotion(a: VmotionBenchArgs) -> Result<()> {
         runs: a.runs.max(1),
         mem_mib: a.mem,
         workload: a.workload,
+        rate_mb_s: a.rate,
         seed: a.seed,
         check_memory: !a.no_check_memory,
         migrate_timeout_s: a.migrate_timeout,
