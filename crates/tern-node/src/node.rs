@@ -8,7 +8,7 @@
 //! ```
 //! Every stream starts with an open header (`open.rs`): TCP target, unix socket (live
 //! migration, `tern migrate`) or overlay (the L2 switch, `switch.rs`). Migration streams are
-//! read from QEMU only while the stream's unacknowledged bytes stay under about two
+//! read from QEMU only while the stream's never-sent bytes stay under about two
 //! bandwidth-delay products, so QEMU's own bandwidth estimate is the WAN's drain rate.
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,11 +52,13 @@ const MAX_FLOWS: usize = 4096;
 const MAX_PORTS: usize = 256;
 /// Frames queued towards one VM NIC before further frames to it are dropped.
 const PORT_OUT_LIMIT: usize = 1 << 20;
-/// Bounds of a migration stream's unacknowledged bytes (about four BDPs in between). The
-/// floor keeps the sender from going application-limited, which would drag the rate
-/// estimate, and with it the limit, down in a spiral (measured: 45 of 100 Mbit/s).
-const MIGRATION_BUFFER_MIN: u64 = 1 << 20;
-const MIGRATION_BUFFER_MAX: u64 = 8 << 20;
+/// Bounds of a migration stream's never-sent bytes (about two BDPs in between). Counting
+/// unacknowledged bytes instead stalled the stream behind every lost packet until its
+/// repair (tern 2-4x slower than kernel BBR on the lossy 1 Gbit/s profiles); a limit that
+/// follows the pacing rate without a floor let the sender go application-limited and drag
+/// the rate estimate, and with it the limit, down in a spiral (45 of 100 Mbit/s on mpls).
+const MIGRATION_BUFFER_MIN: u64 = 512 << 10;
+const MIGRATION_BUFFER_MAX: u64 = 4 << 20;
 /// Stream reset codes.
 pub const RESET_TCP_RST: u64 = 1;
 pub const RESET_CONNECT_FAILED: u64 = 2;
@@ -797,8 +799,8 @@ impl Node {
                 // Back-pressure: QEMU must see the WAN's drain rate, not a buffer's fill rate.
                 let st = conn.stats();
                 let bdp = st.pacing_rate_bps / 8 * st.srtt_us.max(1000) / 1_000_000;
-                let limit = (4 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
-                let room = limit.saturating_sub(conn.stream_buffered(flow.stream));
+                let limit = (2 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
+                let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
                 cap = cap.min(room as usize);
             }
             if cap < 2048 {

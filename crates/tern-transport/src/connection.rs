@@ -401,9 +401,12 @@ impl Connection {
         stream_room.min(conn_room) as usize
     }
 
-    /// Bytes written to a stream and not yet acknowledged (queued plus in flight).
-    pub fn stream_buffered(&self, id: u64) -> u64 {
-        self.streams.get(&id).map_or(0, |s| s.send.buffered())
+    /// Bytes written to a stream and never sent yet (retransmissions not counted): what a
+    /// sender that wants back-pressure at the WAN's drain rate keeps small.
+    pub fn stream_unsent(&self, id: u64) -> u64 {
+        self.streams
+            .get(&id)
+            .map_or(0, |s| s.send.written.saturating_sub(s.send.sent))
     }
 
     /// Queues data; returns how much was taken (0 = full: `Writable` follows when room frees).
