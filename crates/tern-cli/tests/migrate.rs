@@ -265,3 +265,52 @@ fn cut_link_aborts_cleanly_and_the_retry_succeeds() {
     let r = migrate(&["mig3", "--to", "b"]);
     assert_eq!(vm_info("mig3")["site"], "b", "{r}");
 }
+
+#[test]
+fn destination_crash_aborts_cleanly_and_the_retry_succeeds() {
+    if !is_root() || !have_image() {
+        return;
+    }
+    let _g = lock();
+    let _lab = Lab::up("mpls");
+    start_guest("mig1", "192");
+    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["migrate", "mig1", "--to", "b", "--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the destination QEMU once the stream is flowing.
+    std::thread::sleep(Duration::from_millis(2500));
+    let list = json(&["vm", "list", "--json"]);
+    let dest = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mig1" && v["role"] == "incoming")
+        .unwrap_or_else(|| panic!("no incoming instance: {list}"))
+        .clone();
+    let pid = dest["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill with a pid tern listed as the destination QEMU.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a migration to a dead peer must fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("left running"), "{err}");
+    let info = vm_info("mig1");
+    assert_eq!(
+        (info["site"].as_str(), info["state"].as_str()),
+        (Some("a"), Some("running"))
+    );
+    let before = verify_oks(&serial("mig1"));
+    wait_log(
+        "mig1",
+        |l| verify_oks(l) >= before + 2,
+        "verification after the abort",
+    );
+    let r = migrate(&["mig1", "--to", "b"]);
+    assert_eq!(vm_info("mig1")["site"], "b", "{r}");
+}
