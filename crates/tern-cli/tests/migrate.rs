@@ -224,6 +224,17 @@ fn tcp_connection_to_the_vm_survives_migration() {
     );
 }
 
+/// Starts `tern migrate NAME --to b` in the background (for tests that break it midway).
+fn spawn_migrate(name: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["migrate", name, "--to", "b", "--json", "--quiet"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn cut_link_aborts_cleanly_and_the_retry_succeeds() {
     if !is_root() || !have_image() {
@@ -232,13 +243,7 @@ fn cut_link_aborts_cleanly_and_the_retry_succeeds() {
     let _g = lock();
     let _lab = Lab::up("mpls");
     start_guest("mig3", "192");
-    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["migrate", "mig3", "--to", "b", "--json", "--quiet"])
-        .args(["--stall-timeout", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_migrate("mig3", &["--stall-timeout", "4"]);
     // Cut the link once the stream is flowing.
     std::thread::sleep(Duration::from_millis(2500));
     ok(&["lab", "set", "--loss", "100%"]);
@@ -274,12 +279,7 @@ fn destination_crash_aborts_cleanly_and_the_retry_succeeds() {
     let _g = lock();
     let _lab = Lab::up("mpls");
     start_guest("mig1", "192");
-    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["migrate", "mig1", "--to", "b", "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_migrate("mig1", &[]);
     // Kill the destination QEMU once the stream is flowing.
     std::thread::sleep(Duration::from_millis(2500));
     let list = json(&["vm", "list", "--json"]);

@@ -1,20 +1,10 @@
-//! The request `tern migrate` sends to its site node's migration socket (see
-//! `tern-node`'s `accept_migrations`): `'M' | 1 | len | peer name | len | relative path`;
-//! the node answers one byte, 0 = stream open, else an error line follows.
+//! Opening a migration stream through the site node (request format:
+//! `tern_node::open::encode_migration_request`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
-
-pub fn request(peer: &str, target: &str) -> Vec<u8> {
-    assert!(peer.len() <= 255 && target.len() <= 255);
-    let mut b = vec![b'M', 1, peer.len() as u8];
-    b.extend_from_slice(peer.as_bytes());
-    b.push(target.len() as u8);
-    b.extend_from_slice(target.as_bytes());
-    b
-}
 
 /// Opens a migration stream through the node at `socket` to `target` (relative to the far
 /// node's migration directory) at `peer`; returns the connected socket for QEMU.
@@ -23,7 +13,7 @@ pub fn open(socket: &Path, peer: &str, target: &str) -> Result<UnixStream, Strin
         .map_err(|e| format!("connect to node migration socket {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    s.write_all(&request(peer, target))
+    s.write_all(&tern_node::open::encode_migration_request(peer, target))
         .map_err(|e| format!("send migration request: {e}"))?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)
@@ -35,15 +25,4 @@ pub fn open(socket: &Path, peer: &str, target: &str) -> Result<UnixStream, Strin
     }
     s.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok(s)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn golden_request() {
-        assert_eq!(
-            super::request("site-b", "vm1/b/in.sock"),
-            b"M\x01\x06site-b\x0dvm1/b/in.sock".to_vec()
-        );
-    }
 }

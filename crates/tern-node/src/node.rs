@@ -1283,9 +1283,9 @@ impl Node {
                         o.status.frames_dropped += 1;
                         continue;
                     }
-                    let mut framed = Vec::with_capacity(o.frame.len() + 4);
-                    switch::encode_frame(&o.frame, &mut framed);
-                    let _ = conn.stream_write(id, &framed);
+                    // Capacity was checked for both: the length prefix and the frame.
+                    let _ = conn.stream_write(id, &(o.frame.len() as u32).to_be_bytes());
+                    let _ = conn.stream_write(id, &o.frame);
                     o.status.remote_frames_out += 1;
                 }
             }
@@ -1333,29 +1333,7 @@ impl Node {
     fn open_migration(&mut self, sock: &mut UnixStream) -> Result<(PeerId, u64), String> {
         let _ = sock.set_nonblocking(false);
         let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        let mut byte = |what: &str| -> Result<u8, String> {
-            let mut b = [0u8; 1];
-            sock.read_exact(&mut b)
-                .map_err(|e| format!("reading {what}: {e}"))?;
-            Ok(b[0])
-        };
-        if byte("magic")? != b'M' || byte("version")? != 1 {
-            return Err("bad request magic (expected 'M', 1)".into());
-        }
-        let mut field = |what: &str| -> Result<String, String> {
-            let mut lb = [0u8; 1];
-            sock.read_exact(&mut lb)
-                .map_err(|e| format!("reading {what}: {e}"))?;
-            let mut v = vec![0u8; lb[0] as usize];
-            sock.read_exact(&mut v)
-                .map_err(|e| format!("reading {what}: {e}"))?;
-            String::from_utf8(v).map_err(|_| format!("{what} is not UTF-8"))
-        };
-        let peer_name = field("peer name")?;
-        let path = field("path")?;
-        if !open::safe_relative_path(&path) {
-            return Err(format!("unsafe target path {path:?}"));
-        }
+        let (peer_name, path) = open::read_migration_request(sock)?;
         let peer = (0..self.ep.peer_count())
             .find(|&p| self.ep.peer_name(p) == peer_name)
             .ok_or_else(|| format!("no peer named {peer_name:?}"))?;

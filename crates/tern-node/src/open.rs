@@ -109,6 +109,45 @@ impl OpenHeader {
     }
 }
 
+/// The local request `tern migrate` sends to its site node's migration socket:
+/// `'M' | 1 | len | peer name | len | path relative to the far node's target_dir`. The node
+/// answers one byte, 0 = stream open, else an error line follows.
+pub fn encode_migration_request(peer: &str, target: &str) -> Vec<u8> {
+    assert!(peer.len() <= 255 && target.len() <= 255);
+    let mut b = vec![b'M', 1, peer.len() as u8];
+    b.extend_from_slice(peer.as_bytes());
+    b.push(target.len() as u8);
+    b.extend_from_slice(target.as_bytes());
+    b
+}
+
+/// Reads a migration request: `(peer name, relative path)`, the path already checked with
+/// [`safe_relative_path`].
+pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<(String, String), String> {
+    let byte = |r: &mut dyn std::io::Read, what: &str| -> Result<u8, String> {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b)
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        Ok(b[0])
+    };
+    if byte(r, "magic")? != b'M' || byte(r, "version")? != 1 {
+        return Err("bad request magic (expected 'M', 1)".into());
+    }
+    let mut field = |what: &str| -> Result<String, String> {
+        let len = byte(r, what)?;
+        let mut v = vec![0u8; len as usize];
+        r.read_exact(&mut v)
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        String::from_utf8(v).map_err(|_| format!("{what} is not UTF-8"))
+    };
+    let peer = field("peer name")?;
+    let path = field("path")?;
+    if !safe_relative_path(&path) {
+        return Err(format!("unsafe target path {path:?}"));
+    }
+    Ok((peer, path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +182,28 @@ mod tests {
             }
             assert_eq!(OpenHeader::decode(&b), Ok(Some((h, n))));
         }
+    }
+
+    #[test]
+    fn migration_request_golden_round_trip_and_errors() {
+        let req = encode_migration_request("site-b", "vm1/b/in.sock");
+        assert_eq!(req, b"M\x01\x06site-b\x0dvm1/b/in.sock".to_vec());
+        assert_eq!(
+            read_migration_request(&mut &req[..]),
+            Ok(("site-b".into(), "vm1/b/in.sock".into()))
+        );
+        let bad = encode_migration_request("site-b", "../etc");
+        assert!(
+            read_migration_request(&mut &bad[..])
+                .unwrap_err()
+                .contains("unsafe")
+        );
+        assert!(
+            read_migration_request(&mut &req[..5])
+                .unwrap_err()
+                .contains("peer name")
+        );
+        assert!(read_migration_request(&mut &b"X\x01"[..]).is_err());
     }
 
     #[test]
