@@ -33,6 +33,8 @@
 //! [migration]                                 # live-migration relay (`tern migrate`)
 //! socket = "/run/tern/migrate-a.sock"         # local requests
 //! target_dir = "/run/tern/vm"                 # remote requests may only reach sockets here
+//! store = "/var/lib/tern/store/a"             # optional content store (tern-codec `store`)
+//! store_mb = 2048                             # its capacity (default 2048 MiB)
 //! ```
 //!
 //! `bypass_ports = "7450-7499"` in `[node]` leaves TCP to those destination ports alone
@@ -90,6 +92,8 @@ struct RawOverlay {
 struct RawMigration {
     socket: PathBuf,
     target_dir: PathBuf,
+    store: Option<PathBuf>,
+    store_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +206,8 @@ pub struct Overlay {
 pub struct Migration {
     pub socket: PathBuf,
     pub target_dir: PathBuf,
+    /// Content store directory and capacity in pages.
+    pub store: Option<(PathBuf, u64)>,
 }
 
 #[derive(Debug)]
@@ -408,9 +414,32 @@ impl NodeConfig {
                         format!("{} is not an absolute path", m.target_dir.display()),
                     ));
                 }
+                let store = match (m.store, m.store_mb) {
+                    (None, None) => None,
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "migration.store_mb",
+                            "set without migration.store".into(),
+                        ));
+                    }
+                    (Some(dir), mb) => {
+                        let mb = mb.unwrap_or(2048);
+                        if !dir.is_absolute() || !(1..=1 << 20).contains(&mb) {
+                            return Err(invalid(
+                                "migration.store",
+                                format!(
+                                    "{} must be an absolute path and store_mb 1..=1048576",
+                                    dir.display()
+                                ),
+                            ));
+                        }
+                        Some((dir, mb * 256))
+                    }
+                };
                 Some(Migration {
                     socket: m.socket,
                     target_dir: m.target_dir,
+                    store,
                 })
             }
             None => None,

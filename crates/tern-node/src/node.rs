@@ -10,8 +10,11 @@
 //! migration, `tern migrate`) or overlay (the L2 switch, `switch.rs`). Migration streams are
 //! read from QEMU only while the stream's never-sent bytes stay under about two
 //! bandwidth-delay products, so QEMU's own bandwidth estimate is the WAN's drain rate.
+//! A migration stream opened with codec options is re-encoded by tern-codec between QEMU and
+//! the record layer (source: `Encoder`; destination: `Decoder` and the site's content
+//! store), and its reverse direction carries framed return-path bytes and the store summary.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -20,6 +23,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tern_codec::ContentStore as _;
 use tern_transport::connection::Config;
 use tern_transport::endpoint::{Endpoint, EndpointEvent, PeerConfig, PeerId};
 use tern_transport::record::{Codec, RecordDecoder, RecordEncoder};
@@ -27,7 +31,7 @@ use tern_transport::{Event, StreamError};
 
 use crate::config::{Compression, NodeConfig};
 use crate::open::OpenHeader;
-use crate::status::{FlowTotals, NodeStatus, OverlayStatus, PeerStatus};
+use crate::status::{FlowTotals, MigrationRecord, NodeStatus, OverlayStatus, PeerStatus};
 use crate::switch::{self, FrameDecoder, Port, Switch};
 use crate::sys::{self, Epoll, UdpBatch};
 use crate::{NodeError, nft, open};
@@ -59,6 +63,10 @@ const PORT_OUT_LIMIT: usize = 1 << 20;
 /// the rate estimate, and with it the limit, down in a spiral (45 of 100 Mbit/s on mpls).
 const MIGRATION_BUFFER_MIN: u64 = 512 << 10;
 const MIGRATION_BUFFER_MAX: u64 = 4 << 20;
+/// How long a source waits for the destination's store summary before sending without it.
+const SUMMARY_WAIT_NS: u64 = 3_000_000_000;
+/// Finished migrations kept in the status.
+const MIGRATION_LOG: usize = 32;
 /// Stream reset codes.
 pub const RESET_TCP_RST: u64 = 1;
 pub const RESET_CONNECT_FAILED: u64 = 2;
@@ -125,9 +133,29 @@ enum FlowState {
     Open,
 }
 
+/// The tern-codec end of a re-encoded migration stream (always boxed in its flow).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum MigCodec {
+    Source {
+        enc: tern_codec::Encoder,
+        rev: tern_codec::wire::ReverseReader,
+        summary_deadline_ns: u64,
+        record: MigrationRecord,
+    },
+    Destination {
+        dec: tern_codec::Decoder,
+        pinned: bool,
+        record: MigrationRecord,
+    },
+}
+
 #[derive(Debug)]
 struct Flow {
     sock: Option<Sock>,
+    mig: Option<Box<MigCodec>>,
+    /// Encoded bytes the stream did not take yet (written before anything new is read).
+    spill: Vec<u8>,
     kind: FlowKind,
     peer: PeerId,
     stream: u64,
@@ -168,6 +196,9 @@ pub struct Node {
     nft_table: Option<String>,
     overlay: Option<Overlay>,
     migrate: Option<UnixListener>,
+    store: Option<tern_codec::FileStore>,
+    mig_log: VecDeque<MigrationRecord>,
+    mig_buf: Vec<u8>,
 }
 
 /// A VM NIC on the switch.
@@ -351,6 +382,13 @@ impl Node {
             }
             None => None,
         };
+        let store = match config.migration.as_ref().and_then(|m| m.store.as_ref()) {
+            Some((dir, pages)) => Some(
+                tern_codec::FileStore::open(dir, *pages)
+                    .map_err(io(format!("open content store {}", dir.display())))?,
+            ),
+            None => None,
+        };
         let nft_table = if config.accelerate.is_empty() {
             None
         } else {
@@ -413,6 +451,9 @@ impl Node {
             nft_table,
             overlay,
             migrate,
+            store,
+            mig_log: VecDeque::new(),
+            mig_buf: Vec::with_capacity(2 * CHUNK),
             config,
         })
     }
@@ -664,6 +705,8 @@ impl Node {
             id,
             Flow {
                 sock,
+                mig: None,
+                spill: Vec::new(),
                 kind,
                 peer,
                 stream,
@@ -774,7 +817,10 @@ impl Node {
         let ready: Vec<u64> = self
             .flows
             .iter()
-            .filter(|(_, fl)| fl.sock_readable && !fl.read_eof && fl.state == FlowState::Open)
+            .filter(|(_, fl)| {
+                fl.state == FlowState::Open
+                    && (!fl.spill.is_empty() || (fl.sock_readable && !fl.read_eof))
+            })
             .map(|(&k, _)| k)
             .collect();
         for f in ready {
@@ -784,16 +830,45 @@ impl Node {
 
     /// TCP socket -> stream, while the stream has room.
     fn pump_tcp(&mut self, f: u64) {
+        let now = self.now();
         loop {
             let Some(flow) = self.flows.get_mut(&f) else {
                 return;
             };
-            if !flow.sock_readable || flow.read_eof || flow.state != FlowState::Open {
+            if flow.state != FlowState::Open {
                 return;
             }
             let Some(conn) = self.ep.connection(flow.peer) else {
                 return;
             };
+            if !flow.spill.is_empty() {
+                let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
+                self.totals.stream_bytes_out += w as u64;
+                flow.spill.drain(..w);
+                if !flow.spill.is_empty() {
+                    return;
+                }
+                if flow.read_eof {
+                    let _ = conn.stream_finish(flow.stream);
+                    self.maybe_finish(f);
+                    return;
+                }
+            }
+            if !flow.sock_readable || flow.read_eof {
+                return;
+            }
+            if let Some(m) = flow.mig.as_deref()
+                && let MigCodec::Source {
+                    enc,
+                    summary_deadline_ns,
+                    ..
+                } = m
+                && enc.options().store
+                && !enc.has_summary()
+                && now < *summary_deadline_ns
+            {
+                return; // QEMU waits (in its setup phase) until the store summary is in
+            }
             let mut cap = conn.stream_capacity(flow.stream);
             if flow.kind == FlowKind::Migration {
                 // Back-pressure: QEMU must see the WAN's drain rate, not a buffer's fill rate.
@@ -811,17 +886,56 @@ impl Node {
             match sock.read(&mut self.buf[..want]) {
                 Ok(0) => {
                     flow.read_eof = true;
+                    if let Some(MigCodec::Source { enc, .. }) = flow.mig.as_deref_mut() {
+                        self.mig_buf.clear();
+                        enc.finish(&mut self.mig_buf);
+                        self.enc_buf.clear();
+                        flow.enc.encode(&self.mig_buf, &mut self.enc_buf);
+                        flow.spill.extend_from_slice(&self.enc_buf);
+                        let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
+                        self.totals.stream_bytes_out += w as u64;
+                        flow.spill.drain(..w);
+                        if !flow.spill.is_empty() {
+                            return; // finished once the spill is written
+                        }
+                    }
                     let _ = conn.stream_finish(flow.stream);
                     self.maybe_finish(f);
                     return;
                 }
                 Ok(n) => {
                     self.totals.tcp_bytes_in += n as u64;
+                    let data: &[u8] = match flow.mig.as_deref_mut() {
+                        None => &self.buf[..n],
+                        Some(MigCodec::Source { enc, .. }) => {
+                            self.mig_buf.clear();
+                            let mut none = tern_codec::store::NoStore;
+                            let store: &mut dyn tern_codec::ContentStore = match &mut self.store {
+                                Some(s) => s,
+                                None => &mut none,
+                            };
+                            enc.push(&self.buf[..n], &mut self.mig_buf, store);
+                            &self.mig_buf
+                        }
+                        Some(MigCodec::Destination { .. }) => {
+                            // QEMU's return path, framed for the source's reverse reader.
+                            self.mig_buf.clear();
+                            tern_codec::wire::put_reverse(
+                                &mut self.mig_buf,
+                                tern_codec::wire::REV_RETURN,
+                                &self.buf[..n],
+                            );
+                            &self.mig_buf
+                        }
+                    };
                     self.enc_buf.clear();
-                    flow.enc.encode(&self.buf[..n], &mut self.enc_buf);
+                    flow.enc.encode(data, &mut self.enc_buf);
                     let w = conn.stream_write(flow.stream, &self.enc_buf).unwrap_or(0);
-                    debug_assert_eq!(w, self.enc_buf.len());
                     self.totals.stream_bytes_out += w as u64;
+                    if w < self.enc_buf.len() {
+                        flow.spill.extend_from_slice(&self.enc_buf[w..]);
+                        return;
+                    }
                 }
                 Err(e) if would_block(&e) => {
                     flow.sock_readable = false;
@@ -882,7 +996,7 @@ impl Node {
                             flow.state = FlowState::Connecting;
                             Sock::Tcp(sock)
                         }),
-                    OpenHeader::Unix(rel) => match &self.config.migration {
+                    OpenHeader::Unix { path: rel, codec } => match &self.config.migration {
                         Some(m) => {
                             let path = m.target_dir.join(&rel);
                             UnixStream::connect(&path).and_then(|sock| {
@@ -890,6 +1004,37 @@ impl Node {
                                 flow.state = FlowState::Open;
                                 flow.kind = FlowKind::Migration;
                                 self.totals.migrations += 1;
+                                if let Some(opts) =
+                                    tern_codec::Options::from_byte(codec).filter(|o| o.any())
+                                {
+                                    let record = MigrationRecord::new("destination", &rel, opts);
+                                    let mut pinned = false;
+                                    if opts.store {
+                                        // Tell the source what this site holds; keep it held.
+                                        let summary = match &mut self.store {
+                                            Some(s) => {
+                                                s.pin();
+                                                pinned = true;
+                                                tern_codec::ContentStore::summary(s)
+                                            }
+                                            None => tern_codec::Summary::default(),
+                                        };
+                                        let mut p = Vec::new();
+                                        summary.encode(&mut p);
+                                        let mut frame = Vec::new();
+                                        tern_codec::wire::put_reverse(
+                                            &mut frame,
+                                            tern_codec::wire::REV_SUMMARY,
+                                            &p,
+                                        );
+                                        flow.enc.encode(&frame, &mut flow.spill);
+                                    }
+                                    flow.mig = Some(Box::new(MigCodec::Destination {
+                                        dec: tern_codec::Decoder::new(opts),
+                                        pinned,
+                                        record,
+                                    }));
+                                }
                                 Ok(Sock::Unix(sock))
                             })
                         }
@@ -933,7 +1078,59 @@ impl Node {
             if !data.is_empty() {
                 self.totals.stream_bytes_in += data.len() as u64;
                 let before = flow.out.len();
-                if flow.dec.push(data, &mut flow.out).is_err() {
+                let records = match flow.mig.as_deref_mut() {
+                    None => flow.dec.push(data, &mut flow.out),
+                    Some(_) => {
+                        self.mig_buf.clear();
+                        flow.dec.push(data, &mut self.mig_buf)
+                    }
+                };
+                if records.is_err() {
+                    self.totals.bad_record += 1;
+                    let _ = conn.stream_reset(flow.stream, RESET_BAD_RECORD);
+                    self.abort_flow(f, false);
+                    return;
+                }
+                let codec_err = match flow.mig.as_deref_mut() {
+                    None => None,
+                    Some(MigCodec::Destination { dec, record, .. }) => {
+                        let mut none = tern_codec::store::NoStore;
+                        let store: &mut dyn tern_codec::ContentStore = match &mut self.store {
+                            Some(s) => s,
+                            None => &mut none,
+                        };
+                        dec.push(&self.mig_buf, &mut flow.out, store)
+                            .err()
+                            .map(|e| {
+                                record.error = Some(e.to_string());
+                                e.to_string()
+                            })
+                    }
+                    Some(MigCodec::Source {
+                        enc, rev, record, ..
+                    }) => {
+                        let out = &mut flow.out;
+                        let mut bad_summary = false;
+                        let r = rev.push(&self.mig_buf, |kind, payload| {
+                            if kind == tern_codec::wire::REV_RETURN {
+                                out.extend_from_slice(payload);
+                            } else {
+                                match tern_codec::Summary::decode(payload) {
+                                    Some(s) => enc.set_summary(s),
+                                    None => bad_summary = true,
+                                }
+                            }
+                        });
+                        match (r, bad_summary) {
+                            (Err(e), _) => Some(e.to_string()),
+                            (_, true) => Some("malformed store summary".to_string()),
+                            _ => None,
+                        }
+                        .inspect(|e| record.error = Some(e.clone()))
+                    }
+                };
+                if let Some(e) = codec_err {
+                    eprintln!("tern node: migration stream: {e}");
                     self.totals.bad_record += 1;
                     let _ = conn.stream_reset(flow.stream, RESET_BAD_RECORD);
                     self.abort_flow(f, false);
@@ -1031,6 +1228,35 @@ impl Node {
             let st = flow.enc.stats();
             self.totals.compress_in += st.input_bytes;
             self.totals.compress_out += st.output_bytes;
+            if let Some(m) = flow.mig {
+                let mut record = match *m {
+                    MigCodec::Source {
+                        enc, mut record, ..
+                    } => {
+                        record.stats = Some(enc.stats().clone());
+                        record
+                    }
+                    MigCodec::Destination {
+                        dec,
+                        pinned,
+                        mut record,
+                    } => {
+                        if pinned && let Some(s) = &mut self.store {
+                            tern_codec::ContentStore::unpin(s);
+                        }
+                        record.pages_decoded = dec.pages_out;
+                        record.bytes_decoded = dec.output_bytes;
+                        record
+                    }
+                };
+                record.wire_bytes = st.output_bytes;
+                record.complete = flow.read_eof && flow.shut_write;
+                record.ended_unix_ms = sys::wall_ns() / 1_000_000;
+                if self.mig_log.len() == MIGRATION_LOG {
+                    self.mig_log.pop_front();
+                }
+                self.mig_log.push_back(record);
+            }
         }
     }
 
@@ -1294,8 +1520,7 @@ impl Node {
 
     // ------------------------------------------------------------------ migration relay
 
-    /// A local request (`tern migrate`): `'M' | 1 | len | peer name | len | relative path`,
-    /// answered with one byte, 0 = stream open (then the socket is the migration stream),
+    /// A local request (`tern migrate`, format in `open.rs`), answered with one byte, 0 = stream open (then the socket is the migration stream),
     /// otherwise an error line follows and the socket closes.
     fn accept_migrations(&mut self) {
         loop {
@@ -1309,7 +1534,7 @@ impl Node {
                 }
             };
             match self.open_migration(&mut sock) {
-                Ok((peer, stream)) => {
+                Ok((peer, stream, mig)) => {
                     let _ = sock.write_all(&[0]);
                     let _ = sock.set_nonblocking(true);
                     self.totals.migrations += 1;
@@ -1320,6 +1545,9 @@ impl Node {
                         stream,
                         FlowState::Open,
                     );
+                    if let Some(flow) = self.flows.get_mut(&f) {
+                        flow.mig = mig.map(Box::new);
+                    }
                     self.pump_tcp(f);
                 }
                 Err(msg) => {
@@ -1330,10 +1558,17 @@ impl Node {
         }
     }
 
-    fn open_migration(&mut self, sock: &mut UnixStream) -> Result<(PeerId, u64), String> {
+    fn open_migration(
+        &mut self,
+        sock: &mut UnixStream,
+    ) -> Result<(PeerId, u64, Option<MigCodec>), String> {
         let _ = sock.set_nonblocking(false);
         let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        let (peer_name, path) = open::read_migration_request(sock)?;
+        let open::MigrationRequest {
+            peer: peer_name,
+            path,
+            codec,
+        } = open::read_migration_request(sock)?;
         let peer = (0..self.ep.peer_count())
             .find(|&p| self.ep.peer_name(p) == peer_name)
             .ok_or_else(|| format!("no peer named {peer_name:?}"))?;
@@ -1343,9 +1578,21 @@ impl Node {
         let conn = self.ep.connection(peer).ok_or("peer is not connected")?;
         let stream = conn.open_stream().map_err(|e| e.to_string())?;
         let mut h = Vec::new();
-        OpenHeader::Unix(path).encode(&mut h);
+        OpenHeader::Unix {
+            path: path.clone(),
+            codec,
+        }
+        .encode(&mut h);
         let _ = conn.stream_write(stream, &h);
-        Ok((peer, stream))
+        let mig = tern_codec::Options::from_byte(codec)
+            .filter(|o| o.any())
+            .map(|opts| MigCodec::Source {
+                enc: tern_codec::Encoder::new(opts),
+                rev: tern_codec::wire::ReverseReader::default(),
+                summary_deadline_ns: self.now() + SUMMARY_WAIT_NS,
+                record: MigrationRecord::new("source", &path, opts),
+            });
+        Ok((peer, stream, mig))
     }
 
     // ------------------------------------------------------------------ status
@@ -1377,6 +1624,8 @@ impl Node {
                 switch: o.sw.stats(),
                 ..o.status.clone()
             }),
+            store_pages: self.store.as_ref().map(|s| s.len() as u64),
+            migration_log: self.mig_log.iter().cloned().collect(),
         }
     }
 

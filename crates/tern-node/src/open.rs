@@ -6,6 +6,8 @@
 //!   kind 1 TCP      : 4 | IPv4 address (4) | port (2)          = 10 bytes in all
 //!   kind 2 unix     : len (1) | relative path (len, 1..=255)     e.g. "vm1/b/incoming.sock"
 //!   kind 3 overlay  : 0                                          (L2 frames follow)
+//!   kind 4 codec    : codec (1) | len (1) | relative path        migration re-encoded by
+//!                                                                tern-codec (options byte)
 //! ```
 //! Kind 2 carries a live-migration stream to a QEMU `-incoming` socket; the path is relative
 //! to the receiving node's `migration.target_dir` and may not climb out of it. The decoder is
@@ -13,15 +15,16 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// Longest header: kind 2 with a 255-byte path.
-pub const MAX_HEADER_LEN: usize = 4 + 255;
+/// Longest header: kind 4 with a 255-byte path.
+pub const MAX_HEADER_LEN: usize = 5 + 255;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenHeader {
     /// Connect to this TCP address (a terminated connection).
     Tcp(SocketAddrV4),
-    /// Connect to this unix socket under the migration target directory.
-    Unix(String),
+    /// Connect to this unix socket under the migration target directory; `codec` is the
+    /// tern-codec options byte (0: bytes as they are).
+    Unix { path: String, codec: u8 },
     /// This stream carries overlay frames from the opening node.
     Overlay,
 }
@@ -38,6 +41,8 @@ pub enum HeaderError {
     OverlayLen(u8),
     #[error("unsafe unix path {0:?}")]
     Path(String),
+    #[error("unknown codec options {0:#04x}")]
+    Codec(u8),
 }
 
 /// A relative path with only plain components (`[A-Za-z0-9._-]`, not starting with `.`).
@@ -61,10 +66,14 @@ impl OpenHeader {
                 out.extend_from_slice(&a.ip().octets());
                 out.extend_from_slice(&a.port().to_be_bytes());
             }
-            OpenHeader::Unix(p) => {
-                assert!(safe_relative_path(p), "callers validate paths");
-                out.extend_from_slice(&[2, p.len() as u8]);
-                out.extend_from_slice(p.as_bytes());
+            OpenHeader::Unix { path, codec } => {
+                assert!(safe_relative_path(path), "callers validate paths");
+                if *codec == 0 {
+                    out.extend_from_slice(&[2, path.len() as u8]);
+                } else {
+                    out.extend_from_slice(&[4, *codec, path.len() as u8]);
+                }
+                out.extend_from_slice(path.as_bytes());
             }
             OpenHeader::Overlay => out.extend_from_slice(&[3, 0]),
         }
@@ -91,16 +100,23 @@ impl OpenHeader {
                 let port = u16::from_be_bytes([buf[8], buf[9]]);
                 Ok(Some((OpenHeader::Tcp(SocketAddrV4::new(ip, port)), 10)))
             }
-            2 => {
-                let len = buf[3] as usize;
-                if buf.len() < 4 + len {
+            2 | 4 => {
+                let (codec, at) = if buf[2] == 2 { (0, 3) } else { (buf[3], 4) };
+                if buf[2] == 4 && (codec == 0 || tern_codec::Options::from_byte(codec).is_none()) {
+                    return Err(HeaderError::Codec(codec));
+                }
+                let Some(&len) = buf.get(at) else {
+                    return Ok(None);
+                };
+                let end = at + 1 + len as usize;
+                if buf.len() < end {
                     return Ok(None);
                 }
-                let p = String::from_utf8_lossy(&buf[4..4 + len]).into_owned();
-                if !safe_relative_path(&p) {
-                    return Err(HeaderError::Path(p));
+                let path = String::from_utf8_lossy(&buf[at + 1..end]).into_owned();
+                if !safe_relative_path(&path) {
+                    return Err(HeaderError::Path(path));
                 }
-                Ok(Some((OpenHeader::Unix(p), 4 + len)))
+                Ok(Some((OpenHeader::Unix { path, codec }, end)))
             }
             3 if buf[3] == 0 => Ok(Some((OpenHeader::Overlay, 4))),
             3 => Err(HeaderError::OverlayLen(buf[3])),
@@ -110,28 +126,46 @@ impl OpenHeader {
 }
 
 /// The local request `tern migrate` sends to its site node's migration socket:
-/// `'M' | 1 | len | peer name | len | path relative to the far node's target_dir`. The node
-/// answers one byte, 0 = stream open, else an error line follows.
-pub fn encode_migration_request(peer: &str, target: &str) -> Vec<u8> {
+/// `'M' | 2 | codec | len | peer name | len | path relative to the far node's target_dir`
+/// (version 1 had no codec byte and is still read). The node answers one byte, 0 = stream
+/// open, else an error line follows.
+pub fn encode_migration_request(peer: &str, target: &str, codec: u8) -> Vec<u8> {
     assert!(peer.len() <= 255 && target.len() <= 255);
-    let mut b = vec![b'M', 1, peer.len() as u8];
+    let mut b = vec![b'M', 2, codec, peer.len() as u8];
     b.extend_from_slice(peer.as_bytes());
     b.push(target.len() as u8);
     b.extend_from_slice(target.as_bytes());
     b
 }
 
-/// Reads a migration request: `(peer name, relative path)`, the path already checked with
-/// [`safe_relative_path`].
-pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<(String, String), String> {
+/// A migration request as the node reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationRequest {
+    pub peer: String,
+    /// Relative to the far node's target_dir, checked with [`safe_relative_path`].
+    pub path: String,
+    /// tern-codec options byte, 0 for none.
+    pub codec: u8,
+}
+
+/// Reads a migration request.
+pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<MigrationRequest, String> {
     let byte = |r: &mut dyn std::io::Read, what: &str| -> Result<u8, String> {
         let mut b = [0u8; 1];
         r.read_exact(&mut b)
             .map_err(|e| format!("reading {what}: {e}"))?;
         Ok(b[0])
     };
-    if byte(r, "magic")? != b'M' || byte(r, "version")? != 1 {
-        return Err("bad request magic (expected 'M', 1)".into());
+    if byte(r, "magic")? != b'M' {
+        return Err("bad request magic (expected 'M')".into());
+    }
+    let codec = match byte(r, "version")? {
+        1 => 0,
+        2 => byte(r, "codec")?,
+        v => return Err(format!("unknown request version {v}")),
+    };
+    if tern_codec::Options::from_byte(codec).is_none() {
+        return Err(format!("unknown codec options {codec:#04x}"));
     }
     let mut field = |what: &str| -> Result<String, String> {
         let len = byte(r, what)?;
@@ -145,7 +179,7 @@ pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<(String, Str
     if !safe_relative_path(&path) {
         return Err(format!("unsafe target path {path:?}"));
     }
-    Ok((peer, path))
+    Ok(MigrationRequest { peer, path, codec })
 }
 
 #[cfg(test)]
@@ -158,9 +192,24 @@ mod tests {
         OpenHeader::Tcp("198.18.2.1:5201".parse().unwrap()).encode(&mut b);
         assert_eq!(b, [b'T', 1, 1, 4, 198, 18, 2, 1, 0x14, 0x51]);
         b.clear();
-        OpenHeader::Unix("vm1/b/in.sock".into()).encode(&mut b);
+        OpenHeader::Unix {
+            path: "vm1/b/in.sock".into(),
+            codec: 0,
+        }
+        .encode(&mut b);
         assert_eq!(&b[..4], &[b'T', 1, 2, 13]);
         assert_eq!(&b[4..], b"vm1/b/in.sock");
+        b.clear();
+        OpenHeader::Unix {
+            path: "vm1/b/in.sock".into(),
+            codec: 7,
+        }
+        .encode(&mut b);
+        assert_eq!(&b[..5], &[b'T', 1, 4, 7, 13]);
+        assert!(matches!(
+            OpenHeader::decode(b"T\x01\x04\x09\x01a"),
+            Err(HeaderError::Codec(9))
+        ));
         b.clear();
         OpenHeader::Overlay.encode(&mut b);
         assert_eq!(b, [b'T', 1, 3, 0]);
@@ -170,7 +219,14 @@ mod tests {
     fn round_trip_and_incremental() {
         for h in [
             OpenHeader::Tcp("10.0.0.1:80".parse().unwrap()),
-            OpenHeader::Unix("a/b-c_d.sock".into()),
+            OpenHeader::Unix {
+                path: "a/b-c_d.sock".into(),
+                codec: 0,
+            },
+            OpenHeader::Unix {
+                path: "a/b-c_d.sock".into(),
+                codec: 3,
+            },
             OpenHeader::Overlay,
         ] {
             let mut b = Vec::new();
@@ -186,20 +242,28 @@ mod tests {
 
     #[test]
     fn migration_request_golden_round_trip_and_errors() {
-        let req = encode_migration_request("site-b", "vm1/b/in.sock");
-        assert_eq!(req, b"M\x01\x06site-b\x0dvm1/b/in.sock".to_vec());
+        let req = encode_migration_request("site-b", "vm1/b/in.sock", 7);
+        assert_eq!(req, b"M\x02\x07\x06site-b\x0dvm1/b/in.sock".to_vec());
+        let want = MigrationRequest {
+            peer: "site-b".into(),
+            path: "vm1/b/in.sock".into(),
+            codec: 7,
+        };
+        assert_eq!(read_migration_request(&mut &req[..]), Ok(want.clone()));
+        let v1 = b"M\x01\x06site-b\x0dvm1/b/in.sock";
         assert_eq!(
-            read_migration_request(&mut &req[..]),
-            Ok(("site-b".into(), "vm1/b/in.sock".into()))
+            read_migration_request(&mut &v1[..]),
+            Ok(MigrationRequest { codec: 0, ..want })
         );
-        let bad = encode_migration_request("site-b", "../etc");
+        assert!(read_migration_request(&mut &b"M\x02\x08"[..]).is_err());
+        let bad = encode_migration_request("site-b", "../etc", 0);
         assert!(
             read_migration_request(&mut &bad[..])
                 .unwrap_err()
                 .contains("unsafe")
         );
         assert!(
-            read_migration_request(&mut &req[..5])
+            read_migration_request(&mut &req[..6])
                 .unwrap_err()
                 .contains("peer name")
         );

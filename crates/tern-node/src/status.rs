@@ -61,6 +61,45 @@ pub struct NodeStatus {
     pub flows: FlowTotals,
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+    /// Pages in the content store, if the node has one.
+    #[serde(default)]
+    pub store_pages: Option<u64>,
+    /// The last re-encoded (tern-codec) migration streams that ended, oldest first.
+    #[serde(default)]
+    pub migration_log: Vec<MigrationRecord>,
+}
+
+/// One re-encoded migration stream, as one node saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// "source" or "destination".
+    pub role: String,
+    /// Target socket, relative to the destination's migration directory.
+    pub path: String,
+    pub codec: String,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
+    /// Both directions ended cleanly.
+    pub complete: bool,
+    /// Codec counters (source only).
+    pub stats: Option<tern_codec::Stats>,
+    /// Bytes this node wrote into the transport stream (after residual compression).
+    pub wire_bytes: u64,
+    pub pages_decoded: u64,
+    pub bytes_decoded: u64,
+    pub error: Option<String>,
+}
+
+impl MigrationRecord {
+    pub fn new(role: &str, path: &str, codec: tern_codec::Options) -> MigrationRecord {
+        MigrationRecord {
+            role: role.into(),
+            path: path.into(),
+            codec: codec.to_string(),
+            started_unix_ms: crate::sys::wall_ns() / 1_000_000,
+            ..MigrationRecord::default()
+        }
+    }
 }
 
 /// Prometheus text exposition format.
