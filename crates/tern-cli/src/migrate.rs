@@ -23,9 +23,28 @@ pub struct MigrateArgs {
     /// it (adds the comparison to the pause; downtime is then measured to load completion).
     #[arg(long)]
     check_memory: bool,
-    /// QEMU's downtime-limit in ms (when QEMU switches over).
+    /// Downtime target in ms: QEMU's downtime-limit, or with --smart-stop on the dirty set
+    /// size (at QEMU's rate) at which the controller stops at once.
     #[arg(long, default_value_t = 300)]
     downtime_limit: u64,
+    /// tern-codec re-encoding of the stream (tern route): none, re (redundancy elimination
+    /// of 1 KiB sub-blocks), delta (page deltas), store (the destination's content store),
+    /// all, or a list like re+delta.
+    #[arg(long, default_value = "all", value_parser = parse_codec)]
+    codec: tern_codec::Options,
+    /// CloudNet's smart stop-and-copy: iterate with a 1 ms downtime-limit, stop at the pass
+    /// that fits --downtime-limit or at a local minimum of the dirty set after the
+    /// crossover (every decision in --json).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    smart_stop: String,
+    /// QEMU migration capability to switch on (repeatable): xbzrle, auto-converge,
+    /// multifd (needs --direct), compress, ...
+    #[arg(long = "qemu-cap", value_name = "CAP")]
+    qemu_caps: Vec<String>,
+    /// Extra QEMU migration parameter NAME=VALUE (repeatable), e.g.
+    /// multifd-compression=zstd, xbzrle-cache-size=268435456.
+    #[arg(long = "qemu-param", value_name = "NAME=VALUE")]
+    qemu_params: Vec<String>,
     /// Give up (cancel, keep the source running) when QEMU sends nothing for this many
     /// seconds.
     #[arg(long, default_value_t = 20)]
@@ -45,9 +64,34 @@ pub struct MigrateArgs {
     quiet: bool,
 }
 
+fn parse_codec(s: &str) -> Result<tern_codec::Options, String> {
+    tern_codec::Options::parse(s)
+}
+
+/// `NAME=VALUE` with a number, true/false, or a string value.
+fn parse_param(p: &str) -> Result<(String, serde_json::Value)> {
+    let Some((k, v)) = p.split_once('=') else {
+        bail!("--qemu-param {p:?}: expected NAME=VALUE");
+    };
+    let v = if let Ok(n) = v.parse::<u64>() {
+        serde_json::json!(n)
+    } else if let Ok(b) = v.parse::<bool>() {
+        serde_json::json!(b)
+    } else {
+        serde_json::json!(v)
+    };
+    Ok((k.to_string(), v))
+}
+
 pub fn run(a: MigrateArgs) -> Result<()> {
     if a.cc != "cubic" && !a.direct {
         bail!("--cc applies to --direct only (tern's transport has its own rate control)");
+    }
+    if a.qemu_caps.iter().any(|c| c == "multifd") && !a.direct {
+        bail!(
+            "--qemu-cap multifd needs --direct (QEMU 7.2 opens multifd channels itself and \
+             cannot take them as file descriptors)"
+        );
     }
     let mut o = MigrateOptions::new(&a.name, &a.to);
     o.route = if a.direct { Route::Direct } else { Route::Tern };
@@ -58,6 +102,13 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     o.timeout = Duration::from_secs(a.timeout.max(1));
     o.guest_verify_passes = a.verify_passes;
     o.progress = !a.quiet;
+    o.codec = a.codec;
+    o.smart_stop = a.smart_stop == "on";
+    o.qemu_capabilities = a.qemu_caps;
+    for p in &a.qemu_params {
+        let (k, v) = parse_param(p)?;
+        o.qemu_parameters.insert(k, v);
+    }
     match tern_migrate::migrate(&o) {
         Ok(r) => {
             if a.json {
@@ -65,7 +116,10 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             } else {
                 let route = match &r.cc {
                     Some(cc) => format!("direct TCP ({cc})"),
-                    None => "tern".to_string(),
+                    None => match &r.codec {
+                        Some(c) => format!("tern (codec {})", c.options),
+                        None => "tern".to_string(),
+                    },
                 };
                 println!(
                     "migrated {} from site {} to site {} via {route}: total {:.2} s, downtime {:.0} ms, \
@@ -84,6 +138,39 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                         None => "not checked",
                     }
                 );
+            }
+            if !a.json {
+                if let Some(c) = &r.codec
+                    && let Some(st) = &c.stats
+                {
+                    println!(
+                        "codec: {} pages; saved {:.1} MiB by RE ({} sub-blocks), {:.1} MiB by \
+                         deltas ({} pages), {:.1} MiB by the store ({} pages), {} zero \
+                         sub-blocks; {:.1} MiB into the transport{}",
+                        st.pages,
+                        st.re_saved as f64 / (1 << 20) as f64,
+                        st.re_hits,
+                        st.delta_saved as f64 / (1 << 20) as f64,
+                        st.delta_pages,
+                        st.store_saved as f64 / (1 << 20) as f64,
+                        st.store_hits,
+                        st.zero_subblocks,
+                        c.stream_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
+                        st.fallback
+                            .as_ref()
+                            .map(|f| format!(" (raw from: {f})"))
+                            .unwrap_or_default()
+                    );
+                }
+                if let Some(s) = &r.smart_stop {
+                    println!(
+                        "smart stop: {} after {} pass(es)",
+                        s.stop_reason
+                            .as_deref()
+                            .unwrap_or("QEMU switched over by itself"),
+                        s.decisions.len()
+                    );
+                }
             }
             if r.verified == Some(false) {
                 bail!("verification failed: {:?} {:?}", r.memory, r.guest_verify);

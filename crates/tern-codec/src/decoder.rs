@@ -1,6 +1,7 @@
 //! The receiving end: frames in, QEMU's exact bytes out.
 
 use crate::cache::{self, PageCache, SubBlockRing};
+use crate::residual::Decompressor;
 use crate::store::{ContentStore, Key, page_key};
 use crate::wire::{self, get_varint};
 use crate::{Options, PAGE, SUB, SUBS, delta};
@@ -15,6 +16,8 @@ pub enum DecodeError {
     NoBase { offset: u64 },
     #[error("page {key:02x?} is not in the content store (encoded offset {offset})")]
     StoreMiss { offset: u64, key: Key },
+    #[error("residual zstd stream: {0}")]
+    Zstd(String),
 }
 
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub struct Decoder {
     last_word: Option<u64>,
     last_block: u64,
     page: Vec<u8>,
+    zstd: Option<Decompressor>,
+    frames: Vec<u8>,
     /// Pages decoded.
     pub pages_out: u64,
     /// Bytes written to QEMU.
@@ -54,6 +59,10 @@ impl Decoder {
             last_word: None,
             last_block: 0,
             page: vec![0; PAGE],
+            zstd: opts
+                .zstd
+                .then(|| Decompressor::new().expect("zstd context")),
+            frames: Vec::new(),
             pages_out: 0,
             output_bytes: 0,
         }
@@ -68,7 +77,19 @@ impl Decoder {
         store: &mut dyn ContentStore,
     ) -> Result<(), DecodeError> {
         let start = out.len();
-        let r = self.push_inner(data, out, store);
+        let r = match &mut self.zstd {
+            None => self.push_inner(data, out, store),
+            Some(z) => {
+                let mut frames = std::mem::take(&mut self.frames);
+                frames.clear();
+                let r = z
+                    .push(data, &mut frames)
+                    .map_err(|e| DecodeError::Zstd(e.to_string()))
+                    .and_then(|()| self.push_inner(&frames, out, store));
+                self.frames = frames;
+                r
+            }
+        };
         self.output_bytes += (out.len() - start) as u64;
         r
     }

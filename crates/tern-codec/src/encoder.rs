@@ -2,6 +2,7 @@
 
 use crate::cache::{self, PageCache, SubBlockRing, block_hash};
 use crate::qemu::{Item, Parser};
+use crate::residual::{self, Compressor};
 use crate::store::{ContentStore, Key, Summary, page_key};
 use crate::wire::{self, put_varint, varint_len};
 use crate::{Options, PAGE, SUB, SUBS, Stats, delta};
@@ -31,6 +32,8 @@ pub struct Encoder {
     last_block: u64,
     pending: Vec<u8>,
     scratch: Vec<u8>,
+    zstd: Option<Compressor>,
+    frames: Vec<u8>,
     stats: Stats,
 }
 
@@ -54,6 +57,10 @@ impl Encoder {
             last_block: 0,
             pending: Vec::new(),
             scratch: Vec::with_capacity(PAGE),
+            zstd: opts
+                .zstd
+                .then(|| Compressor::new(residual::DEFAULT_LEVEL).expect("zstd context")),
+            frames: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -78,12 +85,43 @@ impl Encoder {
     /// Encodes the next QEMU bytes into `out`. Pages sent are added to `store` when the store
     /// optimization is on (so this site can receive the VM back cheaply).
     pub fn push(&mut self, data: &[u8], out: &mut Vec<u8>, store: &mut dyn ContentStore) {
+        self.with_residual(out, |enc, frames| enc.push_frames(data, frames, store));
+    }
+
+    /// QEMU closed its end: bytes the parser was still waiting on go out raw.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.with_residual(out, |enc, frames| enc.finish_frames(frames));
+    }
+
+    fn with_residual(&mut self, out: &mut Vec<u8>, f: impl FnOnce(&mut Encoder, &mut Vec<u8>)) {
+        let start = out.len();
+        if self.zstd.is_none() {
+            f(self, out);
+        } else {
+            let mut frames = std::mem::take(&mut self.frames);
+            frames.clear();
+            f(self, &mut frames);
+            if !frames.is_empty() {
+                self.zstd
+                    .as_mut()
+                    .expect("checked")
+                    .push(&frames, out)
+                    .expect("zstd compression of an in-memory buffer");
+            }
+            self.stats.zstd_saved = (self.stats.zstd_saved + frames.len() as u64)
+                .saturating_sub((out.len() - start) as u64);
+            self.frames = frames;
+        }
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    fn push_frames(&mut self, data: &[u8], out: &mut Vec<u8>, store: &mut dyn ContentStore) {
         let start = out.len();
         self.stats.input_bytes += data.len() as u64;
         if self.raw_tail {
             out.extend_from_slice(data);
             self.stats.verbatim_bytes += data.len() as u64;
-            self.stats.output_bytes += data.len() as u64;
+            self.stats.frame_bytes += data.len() as u64;
             return;
         }
         let mut input = std::mem::take(&mut self.input);
@@ -122,11 +160,10 @@ impl Encoder {
         self.flush_pending(out);
         input.drain(..pos);
         self.input = input;
-        self.stats.output_bytes += (out.len() - start) as u64;
+        self.stats.frame_bytes += (out.len() - start) as u64;
     }
 
-    /// QEMU closed its end: bytes the parser was still waiting on go out raw.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    fn finish_frames(&mut self, out: &mut Vec<u8>) {
         if !self.raw_tail && !self.input.is_empty() {
             let start = out.len();
             self.stats.fallback = Some("stream ended inside a record".into());
@@ -135,7 +172,7 @@ impl Encoder {
             self.stats.verbatim_bytes += self.input.len() as u64;
             self.input.clear();
             self.raw_tail = true;
-            self.stats.output_bytes += (out.len() - start) as u64;
+            self.stats.frame_bytes += (out.len() - start) as u64;
         }
     }
 
@@ -238,7 +275,10 @@ impl Encoder {
                 let next = self.ring.as_ref().map_or(0, |r| r.next_seq());
                 for (i, s) in subs.iter().enumerate() {
                     match s.0 {
-                        wire::SUB_ZERO => self.stats.zero_subblocks += 1,
+                        wire::SUB_ZERO => {
+                            self.stats.zero_subblocks += 1;
+                            self.stats.zero_saved += SUB as u64;
+                        }
                         wire::SUB_REF => {
                             let d = next - s.1;
                             put_varint(out, d);

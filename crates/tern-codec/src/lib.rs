@@ -22,6 +22,7 @@ pub mod decoder;
 pub mod delta;
 pub mod encoder;
 pub mod qemu;
+pub mod residual;
 pub mod store;
 pub mod wire;
 
@@ -45,6 +46,9 @@ pub struct Options {
     pub delta: bool,
     /// References into the destination's persistent content store.
     pub store: bool,
+    /// Residual compression: one zstd stream over the frames (else the transport's
+    /// per-record compression applies).
+    pub zstd: bool,
 }
 
 impl Options {
@@ -52,23 +56,29 @@ impl Options {
         re: false,
         delta: false,
         store: false,
+        zstd: false,
     };
     pub const ALL: Options = Options {
         re: true,
         delta: true,
         store: true,
+        zstd: true,
     };
 
-    /// One byte on the wire: bit 0 RE, bit 1 delta, bit 2 store.
+    /// One byte on the wire: bit 0 RE, bit 1 delta, bit 2 store, bit 3 zstd.
     pub fn to_byte(self) -> u8 {
-        u8::from(self.re) | u8::from(self.delta) << 1 | u8::from(self.store) << 2
+        u8::from(self.re)
+            | u8::from(self.delta) << 1
+            | u8::from(self.store) << 2
+            | u8::from(self.zstd) << 3
     }
 
     pub fn from_byte(b: u8) -> Option<Options> {
-        (b & !7 == 0).then_some(Options {
+        (b & !15 == 0).then_some(Options {
             re: b & 1 != 0,
             delta: b & 2 != 0,
             store: b & 4 != 0,
+            zstd: b & 8 != 0,
         })
     }
 
@@ -76,7 +86,7 @@ impl Options {
         self != Options::NONE
     }
 
-    /// Parses `none|re|delta|store|all` or a `+`-joined list such as `re+delta`.
+    /// Parses `none|re|delta|store|zstd|all` or a `+`-joined list such as `re+delta`.
     pub fn parse(s: &str) -> Result<Options, String> {
         let mut o = Options::NONE;
         for part in s.split('+') {
@@ -85,10 +95,11 @@ impl Options {
                 "re" => o.re = true,
                 "delta" => o.delta = true,
                 "store" => o.store = true,
+                "zstd" => o.zstd = true,
                 "all" => o = Options::ALL,
                 other => {
                     return Err(format!(
-                        "unknown codec {other:?} (none, re, delta, store, all, or a list like re+delta)"
+                        "unknown codec {other:?} (none, re, delta, store, zstd, all, or a list like re+delta)"
                     ));
                 }
             }
@@ -109,6 +120,9 @@ impl std::fmt::Display for Options {
         if self.store {
             parts.push("store");
         }
+        if self.zstd {
+            parts.push("zstd");
+        }
         if parts.is_empty() {
             f.write_str("none")
         } else {
@@ -123,16 +137,20 @@ impl std::fmt::Display for Options {
 pub struct Stats {
     /// Bytes read from QEMU.
     pub input_bytes: u64,
-    /// Encoded bytes produced (before the transport's residual compression).
+    /// Frames produced, before residual compression.
+    pub frame_bytes: u64,
+    /// Bytes produced (after the codec's zstd if on; the transport may still compress).
     pub output_bytes: u64,
+    /// `frame_bytes - output_bytes` when the codec's zstd is on.
+    pub zstd_saved: u64,
     /// RAM PAGE records seen (4 KiB payloads).
     pub pages: u64,
     /// ZERO records seen (QEMU's own zero-page elision; 9-10 bytes each).
     pub zero_pages: u64,
-    /// Bytes QEMU would have needed for its ZERO pages as literals, minus what it sent.
-    pub zero_saved: u64,
-    /// All-zero 1 KiB sub-blocks of non-zero pages.
+    /// All-zero 1 KiB sub-blocks of non-zero pages (sent as 2 bits each).
     pub zero_subblocks: u64,
+    /// Bytes saved by zero sub-blocks.
+    pub zero_saved: u64,
     pub re_hits: u64,
     pub re_saved: u64,
     pub delta_pages: u64,
@@ -147,8 +165,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Bytes saved in all by zero, RE, delta and store (QEMU bytes minus encoded bytes).
+    /// Bytes saved in all by zero sub-blocks, RE, delta, store and zstd.
     pub fn saved(&self) -> u64 {
-        self.re_saved + self.delta_saved + self.store_saved
+        self.zero_saved + self.re_saved + self.delta_saved + self.store_saved + self.zstd_saved
     }
 }

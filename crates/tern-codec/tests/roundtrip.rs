@@ -17,7 +17,7 @@ fn golden(name: &str) -> Vec<u8> {
 const GOLDEN: [&str; 4] = ["idle", "iterate", "xbzrle", "compress"];
 
 fn all_options() -> Vec<Options> {
-    (0..8).map(|b| Options::from_byte(b).unwrap()).collect()
+    (0..16).map(|b| Options::from_byte(b).unwrap()).collect()
 }
 
 /// Small deterministic generator (xorshift).
@@ -327,30 +327,36 @@ fn damaged_encoded_streams_never_panic() {
     // return Ok or Err, never panic, and never hang.
     let mut rng = Rng(0xfeed);
     let s = golden("iterate");
-    let mut enc = Encoder::new(Options::ALL);
-    let mut encoded = Vec::new();
-    enc.push(&s, &mut encoded, &mut MemStore::default());
-    enc.finish(&mut encoded);
-    for _ in 0..300 {
-        let mut e = encoded.clone();
-        for _ in 0..1 + rng.below(8) {
-            let at = rng.below(e.len() as u64) as usize;
-            match rng.below(3) {
-                0 => e[at] ^= 1 << rng.below(8),
-                1 => {
-                    e.remove(at);
+    let frames_only = Options {
+        zstd: false,
+        ..Options::ALL
+    };
+    for opts in [Options::ALL, frames_only] {
+        let mut enc = Encoder::new(opts);
+        let mut encoded = Vec::new();
+        enc.push(&s, &mut encoded, &mut MemStore::default());
+        enc.finish(&mut encoded);
+        for _ in 0..300 {
+            let mut e = encoded.clone();
+            for _ in 0..1 + rng.below(8) {
+                let at = rng.below(e.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => e[at] ^= 1 << rng.below(8),
+                    1 => {
+                        e.remove(at);
+                    }
+                    _ => e.insert(at, rng.next() as u8),
                 }
-                _ => e.insert(at, rng.next() as u8),
             }
+            let mut dec = Decoder::new(opts);
+            let mut out = Vec::new();
+            let _ = dec.push(&e, &mut out, &mut MemStore::default());
         }
-        let mut dec = Decoder::new(Options::ALL);
-        let mut out = Vec::new();
-        let _ = dec.push(&e, &mut out, &mut MemStore::default());
-    }
-    for _ in 0..300 {
-        let len = rng.below(3000) as usize;
-        let junk: Vec<u8> = (0..len).map(|_| (rng.next() % 6) as u8).collect();
-        let _ = Decoder::new(Options::ALL).push(&junk, &mut Vec::new(), &mut MemStore::default());
+        for _ in 0..300 {
+            let len = rng.below(3000) as usize;
+            let junk: Vec<u8> = (0..len).map(|_| (rng.next() % 6) as u8).collect();
+            let _ = Decoder::new(opts).push(&junk, &mut Vec::new(), &mut MemStore::default());
+        }
     }
 }
 

@@ -536,6 +536,23 @@ pub fn migrate_socket(site: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("migrate-{site}.sock"))
 }
 
+/// The control socket of a site's node (`tern_node::request_status`).
+pub fn node_control_socket(site: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("node-{site}.sock"))
+}
+
+/// Where each site's node keeps its content store (tern-codec `store`); it outlives the
+/// lab, so a VM that comes back finds its pages.
+pub const STORE_DIR: &str = "/var/lib/tern/store";
+
+/// The content store directory of a site's node.
+pub fn store_dir(site: &str) -> PathBuf {
+    Path::new(STORE_DIR).join(site)
+}
+
+/// Capacity of each lab node's content store, MiB.
+pub const STORE_MB: u64 = 2048;
+
 /// UDP port of the lab's tern nodes.
 pub const NODE_PORT: u16 = 7400;
 
@@ -559,7 +576,7 @@ fn start_nodes(
         let dir = Path::new(RUN_DIR);
         let key_path = dir.join(format!("node-{}.key", me.name));
         write_private(&key_path, &encode_key(&keys[i].private))?;
-        let control = dir.join(format!("node-{}.sock", me.name));
+        let control = node_control_socket(&me.name);
         let accelerate = if accel {
             format!(
                 "\n[[accelerate]]\nsubnet = \"{}\"\npeer = \"site-{}\"\n",
@@ -577,7 +594,9 @@ fn start_nodes(
              address = \"{peer_addr}:{port}\"\n\n\
              [overlay]\nsocket = \"{switch}\"\ntap = \"{OVERLAY_TAP}\"\n\
              tap_address = \"{OVERLAY_PREFIX}.{index}/24\"\n\n\
-             [migration]\nsocket = \"{migrate}\"\ntarget_dir = \"{VM_DIR}\"\n{accelerate}",
+             [migration]\nsocket = \"{migrate}\"\ntarget_dir = \"{VM_DIR}\"\n\
+             store = \"{store}\"\nstore_mb = {STORE_MB}\n{accelerate}",
+            store = store_dir(&me.name).display(),
             bp0 = DIRECT_PORTS.0,
             bp1 = DIRECT_PORTS.1,
             switch = switch_socket(&me.name).display(),

@@ -3,8 +3,11 @@
 //! ```text
 //! tern migrate NAME --to b
 //!   source QEMU (site a) --fd--> node a ==transport stream (kind unix)==> node b --> dest QEMU
-//!        |  getfd + migrate fd:           zstd records, back-pressure      -incoming unix:
-//!        `-- QMP: query-migrate every 100 ms -> Monitor (progress, stall) -> summary
+//!        |  getfd + migrate fd:                                            -incoming unix:
+//!        |  tern-codec re-encoding (RE,       zstd records, back-pressure
+//!        |  deltas, content store)
+//!        `-- QMP: query-migrate every 100 ms -> Monitor (progress, stall), SmartStop
+//!                                              (switchover point) -> summary
 //! tern migrate NAME --to b --direct
 //!   source QEMU --TCP (kernel cubic/bbr, through the emulated link)--> dest QEMU -incoming tcp:
 //! ```
@@ -17,5 +20,6 @@ pub mod memcmp;
 pub mod monitor;
 pub mod relay;
 pub mod run;
+pub mod smartstop;
 
 pub use run::{MigrateError, MigrateOptions, MigrateReport, Route, migrate};

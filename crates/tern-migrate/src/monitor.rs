@@ -15,6 +15,9 @@ pub struct Sample {
     pub total_bytes: u64,
     pub dirty_sync_count: u64,
     pub dirty_pages_rate: u64,
+    /// QEMU's send rate, Mbit/s.
+    #[serde(default)]
+    pub mbps: f64,
 }
 
 impl Sample {
@@ -29,6 +32,7 @@ impl Sample {
             total_bytes: u(&ram["total"]),
             dirty_sync_count: u(&ram["dirty-sync-count"]),
             dirty_pages_rate: u(&ram["dirty-pages-rate"]),
+            mbps: ram["mbps"].as_f64().unwrap_or(0.0),
         }
     }
 }

@@ -7,14 +7,24 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Opens a migration stream through the node at `socket` to `target` (relative to the far
-/// node's migration directory) at `peer`; returns the connected socket for QEMU.
-pub fn open(socket: &Path, peer: &str, target: &str) -> Result<UnixStream, String> {
+/// node's migration directory) at `peer`, re-encoded with `codec`; returns the connected
+/// socket for QEMU.
+pub fn open(
+    socket: &Path,
+    peer: &str,
+    target: &str,
+    codec: tern_codec::Options,
+) -> Result<UnixStream, String> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| format!("connect to node migration socket {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    s.write_all(&tern_node::open::encode_migration_request(peer, target))
-        .map_err(|e| format!("send migration request: {e}"))?;
+    s.write_all(&tern_node::open::encode_migration_request(
+        peer,
+        target,
+        codec.to_byte(),
+    ))
+    .map_err(|e| format!("send migration request: {e}"))?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)
         .map_err(|e| format!("node did not answer the migration request: {e}"))?;

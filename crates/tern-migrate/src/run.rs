@@ -12,6 +12,7 @@ use tern_vm::{QmpClient, VmHost, VmSpec};
 
 use crate::memcmp::{self, MemCompare};
 use crate::monitor::{Monitor, Progress, Sample, Verdict, progress_line};
+use crate::smartstop::{self, Decision, SmartStop};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -79,7 +80,27 @@ pub struct MigrateOptions {
     pub guest_verify_passes: u32,
     /// Print progress to stderr.
     pub progress: bool,
+    /// tern-codec optimizations on the tern route (ignored for `Direct`).
+    pub codec: tern_codec::Options,
+    /// CloudNet's smart stop-and-copy: iterate with a tiny downtime-limit and force the
+    /// switchover at the controller's chosen pass (`downtime_limit_ms` is its target).
+    pub smart_stop: bool,
+    /// QEMU migration capabilities to switch on (e.g. `xbzrle`, `multifd`, `auto-converge`).
+    pub qemu_capabilities: Vec<String>,
+    /// Extra QEMU migration parameters (e.g. `{"multifd-compression": "zstd"}`).
+    pub qemu_parameters: serde_json::Map<String, Value>,
 }
+
+/// Capabilities whose pages leave the main stream or change its format beyond what
+/// tern-codec parses: the stream is relayed as it is.
+const CODEC_UNSAFE_CAPS: [&str; 6] = [
+    "multifd",
+    "postcopy-ram",
+    "postcopy-preempt",
+    "x-ignore-shared",
+    "rdma-pin-all",
+    "x-colo",
+];
 
 impl MigrateOptions {
     pub fn new(name: &str, to_site: &str) -> MigrateOptions {
@@ -96,6 +117,31 @@ impl MigrateOptions {
             check_memory: false,
             guest_verify_passes: 1,
             progress: true,
+            codec: tern_codec::Options::ALL,
+            smart_stop: true,
+            qemu_capabilities: Vec::new(),
+            qemu_parameters: serde_json::Map::new(),
+        }
+    }
+
+    /// The codec actually used: none off the tern route or with capabilities it cannot
+    /// parse (and a note why).
+    pub fn effective_codec(&self) -> (tern_codec::Options, Option<String>) {
+        if self.route != Route::Tern || !self.codec.any() {
+            return (tern_codec::Options::NONE, None);
+        }
+        match self
+            .qemu_capabilities
+            .iter()
+            .find(|c| CODEC_UNSAFE_CAPS.contains(&c.as_str()))
+        {
+            Some(c) => (
+                tern_codec::Options::NONE,
+                Some(format!(
+                    "capability {c} is on: stream relayed without re-encoding"
+                )),
+            ),
+            None => (self.codec, None),
         }
     }
 }
@@ -130,6 +176,29 @@ pub struct MigrateReport {
     pub verified: Option<bool>,
     pub memory: Option<MemCompare>,
     pub guest_verify: Option<GuestVerify>,
+    /// QEMU capabilities switched on for this migration.
+    pub qemu_capabilities: Vec<String>,
+    /// tern-codec counters from the source node (tern route with a codec).
+    pub codec: Option<CodecReport>,
+    /// Smart stop-and-copy decisions, one per pass after the bulk pass.
+    pub smart_stop: Option<SmartStopReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CodecReport {
+    pub options: String,
+    /// Why the codec was not used, if it was asked for.
+    pub note: Option<String>,
+    /// The source node's counters (`null` if the node did not report in time).
+    pub stats: Option<tern_codec::Stats>,
+    /// Bytes the source node wrote into the transport stream (after residual compression).
+    pub stream_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SmartStopReport {
+    pub stop_reason: Option<String>,
+    pub decisions: Vec<Decision>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -330,17 +399,37 @@ fn preflight(q: &mut QmpClient, opts: &MigrateOptions) -> Result<(), MigrateErro
             "a migration is already {s} for this VM"
         )));
     }
-    q.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "events", "state": true}]}),
-    )
-    .map_err(qmp_err("migrate-set-capabilities"))?;
-    q.execute(
-        "migrate-set-parameters",
-        json!({"downtime-limit": opts.downtime_limit_ms, "max-bandwidth": opts.max_bandwidth}),
-    )
-    .map_err(qmp_err("migrate-set-parameters"))?;
+    let caps = capabilities(&opts.qemu_capabilities);
+    q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
+        .map_err(qmp_err("migrate-set-capabilities"))?;
+    let downtime = if opts.smart_stop {
+        smartstop::ITERATE_DOWNTIME_MS
+    } else {
+        opts.downtime_limit_ms
+    };
+    let mut params = serde_json::Map::new();
+    params.insert("downtime-limit".into(), json!(downtime));
+    params.insert("max-bandwidth".into(), json!(opts.max_bandwidth));
+    params.extend(opts.qemu_parameters.clone());
+    q.execute("migrate-set-parameters", Value::Object(params))
+        .map_err(qmp_err("migrate-set-parameters"))?;
     Ok(())
+}
+
+/// The capability list for `migrate-set-capabilities`: `events`, the extras on, and every
+/// other capability tern may switch on set off (a VM keeps them from an earlier migration).
+fn capabilities(extra: &[String]) -> Value {
+    let mut names: Vec<&str> = vec!["xbzrle", "auto-converge", "multifd", "compress"];
+    for e in extra {
+        if !names.contains(&e.as_str()) {
+            names.push(e);
+        }
+    }
+    let mut list = vec![json!({"capability": "events", "state": true})];
+    for n in names {
+        list.push(json!({"capability": n, "state": extra.iter().any(|e| e == n)}));
+    }
+    Value::Array(list)
 }
 
 fn run(
@@ -355,9 +444,22 @@ fn run(
     let mut dq = host.qmp(&opts.name, Some(&opts.to_site))?;
     dq.execute(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "events", "state": true}]}),
+        json!({ "capabilities": capabilities(&opts.qemu_capabilities) }),
     )
     .map_err(qmp_err("destination migrate-set-capabilities"))?;
+    if !opts.qemu_parameters.is_empty() {
+        // The destination must match (multifd channels and compression, for one).
+        dq.execute(
+            "migrate-set-parameters",
+            Value::Object(opts.qemu_parameters.clone()),
+        )
+        .map_err(qmp_err("destination migrate-set-parameters"))?;
+    }
+    let (codec, codec_note) = opts.effective_codec();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let _ = sq.events();
     let wire0 = link_bytes(from);
     let t0 = Instant::now();
@@ -382,6 +484,7 @@ fn run(
                 &tern_lab::migrate_socket(from),
                 &format!("site-{}", opts.to_site),
                 &rel,
+                codec,
             )
             .map_err(MigrateError::Refused)?;
             sq.execute_with_fd("getfd", json!({"fdname": "tern-mig"}), stream.as_fd())
@@ -398,6 +501,9 @@ fn run(
         }
     }
     let mut monitor = Monitor::new(0, opts.stall_timeout.as_millis() as u64);
+    let mut smart = opts
+        .smart_stop
+        .then(|| SmartStop::new(opts.downtime_limit_ms, 3, 30));
     let mut last_print = 0u64;
     let tty = opts.progress && unsafe_isatty_stderr();
     let final_info = loop {
@@ -406,7 +512,24 @@ fn run(
             .execute("query-migrate", Value::Null)
             .map_err(qmp_err("query-migrate"))?;
         let now = now_ms(t0);
-        let verdict = monitor.on_sample(now, Sample::from_qmp(&v));
+        let sample = Sample::from_qmp(&v);
+        if let Some(ctl) = &mut smart
+            && ctl.on_sample(now, &sample)
+        {
+            sq.execute(
+                "migrate-set-parameters",
+                json!({ "downtime-limit": smartstop::FORCE_DOWNTIME_MS }),
+            )
+            .map_err(qmp_err("force the switchover"))?;
+            if opts.progress {
+                let d = ctl.log.last().expect("a decision was logged");
+                eprintln!(
+                    "\nsmart stop at pass {}: {} dirty pages (~{} ms): {}",
+                    d.iteration, d.dirty_pages, d.est_downtime_ms, d.reason
+                );
+            }
+        }
+        let verdict = monitor.on_sample(now, sample);
         if opts.progress && (tty || now - last_print >= 2000 || verdict != Verdict::Running) {
             last_print = now;
             let line = progress_line(monitor.progress());
@@ -495,6 +618,19 @@ fn run(
         checks.push(g.failures == 0 && g.passes_ok >= opts.guest_verify_passes);
     }
     let verified = (!checks.is_empty()).then(|| checks.iter().all(|&c| c));
+    let codec_report =
+        (opts.route == Route::Tern && (codec.any() || codec_note.is_some())).then(|| {
+            let record = codec
+                .any()
+                .then(|| source_record(from, &incoming_rel(incoming_sock), started_unix_ms))
+                .flatten();
+            CodecReport {
+                options: codec.to_string(),
+                note: codec_note,
+                stream_bytes: record.as_ref().map(|r| r.wire_bytes),
+                stats: record.and_then(|r| r.stats),
+            }
+        });
     Ok(MigrateReport {
         name: opts.name.clone(),
         from: from.to_string(),
@@ -515,7 +651,43 @@ fn run(
         verified,
         memory,
         guest_verify,
+        qemu_capabilities: opts.qemu_capabilities.clone(),
+        codec: codec_report,
+        smart_stop: smart.map(|c| SmartStopReport {
+            stop_reason: c.stop_reason().map(str::to_string),
+            decisions: c.log,
+        }),
     })
+}
+
+fn incoming_rel(incoming_sock: &Path) -> String {
+    incoming_sock
+        .strip_prefix(tern_lab::VM_DIR)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The source node's record of this migration's stream (it ends a round trip after QEMU's
+/// completion); `None` if it does not show up within 10 s.
+fn source_record(
+    site: &str,
+    rel: &str,
+    since_unix_ms: u64,
+) -> Option<tern_node::status::MigrationRecord> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(st) = tern_node::request_status(&tern_lab::node_control_socket(site))
+            && let Some(r) = st.migration_log.into_iter().rev().find(|r| {
+                r.role == "source" && r.path == rel && r.started_unix_ms + 1000 >= since_unix_ms
+            })
+        {
+            return Some(r);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn unsafe_isatty_stderr() -> bool {

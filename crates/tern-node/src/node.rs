@@ -1546,6 +1546,12 @@ impl Node {
                         FlowState::Open,
                     );
                     if let Some(flow) = self.flows.get_mut(&f) {
+                        if let Some(MigCodec::Source { enc, .. }) = &mig
+                            && enc.options().zstd
+                        {
+                            // Already one zstd stream: records would only add a probe.
+                            flow.enc = RecordEncoder::new(Codec::Raw);
+                        }
                         flow.mig = mig.map(Box::new);
                     }
                     self.pump_tcp(f);

@@ -1,0 +1,125 @@
+//! Residual compression: one zstd stream over the encoded frames of a whole migration,
+//! flushed after every push so the destination can decode all bytes sent so far.
+//!
+//! A single stream keeps its window (8 MiB) across pushes; compressing each 64 KiB record
+//! on its own (the transport's adaptive compression) loses the matches between records.
+//! Measured on a 256 MiB web-db guest's stream (253 MB): zstd-1 per stream 89.5 MB,
+//! zstd-3 83.8 MB, against about 112 MB for the transport's per-record zstd-1.
+
+use std::io;
+
+use zstd::stream::raw::{CParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
+
+/// Default level (measured: level 3 is 6 % smaller than level 1 on guest RAM and fast enough
+/// for links up to a few hundred Mbit/s on one core).
+pub const DEFAULT_LEVEL: i32 = 3;
+const WINDOW_LOG: u32 = 23;
+const STEP: usize = 64 << 10;
+
+pub struct Compressor {
+    z: Encoder<'static>,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compressor")
+    }
+}
+
+impl Compressor {
+    pub fn new(level: i32) -> io::Result<Compressor> {
+        let mut z = Encoder::new(level)?;
+        z.set_parameter(CParameter::WindowLog(WINDOW_LOG))?;
+        Ok(Compressor { z })
+    }
+
+    /// Appends the compressed form of `input` to `out`, flushed.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        let mut inb = InBuffer::around(input);
+        while inb.pos() < input.len() {
+            out.reserve(STEP);
+            let at = out.len();
+            let mut ob = OutBuffer::around_pos(out, at);
+            self.z.run(&mut inb, &mut ob)?;
+        }
+        loop {
+            out.reserve(STEP);
+            let at = out.len();
+            let mut ob = OutBuffer::around_pos(out, at);
+            if self.z.flush(&mut ob)? == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+pub struct Decompressor {
+    z: Decoder<'static>,
+}
+
+impl std::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decompressor")
+    }
+}
+
+impl Decompressor {
+    pub fn new() -> io::Result<Decompressor> {
+        let mut z = Decoder::new()?;
+        z.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(WINDOW_LOG))?;
+        Ok(Decompressor { z })
+    }
+
+    /// Appends everything `input` decompresses to (so far) to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        let mut inb = InBuffer::around(input);
+        loop {
+            out.reserve(4 * STEP);
+            let at = out.len();
+            let mut ob = OutBuffer::around_pos(out, at);
+            self.z.run(&mut inb, &mut ob)?;
+            let full = ob.pos() == ob.capacity();
+            drop(ob);
+            if inb.pos() == input.len() && !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushed_pushes_decode_in_any_split() {
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i % 251 ^ i / 1000) as u8)
+            .collect();
+        let mut c = Compressor::new(3).unwrap();
+        let mut z = Vec::new();
+        let mut marks = Vec::new();
+        for chunk in data.chunks(70_000) {
+            c.push(chunk, &mut z).unwrap();
+            marks.push(z.len());
+        }
+        assert!(z.len() < data.len() / 4);
+        // Everything pushed is decodable from the bytes so far (flushed).
+        let mut d = Decompressor::new().unwrap();
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for (i, &m) in marks.iter().enumerate() {
+            for piece in z[prev..m].chunks(977) {
+                d.push(piece, &mut out).unwrap();
+            }
+            prev = m;
+            assert_eq!(out.len(), ((i + 1) * 70_000).min(data.len()));
+        }
+        assert_eq!(out, data);
+        let mut d = Decompressor::new().unwrap();
+        assert!(
+            d.push(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut Vec::new())
+                .is_err()
+        );
+    }
+}
