@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod chart;
+pub mod cloudnet;
 pub mod rr;
 pub mod tools;
 pub mod vmotion;

@@ -105,7 +105,7 @@ pub struct Cell {
     pub all_verified: bool,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -260,7 +260,7 @@ fn tern(opts: &VmotionOptions) -> Command {
     Command::new(&opts.tern_exe)
 }
 
-fn ok_or_fail(out: std::process::Output, what: &str) -> Result<String, BenchError> {
+pub(crate) fn ok_or_fail(out: std::process::Output, what: &str) -> Result<String, BenchError> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -282,19 +282,38 @@ const VM: &str = "vmotion-ref";
 
 /// Boots the reference VM at site `a` and waits until its workload is ready.
 fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
-    let mem = opts.mem_mib.to_string();
-    let rate = opts.rate_mb_s.to_string();
+    boot_vm(
+        &opts.tern_exe,
+        VM,
+        opts.mem_mib,
+        &opts.workload,
+        opts.rate_mb_s,
+    )
+}
+
+/// Boots VM `vm` at site `a` with a tern-guest workload and waits for its first good
+/// verification pass.
+pub(crate) fn boot_vm(
+    tern_exe: &std::path::Path,
+    vm: &str,
+    mem_mib: u32,
+    workload: &str,
+    rate_mb_s: u32,
+) -> Result<(), BenchError> {
+    let tern = || Command::new(tern_exe);
+    let mem = mem_mib.to_string();
+    let rate = rate_mb_s.to_string();
     let out = run_bounded(
-        tern(opts).args([
+        tern().args([
             "vm",
             "start",
-            VM,
+            vm,
             "--site",
             "a",
             "--mem",
             &mem,
             "--workload",
-            &opts.workload,
+            workload,
             "--rate",
             &rate,
         ]),
@@ -303,7 +322,7 @@ fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
     ok_or_fail(out, "vm start")?;
     let list = ok_or_fail(
         run_bounded(
-            tern(opts).args(["vm", "list", "--json"]),
+            tern().args(["vm", "list", "--json"]),
             Duration::from_secs(30),
         )?,
         "vm list",
@@ -314,12 +333,12 @@ fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
     })?;
     let log = v
         .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == VM))
+        .and_then(|a| a.iter().find(|x| x["name"] == vm))
         .and_then(|x| x["serial_log"].as_str())
         .map(PathBuf::from)
         .ok_or_else(|| BenchError::Tool {
             tool: "tern vm list",
-            detail: format!("{VM} not listed"),
+            detail: format!("{vm} not listed"),
         })?;
     let end = Instant::now() + Duration::from_secs(600);
     loop {
@@ -330,11 +349,41 @@ fn start_vm(opts: &VmotionOptions) -> Result<(), BenchError> {
         if Instant::now() > end {
             return Err(BenchError::Failed {
                 tool: "guest",
-                detail: format!("{VM} not ready after 600 s; see {}", log.display()),
+                detail: format!("{vm} not ready after 600 s; see {}", log.display()),
             });
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// One `tern migrate --json`: (completed, its report, why not).
+pub(crate) fn migrate_once(
+    tern_exe: &std::path::Path,
+    vm: &str,
+    to: &str,
+    args: &[&str],
+    check_memory: bool,
+    timeout_s: u64,
+) -> Result<(bool, Value, Option<String>), BenchError> {
+    let timeout = timeout_s.to_string();
+    let mut cmd = Command::new(tern_exe);
+    cmd.args(["migrate", vm, "--to", to, "--json", "--quiet"])
+        .args(["--timeout", &timeout])
+        .args(args);
+    if check_memory {
+        cmd.arg("--check-memory");
+    }
+    let out = run_bounded(&mut cmd, Duration::from_secs(timeout_s + 300))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    let ok = out.status.success() && report["total_s"].is_number();
+    let error = (!ok).then(|| {
+        report["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_string())
+    });
+    Ok((ok, report, error))
 }
 
 pub fn run(opts: &VmotionOptions) -> Result<Value, BenchError> {
@@ -354,27 +403,14 @@ pub fn run(opts: &VmotionOptions) -> Result<Value, BenchError> {
             for run in 0..opts.runs {
                 for &m in &opts.methods {
                     let to = if site == "a" { "b" } else { "a" };
-                    let timeout = opts.migrate_timeout_s.to_string();
-                    let mut cmd = tern(opts);
-                    cmd.args(["migrate", VM, "--to", to, "--json", "--quiet"])
-                        .args(["--timeout", &timeout])
-                        .args(m.args());
-                    if opts.check_memory {
-                        cmd.arg("--check-memory");
-                    }
-                    let out =
-                        run_bounded(&mut cmd, Duration::from_secs(opts.migrate_timeout_s + 300))?;
-                    let stdout = String::from_utf8_lossy(&out.stdout);
-                    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
-                    let ok = out.status.success() && report["total_s"].is_number();
-                    let error = (!ok).then(|| {
-                        report["error"]
-                            .as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| {
-                                String::from_utf8_lossy(&out.stderr).trim().to_string()
-                            })
-                    });
+                    let (ok, report, error) = migrate_once(
+                        &opts.tern_exe,
+                        VM,
+                        to,
+                        &m.args(),
+                        opts.check_memory,
+                        opts.migrate_timeout_s,
+                    )?;
                     eprintln!(
                         "   run {run} {:<5} {site}->{to}: {}",
                         m.name(),

@@ -266,3 +266,77 @@ pub fn vmotion(a: VmotionBenchArgs) -> Result<()> {
     tern_bench::vmotion::run(&opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct CloudnetBenchArgs {
+    /// Link profile.
+    #[arg(long, default_value = "cloudnet-lab")]
+    profile: String,
+    /// Workloads, comma-separated (CloudNet's TPC-W, kernel compile, SPECjbb).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "web-db,kernel-compile,java-heap"
+    )]
+    workloads: Vec<String>,
+    /// Configurations in the order they run, comma-separated: qemu-default, qemu-xbzrle,
+    /// qemu-multifd-zstd, qemu-best, tern-none, tern-re, tern-delta, tern-zstd,
+    /// tern-smart-stop, tern-all, tern-all-return (default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
+    /// Runs per workload (each on a fresh lab with cold content stores).
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u32,
+    /// Records each workload rewrites, MiB/s (QEMU sees about twice that in dirty pages; at
+    /// 2, QEMU's default converges on cloudnet-lab).
+    #[arg(long, default_value_t = 2)]
+    rate: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Give up on one migration after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    migrate_timeout: u64,
+    /// Directory for cloudnet.json, cloudnet.md, cloudnet.svg and cloudnet-time.svg.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn cloudnet(a: CloudnetBenchArgs) -> Result<()> {
+    use tern_bench::cloudnet::{CloudnetOptions, Config};
+    tern_lab::check_prerequisites()?;
+    tern_link::Profile::find(&a.profile)?;
+    for w in &a.workloads {
+        if !["web-db", "kernel-compile", "java-heap", "idle"].contains(&w.as_str()) {
+            anyhow::bail!("unknown workload {w:?} (web-db, kernel-compile, java-heap, idle)");
+        }
+    }
+    let configs = if a.configs.is_empty() {
+        Config::ALL.to_vec()
+    } else {
+        a.configs
+            .iter()
+            .map(|c| Config::parse(c).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let opts = CloudnetOptions {
+        profile: a.profile,
+        workloads: a.workloads,
+        configs,
+        runs: a.runs.max(1),
+        mem_mib: a.mem,
+        rate_mb_s: a.rate,
+        seed: a.seed,
+        migrate_timeout_s: a.migrate_timeout,
+        out_dir: a.out,
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::cloudnet::run(&opts)?;
+    Ok(())
+}

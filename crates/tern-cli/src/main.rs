@@ -136,6 +136,9 @@ enum BenchCmd {
     /// The seed's VMotion table: live migration of a reference VM on every seed profile,
     /// QEMU over TCP cubic and bbr against tern, verified every time.
     Vmotion(bench::VmotionBenchArgs),
+    /// CloudNet's Tables 6.1/6.2: three workloads x QEMU's own options and tern's
+    /// optimizations (each alone, all, and migrating back), verified every time.
+    Cloudnet(bench::CloudnetBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -268,6 +271,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Wan(a)) => bench::wan(a),
         Cmd::Bench(BenchCmd::Accel(a)) => bench::accel(a),
         Cmd::Bench(BenchCmd::Vmotion(a)) => bench::vmotion(a),
+        Cmd::Bench(BenchCmd::Cloudnet(a)) => bench::cloudnet(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),

@@ -92,11 +92,20 @@ impl SmartStop {
         self.history.push(dirty);
         let shrinking_fast = i >= 1 && dirty * 2 < self.history[i - 1];
         let (stop, reason) = if est <= self.target_ms / 8 {
-            (true, format!("fits an eighth of the {} ms target", self.target_ms))
+            (
+                true,
+                format!("fits an eighth of the {} ms target", self.target_ms),
+            )
         } else if est <= self.target_ms && i >= 1 && !shrinking_fast {
-            (true, format!("fits the {} ms target and shrinks slowly", self.target_ms))
+            (
+                true,
+                format!("fits the {} ms target and shrinks slowly", self.target_ms),
+            )
         } else if est <= self.target_ms && s.dirty_sync_count < self.max_iterations {
-            (false, "fits the target but still shrinking fast".to_string())
+            (
+                false,
+                "fits the target but still shrinking fast".to_string(),
+            )
         } else if s.dirty_sync_count >= self.max_iterations {
             (true, format!("iteration cap {}", self.max_iterations))
         } else if let Some(c) = self.crossover {
@@ -170,7 +179,10 @@ mod tests {
         // 300 ms at 100 Mbit/s = 3.75 MB = 915 pages; an eighth is 114 pages.
         let mut c = SmartStop::new(300, 3, 30);
         assert_eq!(run(&mut c, &[50_000, 20_000, 5_000, 800, 600]), Some(6));
-        assert_eq!(c.stop_reason(), Some("fits the 300 ms target and shrinks slowly"));
+        assert_eq!(
+            c.stop_reason(),
+            Some("fits the 300 ms target and shrinks slowly")
+        );
         let mut c = SmartStop::new(300, 3, 30);
         assert_eq!(run(&mut c, &[50_000, 100]), Some(3));
         assert_eq!(c.stop_reason(), Some("fits an eighth of the 300 ms target"));
