@@ -145,6 +145,52 @@ fn migrates_both_ways_through_tern_and_direct_verified() {
 }
 
 /// A thread that enters a site's namespace to make its sockets there.
+#[test]
+fn codec_options_verified_and_the_store_serves_the_return_trip() {
+    if !is_root() || !have_image() {
+        return;
+    }
+    let _g = lock();
+    let _lab = Lab::up("cloudnet-lab");
+    start_guest("mig4", "128");
+    // Everything on: the stream is parsed to the end of RAM, pages are re-encoded.
+    let r = migrate(&["mig4", "--to", "b", "--codec", "all"]);
+    let st = &r["codec"]["stats"];
+    assert_eq!(r["codec"]["options"], "re+delta+store+zstd", "{r}");
+    assert!(st["pages"].as_u64().unwrap() > 1000, "{r}");
+    assert!(st["fallback"].is_null(), "{r}");
+    // Smart stop ran (QEMU may still switch over by itself when the dirty set is tiny).
+    assert!(r["smart_stop"]["decisions"].is_array(), "{r}");
+    // Coming back: the first migration left the pages in site a's store.
+    let r = migrate(&["mig4", "--to", "a", "--codec", "all"]);
+    let st = &r["codec"]["stats"];
+    assert!(st["store_hits"].as_u64().unwrap() > 1000, "{r}");
+    assert!(
+        r["wire_bytes"].as_u64().unwrap() * 5 < r["qemu_bytes"].as_u64().unwrap(),
+        "{r}"
+    );
+    // Frames without the codec's zstd (the transport compresses), QEMU's stop rule.
+    let r = migrate(&[
+        "mig4",
+        "--to",
+        "b",
+        "--codec",
+        "re+delta",
+        "--smart-stop",
+        "off",
+    ]);
+    assert!(r["smart_stop"].is_null(), "{r}");
+    assert!(r["codec"]["stats"]["re_hits"].as_u64().is_some(), "{r}");
+    // QEMU's XBZRLE records pass through the parser untouched.
+    let r = migrate(&["mig4", "--to", "a", "--qemu-cap", "xbzrle"]);
+    assert!(r["codec"]["stats"]["fallback"].is_null(), "{r}");
+    // multifd cannot ride tern's single stream: a clear refusal, nothing started.
+    let out = tern(&["migrate", "mig4", "--to", "b", "--qemu-cap", "multifd"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --direct"));
+    assert_eq!(vm_info("mig4")["site"], "a");
+}
+
 fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{netns}");
     std::thread::spawn(move || {

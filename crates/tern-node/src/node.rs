@@ -63,6 +63,8 @@ const PORT_OUT_LIMIT: usize = 1 << 20;
 /// the rate estimate, and with it the limit, down in a spiral (45 of 100 Mbit/s on mpls).
 const MIGRATION_BUFFER_MIN: u64 = 512 << 10;
 const MIGRATION_BUFFER_MAX: u64 = 4 << 20;
+/// QEMU bytes a re-encoded migration stream may hold behind its never-sent bytes.
+const MIGRATION_QEMU_INFLIGHT: u64 = 16 << 20;
 /// How long a source waits for the destination's store summary before sending without it.
 const SUMMARY_WAIT_NS: u64 = 3_000_000_000;
 /// Finished migrations kept in the status.
@@ -875,7 +877,20 @@ impl Node {
                 let st = conn.stats();
                 let bdp = st.pacing_rate_bps / 8 * st.srtt_us.max(1000) / 1_000_000;
                 let limit = (2 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
-                let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
+                let unsent = conn.stream_unsent(flow.stream);
+                let mut room = limit.saturating_sub(unsent);
+                if let Some(MigCodec::Source { enc, .. }) = flow.mig.as_deref() {
+                    // Store references and deltas shrink pages 100-fold: bound the QEMU bytes
+                    // behind the unsent ones too, or QEMU's rate estimate (and the data still
+                    // to apply at the switchover) balloons.
+                    let st = enc.stats();
+                    if st.output_bytes > 0 {
+                        let ratio = st.input_bytes as f64 / st.output_bytes as f64;
+                        let qemu_limit = MIGRATION_QEMU_INFLIGHT.max(4 * limit) as f64;
+                        let qemu_room = (qemu_limit - unsent as f64 * ratio).max(0.0) / ratio;
+                        room = room.min(qemu_room as u64);
+                    }
+                }
                 cap = cap.min(room as usize);
             }
             if cap < 2048 {
