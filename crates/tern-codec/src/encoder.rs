@@ -65,6 +65,14 @@ impl Encoder {
         }
     }
 
+    /// Sets the residual zstd level (1..=19; the stream is unaffected if zstd is off).
+    pub fn with_zstd_level(mut self, level: i32) -> Encoder {
+        if self.opts.zstd {
+            self.zstd = Some(Compressor::new(level.clamp(1, 19)).expect("zstd context"));
+        }
+        self
+    }
+
     pub fn options(&self) -> Options {
         self.opts
     }

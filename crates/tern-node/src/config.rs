@@ -35,6 +35,7 @@
 //! target_dir = "/run/tern/vm"                 # remote requests may only reach sockets here
 //! store = "/var/lib/tern/store/a"             # optional content store (tern-codec `store`)
 //! store_mb = 2048                             # its capacity (default 2048 MiB)
+//! zstd_level = 1                              # tern-codec's stream zstd level (1..=19)
 //! ```
 //!
 //! `bypass_ports = "7450-7499"` in `[node]` leaves TCP to those destination ports alone
@@ -94,6 +95,7 @@ struct RawMigration {
     target_dir: PathBuf,
     store: Option<PathBuf>,
     store_mb: Option<u64>,
+    zstd_level: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +210,8 @@ pub struct Migration {
     pub target_dir: PathBuf,
     /// Content store directory and capacity in pages.
     pub store: Option<(PathBuf, u64)>,
+    /// Level of tern-codec's residual zstd stream.
+    pub zstd_level: i32,
 }
 
 #[derive(Debug)]
@@ -436,10 +440,18 @@ impl NodeConfig {
                         Some((dir, mb * 256))
                     }
                 };
+                let zstd_level = m.zstd_level.unwrap_or(tern_codec::residual::DEFAULT_LEVEL);
+                if !(1..=19).contains(&zstd_level) {
+                    return Err(invalid(
+                        "migration.zstd_level",
+                        format!("{zstd_level} is not in 1..=19"),
+                    ));
+                }
                 Some(Migration {
                     socket: m.socket,
                     target_dir: m.target_dir,
                     store,
+                    zstd_level,
                 })
             }
             None => None,

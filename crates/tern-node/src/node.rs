@@ -1608,7 +1608,12 @@ impl Node {
         let mig = tern_codec::Options::from_byte(codec)
             .filter(|o| o.any())
             .map(|opts| MigCodec::Source {
-                enc: tern_codec::Encoder::new(opts),
+                enc: tern_codec::Encoder::new(opts).with_zstd_level(
+                    self.config
+                        .migration
+                        .as_ref()
+                        .map_or(tern_codec::residual::DEFAULT_LEVEL, |m| m.zstd_level),
+                ),
                 rev: tern_codec::wire::ReverseReader::default(),
                 summary_deadline_ns: self.now() + SUMMARY_WAIT_NS,
                 record: MigrationRecord::new("source", &path, opts),
