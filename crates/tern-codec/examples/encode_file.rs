@@ -4,6 +4,7 @@
 //!     cargo run --release -p tern-codec --example encode_file -- FILE [OPTIONS...]
 //!
 //! OPTIONS are `--codec` spellings (default: none re delta zstd all). The store starts empty.
+//! `TERN_ZSTD_LEVEL=N` sets the residual zstd level.
 
 use std::time::Instant;
 
@@ -21,7 +22,9 @@ fn main() {
     });
     let mut sets: Vec<String> = args.collect();
     if sets.is_empty() {
-        sets = ["none", "re", "delta", "zstd", "all"].map(String::from).to_vec();
+        sets = ["none", "re", "delta", "zstd", "all"]
+            .map(String::from)
+            .to_vec();
     }
     println!("{path}: {:.1} MB", data.len() as f64 / 1e6);
     for s in sets {
@@ -31,7 +34,11 @@ fn main() {
         });
         let (mut a, mut b) = (MemStore::default(), MemStore::default());
         let t = Instant::now();
-        let mut enc = Encoder::new(opts);
+        let level = std::env::var("TERN_ZSTD_LEVEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(tern_codec::residual::DEFAULT_LEVEL);
+        let mut enc = Encoder::new(opts).with_zstd_level(level);
         let mut out = Vec::with_capacity(data.len() / 2);
         for chunk in data.chunks(64 << 10) {
             enc.push(chunk, &mut out, &mut a);

@@ -3,6 +3,7 @@
 //! encoder's and the decoder's copies stay identical without any messages.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::{PAGE, SUB};
 
@@ -10,6 +11,33 @@ use crate::{PAGE, SUB};
 pub const RING_BLOCKS: usize = 64 * 1024;
 /// Default page-cache capacity in pages (1 GiB).
 pub const CACHE_PAGES: usize = 256 * 1024;
+
+/// Hasher for keys that are already well mixed (block hashes, page keys, content-store
+/// keys): one multiply instead of SipHash, which cost a third of the encoder's time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+/// A HashMap with [`MixHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
 
 /// A fast 64-bit hash of a sub-block, used only to find candidates (bytes are compared).
 pub fn block_hash(b: &[u8]) -> u64 {
@@ -29,7 +57,7 @@ pub struct SubBlockRing {
     data: Vec<u8>,
     hashes: Vec<u64>,
     next: u64,
-    index: Option<HashMap<u64, u64>>,
+    index: Option<FastMap<u64, u64>>,
 }
 
 impl SubBlockRing {
@@ -41,7 +69,7 @@ impl SubBlockRing {
             data: Vec::new(),
             hashes: Vec::new(),
             next: 0,
-            index: indexed.then(HashMap::new),
+            index: indexed.then(FastMap::default),
         }
     }
 
@@ -93,7 +121,7 @@ impl SubBlockRing {
 pub struct PageCache {
     cap: usize,
     data: Vec<u8>,
-    slots: HashMap<u64, usize>,
+    slots: FastMap<u64, usize>,
     order: VecDeque<u64>,
 }
 
@@ -103,7 +131,7 @@ impl PageCache {
         PageCache {
             cap,
             data: Vec::new(),
-            slots: HashMap::new(),
+            slots: FastMap::default(),
             order: VecDeque::new(),
         }
     }

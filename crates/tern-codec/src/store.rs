@@ -14,13 +14,13 @@
 //!   head    u64 LE: the next slot to fill (FIFO over slots)
 //! ```
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::PAGE;
+use crate::cache::FastMap;
 use crate::wire::{get_varint, put_varint};
 
 pub type Key = [u8; 16];
@@ -122,7 +122,7 @@ impl ContentStore for NoStore {
 /// In memory, unbounded (tests and simulations).
 #[derive(Debug, Default)]
 pub struct MemStore {
-    pages: HashMap<Key, Box<[u8]>>,
+    pages: FastMap<Key, Box<[u8]>>,
 }
 
 impl ContentStore for MemStore {
@@ -155,7 +155,7 @@ pub struct FileStore {
     capacity: u64,
     head: u64,
     slots: Vec<Key>,
-    index: HashMap<Key, u64>,
+    index: FastMap<Key, u64>,
     pinned: u32,
     /// Reads whose bytes did not match their key (corruption), for status.
     pub corrupt: u64,
@@ -180,7 +180,7 @@ impl FileStore {
         let have = keys.metadata()?.len().min(capacity * 16) as usize;
         keys.read_exact_at(&mut raw[..have], 0)?;
         let mut slots = vec![[0u8; 16]; capacity as usize];
-        let mut index = HashMap::new();
+        let mut index = FastMap::default();
         for (i, k) in raw.chunks_exact(16).enumerate() {
             let k: Key = k.try_into().expect("16 bytes");
             if k != [0; 16] {

@@ -16,6 +16,9 @@
 //! reverse (destination node -> source node)
 //!   0x01 RETURN    varint len | len bytes             QEMU return-path bytes
 //!   0x02 SUMMARY   varint len | Summary::encode        what the destination's store holds
+//!   0x03 DELIVERED varint len | varint total           QEMU bytes written to the destination
+//!                                                      QEMU so far (the source bounds what
+//!                                                      it has read beyond that)
 //! ```
 //! Varints are LEB128 (7 bits a byte, low first), at most 10 bytes.
 
@@ -35,6 +38,7 @@ pub const SUB_LITERAL: u8 = 2;
 
 pub const REV_RETURN: u8 = 0x01;
 pub const REV_SUMMARY: u8 = 0x02;
+pub const REV_DELIVERED: u8 = 0x03;
 
 /// Largest RAW or reverse frame a decoder accepts.
 pub const MAX_FRAME: u64 = 64 << 20;
@@ -105,7 +109,7 @@ impl ReverseReader {
         loop {
             let rest = &self.buf[pos..];
             let Some(&kind) = rest.first() else { break };
-            if kind != REV_RETURN && kind != REV_SUMMARY {
+            if !(REV_RETURN..=REV_DELIVERED).contains(&kind) {
                 return Err(ReverseError::Kind(kind));
             }
             let (len, used) = match get_varint(&rest[1..]) {

@@ -507,7 +507,8 @@ fn run(
     let mut last_print = 0u64;
     let tty = opts.progress && unsafe_isatty_stderr();
     let final_info = loop {
-        std::thread::sleep(Duration::from_millis(100));
+        // 50 ms: smart stop must see each pass's dirty set before QEMU's next sync.
+        std::thread::sleep(Duration::from_millis(50));
         let v = sq
             .execute("query-migrate", Value::Null)
             .map_err(qmp_err("query-migrate"))?;

@@ -63,8 +63,13 @@ const PORT_OUT_LIMIT: usize = 1 << 20;
 /// the rate estimate, and with it the limit, down in a spiral (45 of 100 Mbit/s on mpls).
 const MIGRATION_BUFFER_MIN: u64 = 512 << 10;
 const MIGRATION_BUFFER_MAX: u64 = 4 << 20;
-/// QEMU bytes a re-encoded migration stream may hold behind its never-sent bytes.
-const MIGRATION_QEMU_INFLIGHT: u64 = 16 << 20;
+/// QEMU bytes a re-encoded migration stream may have read beyond what the destination
+/// reports written to its QEMU (at least; 3x the stream limit when larger).
+const MIGRATION_QEMU_INFLIGHT: u64 = 8 << 20;
+/// Delivered QEMU bytes between two reports from a destination.
+const DELIVERED_REPORT: u64 = 256 << 10;
+/// Decoded bytes waiting for a destination QEMU before the stream stops being read.
+const MIGRATION_OUT_LIMIT: usize = 1 << 20;
 /// How long a source waits for the destination's store summary before sending without it.
 const SUMMARY_WAIT_NS: u64 = 3_000_000_000;
 /// Finished migrations kept in the status.
@@ -143,11 +148,16 @@ enum MigCodec {
         enc: tern_codec::Encoder,
         rev: tern_codec::wire::ReverseReader,
         summary_deadline_ns: u64,
+        /// QEMU bytes the destination reports written to its QEMU.
+        delivered: u64,
         record: MigrationRecord,
     },
     Destination {
         dec: tern_codec::Decoder,
         pinned: bool,
+        /// QEMU bytes written to the local QEMU, and the last total reported to the source.
+        delivered: u64,
+        reported: u64,
         record: MigrationRecord,
     },
 }
@@ -231,6 +241,14 @@ struct Overlay {
     sw: Switch,
     frame: Vec<u8>,
     status: OverlayStatus,
+}
+
+/// Decoded bytes a flow may hold for its local socket before the stream stops being read.
+fn flow_out_limit(kind: FlowKind) -> usize {
+    match kind {
+        FlowKind::Tcp => OUT_LIMIT,
+        FlowKind::Migration => MIGRATION_OUT_LIMIT,
+    }
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -877,19 +895,15 @@ impl Node {
                 let st = conn.stats();
                 let bdp = st.pacing_rate_bps / 8 * st.srtt_us.max(1000) / 1_000_000;
                 let limit = (2 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
-                let unsent = conn.stream_unsent(flow.stream);
-                let mut room = limit.saturating_sub(unsent);
-                if let Some(MigCodec::Source { enc, .. }) = flow.mig.as_deref() {
-                    // Store references and deltas shrink pages 100-fold: bound the QEMU bytes
-                    // behind the unsent ones too, or QEMU's rate estimate (and the data still
-                    // to apply at the switchover) balloons.
-                    let st = enc.stats();
-                    if st.output_bytes > 0 {
-                        let ratio = st.input_bytes as f64 / st.output_bytes as f64;
-                        let qemu_limit = MIGRATION_QEMU_INFLIGHT.max(4 * limit) as f64;
-                        let qemu_room = (qemu_limit - unsent as f64 * ratio).max(0.0) / ratio;
-                        room = room.min(qemu_room as u64);
-                    }
+                let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
+                if let Some(MigCodec::Source { enc, delivered, .. }) = flow.mig.as_deref()
+                    && enc.stats().input_bytes.saturating_sub(*delivered)
+                        >= MIGRATION_QEMU_INFLIGHT.max(3 * limit)
+                {
+                    // Deltas and store references shrink pages up to 240-fold: without this
+                    // bound QEMU could push the whole VM into the destination's receive
+                    // window, to be decoded and loaded after the switchover.
+                    return;
                 }
                 cap = cap.min(room as usize);
             }
@@ -973,7 +987,7 @@ impl Node {
             let Some(flow) = self.flows.get_mut(&f) else {
                 return;
             };
-            if flow.out.len() - flow.out_pos > OUT_LIMIT || flow.stream_fin {
+            if flow.out.len() - flow.out_pos > flow_out_limit(flow.kind) || flow.stream_fin {
                 break;
             }
             let Some(conn) = self.ep.connection(flow.peer) else {
@@ -1047,6 +1061,8 @@ impl Node {
                                     flow.mig = Some(Box::new(MigCodec::Destination {
                                         dec: tern_codec::Decoder::new(opts),
                                         pinned,
+                                        delivered: 0,
+                                        reported: 0,
                                         record,
                                     }));
                                 }
@@ -1122,23 +1138,30 @@ impl Node {
                             })
                     }
                     Some(MigCodec::Source {
-                        enc, rev, record, ..
+                        enc,
+                        rev,
+                        record,
+                        delivered,
+                        ..
                     }) => {
                         let out = &mut flow.out;
                         let mut bad_summary = false;
-                        let r = rev.push(&self.mig_buf, |kind, payload| {
-                            if kind == tern_codec::wire::REV_RETURN {
-                                out.extend_from_slice(payload);
-                            } else {
+                        let r = rev.push(&self.mig_buf, |kind, payload| match kind {
+                            tern_codec::wire::REV_RETURN => out.extend_from_slice(payload),
+                            tern_codec::wire::REV_SUMMARY => {
                                 match tern_codec::Summary::decode(payload) {
                                     Some(s) => enc.set_summary(s),
                                     None => bad_summary = true,
                                 }
                             }
+                            _ => match tern_codec::wire::get_varint(payload) {
+                                Ok(Some((v, _))) => *delivered = (*delivered).max(v),
+                                _ => bad_summary = true,
+                            },
                         });
                         match (r, bad_summary) {
                             (Err(e), _) => Some(e.to_string()),
-                            (_, true) => Some("malformed store summary".to_string()),
+                            (_, true) => Some("malformed reverse frame".to_string()),
                             _ => None,
                         }
                         .inspect(|e| record.error = Some(e.clone()))
@@ -1171,6 +1194,7 @@ impl Node {
             return;
         }
         let sock = flow.sock.as_mut().expect("open flows have sockets");
+        let start_pos = flow.out_pos;
         while flow.out_pos < flow.out.len() {
             match sock.write(&flow.out[flow.out_pos..]) {
                 Ok(n) => flow.out_pos += n,
@@ -1180,6 +1204,31 @@ impl Node {
                     self.totals.reset_local += 1;
                     self.abort_flow(f, true);
                     return;
+                }
+            }
+        }
+        if let Some(MigCodec::Destination {
+            delivered,
+            reported,
+            ..
+        }) = flow.mig.as_deref_mut()
+        {
+            *delivered += (flow.out_pos - start_pos) as u64;
+            let drained = flow.out_pos == flow.out.len();
+            if *delivered > *reported
+                && (*delivered - *reported >= DELIVERED_REPORT || drained)
+                && !flow.read_eof
+            {
+                let mut v = Vec::new();
+                tern_codec::wire::put_varint(&mut v, *delivered);
+                let mut frame = Vec::new();
+                tern_codec::wire::put_reverse(&mut frame, tern_codec::wire::REV_DELIVERED, &v);
+                flow.enc.encode(&frame, &mut flow.spill);
+                *reported = *delivered;
+                if let Some(conn) = self.ep.connection(flow.peer) {
+                    let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
+                    self.totals.stream_bytes_out += w as u64;
+                    flow.spill.drain(..w);
                 }
             }
         }
@@ -1194,7 +1243,8 @@ impl Node {
             flow.out.drain(..flow.out_pos);
             flow.out_pos = 0;
         }
-        let resume = flow.out.len() - flow.out_pos < OUT_LIMIT / 2 && !flow.stream_fin;
+        let resume =
+            flow.out.len() - flow.out_pos < flow_out_limit(flow.kind) / 2 && !flow.stream_fin;
         self.maybe_finish(f);
         if resume
             && let Some(flow) = self.flows.get(&f)
@@ -1255,6 +1305,7 @@ impl Node {
                         dec,
                         pinned,
                         mut record,
+                        ..
                     } => {
                         if pinned && let Some(s) = &mut self.store {
                             tern_codec::ContentStore::unpin(s);
@@ -1616,6 +1667,7 @@ impl Node {
                 ),
                 rev: tern_codec::wire::ReverseReader::default(),
                 summary_deadline_ns: self.now() + SUMMARY_WAIT_NS,
+                delivered: 0,
                 record: MigrationRecord::new("source", &path, opts),
             });
         Ok((peer, stream, mig))
