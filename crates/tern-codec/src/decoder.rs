@@ -18,6 +18,8 @@ pub enum DecodeError {
     StoreMiss { offset: u64, key: Key },
     #[error("residual zstd stream: {0}")]
     Zstd(String),
+    #[error("page at encoded offset {offset} does not match its check (codec state diverged)")]
+    Check { offset: u64 },
 }
 
 #[derive(Debug)]
@@ -203,6 +205,14 @@ impl Decoder {
                 let Some(body_len) = self.body(b, p, off, key, store)? else {
                     return Ok(None);
                 };
+                let Some(check) = b.get(p + body_len..p + body_len + 4) else {
+                    return Ok(None);
+                };
+                if u32::from_le_bytes(check.try_into().expect("4 bytes"))
+                    != crate::encoder::page_check(&self.page)
+                {
+                    return Err(DecodeError::Check { offset: off });
+                }
                 // Complete: emit header and page, update the mirrored state.
                 match hdr_at {
                     Some(at) => out.extend_from_slice(&b[at..at + hlen]),
@@ -235,7 +245,7 @@ impl Decoder {
                 if self.opts.store {
                     store.insert(&page_key(&self.page), &self.page);
                 }
-                Ok(Some(p + body_len))
+                Ok(Some(p + body_len + 4))
             }
             _ => Err(frame_err(off, "unknown frame type")),
         }

@@ -11,6 +11,12 @@ use crate::{Options, PAGE, SUB, SUBS, Stats, delta};
 /// literal after residual compression).
 const DELTA_LIMIT: usize = PAGE * 3 / 4;
 
+/// The 4-byte check that follows every page body.
+pub fn page_check(page: &[u8]) -> u32 {
+    let h = block_hash(page);
+    (h ^ (h >> 32)) as u32
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Body {
     Literal,
@@ -314,6 +320,10 @@ impl Encoder {
                 self.stats.store_saved += saved;
             }
         }
+
+        // End-to-end check of the rebuilt page: a divergence of the two ends' caches (a bug)
+        // becomes a clean migration failure instead of a wrong page in the guest.
+        out.extend_from_slice(&page_check(page).to_le_bytes());
 
         // Mirrored state: identical steps in the decoder.
         if let Some(ring) = &mut self.ring {

@@ -85,7 +85,6 @@ impl Decompressor {
             let mut ob = OutBuffer::around_pos(out, at);
             self.z.run(&mut inb, &mut ob)?;
             let full = ob.pos() == ob.capacity();
-            drop(ob);
             if inb.pos() == input.len() && !full {
                 return Ok(());
             }
@@ -100,7 +99,7 @@ mod tests {
     #[test]
     fn flushed_pushes_decode_in_any_split() {
         let data: Vec<u8> = (0..300_000u32)
-            .map(|i| (i % 251 ^ i / 1000) as u8)
+            .map(|i| ((i % 251) ^ (i / 1000)) as u8)
             .collect();
         let mut c = Compressor::new(3).unwrap();
         let mut z = Vec::new();

@@ -7,6 +7,7 @@
 //!   0x03 PAGE_NEXT body                                header word = previous page's + 4096,
 //!                                                      CONTINUE (no idstr)
 //!   0x04 RAW_TAIL                                      every later byte is verbatim
+//!   every PAGE / PAGE_NEXT frame ends with a 4-byte LE check of the rebuilt page
 //!   body: 0 LITERAL   4096 bytes
 //!         1 SUBS      u8 kinds (2 bits per 1 KiB sub-block, low bits first:
 //!                     0 zero, 1 ref = varint distance back in the ring, 2 literal 1024 bytes)

@@ -365,3 +365,39 @@ fn page_keys_are_content_hashes() {
     assert_eq!(page_key(&[0; PAGE]), page_key(&[0; PAGE]));
     assert_ne!(page_key(&[0; PAGE]), page_key(&[1; PAGE]));
 }
+
+#[test]
+fn a_wrong_page_is_a_check_error() {
+    // One flipped byte inside a literal page (no zstd, so the byte lands in the page).
+    let s = golden("idle");
+    let opts = Options::NONE;
+    let mut enc = Encoder::new(opts);
+    let mut e = Vec::new();
+    enc.push(&s, &mut e, &mut NoStore);
+    enc.finish(&mut e);
+    // The first PAGE record's data, found with the parser.
+    let mut parser = tern_codec::qemu::Parser::new();
+    let mut pos = 0;
+    let page_at = loop {
+        match parser.next(&s[pos..]).expect("complete stream") {
+            tern_codec::qemu::Item::Verbatim(n) | tern_codec::qemu::Item::Zero { len: n } => {
+                pos += n
+            }
+            tern_codec::qemu::Item::Page { header, .. } => break pos + header,
+            other => panic!("no page before {other:?}"),
+        }
+    };
+    let needle = &s[page_at..page_at + 64];
+    let at = e
+        .windows(64)
+        .position(|w| w == needle)
+        .expect("literal page bytes in the frames");
+    e[at + 100] ^= 0x40;
+    let err = Decoder::new(opts)
+        .push(&e, &mut Vec::new(), &mut NoStore)
+        .unwrap_err();
+    assert!(
+        matches!(err, tern_codec::DecodeError::Check { .. }),
+        "{err}"
+    );
+}

@@ -207,8 +207,8 @@ mod tests {
         .encode(&mut b);
         assert_eq!(&b[..5], &[b'T', 1, 4, 7, 13]);
         assert!(matches!(
-            OpenHeader::decode(b"T\x01\x04\x09\x01a"),
-            Err(HeaderError::Codec(9))
+            OpenHeader::decode(b"T\x01\x04\x10\x01a"),
+            Err(HeaderError::Codec(0x10))
         ));
         b.clear();
         OpenHeader::Overlay.encode(&mut b);
