@@ -40,7 +40,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for vm in ["mig1", "mig2", "mig3"] {
+        for vm in ["mig1", "mig2", "mig3", "mig4"] {
             let _ = tern(&["vm", "stop", vm]);
         }
         let _ = tern(&["lab", "down"]);
