@@ -407,6 +407,26 @@ pub fn markdown(opts: &CloudnetOptions, cells: &[Cell]) -> String {
     md
 }
 
+/// Every migration that did not complete and verify, with its error.
+pub fn failures(results: &[RunResult]) -> String {
+    let failed: Vec<&RunResult> = results.iter().filter(|r| !r.ok).collect();
+    if failed.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\n## Failed migrations\n\n");
+    for r in failed {
+        let _ = writeln!(
+            md,
+            "- {} run {} {}: {}",
+            r.workload,
+            r.run,
+            r.config.name(),
+            r.error.as_deref().unwrap_or("no error text")
+        );
+    }
+    md
+}
+
 const VM: &str = "cloudnet-ref";
 
 fn tern(opts: &CloudnetOptions) -> Command {
@@ -488,7 +508,8 @@ pub fn run(opts: &CloudnetOptions) -> Result<Value, BenchError> {
     let _ = run_bounded(tern(opts).args(["vm", "stop", VM]), Duration::from_secs(60));
     let _ = run_bounded(tern(opts).args(["lab", "down"]), Duration::from_secs(60));
     let cells = summarize(&results, &opts.workloads, &opts.configs);
-    let md = markdown(opts, &cells);
+    let mut md = markdown(opts, &cells);
+    md.push_str(&failures(&results));
     let series: Vec<Series> = opts
         .configs
         .iter()
@@ -618,6 +639,11 @@ mod tests {
         assert!(md.contains("(no worse)"), "{md}");
         assert!(md.contains("**10.0%** of the first"), "{md}");
         assert_eq!(Config::parse("tern-all"), Ok(Config::TernAll));
+        assert_eq!(failures(&results), "");
+        let mut bad = r("web-db", Config::TernAll, 1.0, 1.0, 1.0);
+        bad.ok = false;
+        bad.error = Some("verification failed".into());
+        assert!(failures(&[bad]).contains("web-db run 0 tern-all: verification failed"));
         assert!(Config::parse("x").is_err());
         let a = Config::QemuXbzrle.args(512);
         assert!(
