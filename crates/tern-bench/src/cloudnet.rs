@@ -33,9 +33,11 @@ pub enum Config {
     TernRe,
     TernDelta,
     TernZstd,
+    #[serde(rename = "tern-smart-stop")]
     TernSmart,
     TernAll,
     /// Straight after `TernAll`, back to where the VM came from.
+    #[serde(rename = "tern-all-return")]
     TernReturn,
 }
 
@@ -639,6 +641,9 @@ mod tests {
         assert!(md.contains("(no worse)"), "{md}");
         assert!(md.contains("**10.0%** of the first"), "{md}");
         assert_eq!(Config::parse("tern-all"), Ok(Config::TernAll));
+        for c in Config::ALL {
+            assert_eq!(json!(c), json!(c.name()), "JSON names match --configs names");
+        }
         assert_eq!(failures(&results), "");
         let mut bad = r("web-db", Config::TernAll, 1.0, 1.0, 1.0);
         bad.ok = false;
