@@ -642,7 +642,11 @@ mod tests {
         assert!(md.contains("**10.0%** of the first"), "{md}");
         assert_eq!(Config::parse("tern-all"), Ok(Config::TernAll));
         for c in Config::ALL {
-            assert_eq!(json!(c), json!(c.name()), "JSON names match --configs names");
+            assert_eq!(
+                json!(c),
+                json!(c.name()),
+                "JSON names match --configs names"
+            );
         }
         assert_eq!(failures(&results), "");
         let mut bad = r("web-db", Config::TernAll, 1.0, 1.0, 1.0);

@@ -12,6 +12,8 @@ pub struct MemCompare {
     pub pages_differing: u64,
     /// Guest-physical address of the first differing page.
     pub first_difference: Option<u64>,
+    /// Where both dumps were kept when they differ (for diagnosis).
+    pub evidence: Option<String>,
 }
 
 pub fn compare_files(a: &Path, b: &Path) -> io::Result<MemCompare> {
@@ -25,6 +27,7 @@ pub fn compare(mut a: impl Read, mut b: impl Read) -> io::Result<MemCompare> {
         bytes: 0,
         pages_differing: 0,
         first_difference: None,
+        evidence: None,
     };
     loop {
         let na = read_full(&mut a, &mut ba)?;

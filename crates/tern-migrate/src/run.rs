@@ -736,14 +736,33 @@ fn compare_memory(
         )
         .map_err(qmp_err(format!("pmemsave to {}", f.display())))?;
     }
-    let r = memcmp::compare_files(&a, &b).map_err(|source| MigrateError::Io {
+    let mut r = memcmp::compare_files(&a, &b).map_err(|source| MigrateError::Io {
         what: "compare RAM dumps".into(),
         source,
     });
+    if let Ok(m) = &mut r
+        && m.pages_differing > 0
+    {
+        // Keep both dumps for diagnosis (the VM directories go away with the instances).
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let keep = Path::new(EVIDENCE_DIR).join(format!("memcmp-{stamp}"));
+        if std::fs::create_dir_all(&keep).is_ok()
+            && std::fs::copy(&a, keep.join("mem-source.bin")).is_ok()
+            && std::fs::copy(&b, keep.join("mem-dest.bin")).is_ok()
+        {
+            m.evidence = Some(keep.display().to_string());
+        }
+    }
     let _ = std::fs::remove_file(&a);
     let _ = std::fs::remove_file(&b);
     r
 }
+
+/// Where RAM dumps that differ are kept.
+const EVIDENCE_DIR: &str = "/var/lib/tern/evidence";
 
 /// Waits for `passes` verification lines in the destination's serial log (which only holds
 /// what the guest printed after it resumed there), or the first failure.
