@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::accel::run_bounded;
 use crate::chart::{Series, log_bars};
-use crate::vmotion::{boot_vm, median, migrate_once, ok_or_fail};
+use crate::vmotion::{all_verified, boot_vm, median_of, migrate_once, ok_or_fail};
 use crate::{BenchError, machine, write_results};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -213,15 +213,8 @@ pub fn summarize(results: &[RunResult], workloads: &[String], configs: &[Config]
                 .iter()
                 .filter(|r| &r.workload == w && r.config == c)
                 .collect();
-            let ok: Vec<&&RunResult> = rs.iter().filter(|r| r.ok).collect();
-            let f = |k: &str, scale: f64| {
-                median(
-                    ok.iter()
-                        .filter_map(|r| r.report[k].as_f64())
-                        .map(|v| v * scale)
-                        .collect(),
-                )
-            };
+            let ok: Vec<&Value> = rs.iter().filter(|r| r.ok).map(|r| &r.report).collect();
+            let f = |k: &str, scale: f64| median_of(&ok, k, scale);
             let mib = 1.0 / (1u64 << 20) as f64;
             cells.push(Cell {
                 workload: w.clone(),
@@ -233,10 +226,7 @@ pub fn summarize(results: &[RunResult], workloads: &[String], configs: &[Config]
                 total_s: f("total_s", 1.0),
                 downtime_ms: f("downtime_ms", 1.0),
                 iterations: f("iterations", 1.0),
-                all_verified: !ok.is_empty()
-                    && ok
-                        .iter()
-                        .all(|r| r.report["verified"].as_bool() == Some(true)),
+                all_verified: all_verified(&ok),
             });
         }
     }

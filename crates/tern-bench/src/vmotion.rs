@@ -105,7 +105,26 @@ pub struct Cell {
     pub all_verified: bool,
 }
 
-pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
+/// Median of `key` × `scale` over completed migrations' `tern migrate --json` reports.
+pub(crate) fn median_of(reports: &[&Value], key: &str, scale: f64) -> Option<f64> {
+    median(
+        reports
+            .iter()
+            .filter_map(|r| r[key].as_f64())
+            .map(|v| v * scale)
+            .collect(),
+    )
+}
+
+/// At least one report, and every one verified.
+pub(crate) fn all_verified(reports: &[&Value]) -> bool {
+    !reports.is_empty()
+        && reports
+            .iter()
+            .all(|r| r["verified"].as_bool() == Some(true))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -126,15 +145,8 @@ pub fn summarize(results: &[RunResult], profiles: &[String], methods: &[Method])
                 .iter()
                 .filter(|r| &r.profile == p && r.method == m)
                 .collect();
-            let ok: Vec<&&RunResult> = rs.iter().filter(|r| r.ok).collect();
-            let f = |k: &str, scale: f64| {
-                median(
-                    ok.iter()
-                        .filter_map(|r| r.report[k].as_f64())
-                        .map(|v| v * scale)
-                        .collect(),
-                )
-            };
+            let ok: Vec<&Value> = rs.iter().filter(|r| r.ok).map(|r| &r.report).collect();
+            let f = |k: &str, scale: f64| median_of(&ok, k, scale);
             let mib = 1.0 / (1u64 << 20) as f64;
             cells.push(Cell {
                 profile: p.clone(),
@@ -145,10 +157,7 @@ pub fn summarize(results: &[RunResult], profiles: &[String], methods: &[Method])
                 downtime_ms: f("downtime_ms", 1.0),
                 wire_mib: f("wire_bytes", mib),
                 qemu_mib: f("qemu_bytes", mib),
-                all_verified: !ok.is_empty()
-                    && ok
-                        .iter()
-                        .all(|r| r.report["verified"].as_bool() == Some(true)),
+                all_verified: all_verified(&ok),
             });
         }
     }

@@ -456,6 +456,13 @@ fn run(
         .map_err(qmp_err("destination migrate-set-parameters"))?;
     }
     let (codec, codec_note) = opts.effective_codec();
+    // The incoming socket relative to the VM dir: the far node's target and the key of the
+    // source node's record of the stream.
+    let rel = incoming_sock
+        .strip_prefix(tern_lab::VM_DIR)
+        .map_err(|_| MigrateError::Refused("incoming socket outside the VM dir".into()))?
+        .to_string_lossy()
+        .into_owned();
     let started_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -475,11 +482,6 @@ fn run(
                     incoming_sock.display()
                 )));
             }
-            let rel = incoming_sock
-                .strip_prefix(tern_lab::VM_DIR)
-                .map_err(|_| MigrateError::Refused("incoming socket outside the VM dir".into()))?
-                .to_string_lossy()
-                .into_owned();
             let stream = crate::relay::open(
                 &tern_lab::migrate_socket(from),
                 &format!("site-{}", opts.to_site),
@@ -623,7 +625,7 @@ fn run(
         (opts.route == Route::Tern && (codec.any() || codec_note.is_some())).then(|| {
             let record = codec
                 .any()
-                .then(|| source_record(from, &incoming_rel(incoming_sock), started_unix_ms))
+                .then(|| source_record(from, &rel, started_unix_ms))
                 .flatten();
             CodecReport {
                 options: codec.to_string(),
@@ -659,13 +661,6 @@ fn run(
             decisions: c.log,
         }),
     })
-}
-
-fn incoming_rel(incoming_sock: &Path) -> String {
-    incoming_sock
-        .strip_prefix(tern_lab::VM_DIR)
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// The source node's record of this migration's stream (it ends a round trip after QEMU's

@@ -243,6 +243,28 @@ struct Overlay {
     status: OverlayStatus,
 }
 
+/// Writes as much of a flow's spill as its stream takes; the bytes written.
+fn write_spill(
+    conn: &mut tern_transport::connection::Connection,
+    stream: u64,
+    spill: &mut Vec<u8>,
+) -> u64 {
+    let w = conn.stream_write(stream, spill).unwrap_or(0);
+    spill.drain(..w);
+    w as u64
+}
+
+/// The site's content store, or one that holds nothing when the node has none.
+fn content_store<'a>(
+    store: &'a mut Option<tern_codec::FileStore>,
+    none: &'a mut tern_codec::store::NoStore,
+) -> &'a mut dyn tern_codec::ContentStore {
+    match store {
+        Some(s) => s,
+        None => none,
+    }
+}
+
 /// Decoded bytes a flow may hold for its local socket before the stream stops being read.
 fn flow_out_limit(kind: FlowKind) -> usize {
     match kind {
@@ -862,9 +884,7 @@ impl Node {
                 return;
             };
             if !flow.spill.is_empty() {
-                let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
-                self.totals.stream_bytes_out += w as u64;
-                flow.spill.drain(..w);
+                self.totals.stream_bytes_out += write_spill(conn, flow.stream, &mut flow.spill);
                 if !flow.spill.is_empty() {
                     return;
                 }
@@ -921,9 +941,8 @@ impl Node {
                         self.enc_buf.clear();
                         flow.enc.encode(&self.mig_buf, &mut self.enc_buf);
                         flow.spill.extend_from_slice(&self.enc_buf);
-                        let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
-                        self.totals.stream_bytes_out += w as u64;
-                        flow.spill.drain(..w);
+                        self.totals.stream_bytes_out +=
+                            write_spill(conn, flow.stream, &mut flow.spill);
                         if !flow.spill.is_empty() {
                             return; // finished once the spill is written
                         }
@@ -939,10 +958,7 @@ impl Node {
                         Some(MigCodec::Source { enc, .. }) => {
                             self.mig_buf.clear();
                             let mut none = tern_codec::store::NoStore;
-                            let store: &mut dyn tern_codec::ContentStore = match &mut self.store {
-                                Some(s) => s,
-                                None => &mut none,
-                            };
+                            let store = content_store(&mut self.store, &mut none);
                             enc.push(&self.buf[..n], &mut self.mig_buf, store);
                             &self.mig_buf
                         }
@@ -1126,10 +1142,7 @@ impl Node {
                     None => None,
                     Some(MigCodec::Destination { dec, record, .. }) => {
                         let mut none = tern_codec::store::NoStore;
-                        let store: &mut dyn tern_codec::ContentStore = match &mut self.store {
-                            Some(s) => s,
-                            None => &mut none,
-                        };
+                        let store = content_store(&mut self.store, &mut none);
                         dec.push(&self.mig_buf, &mut flow.out, store)
                             .err()
                             .map(|e| {
@@ -1226,9 +1239,7 @@ impl Node {
                 flow.enc.encode(&frame, &mut flow.spill);
                 *reported = *delivered;
                 if let Some(conn) = self.ep.connection(flow.peer) {
-                    let w = conn.stream_write(flow.stream, &flow.spill).unwrap_or(0);
-                    self.totals.stream_bytes_out += w as u64;
-                    flow.spill.drain(..w);
+                    self.totals.stream_bytes_out += write_spill(conn, flow.stream, &mut flow.spill);
                 }
             }
         }
