@@ -11,7 +11,8 @@ fi
 
 # Debian packages: iperf3, ping and tcpdump are the real tools the lab is measured with;
 # kcptun is the accelerator `tern bench accel` compares tern with (zstd: its corpus ratio).
-pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps kcptun zstd qemu-system-x86 busybox-static cpio file)
+# qemu-utils (qemu-img, qemu-io, qemu-nbd) and e2fsprogs: NBD interop tests and `tern disk`.
+pkgs=(iperf3 iproute2 nftables tcpdump iputils-ping ethtool procps kcptun zstd qemu-system-x86 busybox-static cpio file qemu-utils e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
