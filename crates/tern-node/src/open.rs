@@ -138,6 +138,34 @@ pub fn encode_migration_request(peer: &str, target: &str, codec: u8) -> Vec<u8> 
     b
 }
 
+/// Opens a relayed stream through the site node whose migration socket is `socket`: the far
+/// node `peer` connects it to `target` (relative to its migration directory), re-encoded with
+/// tern-codec options `codec` (0: bytes as they are, both ways). Returns the connected socket.
+pub fn connect_relay(
+    socket: &std::path::Path,
+    peer: &str,
+    target: &str,
+    codec: u8,
+) -> Result<std::os::unix::net::UnixStream, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect to node migration socket {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(&encode_migration_request(peer, target, codec))
+        .map_err(|e| format!("send relay request: {e}"))?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .map_err(|e| format!("node did not answer the relay request: {e}"))?;
+    if b[0] != 0 {
+        let mut msg = String::new();
+        let _ = s.read_to_string(&mut msg);
+        return Err(format!("node refused the stream: {}", msg.trim()));
+    }
+    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
 /// A migration request as the node reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationRequest {

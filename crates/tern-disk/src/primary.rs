@@ -1,0 +1,529 @@
+//! The primary's side of replication, sans-IO.
+//!
+//! ```text
+//!  Disconnected --connect--> Hello --READY--> Hashes --HASHES_END--> Syncing --cursor at end--> Live
+//!        ^                                                               (SYNCED sent)            |
+//!        +------------------------- disconnect / ERROR / bad input --------------------------------+
+//! ```
+//! Every (re)connection starts with the secondary's per-block hashes, so whatever already
+//! arrived (before a link cut, or an older copy from a previous sync) is never sent again, and
+//! no in-memory backlog has to survive a crash: the primary's volume is the backlog.
+//!
+//! The driver calls [`Primary::write`] / [`Primary::zero`] with each guest write **after**
+//! writing it locally and under the same lock as [`Primary::scanned`], so messages leave in
+//! the order the volume changed. Writes to blocks the scan has not reached yet send nothing:
+//! the scan reads their newest content. Scanned blocks are cut into 4 KiB chunks: zero chunks
+//! become ZERO, chunks the secondary holds elsewhere become COPY (index of what this session
+//! sent, invalidated by later writes), the rest are zstd-compressed DATA.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::wire::{self, Hash, Msg};
+use crate::{CHUNK, Mode, block_hash, zero_hash};
+
+/// Unacknowledged bytes beyond which [`Primary::backlog_full`] holds guest writes (async)
+/// and the scan pauses.
+pub const DEFAULT_MAX_BACKLOG: u64 = 64 << 20;
+/// In `auto` mode, the backlog at or under which replication turns synchronous once the
+/// initial sync is acknowledged.
+pub const AUTO_SYNC_BACKLOG: u64 = 1 << 20;
+/// Most index entries (chunks the secondary is known to hold), 1 GiB of 4 KiB chunks.
+pub const MAX_INDEX: usize = 1 << 18;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Disconnected,
+    Hello,
+    Hashes,
+    Syncing,
+    Live,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub sessions: u64,
+    pub blocks_scanned: u64,
+    pub blocks_same: u64,
+    pub holes_skipped_bytes: u64,
+    pub zero_bytes: u64,
+    pub copy_bytes: u64,
+    pub data_raw_bytes: u64,
+    pub data_wire_bytes: u64,
+    pub live_writes: u64,
+    pub live_bytes: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub sync_completions: u64,
+}
+
+#[derive(Debug)]
+pub struct Primary {
+    size: u64,
+    block_shift: u8,
+    name: String,
+    pub mode: Mode,
+    pub max_backlog: u64,
+    zstd_level: i32,
+    phase: Phase,
+    seq: u64,
+    acked: u64,
+    synced_seq: Option<u64>,
+    /// Auto mode has turned synchronous (until the next disconnect).
+    auto_sync: bool,
+    out: Vec<u8>,
+    inflight: VecDeque<(u64, u64)>,
+    backlog: u64,
+    reader: wire::Reader,
+    remote: Vec<Hash>,
+    cursor: u64,
+    index: HashMap<Hash, u64>,
+    at: HashMap<u64, Hash>,
+    last_error: Option<String>,
+    stats: Stats,
+}
+
+impl Primary {
+    pub fn new(size: u64, name: &str, mode: Mode) -> Primary {
+        Primary {
+            size,
+            block_shift: crate::BLOCK_SHIFT,
+            name: name.chars().take(255).collect(),
+            mode,
+            max_backlog: DEFAULT_MAX_BACKLOG,
+            zstd_level: 3,
+            phase: Phase::Disconnected,
+            seq: 0,
+            acked: 0,
+            synced_seq: None,
+            auto_sync: false,
+            out: Vec::new(),
+            inflight: VecDeque::new(),
+            backlog: 0,
+            reader: wire::Reader::default(),
+            remote: Vec::new(),
+            cursor: 0,
+            index: HashMap::new(),
+            at: HashMap::new(),
+            last_error: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn with_zstd_level(mut self, level: i32) -> Primary {
+        self.zstd_level = level;
+        self
+    }
+
+    fn block_bytes(&self) -> u64 {
+        1 << self.block_shift
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(self.block_bytes())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+    pub fn backlog_bytes(&self) -> u64 {
+        self.backlog
+    }
+    /// Blocks examined by the current session's scan.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The secondary holds a consistent copy: the scan finished and its SYNCED is durable.
+    pub fn in_sync(&self) -> bool {
+        self.phase == Phase::Live && self.synced_seq.is_some_and(|s| self.acked >= s)
+    }
+
+    /// Whether a guest write must wait for the secondary's acknowledgement.
+    pub fn synchronous(&self) -> bool {
+        match self.mode {
+            Mode::Async => false,
+            Mode::Sync => true,
+            Mode::Auto => self.auto_sync,
+        }
+    }
+
+    /// The guest write path should wait (async back-pressure): too much unacknowledged.
+    pub fn backlog_full(&self) -> bool {
+        self.phase != Phase::Disconnected && self.backlog > self.max_backlog
+    }
+
+    /// A new session over a fresh byte stream.
+    pub fn connect(&mut self) {
+        self.reset_session();
+        self.phase = Phase::Hello;
+        self.stats.sessions += 1;
+        self.emit_unsequenced(Msg::Hello {
+            version: wire::VERSION,
+            size: self.size,
+            block_shift: self.block_shift,
+            name: self.name.clone(),
+        });
+    }
+
+    /// The stream broke (or the driver gave up on it).
+    pub fn disconnect(&mut self, reason: &str) {
+        if self.phase != Phase::Disconnected {
+            self.last_error = Some(reason.to_string());
+        }
+        self.reset_session();
+    }
+
+    fn reset_session(&mut self) {
+        self.phase = Phase::Disconnected;
+        self.out.clear();
+        self.inflight.clear();
+        self.backlog = 0;
+        self.acked = self.seq;
+        self.synced_seq = None;
+        self.auto_sync = false;
+        self.reader = wire::Reader::default();
+        self.remote = Vec::new();
+        self.cursor = 0;
+        self.index.clear();
+        self.at.clear();
+    }
+
+    /// Bytes to send, in order.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Bytes from the secondary. An error ends the session (already disconnected).
+    pub fn handle_input(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.phase == Phase::Disconnected {
+            return Ok(());
+        }
+        self.stats.bytes_in += bytes.len() as u64;
+        self.reader.push(bytes);
+        loop {
+            let m = match self.reader.next() {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(e) => return self.fail(format!("from the secondary: {e}")),
+            };
+            match (self.phase, m) {
+                (
+                    Phase::Hello,
+                    Msg::Ready {
+                        size, block_shift, ..
+                    },
+                ) => {
+                    if size != self.size || block_shift != self.block_shift {
+                        return self.fail(format!(
+                            "secondary volume is {size} bytes in {}-byte blocks, the primary's \
+                             {} bytes in {}-byte blocks",
+                            1u64 << block_shift.min(63),
+                            self.size,
+                            self.block_bytes()
+                        ));
+                    }
+                    self.phase = Phase::Hashes;
+                    self.remote = Vec::with_capacity(self.blocks() as usize);
+                }
+                (Phase::Hashes, Msg::Hashes { first, hashes }) => {
+                    if first != self.remote.len() as u64
+                        || first + hashes.len() as u64 > self.blocks()
+                    {
+                        return self.fail("hash list out of order".into());
+                    }
+                    self.remote.extend(hashes);
+                }
+                (Phase::Hashes, Msg::HashesEnd { blocks }) => {
+                    if blocks != self.blocks() || self.remote.len() as u64 != blocks {
+                        return self.fail("hash list incomplete".into());
+                    }
+                    self.phase = Phase::Syncing;
+                    self.cursor = 0;
+                    self.finish_scan_if_done();
+                }
+                (Phase::Syncing | Phase::Live, Msg::Ack { seq }) => {
+                    if seq > self.seq {
+                        return self.fail(format!("ACK {seq} beyond the last sent {}", self.seq));
+                    }
+                    self.acked = self.acked.max(seq);
+                    while let Some(&(s, n)) = self.inflight.front() {
+                        if s > self.acked {
+                            break;
+                        }
+                        self.backlog -= n;
+                        self.inflight.pop_front();
+                    }
+                    if self.mode == Mode::Auto
+                        && !self.auto_sync
+                        && self.in_sync()
+                        && self.backlog <= AUTO_SYNC_BACKLOG
+                    {
+                        self.auto_sync = true;
+                    }
+                    if self.synced_seq.is_some_and(|s| s == seq) {
+                        self.stats.sync_completions += 1;
+                    }
+                }
+                (_, Msg::Error(msg)) => return self.fail(format!("secondary: {msg}")),
+                (p, m) => return self.fail(format!("unexpected {m:?} in phase {p:?}")),
+            }
+        }
+    }
+
+    fn fail(&mut self, msg: String) -> Result<(), String> {
+        self.disconnect(&msg);
+        Err(msg)
+    }
+
+    fn emit_unsequenced(&mut self, m: Msg) {
+        let before = self.out.len();
+        m.encode(&mut self.out);
+        self.stats.bytes_out += (self.out.len() - before) as u64;
+    }
+
+    fn emit(&mut self, m: Msg) -> u64 {
+        let before = self.out.len();
+        m.encode(&mut self.out);
+        let n = (self.out.len() - before) as u64;
+        self.stats.bytes_out += n;
+        let seq = m.seq().expect("sequenced message");
+        self.inflight.push_back((seq, n));
+        self.backlog += n;
+        seq
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    // ------------------------------------------------------------------ scan
+
+    /// The next block the driver should read and pass to [`Primary::scanned`], as
+    /// (offset, length); `None` when not syncing or the backlog is full.
+    pub fn next_scan(&self) -> Option<(u64, usize)> {
+        if self.phase != Phase::Syncing || self.backlog > self.max_backlog {
+            return None;
+        }
+        let off = self.cursor << self.block_shift;
+        Some((off, (self.size - off).min(self.block_bytes()) as usize))
+    }
+
+    /// Blocks `[cursor, until)` are holes in the primary's volume (SEEK_DATA): each becomes a
+    /// ZERO where the secondary's copy is not zero already. `until` is clamped.
+    pub fn scanned_hole(&mut self, until_block: u64) {
+        if self.phase != Phase::Syncing {
+            return;
+        }
+        let until = until_block.min(self.blocks());
+        while self.cursor < until {
+            let b = self.cursor;
+            let off = b << self.block_shift;
+            let len = (self.size - off).min(self.block_bytes());
+            self.stats.blocks_scanned += 1;
+            self.stats.holes_skipped_bytes += len;
+            if self.remote[b as usize] != zero_hash(len as usize) {
+                self.send_zero(off, len);
+            } else {
+                self.stats.blocks_same += 1;
+            }
+            self.cursor += 1;
+        }
+        self.finish_scan_if_done();
+    }
+
+    /// The content of the block at the cursor, read just now under the write lock.
+    pub fn scanned(&mut self, offset: u64, data: &[u8]) {
+        if self.phase != Phase::Syncing || offset != self.cursor << self.block_shift {
+            return;
+        }
+        let b = self.cursor as usize;
+        self.stats.blocks_scanned += 1;
+        if block_hash(data) == self.remote[b] {
+            self.stats.blocks_same += 1;
+        } else {
+            self.send_chunks(offset, data, true);
+        }
+        self.cursor += 1;
+        self.finish_scan_if_done();
+    }
+
+    fn finish_scan_if_done(&mut self) {
+        if self.phase == Phase::Syncing && self.cursor >= self.blocks() {
+            let seq = self.next_seq();
+            self.emit(Msg::Synced { seq });
+            self.synced_seq = Some(seq);
+            self.phase = Phase::Live;
+            self.remote = Vec::new();
+        }
+    }
+
+    /// Zero chunks → ZERO, chunks the secondary holds → COPY (when `dedupe`), literal runs →
+    /// DATA (zstd when smaller).
+    fn send_chunks(&mut self, offset: u64, data: &[u8], dedupe: bool) {
+        let mut lit_start: Option<usize> = None;
+        let mut zero_start: Option<usize> = None;
+        let mut i = 0;
+        while i < data.len() {
+            let n = CHUNK.min(data.len() - i);
+            let chunk = &data[i..i + n];
+            let chunk_off = offset + i as u64;
+            let aligned = chunk_off % CHUNK as u64 == 0 && n == CHUNK;
+            let is_zero = chunk.iter().all(|&x| x == 0);
+            let copy_src = if dedupe && aligned && !is_zero {
+                let h = block_hash(chunk);
+                self.index.get(&h).copied().filter(|&s| s != chunk_off)
+            } else {
+                None
+            };
+            if !is_zero && let Some(z) = zero_start.take() {
+                self.send_zero(offset + z as u64, (i - z) as u64);
+            }
+            if (is_zero || copy_src.is_some()) && let Some(l) = lit_start.take() {
+                self.send_literal(offset + l as u64, &data[l..i]);
+            }
+            if is_zero {
+                zero_start.get_or_insert(i);
+            } else if let Some(src) = copy_src {
+                let seq = self.next_seq();
+                self.invalidate(chunk_off, n as u64);
+                self.emit(Msg::Copy {
+                    seq,
+                    offset: chunk_off,
+                    src,
+                    len: n as u32,
+                });
+                self.stats.copy_bytes += n as u64;
+            } else {
+                lit_start.get_or_insert(i);
+            }
+            i += n;
+        }
+        if let Some(z) = zero_start {
+            self.send_zero(offset + z as u64, (data.len() - z) as u64);
+        }
+        if let Some(l) = lit_start {
+            self.send_literal(offset + l as u64, &data[l..]);
+        }
+    }
+
+    fn send_zero(&mut self, offset: u64, len: u64) {
+        self.invalidate(offset, len);
+        let seq = self.next_seq();
+        self.emit(Msg::Zero { seq, offset, len });
+        self.stats.zero_bytes += len;
+    }
+
+    fn send_literal(&mut self, offset: u64, data: &[u8]) {
+        for (k, piece) in data.chunks(wire::MAX_DATA / 2).enumerate() {
+            let off = offset + (k * (wire::MAX_DATA / 2)) as u64;
+            self.invalidate(off, piece.len() as u64);
+            let packed = zstd::bulk::compress(piece, self.zstd_level)
+                .ok()
+                .filter(|c| c.len() < piece.len());
+            let zstd = packed.is_some();
+            let bytes = packed.unwrap_or_else(|| piece.to_vec());
+            self.stats.data_raw_bytes += piece.len() as u64;
+            self.stats.data_wire_bytes += bytes.len() as u64;
+            let seq = self.next_seq();
+            self.emit(Msg::Data {
+                seq,
+                offset: off,
+                raw_len: piece.len() as u32,
+                zstd,
+                bytes,
+            });
+            // What the secondary now holds at aligned whole chunks can serve later COPYs.
+            let mut c = off.next_multiple_of(CHUNK as u64);
+            while c + CHUNK as u64 <= off + piece.len() as u64 && self.index.len() < MAX_INDEX {
+                let s = (c - off) as usize;
+                let h = block_hash(&piece[s..s + CHUNK]);
+                self.index.entry(h).or_insert(c);
+                self.at.insert(c, h);
+                c += CHUNK as u64;
+            }
+        }
+    }
+
+    /// The secondary's bytes in `[offset, offset+len)` are about to change: forget chunks
+    /// indexed there.
+    fn invalidate(&mut self, offset: u64, len: u64) {
+        if self.at.is_empty() {
+            return;
+        }
+        let first = offset / CHUNK as u64 * CHUNK as u64;
+        let mut c = first;
+        while c < offset + len {
+            if let Some(h) = self.at.remove(&c)
+                && self.index.get(&h) == Some(&c)
+            {
+                self.index.remove(&h);
+            }
+            c += CHUNK as u64;
+        }
+    }
+
+    // ------------------------------------------------------------------ guest writes
+
+    /// A guest write of `data` at `offset`, already written locally. Returns the sequence
+    /// number to wait for in synchronous mode, `None` when nothing had to be sent.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u64> {
+        if !self.must_send(offset) || data.is_empty() {
+            return None;
+        }
+        self.stats.live_writes += 1;
+        self.stats.live_bytes += data.len() as u64;
+        self.send_chunks(offset, data, false);
+        Some(self.seq)
+    }
+
+    /// A guest trim or write-zeroes of `[offset, offset+len)`, already applied locally.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Option<u64> {
+        if !self.must_send(offset) || len == 0 {
+            return None;
+        }
+        self.stats.live_writes += 1;
+        let mut o = offset;
+        while o < offset + len {
+            let n = (offset + len - o).min(wire::MAX_ZERO);
+            self.send_zero(o, n);
+            o += n;
+        }
+        Some(self.seq)
+    }
+
+    /// A guest flush: in a live session, ask the secondary to acknowledge now.
+    pub fn flush(&mut self) -> Option<u64> {
+        if !matches!(self.phase, Phase::Syncing | Phase::Live) {
+            return None;
+        }
+        let seq = self.next_seq();
+        Some(self.emit(Msg::Flush { seq }))
+    }
+
+    /// Writes starting in blocks the scan has passed (or after it) travel now; earlier
+    /// phases and blocks ahead of the cursor are covered by the scan.
+    fn must_send(&self, offset: u64) -> bool {
+        match self.phase {
+            Phase::Live => true,
+            Phase::Syncing => (offset >> self.block_shift) < self.cursor,
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The secondary's side of replication, sans-IO.
+//!
+//! ```text
+//!  AwaitHello --HELLO ok--> (driver: mark inconsistent, hash the volume) --hashes()--> Applying
+//!      |                                                                                  |
+//!      +--------------- any bad input: ERROR sent, session over --------------------------+
+//! ```
+//! Messages become [`Op`]s applied in order by the driver. The driver makes what it applied
+//! durable (fdatasync) whenever its input runs dry, at a FLUSH, or after
+//! [`ACK_EVERY_BYTES`], then calls [`Secondary::durable`], which emits the ACK. A SYNCED
+//! that is durable makes the copy consistent ([`Event::Consistent`], persisted by the
+//! driver). Every offset and length is checked against the volume before it becomes an
+//! [`Op`].
+
+use crate::wire::{self, Hash, Msg};
+
+/// Applied bytes after which the driver should make them durable and acknowledge.
+pub const ACK_EVERY_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64 },
+    Copy { offset: u64, src: u64, len: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
+    /// volume's block hashes.
+    NeedHashes { name: String },
+    Apply(Op),
+    /// Make everything applied durable now and call [`Secondary::durable`].
+    SyncNow,
+    /// The copy is consistent up to a completed sync: persist it.
+    Consistent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    Hashing,
+    Applying,
+    Failed,
+}
+
+#[derive(Debug)]
+pub struct Secondary {
+    size: u64,
+    block_shift: u8,
+    phase: Phase,
+    reader: wire::Reader,
+    out: Vec<u8>,
+    /// Last sequence number applied (handed out as an Op).
+    applied: u64,
+    durable: u64,
+    synced_at: Option<u64>,
+    since_ack: u64,
+    pub bytes_in: u64,
+}
+
+impl Secondary {
+    pub fn new(size: u64) -> Secondary {
+        Secondary {
+            size,
+            block_shift: crate::BLOCK_SHIFT,
+            phase: Phase::AwaitHello,
+            reader: wire::Reader::default(),
+            out: Vec::new(),
+            applied: 0,
+            durable: 0,
+            synced_at: None,
+            since_ack: 0,
+            bytes_in: 0,
+        }
+    }
+
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.phase == Phase::Failed
+    }
+
+    /// Applied but not yet durable.
+    pub fn dirty(&self) -> bool {
+        self.applied > self.durable
+    }
+
+    /// Decodes what arrived; returns the events in order. After an error the session is over
+    /// (an ERROR frame is queued for the primary) and the events before it still apply.
+    pub fn handle_input(&mut self, bytes: &[u8]) -> (Vec<Event>, Option<String>) {
+        let mut ev = Vec::new();
+        if self.phase == Phase::Failed {
+            return (ev, Some("session already failed".into()));
+        }
+        self.bytes_in += bytes.len() as u64;
+        self.reader.push(bytes);
+        loop {
+            let m = match self.reader.next() {
+                Ok(Some(m)) => m,
+                Ok(None) => return (ev, None),
+                Err(e) => return (ev, Some(self.fail(format!("bad frame: {e}")))),
+            };
+            if let Err(e) = self.on_msg(m, &mut ev) {
+                return (ev, Some(self.fail(e)));
+            }
+        }
+    }
+
+    fn fail(&mut self, msg: String) -> String {
+        self.phase = Phase::Failed;
+        Msg::Error(msg.clone()).encode(&mut self.out);
+        msg
+    }
+
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(format!(
+                "{what} at {offset}+{len} is beyond the volume's {} bytes",
+                self.size
+            )),
+        }
+    }
+
+    fn sequenced(&mut self, seq: u64) -> Result<(), String> {
+        if seq <= self.applied {
+            return Err(format!("sequence {seq} after {}", self.applied));
+        }
+        self.applied = seq;
+        Ok(())
+    }
+
+    fn on_msg(&mut self, m: Msg, ev: &mut Vec<Event>) -> Result<(), String> {
+        match (self.phase, m) {
+            (
+                Phase::AwaitHello,
+                Msg::Hello {
+                    version,
+                    size,
+                    block_shift,
+                    name,
+                },
+            ) => {
+                if version != wire::VERSION {
+                    return Err(format!(
+                        "replication version {version} (this secondary speaks {})",
+                        wire::VERSION
+                    ));
+                }
+                if size != self.size || block_shift != self.block_shift {
+                    return Err(format!(
+                        "volume {name:?} is {size} bytes (block shift {block_shift}); this \
+                         secondary's volume is {} bytes (block shift {})",
+                        self.size, self.block_shift
+                    ));
+                }
+                self.phase = Phase::Hashing;
+                ev.push(Event::NeedHashes { name });
+            }
+            (Phase::Applying, m) => match m {
+                Msg::Data {
+                    seq,
+                    offset,
+                    raw_len,
+                    zstd,
+                    bytes,
+                } => {
+                    self.check_range("DATA", offset, u64::from(raw_len))?;
+                    self.sequenced(seq)?;
+                    let data = if zstd {
+                        let d = zstd::bulk::decompress(&bytes, raw_len as usize)
+                            .map_err(|e| format!("DATA {seq}: zstd: {e}"))?;
+                        if d.len() != raw_len as usize {
+                            return Err(format!("DATA {seq}: {} bytes, said {raw_len}", d.len()));
+                        }
+                        d
+                    } else {
+                        bytes
+                    };
+                    self.since_ack += u64::from(raw_len);
+                    ev.push(Event::Apply(Op::Write { offset, data }));
+                }
+                Msg::Zero { seq, offset, len } => {
+                    self.check_range("ZERO", offset, len)?;
+                    self.sequenced(seq)?;
+                    ev.push(Event::Apply(Op::Zero { offset, len }));
+                }
+                Msg::Copy {
+                    seq,
+                    offset,
+                    src,
+                    len,
+                } => {
+                    self.check_range("COPY", offset, u64::from(len))?;
+                    self.check_range("COPY source", src, u64::from(len))?;
+                    self.sequenced(seq)?;
+                    self.since_ack += u64::from(len);
+                    ev.push(Event::Apply(Op::Copy { offset, src, len }));
+                }
+                Msg::Flush { seq } => {
+                    self.sequenced(seq)?;
+                    ev.push(Event::SyncNow);
+                }
+                Msg::Synced { seq } => {
+                    self.sequenced(seq)?;
+                    self.synced_at = Some(seq);
+                    ev.push(Event::SyncNow);
+                }
+                other => return Err(format!("unexpected {} from the primary", kind(&other))),
+            },
+            (_, other) => {
+                return Err(format!(
+                    "unexpected {} from the primary before the handshake finished",
+                    kind(&other)
+                ));
+            }
+        }
+        if self.since_ack >= ACK_EVERY_BYTES && ev.last() != Some(&Event::SyncNow) {
+            ev.push(Event::SyncNow);
+        }
+        Ok(())
+    }
+
+    /// The volume's block hashes (after [`Event::NeedHashes`]).
+    pub fn hashes(&mut self, hashes: &[Hash]) {
+        if self.phase != Phase::Hashing {
+            return;
+        }
+        for (i, c) in hashes.chunks(wire::MAX_HASHES).enumerate() {
+            Msg::Hashes {
+                first: (i * wire::MAX_HASHES) as u64,
+                hashes: c.to_vec(),
+            }
+            .encode(&mut self.out);
+        }
+        Msg::HashesEnd {
+            blocks: hashes.len() as u64,
+        }
+        .encode(&mut self.out);
+        self.phase = Phase::Applying;
+    }
+
+    /// The READY that answers a HELLO (sent by the driver before hashing, so the primary
+    /// knows the sizes matched).
+    pub fn ready(&mut self, consistent: bool) {
+        Msg::Ready {
+            size: self.size,
+            block_shift: self.block_shift,
+            consistent,
+        }
+        .encode(&mut self.out);
+    }
+
+    /// Everything applied so far is durable: acknowledge it. Returns [`Event::Consistent`]
+    /// when this completes a sync.
+    pub fn durable(&mut self) -> Option<Event> {
+        if self.applied == self.durable {
+            return None;
+        }
+        self.durable = self.applied;
+        self.since_ack = 0;
+        Msg::Ack { seq: self.durable }.encode(&mut self.out);
+        match self.synced_at {
+            Some(s) if s <= self.durable => {
+                self.synced_at = None;
+                Some(Event::Consistent)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn kind(m: &Msg) -> &'static str {
+    match m {
+        Msg::Hello { .. } => "HELLO",
+        Msg::Data { .. } => "DATA",
+        Msg::Zero { .. } => "ZERO",
+        Msg::Copy { .. } => "COPY",
+        Msg::Flush { .. } => "FLUSH",
+        Msg::Synced { .. } => "SYNCED",
+        Msg::Ready { .. } => "READY",
+        Msg::Hashes { .. } => "HASHES",
+        Msg::HashesEnd { .. } => "HASHES_END",
+        Msg::Ack { .. } => "ACK",
+        Msg::Error(_) => "ERROR",
+    }
+}

@@ -1,0 +1,735 @@
+//! `tern disk serve`: one volume, served to QEMU over NBD and replicated (driver).
+//!
+//! Threads: the NBD server's (one per client connection), a replication thread (primary:
+//! connects through the site node, then scans and sends; a reader thread feeds ACKs back),
+//! a listener for replication sessions (secondary), and the control socket.
+//!
+//! Control socket: one JSON request per connection, one JSON answer line:
+//! `{"cmd":"status"}`, `{"cmd":"mode","mode":"sync"}`,
+//! `{"cmd":"replicate","node":"/run/tern/lab/migrate-a.sock","peer":"site-b","target":"vm1/b/disk-repl.sock","mode":"auto"}`,
+//! `{"cmd":"stop-replication"}`, `{"cmd":"promote"}`, `{"cmd":"shutdown"}`.
+//! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tern_nbd::backend::{Backend, Extent};
+use tern_nbd::file::FileBackend;
+
+use crate::primary::{Phase, Primary, Stats};
+use crate::secondary::{Event, Op, Secondary};
+use crate::volume::{self, State};
+use crate::{BLOCK_BYTES, Mode};
+
+/// How long a guest write waits for a synchronous ACK before the session is declared dead
+/// (the write then completes degraded).
+pub const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between reconnection attempts of a primary.
+pub const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// Where a primary replicates to: a relayed stream through the site node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The site node's relay (migration) socket.
+    pub node: PathBuf,
+    /// The far node's peer name, e.g. `site-b`.
+    pub peer: String,
+    /// The secondary's replication socket, relative to the far node's migration directory.
+    pub target: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub volume: PathBuf,
+    pub export: String,
+    pub nbd_socket: PathBuf,
+    pub control_socket: PathBuf,
+    pub role: Role,
+    /// Secondary: where the relayed replication stream connects.
+    pub listen: Option<PathBuf>,
+    pub replicate: Option<Target>,
+    pub mode: Mode,
+    /// Cap on the initial sync's reading rate, bytes/s (0: none).
+    pub sync_rate_bps: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub volume: PathBuf,
+    pub size: u64,
+    pub role: Role,
+    pub consistent: bool,
+    pub mode: Mode,
+    pub synchronous: bool,
+    pub target: Option<Target>,
+    pub phase: Phase,
+    pub in_sync: bool,
+    pub blocks: u64,
+    pub scanned_blocks: u64,
+    pub backlog_bytes: u64,
+    pub degraded: bool,
+    pub last_error: Option<String>,
+    pub stats: Stats,
+    pub secondary_session: bool,
+    pub secondary_bytes_in: u64,
+}
+
+struct Inner {
+    role: Role,
+    consistent: bool,
+    primary: Primary,
+    target: Option<Target>,
+    /// Bumped whenever the target changes; a replication thread exits when it differs.
+    generation: u64,
+    degraded: bool,
+    secondary_session: bool,
+    secondary_bytes_in: u64,
+}
+
+struct Shared {
+    opts: ServeOptions,
+    size: u64,
+    file: FileBackend,
+    /// The same file, for lseek(SEEK_DATA) and hashing.
+    raw: std::fs::File,
+    inner: Mutex<Inner>,
+    cond: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (async back-pressure, sync ACK) after a write was applied locally and handed to
+    /// the primary. Never fails the guest's write: a dead session makes it degraded.
+    fn after_write(&self, mut g: MutexGuard<'_, Inner>, seq: Option<u64>) {
+        let deadline = Instant::now() + SYNC_ACK_TIMEOUT;
+        loop {
+            let wait_ack = g.primary.synchronous()
+                && seq.is_some_and(|s| g.primary.acked() < s)
+                && g.primary.phase() != Phase::Disconnected;
+            let wait_room = !g.primary.synchronous() && g.primary.backlog_full();
+            if !(wait_ack || wait_room) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                g.primary.disconnect("no ACK from the secondary in 30 s");
+                g.degraded = true;
+                eprintln!("tern disk: {}: secondary silent, degraded", self.opts.export);
+                self.cond.notify_all();
+                return;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn writable(&self, g: &Inner) -> io::Result<()> {
+        if g.role == Role::Secondary {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let g = self.lock();
+        Status {
+            volume: self.opts.volume.clone(),
+            size: self.size,
+            role: g.role,
+            consistent: g.consistent,
+            mode: g.primary.mode,
+            synchronous: g.primary.synchronous(),
+            target: g.target.clone(),
+            phase: g.primary.phase(),
+            in_sync: g.primary.in_sync(),
+            blocks: g.primary.blocks(),
+            scanned_blocks: g.primary.cursor(),
+            backlog_bytes: g.primary.backlog_bytes(),
+            degraded: g.degraded,
+            last_error: g.primary.last_error().map(str::to_string),
+            stats: g.primary.stats().clone(),
+            secondary_session: g.secondary_session,
+            secondary_bytes_in: g.secondary_bytes_in,
+        }
+    }
+}
+
+/// The NBD face of a served volume: local I/O, then replication.
+struct Replicated(Arc<Shared>);
+
+impl Backend for Replicated {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.file.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let s = &self.0;
+        let mut g = s.lock();
+        s.writable(&g)?;
+        s.file.write_at(offset, data, fua)?;
+        let seq = g.primary.write(offset, data);
+        s.cond.notify_all();
+        s.after_write(g, seq);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        let s = &self.0;
+        s.file.flush()?;
+        let mut g = s.lock();
+        let seq = if g.primary.synchronous() {
+            g.primary.flush()
+        } else {
+            None
+        };
+        s.cond.notify_all();
+        s.after_write(g, seq);
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let s = &self.0;
+        let mut g = s.lock();
+        s.writable(&g)?;
+        s.file.trim(offset, len, fua)?;
+        let seq = g.primary.zero(offset, len);
+        s.cond.notify_all();
+        s.after_write(g, seq);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        let s = &self.0;
+        let mut g = s.lock();
+        s.writable(&g)?;
+        s.file.write_zeroes(offset, len, may_trim, fua)?;
+        let seq = g.primary.zero(offset, len);
+        s.cond.notify_all();
+        s.after_write(g, seq);
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.0.file.block_status(offset, len)
+    }
+}
+
+/// Runs the server until a `shutdown` request (or `stop` is set). Binds the sockets first
+/// and reports errors before serving.
+pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
+    let size = volume::size_of(&opts.volume).map_err(|e| e.to_string())?;
+    let state = volume::read_state(&opts.volume).map_err(|e| e.to_string())?;
+    let file = FileBackend::open(&opts.volume, false)
+        .map_err(|e| format!("open {}: {e}", opts.volume.display()))?;
+    if opts.role == Role::Secondary && opts.listen.is_none() {
+        return Err("a secondary needs a replication socket (--listen)".into());
+    }
+    if opts.role == Role::Secondary && opts.replicate.is_some() {
+        return Err("a secondary cannot replicate onward; promote it first".into());
+    }
+    for p in [&opts.nbd_socket, &opts.control_socket]
+        .into_iter()
+        .chain(opts.listen.as_ref())
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    let control = UnixListener::bind(&opts.control_socket)
+        .map_err(|e| format!("bind {}: {e}", opts.control_socket.display()))?;
+    let listen = match &opts.listen {
+        Some(p) => Some(UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?),
+        None => None,
+    };
+    let primary = Primary::new(size, &opts.export, opts.mode);
+    let raw = std::fs::File::open(&opts.volume)
+        .map_err(|e| format!("open {}: {e}", opts.volume.display()))?;
+    let shared = Arc::new(Shared {
+        size,
+        file,
+        raw,
+        inner: Mutex::new(Inner {
+            role: opts.role,
+            consistent: state.consistent,
+            primary,
+            target: opts.replicate.clone(),
+            generation: 0,
+            degraded: false,
+            secondary_session: false,
+            secondary_bytes_in: 0,
+        }),
+        cond: Condvar::new(),
+        stop: AtomicBool::new(false),
+        opts: opts.clone(),
+    });
+    let export = tern_nbd::server::Export {
+        name: opts.export.clone(),
+        description: format!("tern volume {}", opts.volume.display()),
+        backend: Arc::new(Replicated(shared.clone())),
+    };
+    let nbd = tern_nbd::server::Server::bind_unix(&opts.nbd_socket, vec![export])
+        .map_err(|e| format!("bind {}: {e}", opts.nbd_socket.display()))?
+        .spawn()
+        .map_err(|e| format!("start the NBD server: {e}"))?;
+    if opts.replicate.is_some() {
+        start_replication(&shared, 0);
+    }
+    if let Some(l) = listen {
+        let sh = shared.clone();
+        std::thread::spawn(move || secondary_listener(sh, l));
+    }
+    ready();
+    control.set_nonblocking(true).map_err(|e| e.to_string())?;
+    while !shared.stop.load(Ordering::Relaxed) {
+        match control.accept() {
+            Ok((c, _)) => {
+                let _ = c.set_nonblocking(false);
+                handle_control(&shared, c);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("control socket: {e}")),
+        }
+    }
+    {
+        let mut g = shared.lock();
+        g.generation += 1;
+        g.primary.disconnect("shutdown");
+        shared.cond.notify_all();
+    }
+    nbd.stop();
+    let _ = shared.file.flush();
+    for p in [&opts.nbd_socket, &opts.control_socket]
+        .into_iter()
+        .chain(opts.listen.as_ref())
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn start_replication(shared: &Arc<Shared>, generation: u64) {
+    let sh = shared.clone();
+    std::thread::spawn(move || replicate(sh, generation));
+}
+
+/// The primary's session loop: connect, then scan + send until the target changes.
+fn replicate(sh: Arc<Shared>, generation: u64) {
+    let mut said = String::new();
+    loop {
+        let target = {
+            let g = sh.lock();
+            if g.generation != generation || sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match &g.target {
+                Some(t) => t.clone(),
+                None => return,
+            }
+        };
+        let sock = match tern_node::open::connect_relay(&target.node, &target.peer, &target.target, 0)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                if e != said {
+                    eprintln!("tern disk: {}: {e}; retrying", sh.opts.export);
+                    said = e.clone();
+                }
+                let mut g = sh.lock();
+                g.degraded = true;
+                g.primary.disconnect(&e);
+                drop(g);
+                std::thread::sleep(RECONNECT_DELAY);
+                continue;
+            }
+        };
+        said.clear();
+        let err = session(&sh, sock, generation);
+        let mut g = sh.lock();
+        g.primary.disconnect(&err);
+        g.degraded = true;
+        sh.cond.notify_all();
+        drop(g);
+        eprintln!("tern disk: {}: replication session ended: {err}", sh.opts.export);
+        std::thread::sleep(RECONNECT_DELAY);
+    }
+}
+
+/// One session; returns why it ended.
+fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
+    let Ok(mut rd) = sock.try_clone() else {
+        return "cannot clone the socket".into();
+    };
+    let mut wr = sock;
+    {
+        let mut g = sh.lock();
+        g.primary.connect();
+        g.degraded = false;
+    }
+    let alive = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let sh = sh.clone();
+        let alive = alive.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            let why = loop {
+                match rd.read(&mut buf) {
+                    Ok(0) => break "the secondary closed the stream".to_string(),
+                    Ok(n) => {
+                        let mut g = sh.lock();
+                        if let Err(e) = g.primary.handle_input(&buf[..n]) {
+                            break e;
+                        }
+                        sh.cond.notify_all();
+                    }
+                    Err(e) => break format!("read: {e}"),
+                }
+            };
+            alive.store(false, Ordering::Relaxed);
+            let _ = rd.shutdown(std::net::Shutdown::Both);
+            let mut g = sh.lock();
+            g.primary.disconnect(&why);
+            sh.cond.notify_all();
+            why
+        })
+    };
+    let mut buf = vec![0u8; BLOCK_BYTES as usize];
+    let started = Instant::now();
+    let mut scanned_bytes = 0u64;
+    let why = 'outer: loop {
+        let out = {
+            let mut g = sh.lock();
+            loop {
+                if g.generation != generation || sh.stop.load(Ordering::Relaxed) {
+                    break 'outer "replication stopped".to_string();
+                }
+                if !alive.load(Ordering::Relaxed) || g.primary.phase() == Phase::Disconnected {
+                    break 'outer g
+                        .primary
+                        .last_error()
+                        .unwrap_or("disconnected")
+                        .to_string();
+                }
+                // Scan a few blocks per turn, so guest writes get the lock in between.
+                let mut budget = 16;
+                while budget > 0 {
+                    let Some((off, len)) = g.primary.next_scan() else {
+                        break;
+                    };
+                    if sh.opts.sync_rate_bps > 0 {
+                        let allowed =
+                            started.elapsed().as_secs_f64() * sh.opts.sync_rate_bps as f64;
+                        if scanned_bytes as f64 > allowed {
+                            break;
+                        }
+                    }
+                    budget -= 1;
+                    // Under the lock: no guest write can fill a hole between this lseek
+                    // and the scan's answer.
+                    match volume::next_data(&sh.raw, off).unwrap_or(Some(off)) {
+                        Some(d) if d < off + len as u64 => {
+                            if let Err(e) = sh.file.read_at(off, &mut buf[..len]) {
+                                break 'outer format!("read the volume at {off}: {e}");
+                            }
+                            scanned_bytes += len as u64;
+                            g.primary.scanned(off, &buf[..len]);
+                        }
+                        Some(d) => g.primary.scanned_hole(d / BLOCK_BYTES),
+                        None => g.primary.scanned_hole(u64::MAX),
+                    }
+                }
+                if g.primary.has_output() {
+                    break g.primary.take_output();
+                }
+                g = sh
+                    .cond
+                    .wait_timeout(g, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        if let Err(e) = wr.write_all(&out) {
+            break format!("write: {e}");
+        }
+    };
+    let _ = wr.shutdown(std::net::Shutdown::Both);
+    let _ = reader.join();
+    why
+}
+
+/// Accepts replication sessions one at a time.
+fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
+    for c in l.incoming() {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut c) = c else { continue };
+        let busy = {
+            let mut g = sh.lock();
+            let busy = g.secondary_session || g.role != Role::Secondary;
+            if !busy {
+                g.secondary_session = true;
+            }
+            busy
+        };
+        if busy {
+            let why = if sh.lock().role == Role::Secondary {
+                "another replication session is active"
+            } else {
+                "this volume is a primary now"
+            };
+            let _ = c.write_all(&crate::wire::Msg::Error(why.into()).to_bytes());
+            continue;
+        }
+        let sh2 = sh.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = secondary_session(&sh2, c) {
+                eprintln!("tern disk: {}: replication session: {e}", sh2.opts.export);
+            }
+            sh2.lock().secondary_session = false;
+        });
+    }
+}
+
+fn readable_now(s: &UnixStream) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> {
+    let mut core = Secondary::new(sh.size);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copy_buf = Vec::new();
+    loop {
+        let n = c.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        sh.lock().secondary_bytes_in += n as u64;
+        let (events, err) = core.handle_input(&buf[..n]);
+        for e in events {
+            match e {
+                Event::NeedHashes { name } => {
+                    let mut g = sh.lock();
+                    if g.role != Role::Secondary {
+                        return Err("promoted while a session started".into());
+                    }
+                    g.consistent = false;
+                    drop(g);
+                    volume::write_state(&sh.opts.volume, &State { consistent: false })
+                        .map_err(|e| e.to_string())?;
+                    eprintln!("tern disk: {}: replication from {name:?}", sh.opts.export);
+                    core.ready(false);
+                    c.write_all(&core.take_output())
+                        .map_err(|e| format!("write: {e}"))?;
+                    let hs = volume::hashes(&sh.raw, sh.size, |_, _| {})
+                        .map_err(|e| format!("hash the volume: {e}"))?;
+                    core.hashes(&hs);
+                }
+                Event::Apply(op) => apply(sh, &op, &mut copy_buf)
+                    .map_err(|e| format!("apply {}: {e}", OpShort(&op)))?,
+                Event::SyncNow => durable(sh, &mut core)?,
+                Event::Consistent => {}
+            }
+        }
+        if core.dirty() && !readable_now(&c) {
+            durable(sh, &mut core)?;
+        }
+        let out = core.take_output();
+        if !out.is_empty() {
+            c.write_all(&out).map_err(|e| format!("write: {e}"))?;
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+    }
+    if core.dirty() {
+        durable(sh, &mut core)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct OpShort<'a>(&'a Op);
+impl std::fmt::Display for OpShort<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Op::Write { offset, data } => write!(f, "write {}+{}", offset, data.len()),
+            Op::Zero { offset, len } => write!(f, "zero {offset}+{len}"),
+            Op::Copy { offset, src, len } => write!(f, "copy {src}->{offset}+{len}"),
+        }
+    }
+}
+
+fn apply(sh: &Shared, op: &Op, copy_buf: &mut Vec<u8>) -> io::Result<()> {
+    match op {
+        Op::Write { offset, data } => sh.file.write_at(*offset, data, false),
+        Op::Zero { offset, len } => sh.file.write_zeroes(*offset, *len, true, false),
+        Op::Copy { offset, src, len } => {
+            copy_buf.resize(*len as usize, 0);
+            sh.file.read_at(*src, copy_buf)?;
+            sh.file.write_at(*offset, copy_buf, false)
+        }
+    }
+}
+
+fn durable(sh: &Shared, core: &mut Secondary) -> Result<(), String> {
+    sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
+    if let Some(Event::Consistent) = core.durable() {
+        volume::write_state(&sh.opts.volume, &State { consistent: true })
+            .map_err(|e| e.to_string())?;
+        sh.lock().consistent = true;
+        eprintln!("tern disk: {}: consistent", sh.opts.export);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+enum Request {
+    Status,
+    Mode { mode: Mode },
+    Replicate {
+        node: PathBuf,
+        peer: String,
+        target: String,
+        mode: Option<Mode>,
+    },
+    StopReplication,
+    Promote,
+    Shutdown,
+}
+
+fn handle_control(sh: &Arc<Shared>, c: UnixStream) {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut r = BufReader::new(&c);
+    let answer = match r.read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => control(sh, req),
+            Err(e) => Err(format!("bad request: {e}")),
+        },
+        Err(e) => Err(format!("read request: {e}")),
+    };
+    let v = match answer {
+        Ok(v) => {
+            let mut v = v;
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let mut w = &c;
+    let _ = writeln!(w, "{v}");
+}
+
+fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
+    match req {
+        Request::Status => Ok(serde_json::to_value(sh.status()).expect("status serializes")),
+        Request::Mode { mode } => {
+            let mut g = sh.lock();
+            g.primary.mode = mode;
+            sh.cond.notify_all();
+            Ok(json!({"mode": mode}))
+        }
+        Request::Replicate {
+            node,
+            peer,
+            target,
+            mode,
+        } => {
+            let mut g = sh.lock();
+            if g.role != Role::Primary {
+                return Err("a secondary cannot replicate; promote it first".into());
+            }
+            if !tern_node::open::safe_relative_path(&target) {
+                return Err(format!("unsafe target path {target:?}"));
+            }
+            g.target = Some(Target { node, peer, target });
+            if let Some(m) = mode {
+                g.primary.mode = m;
+            }
+            g.generation += 1;
+            g.primary.disconnect("new target");
+            let generation = g.generation;
+            sh.cond.notify_all();
+            drop(g);
+            start_replication(sh, generation);
+            Ok(json!({}))
+        }
+        Request::StopReplication => {
+            let mut g = sh.lock();
+            g.target = None;
+            g.generation += 1;
+            g.primary.disconnect("replication stopped");
+            g.degraded = false;
+            sh.cond.notify_all();
+            Ok(json!({}))
+        }
+        Request::Promote => {
+            let mut g = sh.lock();
+            if g.role == Role::Primary {
+                return Ok(json!({"role": "primary"}));
+            }
+            if g.secondary_session {
+                return Err("a replication session is still active; stop it at the primary".into());
+            }
+            if !g.consistent {
+                return Err(
+                    "this copy is inconsistent (its last sync did not complete); refusing to \
+                     promote"
+                        .into(),
+                );
+            }
+            g.role = Role::Primary;
+            Ok(json!({"role": "primary"}))
+        }
+        Request::Shutdown => {
+            sh.stop.store(true, Ordering::Relaxed);
+            Ok(json!({}))
+        }
+    }
+}
+
+/// One request to a running server's control socket.
+pub fn request(control: &Path, req: &Value) -> Result<Value, String> {
+    let mut s = UnixStream::connect(control)
+        .map_err(|e| format!("connect {}: {e}", control.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "{req}").map_err(|e| format!("send: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from {}: {e}", control.display()))?;
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad answer {line:?}: {e}"))?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("request failed").to_string())
+    }
+}
