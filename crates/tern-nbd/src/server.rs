@@ -1,0 +1,438 @@
+//! Blocking driver: one thread per connection, each running a [`ServerSession`] against
+//! the exports' backends, requests handled one at a time in arrival order.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backend::{Backend, execute, nbd_error};
+use crate::proto::{CloseReason, Command, Event, ExportInfo, ProtocolError, Reply, ServerSession};
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Connections served at once; more are closed right after accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Pause after a failed accept (EMFILE and the like) so the loop does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// A named export.
+#[derive(Clone)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("size", &self.backend.size())
+            .field("read_only", &self.backend.read_only())
+            .finish()
+    }
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            backend,
+        }
+    }
+
+    fn info(&self) -> ExportInfo {
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.backend.size(),
+            read_only: self.backend.read_only(),
+            multi_conn: self.backend.multi_conn(),
+        }
+    }
+}
+
+/// Counters of a connection or of a whole server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted (a single `serve_connection` counts one).
+    pub connections: u64,
+    /// Connections ended by an I/O error or a protocol violation.
+    pub dropped: u64,
+    /// Requests handed to a backend.
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Error replies, from the backend or from request validation.
+    pub errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    dropped: AtomicU64,
+    requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            connections: get(&self.connections),
+            dropped: get(&self.dropped),
+            requests: get(&self.requests),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            errors: get(&self.errors),
+        }
+    }
+}
+
+/// Why a connection ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("connection I/O failed")]
+    Io(#[from] io::Error),
+    #[error("client broke the NBD protocol")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Runs one client to completion: negotiation, then requests one at a time until the
+/// client disconnects. A clean end (abort, disconnect, hang-up between messages) is `Ok`.
+pub fn serve_connection<S: Read + Write>(
+    stream: S,
+    exports: &[Export],
+) -> Result<Stats, ServeError> {
+    let counters = Counters::default();
+    Counters::add(&counters.connections, 1);
+    serve(stream, exports, &counters)?;
+    Ok(counters.snapshot())
+}
+
+fn serve<S: Read + Write>(
+    mut stream: S,
+    exports: &[Export],
+    counters: &Counters,
+) -> Result<(), ServeError> {
+    let mut session = ServerSession::new(exports.iter().map(Export::info).collect());
+    let mut buf = vec![0; READ_CHUNK_BYTES];
+    let mut chosen: Option<&Export> = None;
+    let mut rejected = 0;
+    loop {
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::ExportChosen(index) => chosen = exports.get(index),
+                Event::Request(request) => {
+                    Counters::add(&counters.requests, 1);
+                    let result = match chosen {
+                        Some(export) => {
+                            execute(&*export.backend, &request).map_err(|e| nbd_error(&e))
+                        }
+                        None => Err(crate::proto::NbdError::Io),
+                    };
+                    match (&result, &request.command) {
+                        (Err(_), _) => Counters::add(&counters.errors, 1),
+                        (Ok(Reply::Data(data)), _) => {
+                            Counters::add(&counters.bytes_read, data.len() as u64)
+                        }
+                        (Ok(_), Command::Write(data)) => {
+                            Counters::add(&counters.bytes_written, data.len() as u64)
+                        }
+                        _ => {}
+                    }
+                    if let Err(e) = session.reply(request.id, result) {
+                        eprintln!("tern-nbd: {e}");
+                    }
+                    write_output(&mut stream, &mut session)?;
+                }
+                Event::Close(reason) => {
+                    Counters::add(&counters.errors, session.rejected() - rejected);
+                    write_output(&mut stream, &mut session)?;
+                    return match reason {
+                        CloseReason::Violation(e) => Err(e.into()),
+                        CloseReason::Abort | CloseReason::Disconnect | CloseReason::HangUp => {
+                            Ok(())
+                        }
+                    };
+                }
+            }
+        }
+        Counters::add(&counters.errors, session.rejected() - rejected);
+        rejected = session.rejected();
+        write_output(&mut stream, &mut session)?;
+        match stream.read(&mut buf) {
+            Ok(0) => session.input_eof(),
+            Ok(n) => session.input(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn write_output<S: Write>(stream: &mut S, session: &mut ServerSession) -> io::Result<()> {
+    if session.has_output() {
+        stream.write_all(&session.take_output())?;
+        stream.flush()?;
+    }
+    Ok(())
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+#[derive(Debug)]
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        // Already-closed sockets report ENOTCONN, which is the state we want anyway.
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// A bound, not yet serving, NBD server.
+#[derive(Debug)]
+pub struct Server {
+    listener: Listener,
+    addr: LocalAddr,
+    exports: Arc<[Export]>,
+}
+
+impl Server {
+    /// Listens on a unix socket at `path` (which must not exist); removed again on stop.
+    pub fn bind_unix(path: impl AsRef<Path>, exports: Vec<Export>) -> io::Result<Server> {
+        let path = path.as_ref().to_path_buf();
+        let listener = UnixListener::bind(&path)?;
+        Ok(Server {
+            listener: Listener::Unix(listener),
+            addr: LocalAddr::Unix(path),
+            exports: exports.into(),
+        })
+    }
+
+    /// Listens on TCP (port 0 picks a free port; see [`ServerHandle::local_addr`]). NBD
+    /// without TLS: bind to loopback unless the network is trusted.
+    pub fn bind_tcp(addr: impl ToSocketAddrs, exports: Vec<Export>) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = LocalAddr::Tcp(listener.local_addr()?);
+        Ok(Server {
+            listener: Listener::Tcp(listener),
+            addr,
+            exports: exports.into(),
+        })
+    }
+
+    pub fn local_addr(&self) -> &LocalAddr {
+        &self.addr
+    }
+
+    /// Starts the accept loop on its own thread.
+    pub fn spawn(self) -> io::Result<ServerHandle> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let addr = self.addr.clone();
+        let (stop2, counters2) = (Arc::clone(&stop), Arc::clone(&counters));
+        let accept = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(self, &stop2, &counters2))?;
+        Ok(ServerHandle {
+            addr,
+            stop,
+            counters,
+            accept: Some(accept),
+        })
+    }
+}
+
+fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
+    let mut connections: Vec<(Conn, JoinHandle<()>)> = Vec::new();
+    let mut next_id = 0u64;
+    loop {
+        let accepted = match &server.listener {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Request/reply traffic: Nagle would only add latency.
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let conn = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("tern-nbd: accept on {:?}: {e}", server.addr);
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
+        };
+        let (finished, running): (Vec<_>, Vec<_>) =
+            connections.into_iter().partition(|(_, t)| t.is_finished());
+        connections = running;
+        for (_, thread) in finished {
+            let _ = thread.join();
+        }
+        if connections.len() >= MAX_CONNECTIONS {
+            eprintln!("tern-nbd: {MAX_CONNECTIONS} connections already open; refusing one");
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        Counters::add(&counters.connections, 1);
+        let spawned = conn.try_clone().and_then(|handle| {
+            let (exports, counters) = (Arc::clone(&server.exports), Arc::clone(counters));
+            let thread = std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    if let Err(e) = serve(conn, &exports, &counters) {
+                        Counters::add(&counters.dropped, 1);
+                        eprintln!("tern-nbd: connection {id}: {}", chain(&e));
+                    }
+                })?;
+            Ok((handle, thread))
+        });
+        match spawned {
+            Ok(entry) => connections.push(entry),
+            Err(e) => eprintln!("tern-nbd: connection {id}: cannot start: {e}"),
+        }
+    }
+    for (conn, _) in &connections {
+        conn.shutdown();
+    }
+    for (_, thread) in connections {
+        let _ = thread.join();
+    }
+    if let LocalAddr::Unix(path) = &server.addr {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// `error: source: source ...` on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        line.push_str(": ");
+        line.push_str(&e.to_string());
+        source = e.source();
+    }
+    line
+}
+
+/// A running server. Dropping it stops it too.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: LocalAddr,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> &LocalAddr {
+        &self.addr
+    }
+
+    /// Counters so far, across all connections.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// Stops accepting, shuts down open connections, waits for every thread, and returns
+    /// the final counters.
+    pub fn stop(mut self) -> Stats {
+        self.shutdown();
+        self.stats()
+    }
+
+    fn shutdown(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept with a connection of our own.
+        let _ = match &self.addr {
+            LocalAddr::Unix(path) => UnixStream::connect(path).map(drop),
+            LocalAddr::Tcp(addr) => {
+                let mut addr = *addr;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                TcpStream::connect(addr).map(drop)
+            }
+        };
+        let _ = accept.join();
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
