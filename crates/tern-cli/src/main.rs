@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
 mod bench;
+mod disk;
 mod migrate;
 mod vm;
 
@@ -41,6 +42,9 @@ enum Cmd {
     /// Guest VMs at a site: start, list, stop (QEMU under TCG).
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Volumes: create, import, export, inspect, verify; serve over NBD and replicate.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
     /// Live-migrate a VM to the other site over tern's transport (or --direct kernel TCP),
     /// with progress and a summary (`--json`: total_s, downtime_ms, wire_bytes, verified).
     Migrate(migrate::MigrateArgs),
@@ -277,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(c) => node(c),
         Cmd::Vm(c) => vm::run(c),
         Cmd::Migrate(a) => migrate::run(a),
+        Cmd::Disk(c) => disk::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }
 }

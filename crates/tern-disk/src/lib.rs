@@ -17,6 +17,7 @@
 //! - A secondary is *consistent* only after a completed sync is durable there; promotion of
 //!   an inconsistent copy is refused.
 
+pub mod daemon;
 pub mod primary;
 pub mod secondary;
 pub mod server;

@@ -179,9 +179,7 @@ impl Primary {
 
     /// The stream broke (or the driver gave up on it).
     pub fn disconnect(&mut self, reason: &str) {
-        if self.phase != Phase::Disconnected {
-            self.last_error = Some(reason.to_string());
-        }
+        self.last_error = Some(reason.to_string());
         self.reset_session();
     }
 

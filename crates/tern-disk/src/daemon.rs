@@ -1,0 +1,133 @@
+//! Starting and stopping `tern disk serve` processes for VM instances (driver).
+//!
+//! A VM instance directory `DIR` (`/run/tern/vm/NAME/SITE`) holds its disk server's files:
+//! `nbd.sock` (QEMU's disk), `disk-ctl.sock` (control), `disk-repl.sock` (a secondary's
+//! replication socket, the target of the relayed stream), `disk.pid`, `disk.log`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::Mode;
+use crate::server::{Role, request};
+
+/// The export name QEMU asks for.
+pub const EXPORT: &str = "disk";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPaths {
+    pub nbd: PathBuf,
+    pub control: PathBuf,
+    pub repl: PathBuf,
+    pub pid: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DiskPaths {
+    pub fn in_dir(dir: &Path) -> DiskPaths {
+        DiskPaths {
+            nbd: dir.join("nbd.sock"),
+            control: dir.join("disk-ctl.sock"),
+            repl: dir.join("disk-repl.sock"),
+            pid: dir.join("disk.pid"),
+            log: dir.join("disk.log"),
+        }
+    }
+}
+
+/// The `tern` executable to run servers with: `$TERN_EXE`, else this process's own.
+pub fn tern_exe() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("TERN_EXE") {
+        return Ok(PathBuf::from(p));
+    }
+    std::env::current_exe().map_err(|e| format!("cannot find the tern executable: {e}"))
+}
+
+/// Starts `tern disk serve` for `volume` in the background with its files in `dir`;
+/// returns once its control socket answers.
+pub fn start(dir: &Path, volume: &Path, role: Role, mode: Mode) -> Result<DiskPaths, String> {
+    let p = DiskPaths::in_dir(dir);
+    let exe = tern_exe()?;
+    let log = fs::File::create(&p.log).map_err(|e| format!("create {}: {e}", p.log.display()))?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("disk")
+        .arg("serve")
+        .arg(volume)
+        .arg("--nbd")
+        .arg(&p.nbd)
+        .arg("--control")
+        .arg(&p.control)
+        .arg("--export")
+        .arg(EXPORT)
+        .arg("--mode")
+        .arg(mode.to_string());
+    if role == Role::Secondary {
+        cmd.arg("--secondary").arg("--listen").arg(&p.repl);
+    }
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("run {} disk serve: {e}", exe.display()))?;
+    let pid = child.id();
+    let _ = fs::write(&p.pid, format!("{pid}\n"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if request(&p.control, &json!({"cmd": "status"})).is_ok() {
+            return Ok(p);
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            let log = fs::read_to_string(&p.log).unwrap_or_default();
+            stop(dir);
+            return Err(format!(
+                "tern disk serve {} did not start: {}",
+                volume.display(),
+                log.trim()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // Reap it if it exited (it is our child when we started it).
+    // SAFETY: waitpid with WNOHANG on a pid; no memory is passed.
+    unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// Stops the disk server of `dir` (shutdown request, then SIGKILL); a no-op without one.
+pub fn stop(dir: &Path) {
+    let p = DiskPaths::in_dir(dir);
+    let pid = fs::read_to_string(&p.pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let _ = request(&p.control, &json!({"cmd": "shutdown"}));
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let cmdline = fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if alive(pid) && cmdline.contains("serve") {
+            // SAFETY: kill of our own disk server (its command line was just checked).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _ = fs::remove_file(&p.pid);
+}
+
+/// The status of the disk server of `dir`.
+pub fn status(dir: &Path) -> Result<Value, String> {
+    request(&DiskPaths::in_dir(dir).control, &json!({"cmd": "status"}))
+}
