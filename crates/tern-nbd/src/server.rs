@@ -347,10 +347,13 @@ fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
             let thread = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    if let Err(e) = serve(conn, &exports, &counters) {
+                    let mut conn = conn;
+                    if let Err(e) = serve(&mut conn, &exports, &counters) {
                         Counters::add(&counters.dropped, 1);
                         eprintln!("tern-nbd: connection {id}: {}", chain(&e));
                     }
+                    // The accept loop's clone keeps the descriptor open: end the socket.
+                    conn.shutdown();
                 })?;
             Ok((handle, thread))
         });

@@ -212,6 +212,12 @@ impl Rng {
         if n == 0 { 0 } else { self.next() % n }
     }
 
+    /// Fewer than `max` random bytes.
+    pub fn bytes_below(&mut self, max: u64) -> Vec<u8> {
+        let n = self.below(max) as usize;
+        self.bytes(n)
+    }
+
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
