@@ -120,7 +120,7 @@ for m in $(cat /lib/modules/modules.order); do
 done
 echo "tern-init: modules loaded uptime_s=$(cut -d' ' -f1 /proc/uptime)"
 
-ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=
+ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=; disk=; diskw=
 for kv in $(cat /proc/cmdline); do
   case "$kv" in
     tern.ip=*) ip=${kv#tern.ip=} ;;
@@ -130,6 +130,8 @@ for kv in $(cat /proc/cmdline); do
     tern.rate=*) rate=${kv#tern.rate=} ;;
     tern.seed=*) seed=${kv#tern.seed=} ;;
     tern.corrupt_s=*) corrupt=${kv#tern.corrupt_s=} ;;
+    tern.disk=*) disk=${kv#tern.disk=} ;;
+    tern.diskw=*) diskw=${kv#tern.diskw=} ;;
   esac
 done
 
@@ -143,6 +145,28 @@ if [ -n "$ip" ]; then
     echo "tern-init: eth0 FAIL ip=$ip"
   fi
   if [ -n "$gw" ]; then ip route add default via "$gw" || echo "tern-init: gateway FAIL gw=$gw"; fi
+fi
+
+# A tern volume with an ext4 filesystem (ext4 is built into the cloud kernel): mount it;
+# with tern.diskw=N, write N 64 KiB files a second into it (fsync each, 256 files in
+# rotation) while the VM runs.
+if [ -n "$disk" ]; then
+  n=0
+  while [ ! -b "/dev/$disk" ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
+  mkdir -p /mnt/disk
+  if mount -t ext4 "/dev/$disk" /mnt/disk; then
+    echo "tern-init: disk mounted dev=/dev/$disk"
+    if [ -n "$diskw" ] && [ "$diskw" -gt 0 ]; then
+      mkdir -p /mnt/disk/tern-w
+      (i=0; while true; do
+        dd if=/dev/urandom of=/mnt/disk/tern-w/f$((i % 256)) bs=64k count=1 conv=fsync 2>/dev/null
+        i=$((i + 1)); usleep $((1000000 / diskw))
+      done) &
+      echo "tern-init: disk writer files_per_s=$diskw"
+    fi
+  else
+    echo "tern-init: disk FAIL dev=/dev/$disk"
+  fi
 fi
 
 set -- --workload "$workload" --seed "$seed" --ip "${ip:-none}"

@@ -57,8 +57,12 @@ pub struct StartArgs {
     #[arg(long, allow_hyphen_values = true)]
     append: Option<String>,
     /// Disk image (raw or qcow2) attached as virtio-blk.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volume")]
     disk: Option<PathBuf>,
+    /// A tern volume (`tern disk create --mkfs`): served by tern over NBD, mounted by the
+    /// guest at /mnt/disk, migrated with `tern migrate --with-disk`.
+    #[arg(long)]
+    volume: Option<PathBuf>,
     /// Switch socket for the guest NIC (default: /run/tern/lab/switch-SITE.sock if it
     /// exists, else no NIC).
     #[arg(long, conflicts_with = "no_net")]
@@ -86,6 +90,7 @@ impl StartArgs {
         s.initrd = self.initrd.clone();
         s.append = self.append.clone();
         s.disk = self.disk.clone();
+        s.volume = self.volume.as_ref().map(|v| std::path::absolute(v).unwrap_or(v.clone()));
         s.net_socket = if self.no_net {
             None
         } else {

@@ -105,6 +105,12 @@ pub enum VmError {
     MacInUse { mac: MacAddr, by: String },
     #[error("no free guest address left in {GUEST_NET}/{GUEST_PREFIX}")]
     NoFreeIp,
+    #[error("VM {name} at site {site}: disk server: {msg}")]
+    Disk {
+        name: String,
+        site: String,
+        msg: String,
+    },
     #[error("QEMU did not start VM {name} at site {site} ({status}): {stderr}")]
     QemuFailed {
         name: String,
@@ -275,6 +281,11 @@ pub struct VmSpec {
     pub append: Option<String>,
     /// A raw or qcow2 image (detected by its magic bytes) attached as virtio-blk.
     pub disk: Option<PathBuf>,
+    /// A tern volume (sparse raw file) served by a `tern disk serve` of this instance over
+    /// NBD and attached as virtio-blk; the guest mounts it (`tern.disk=vda`). Replicated
+    /// and migrated with `tern migrate --with-disk`. Exclusive with `disk`.
+    #[serde(default)]
+    pub volume: Option<PathBuf>,
     /// The site switch's Unix socket; the VM gets a virtio-net NIC connected to it.
     /// `None`: no NIC.
     pub net_socket: Option<PathBuf>,
@@ -299,6 +310,7 @@ impl VmSpec {
             initrd: DEFAULT_INITRD.into(),
             append: None,
             disk: None,
+            volume: None,
             net_socket: None,
         }
     }
@@ -331,6 +343,9 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     }
     if let Some(s) = spec.seed {
         words.push(format!("tern.seed={s}"));
+    }
+    if spec.volume.is_some() {
+        words.push("tern.disk=vda".to_string());
     }
     if let Some(a) = spec.append.as_deref().filter(|a| !a.trim().is_empty()) {
         words.push(a.trim().to_string());
@@ -526,6 +541,19 @@ pub fn guest_argv(
             "virtio-blk-pci,drive=d0",
         ]);
     }
+    if spec.volume.is_some() {
+        let nbd = tern_disk::daemon::DiskPaths::in_dir(&paths.dir).nbd;
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=nbd,node-name=d0,server.type=unix,server.path={},export={}",
+                qemu_escape(&nbd),
+                tern_disk::daemon::EXPORT
+            ),
+            "-device",
+            "virtio-blk-pci,drive=d0",
+        ]);
+    }
     if let Some(sock) = &spec.net_socket {
         push(&[
             "-netdev",
@@ -670,6 +698,15 @@ pub fn validate(spec: &VmSpec) -> Result<(), VmError> {
     }
     check_file("kernel", &spec.kernel)?;
     check_file("initrd", &spec.initrd)?;
+    if spec.disk.is_some() && spec.volume.is_some() {
+        return Err(VmError::Invalid {
+            what: "disk",
+            reason: "a VM has either a disk image or a tern volume, not both".into(),
+        });
+    }
+    if let Some(v) = &spec.volume {
+        check_file("volume", v)?;
+    }
     if let Some(d) = &spec.disk {
         check_file("disk image", d)?;
     }
@@ -837,10 +874,31 @@ impl VmHost {
             _ => io_err(format!("create {}", paths.dir.display()))(e),
         })?;
         let argv = guest_argv(&spec, &paths, disk_format, incoming, paused);
-        let result = self.run_qemu(&spec, site, netns.as_deref(), &paths, &argv);
+        let result = match &spec.volume {
+            // The volume's server first: QEMU connects to it at startup. A migration's
+            // destination receives the replication stream as a secondary until promoted.
+            Some(v) => tern_disk::daemon::start(
+                &paths.dir,
+                v,
+                if incoming.is_some() {
+                    tern_disk::server::Role::Secondary
+                } else {
+                    tern_disk::server::Role::Primary
+                },
+                tern_disk::Mode::Auto,
+            )
+            .map_err(|e| VmError::Disk {
+                name: name.clone(),
+                site: site.to_string(),
+                msg: e,
+            })
+            .and_then(|_| self.run_qemu(&spec, site, netns.as_deref(), &paths, &argv)),
+            None => self.run_qemu(&spec, site, netns.as_deref(), &paths, &argv),
+        };
         let pid = match result {
             Ok(pid) => pid,
             Err(e) => {
+                tern_disk::daemon::stop(&paths.dir);
                 let _ = remove_dir(&paths.dir);
                 let _ = fs::remove_dir(paths.dir.parent().expect("parent"));
                 return Err(e);
@@ -1245,6 +1303,7 @@ fn stop_record(rec: &InstanceRecord) -> Result<(), VmError> {
             }
         }
     }
+    tern_disk::daemon::stop(&rec.paths.dir);
     remove_dir(&rec.paths.dir)
 }
 
