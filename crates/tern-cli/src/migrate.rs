@@ -45,6 +45,18 @@ pub struct MigrateArgs {
     /// multifd-compression=zstd, xbzrle-cache-size=268435456.
     #[arg(long = "qemu-param", value_name = "NAME=VALUE")]
     qemu_params: Vec<String>,
+    /// Move the VM's tern volume too (`tern vm start --volume`): initial sync (async), then
+    /// synchronous replication, then memory; the destination's copy becomes primary.
+    #[arg(long)]
+    with_disk: bool,
+    /// With --with-disk: the destination volume (default
+    /// /var/lib/tern/volumes/SITE/NAME.img); an existing one of the same size receives only
+    /// the blocks that differ.
+    #[arg(long, requires = "with_disk")]
+    dest_volume: Option<std::path::PathBuf>,
+    /// With --with-disk: skip comparing both volumes by content at switchover.
+    #[arg(long, requires = "with_disk")]
+    no_check_disk: bool,
     /// Give up (cancel, keep the source running) when QEMU sends nothing for this many
     /// seconds.
     #[arg(long, default_value_t = 20)]
@@ -105,6 +117,9 @@ pub fn run(a: MigrateArgs) -> Result<()> {
     o.codec = a.codec;
     o.smart_stop = a.smart_stop == "on";
     o.qemu_capabilities = a.qemu_caps;
+    o.with_disk = a.with_disk;
+    o.dest_volume = a.dest_volume.map(|p| std::path::absolute(&p).unwrap_or(p));
+    o.check_disk = !a.no_check_disk;
     for p in &a.qemu_params {
         let (k, v) = parse_param(p)?;
         o.qemu_parameters.insert(k, v);
@@ -160,6 +175,31 @@ pub fn run(a: MigrateArgs) -> Result<()> {
                             .as_ref()
                             .map(|f| format!(" (raw from: {f})"))
                             .unwrap_or_default()
+                    );
+                }
+                if let Some(d) = &r.disk {
+                    println!(
+                        "disk: {} -> {} ({} MiB{}): in sync after {:.1} s with {:.1} MiB on the \
+                         wire ({} of {} blocks unchanged, {:.1} MiB zero, {:.1} MiB deduplicated, \
+                         {:.1} MiB data as {:.1} MiB); switchover {:.0} ms; identical: {}",
+                        d.source_volume.display(),
+                        d.dest_volume.display(),
+                        d.size >> 20,
+                        if d.dest_existed { ", re-sync" } else { "" },
+                        d.sync_s,
+                        d.sync_wire_bytes as f64 / (1 << 20) as f64,
+                        d.blocks_same,
+                        d.blocks,
+                        d.zero_bytes as f64 / (1 << 20) as f64,
+                        d.copy_bytes as f64 / (1 << 20) as f64,
+                        d.data_raw_bytes as f64 / (1 << 20) as f64,
+                        d.data_wire_bytes as f64 / (1 << 20) as f64,
+                        d.switchover_ms,
+                        match d.identical {
+                            Some(true) => "yes",
+                            Some(false) => "NO",
+                            None => "not checked",
+                        }
                     );
                 }
                 if let Some(s) = &r.smart_stop {

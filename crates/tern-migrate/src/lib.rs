@@ -16,6 +16,7 @@
 //! left running (resumed if QEMU had paused it). With `check_memory`, the destination is
 //! started paused (`-S`) and both guests' RAM is compared byte for byte before it resumes.
 
+pub mod disk;
 pub mod memcmp;
 pub mod monitor;
 pub mod relay;

@@ -89,6 +89,13 @@ pub struct MigrateOptions {
     pub qemu_capabilities: Vec<String>,
     /// Extra QEMU migration parameters (e.g. `{"multifd-compression": "zstd"}`).
     pub qemu_parameters: serde_json::Map<String, Value>,
+    /// Move the VM's tern volume too (async initial sync, then synchronous, then memory).
+    pub with_disk: bool,
+    /// The destination's volume (default `crate::disk::default_dest_volume`); an existing
+    /// one of the same size receives only what differs.
+    pub dest_volume: Option<std::path::PathBuf>,
+    /// Compare both volumes by content at switchover (with `with_disk`).
+    pub check_disk: bool,
 }
 
 /// Capabilities whose pages leave the main stream or change its format beyond what
@@ -121,6 +128,9 @@ impl MigrateOptions {
             smart_stop: true,
             qemu_capabilities: Vec::new(),
             qemu_parameters: serde_json::Map::new(),
+            with_disk: false,
+            dest_volume: None,
+            check_disk: true,
         }
     }
 
@@ -182,6 +192,18 @@ pub struct MigrateReport {
     pub codec: Option<CodecReport>,
     /// Smart stop-and-copy decisions, one per pass after the bulk pass.
     pub smart_stop: Option<SmartStopReport>,
+    /// The volume's replication and switchover (`with_disk`).
+    pub disk: Option<crate::disk::DiskReport>,
+}
+
+/// What `with_disk` needs through the migration.
+#[derive(Debug, Clone)]
+struct DiskPlan {
+    src_dir: std::path::PathBuf,
+    dest_dir: std::path::PathBuf,
+    source_volume: std::path::PathBuf,
+    dest_volume: std::path::PathBuf,
+    dest_existed: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -308,6 +330,41 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         spec.net_socket = Some(tern_lab::switch_socket(&opts.to_site));
     }
     let dest_dir = host.paths(&opts.name, &opts.to_site).dir;
+    let disk_plan = match (&src.spec.volume, opts.with_disk) {
+        (Some(v), true) => {
+            let dest_volume = opts
+                .dest_volume
+                .clone()
+                .unwrap_or_else(|| crate::disk::default_dest_volume(&opts.name, &opts.to_site));
+            if dest_volume == *v {
+                return Err(MigrateError::Refused(
+                    "the destination volume is the source's own file".into(),
+                ));
+            }
+            let dest_existed = crate::disk::prepare_dest_volume(v, &dest_volume)?;
+            spec.volume = Some(dest_volume.clone());
+            Some(DiskPlan {
+                src_dir: src.paths.dir.clone(),
+                dest_dir: dest_dir.clone(),
+                source_volume: v.clone(),
+                dest_volume,
+                dest_existed,
+            })
+        }
+        (None, true) => {
+            return Err(MigrateError::Refused(format!(
+                "{} has no tern volume (start it with `tern vm start --volume`)",
+                opts.name
+            )));
+        }
+        (Some(_), false) => {
+            return Err(MigrateError::Refused(format!(
+                "{} has a tern volume: migrate it with --with-disk",
+                opts.name
+            )));
+        }
+        (None, false) => None,
+    };
     let incoming_sock = dest_dir.join("incoming.sock");
     let uri = match opts.route {
         Route::Tern => format!("unix:{}", incoming_sock.display()),
@@ -317,12 +374,21 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         set_cc(&from, &opts.cc)?;
         set_cc(&opts.to_site, &opts.cc)?;
     }
-    let dest = if opts.check_memory {
+    let dest = if opts.check_memory || disk_plan.is_some() {
         host.start_incoming_paused(&spec, &opts.to_site, &uri)?
     } else {
         host.start_incoming(&spec, &opts.to_site, &uri)?
     };
-    let result = run(opts, &host, &mut sq, &from, &dest, &incoming_sock, &uri);
+    let result = run(
+        opts,
+        &host,
+        &mut sq,
+        &from,
+        &dest,
+        &incoming_sock,
+        &uri,
+        disk_plan.as_ref(),
+    );
     match result {
         Ok(report) => Ok(report),
         Err(e) => {
@@ -340,6 +406,14 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Some(d) = &disk_plan {
+                // The source's volume stays primary; the destination's copy is dropped
+                // with its instance (and stays inconsistent on disk).
+                let _ = tern_disk::server::request(
+                    &tern_disk::daemon::DiskPaths::in_dir(&d.src_dir).control,
+                    &json!({"cmd": "stop-replication"}),
+                );
             }
             let _ = host.stop_instance(&opts.name, &opts.to_site);
             let state = sq
@@ -432,6 +506,7 @@ fn capabilities(extra: &[String]) -> Value {
     Value::Array(list)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     opts: &MigrateOptions,
     host: &VmHost,
@@ -440,6 +515,7 @@ fn run(
     dest: &tern_vm::VmInfo,
     incoming_sock: &Path,
     uri: &str,
+    disk: Option<&DiskPlan>,
 ) -> Result<MigrateReport, MigrateError> {
     let mut dq = host.qmp(&opts.name, Some(&opts.to_site))?;
     dq.execute(
@@ -467,6 +543,27 @@ fn run(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let disk_sync = match disk {
+        Some(d) => {
+            let rel = tern_disk::daemon::DiskPaths::in_dir(&d.dest_dir)
+                .repl
+                .strip_prefix(tern_lab::VM_DIR)
+                .map_err(|_| MigrateError::Refused("disk socket outside the VM dir".into()))?
+                .to_string_lossy()
+                .into_owned();
+            Some(crate::disk::sync(
+                &d.src_dir,
+                from,
+                &opts.to_site,
+                &rel,
+                opts.stall_timeout,
+                opts.timeout,
+                opts.progress,
+                || link_bytes(from),
+            )?)
+        }
+        None => None,
+    };
     let _ = sq.events();
     let wire0 = link_bytes(from);
     let t0 = Instant::now();
@@ -582,15 +679,43 @@ fn run(
         .wait_event("STOP", Duration::from_secs(5))
         .map_err(qmp_err("waiting for the source's STOP event"))?;
     let mut memory = None;
-    let end_event = if opts.check_memory {
+    let mut disk_report = None;
+    let mut switchover_ms = 0.0;
+    let end_event = if opts.check_memory || disk.is_some() {
         let done = wait_dest_migration_done(&mut dq)?;
-        let m = compare_memory(
-            sq,
-            &mut dq,
-            &dest.dir,
-            src_mem_bytes(host, &opts.name, from)?,
-        )?;
-        memory = Some(m);
+        if opts.check_memory {
+            let m = compare_memory(
+                sq,
+                &mut dq,
+                &dest.dir,
+                src_mem_bytes(host, &opts.name, from)?,
+            )?;
+            memory = Some(m);
+        }
+        if let (Some(d), Some(synced)) = (disk, disk_sync) {
+            switchover_ms = crate::disk::switchover(&d.src_dir, &d.dest_dir)?;
+            let r = crate::disk::report(
+                &d.src_dir,
+                &d.source_volume,
+                &d.dest_volume,
+                d.dest_existed,
+                synced,
+                switchover_ms,
+                opts.check_disk,
+            )?;
+            if r.identical == Some(false) {
+                return Err(MigrateError::Aborted {
+                    reason: format!(
+                        "the volumes differ at switchover ({} vs {})",
+                        d.source_volume.display(),
+                        d.dest_volume.display()
+                    ),
+                    site: String::new(),
+                    state: String::new(),
+                });
+            }
+            disk_report = Some(r);
+        }
         dq.execute("cont", Value::Null)
             .map_err(qmp_err("resume the destination"))?;
         done
@@ -602,7 +727,8 @@ fn run(
     // comparison of --check-memory does not count.
     let total_s = end_event.timestamp_us.saturating_sub(t0_unix_us) as f64 / 1e6;
     let wire_bytes = link_bytes(from).saturating_sub(wire0);
-    let downtime_ms = (end_event.timestamp_us.saturating_sub(stop.timestamp_us)) as f64 / 1000.0;
+    let downtime_ms =
+        (end_event.timestamp_us.saturating_sub(stop.timestamp_us)) as f64 / 1000.0 + switchover_ms;
     host.promote(&opts.name, &opts.to_site)?;
 
     let guest_verify = if opts.guest_verify_passes > 0 && dest.workload.is_some() {
@@ -619,6 +745,9 @@ fn run(
     }
     if let Some(g) = &guest_verify {
         checks.push(g.failures == 0 && g.passes_ok >= opts.guest_verify_passes);
+    }
+    if let Some(same) = disk_report.as_ref().and_then(|d| d.identical) {
+        checks.push(same);
     }
     let verified = (!checks.is_empty()).then(|| checks.iter().all(|&c| c));
     let codec_report =
@@ -660,6 +789,7 @@ fn run(
             stop_reason: c.stop_reason().map(str::to_string),
             decisions: c.log,
         }),
+        disk: disk_report,
     })
 }
 
