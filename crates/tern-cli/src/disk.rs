@@ -133,11 +133,19 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
         }
         DiskCmd::Import { src, path } => {
             let size = volume::import(&src, &path)?;
-            println!("imported {} as {} ({size} bytes)", src.display(), path.display());
+            println!(
+                "imported {} as {} ({size} bytes)",
+                src.display(),
+                path.display()
+            );
         }
         DiskCmd::Export { path, dst, format } => {
             volume::export(&path, &dst, &format)?;
-            println!("exported {} to {} ({format})", path.display(), dst.display());
+            println!(
+                "exported {} to {} ({format})",
+                path.display(),
+                dst.display()
+            );
         }
         DiskCmd::Info { path, json } => {
             let i = volume::info(&path)?;
@@ -167,7 +175,12 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if v.equal {
-                println!("identical: {} = {} (digest {})", a.display(), b.display(), v.digest_a);
+                println!(
+                    "identical: {} = {} (digest {})",
+                    a.display(),
+                    b.display(),
+                    v.digest_a
+                );
             } else {
                 println!(
                     "DIFFERENT: sizes {} / {}, {} differing 64 KiB blocks, first at byte {}",
@@ -216,7 +229,9 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
             let words: Vec<&str> = command.iter().map(String::as_str).collect();
             let req = match words.as_slice() {
                 ["status"] => json!({"cmd": "status"}),
-                ["mode", m] => json!({"cmd": "mode", "mode": m.parse::<Mode>().map_err(anyhow::Error::msg)?}),
+                ["mode", m] => {
+                    json!({"cmd": "mode", "mode": m.parse::<Mode>().map_err(anyhow::Error::msg)?})
+                }
                 ["replicate", node, peer, target] => {
                     json!({"cmd": "replicate", "node": node, "peer": peer, "target": target})
                 }

@@ -17,6 +17,13 @@ pub enum VmCmd {
     },
     /// Stop every instance of a VM (QMP quit, then SIGKILL) and remove its state.
     Stop { name: String },
+    /// Press Alt+SysRq+KEY on the VM's keyboard (QMP send-key): `s` syncs the guest's
+    /// filesystems, `u` remounts them read-only (a clean filesystem before `stop`).
+    Sysrq {
+        name: String,
+        #[arg(value_parser = ["s", "u", "b", "o"])]
+        key: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +97,10 @@ impl StartArgs {
         s.initrd = self.initrd.clone();
         s.append = self.append.clone();
         s.disk = self.disk.clone();
-        s.volume = self.volume.as_ref().map(|v| std::path::absolute(v).unwrap_or(v.clone()));
+        s.volume = self
+            .volume
+            .as_ref()
+            .map(|v| std::path::absolute(v).unwrap_or(v.clone()));
         s.net_socket = if self.no_net {
             None
         } else {
@@ -157,6 +167,18 @@ pub fn run(cmd: VmCmd) -> Result<()> {
         VmCmd::Stop { name } => {
             vm::stop(&name)?;
             println!("VM {name} stopped");
+        }
+        VmCmd::Sysrq { name, key } => {
+            let mut q = vm::qmp(&name, None)?;
+            q.execute(
+                "send-key",
+                serde_json::json!({"keys": [
+                    {"type": "qcode", "data": "alt"},
+                    {"type": "qcode", "data": "sysrq"},
+                    {"type": "qcode", "data": key},
+                ]}),
+            )?;
+            println!("VM {name}: Alt+SysRq+{key} sent");
         }
     }
     Ok(())

@@ -215,7 +215,7 @@ impl Primary {
         self.stats.bytes_in += bytes.len() as u64;
         self.reader.push(bytes);
         loop {
-            let m = match self.reader.next() {
+            let m = match self.reader.next_msg() {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => return self.fail(format!("from the secondary: {e}")),
@@ -393,7 +393,9 @@ impl Primary {
             if !is_zero && let Some(z) = zero_start.take() {
                 self.send_zero(offset + z as u64, (i - z) as u64);
             }
-            if (is_zero || copy_src.is_some()) && let Some(l) = lit_start.take() {
+            if (is_zero || copy_src.is_some())
+                && let Some(l) = lit_start.take()
+            {
                 self.send_literal(offset + l as u64, &data[l..i]);
             }
             if is_zero {

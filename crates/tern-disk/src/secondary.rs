@@ -28,7 +28,9 @@ pub enum Op {
 pub enum Event {
     /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
     /// volume's block hashes.
-    NeedHashes { name: String },
+    NeedHashes {
+        name: String,
+    },
     Apply(Op),
     /// Make everything applied durable now and call [`Secondary::durable`].
     SyncNow,
@@ -98,7 +100,7 @@ impl Secondary {
         self.bytes_in += bytes.len() as u64;
         self.reader.push(bytes);
         loop {
-            let m = match self.reader.next() {
+            let m = match self.reader.next_msg() {
                 Ok(Some(m)) => m,
                 Ok(None) => return (ev, None),
                 Err(e) => return (ev, Some(self.fail(format!("bad frame: {e}")))),

@@ -131,7 +131,10 @@ impl Shared {
             if now >= deadline {
                 g.primary.disconnect("no ACK from the secondary in 30 s");
                 g.degraded = true;
-                eprintln!("tern disk: {}: secondary silent, degraded", self.opts.export);
+                eprintln!(
+                    "tern disk: {}: secondary silent, degraded",
+                    self.opts.export
+                );
                 self.cond.notify_all();
                 return;
             }
@@ -344,22 +347,22 @@ fn replicate(sh: Arc<Shared>, generation: u64) {
                 None => return,
             }
         };
-        let sock = match tern_node::open::connect_relay(&target.node, &target.peer, &target.target, 0)
-        {
-            Ok(s) => s,
-            Err(e) => {
-                if e != said {
-                    eprintln!("tern disk: {}: {e}; retrying", sh.opts.export);
-                    said = e.clone();
+        let sock =
+            match tern_node::open::connect_relay(&target.node, &target.peer, &target.target, 0) {
+                Ok(s) => s,
+                Err(e) => {
+                    if e != said {
+                        eprintln!("tern disk: {}: {e}; retrying", sh.opts.export);
+                        said = e.clone();
+                    }
+                    let mut g = sh.lock();
+                    g.degraded = true;
+                    g.primary.disconnect(&e);
+                    drop(g);
+                    std::thread::sleep(RECONNECT_DELAY);
+                    continue;
                 }
-                let mut g = sh.lock();
-                g.degraded = true;
-                g.primary.disconnect(&e);
-                drop(g);
-                std::thread::sleep(RECONNECT_DELAY);
-                continue;
-            }
-        };
+            };
         said.clear();
         let err = session(&sh, sock, generation);
         let mut g = sh.lock();
@@ -367,7 +370,10 @@ fn replicate(sh: Arc<Shared>, generation: u64) {
         g.degraded = true;
         sh.cond.notify_all();
         drop(g);
-        eprintln!("tern disk: {}: replication session ended: {err}", sh.opts.export);
+        eprintln!(
+            "tern disk: {}: replication session ended: {err}",
+            sh.opts.export
+        );
         std::thread::sleep(RECONNECT_DELAY);
     }
 }
@@ -421,11 +427,7 @@ fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
                     break 'outer "replication stopped".to_string();
                 }
                 if !alive.load(Ordering::Relaxed) || g.primary.phase() == Phase::Disconnected {
-                    break 'outer g
-                        .primary
-                        .last_error()
-                        .unwrap_or("disconnected")
-                        .to_string();
+                    break 'outer g.primary.last_error().unwrap_or("disconnected").to_string();
                 }
                 // Scan a few blocks per turn, so guest writes get the lock in between.
                 let mut budget = 16;
@@ -611,7 +613,9 @@ fn durable(sh: &Shared, core: &mut Secondary) -> Result<(), String> {
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 enum Request {
     Status,
-    Mode { mode: Mode },
+    Mode {
+        mode: Mode,
+    },
     Replicate {
         node: PathBuf,
         peer: String,
@@ -716,8 +720,8 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
 
 /// One request to a running server's control socket.
 pub fn request(control: &Path, req: &Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(control)
-        .map_err(|e| format!("connect {}: {e}", control.display()))?;
+    let mut s =
+        UnixStream::connect(control).map_err(|e| format!("connect {}: {e}", control.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     writeln!(s, "{req}").map_err(|e| format!("send: {e}"))?;

@@ -113,11 +113,7 @@ pub fn next_data(f: &File, offset: u64) -> io::Result<Option<u64>> {
 
 /// Per-block hashes of a volume (holes are not read), calling `progress(done, total)` every
 /// 64 MiB.
-pub fn hashes(
-    f: &File,
-    size: u64,
-    mut progress: impl FnMut(u64, u64),
-) -> io::Result<Vec<Hash>> {
+pub fn hashes(f: &File, size: u64, mut progress: impl FnMut(u64, u64)) -> io::Result<Vec<Hash>> {
     let blocks = size.div_ceil(BLOCK_BYTES);
     let mut out = Vec::with_capacity(blocks as usize);
     let mut buf = vec![0u8; BLOCK_BYTES as usize];
@@ -205,7 +201,10 @@ pub fn verify(a: &Path, b: &Path) -> Result<Verify, VolumeError> {
     let open = |p: &Path| -> Result<(u64, Vec<Hash>), VolumeError> {
         let size = fs::metadata(p).map_err(io_err("stat", p))?.len();
         let f = File::open(p).map_err(io_err("open", p))?;
-        Ok((size, hashes(&f, size, |_, _| {}).map_err(io_err("read", p))?))
+        Ok((
+            size,
+            hashes(&f, size, |_, _| {}).map_err(io_err("read", p))?,
+        ))
     };
     let (size_a, ha) = open(a)?;
     let (size_b, hb) = open(b)?;
@@ -351,12 +350,18 @@ mod tests {
         let v = verify(&a, &b).unwrap();
         assert!(v.equal, "{v:?}");
         let i = info(&a).unwrap();
-        assert_eq!(i.data_blocks, 1 + u64::from(300_000 / 65536 != 304_999 / 65536));
+        assert_eq!(
+            i.data_blocks,
+            1 + u64::from(300_000 / 65536 != 304_999 / 65536)
+        );
         f.write_all_at(&[8], 999_999).unwrap();
         let v = verify(&a, &b).unwrap();
         assert!(!v.equal);
         assert_eq!(v.differing_blocks, 1);
-        assert_eq!(v.first_difference, Some(999_999 / BLOCK_BYTES * BLOCK_BYTES));
+        assert_eq!(
+            v.first_difference,
+            Some(999_999 / BLOCK_BYTES * BLOCK_BYTES)
+        );
         assert!(read_state(&a).unwrap().consistent);
         write_state(&a, &State { consistent: false }).unwrap();
         assert!(!read_state(&a).unwrap().consistent);

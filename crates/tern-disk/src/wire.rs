@@ -235,10 +235,14 @@ impl Cur<'_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, WireError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, WireError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn end(self) -> Result<(), WireError> {
         if self.0.is_empty() {
@@ -397,7 +401,7 @@ impl Reader {
     }
 
     /// The next message, `Ok(None)` when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Msg>, WireError> {
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, WireError> {
         let b = &self.buf[self.pos..];
         if b.len() < 5 {
             self.compact();
@@ -506,7 +510,7 @@ mod tests {
             let mut got = Vec::new();
             for c in stream.chunks(step) {
                 r.push(c);
-                while let Some(m) = r.next().unwrap() {
+                while let Some(m) = r.next_msg().unwrap() {
                     got.push(m);
                 }
             }
@@ -519,10 +523,10 @@ mod tests {
     fn bounds_and_damage_are_errors_not_panics() {
         let mut r = Reader::default();
         r.push(&[2, 0xff, 0xff, 0xff, 0x7f]);
-        assert!(matches!(r.next(), Err(WireError::Length { .. })));
+        assert!(matches!(r.next_msg(), Err(WireError::Length { .. })));
         let mut r = Reader::default();
         r.push(&[77, 0, 0, 0, 0]);
-        assert_eq!(r.next(), Err(WireError::Type(77)));
+        assert_eq!(r.next_msg(), Err(WireError::Type(77)));
         // Every truncation and every single-byte change of every message decodes or errs.
         for m in all() {
             let b = m.to_bytes();
@@ -543,9 +547,6 @@ mod tests {
             bytes: vec![0; 4],
         }
         .to_bytes();
-        assert_eq!(
-            decode(bad[0], &bad[5..]),
-            Err(WireError::Malformed("DATA"))
-        );
+        assert_eq!(decode(bad[0], &bad[5..]), Err(WireError::Malformed("DATA")));
     }
 }

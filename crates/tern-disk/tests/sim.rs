@@ -133,9 +133,14 @@ impl World {
             let b = r.next() as u8;
             let dup = r.chance(300);
             for (i, x) in self.pvol[off..off + len].iter_mut().enumerate() {
-                *x = if dup { b } else { b.wrapping_add((i * 7) as u8) };
+                *x = if dup {
+                    b
+                } else {
+                    b.wrapping_add((i * 7) as u8)
+                };
             }
-            self.p.write(off as u64, &self.pvol[off..off + len].to_vec());
+            self.p
+                .write(off as u64, &self.pvol[off..off + len].to_vec());
         }
     }
 

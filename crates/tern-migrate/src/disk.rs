@@ -144,7 +144,10 @@ pub fn sync(
                     out as f64 / 1e6
                 );
             }
-            return Ok((t0.elapsed().as_secs_f64(), link_bytes().saturating_sub(wire0)));
+            return Ok((
+                t0.elapsed().as_secs_f64(),
+                link_bytes().saturating_sub(wire0),
+            ));
         }
         if last_change.elapsed() > stall || t0.elapsed() > timeout {
             return Err(MigrateError::Aborted {

@@ -1,0 +1,528 @@
+//! End to end: tern volumes, their NBD server (driven by QEMU's own qemu-io), replication
+//! between the lab's sites through the real nodes (a killed secondary, a cut link), and a VM
+//! migrated with its disk and back. Volumes are compared by content after every step.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{is_root, json, lock, ok, tern};
+use serde_json::Value;
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").is_err(), "{tool} must exist in CI");
+        eprintln!("skipping: no {tool}");
+    }
+    found
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tern-disk-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Files a filesystem can be filled with: compressible pseudo-text, and some exact
+/// duplicates (the content cache's case).
+fn populate(dir: &Path, files: usize, bytes: usize) {
+    let words = [
+        "replica",
+        "block",
+        "journal",
+        "extent",
+        "inode",
+        "site",
+        "tern",
+        "wan",
+        "commit",
+        "page",
+        "dirty",
+        "sync",
+        "async",
+        "primary",
+        "secondary",
+        "volume",
+    ];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for f in 0..files {
+        let mut s = String::with_capacity(bytes);
+        while s.len() < bytes {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.push_str(words[(x % 16) as usize]);
+            s.push(if x % 11 == 0 { '\n' } else { ' ' });
+            if x % 5 == 0 {
+                s.push_str(&format!("{} ", x % 100_000));
+            }
+        }
+        std::fs::write(dir.join(format!("f{f:04}.txt")), &s).unwrap();
+        if f % 4 == 0 {
+            std::fs::write(dir.join(format!("dup{f:04}.txt")), &s).unwrap();
+        }
+    }
+}
+
+fn qemu_io(sock: &Path, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(format!("nbd+unix:///disk?socket={}", sock.display()));
+    c.output().expect("run qemu-io")
+}
+
+fn qemu_io_ok(sock: &Path, cmds: &[&str]) {
+    let out = qemu_io(sock, cmds);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !all.contains("failed"),
+        "qemu-io {cmds:?}: {all}"
+    );
+}
+
+fn serve(args: &[&str], log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("disk")
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .expect("spawn tern disk serve")
+}
+
+fn status(control: &Path) -> Value {
+    json(&["disk", "ctl", control.to_str().unwrap(), "status"])
+}
+
+fn wait_for(what: &str, timeout_s: u64, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(timeout_s);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_socket(p: &Path) {
+    wait_for(&format!("{}", p.display()), 10, || p.exists());
+}
+
+/// `tern disk verify --json` (which exits 1 when the volumes differ).
+fn verify(a: &Path, b: &Path) -> Value {
+    let out = tern(&[
+        "disk",
+        "verify",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("verify prints JSON");
+    assert_eq!(out.status.success(), v["equal"] == true, "{v}");
+    v
+}
+
+#[test]
+fn volumes_and_the_nbd_server_with_qemu_io() {
+    if !have("qemu-io") || !have("mkfs.ext4") {
+        return;
+    }
+    let d = tmpdir("local");
+    let a = d.join("a.img");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // Bad input: clear errors, nothing created.
+    let out = tern(&["disk", "create", &s(&a), "--size", "1000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4096"));
+    let out = tern(&["disk", "create", &s(&a), "--size", "12Q"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unit"));
+    assert!(!a.exists());
+    ok(&["disk", "create", &s(&a), "--size", "64M", "--mkfs"]);
+    assert!(
+        !tern(&["disk", "create", &s(&a), "--size", "64M"])
+            .status
+            .success()
+    );
+    let info = json(&["disk", "info", &s(&a), "--json"]);
+    assert_eq!(info["size"], 64 << 20);
+    assert_eq!(info["state"]["consistent"], true);
+
+    // A primary without a target serves reads and writes.
+    let (nbd, ctl) = (d.join("nbd.sock"), d.join("ctl.sock"));
+    let mut p = serve(
+        &["--nbd", &s(&nbd), "--control", &s(&ctl), &s(&a)],
+        &d.join("a.log"),
+    );
+    wait_socket(&ctl);
+    qemu_io_ok(
+        &nbd,
+        &[
+            "write -P 0xab 8M 1M",
+            "read -P 0xab 8M 1M",
+            "write -z 9M 64k",
+            "discard 10M 64k",
+            "flush",
+        ],
+    );
+    let st = status(&ctl);
+    assert_eq!(st["role"], "primary");
+    assert_eq!(st["phase"], "disconnected");
+    // Export and import round trip (qcow2) keep the content.
+    let q = d.join("a.qcow2");
+    let b = d.join("b.img");
+    ok(&["disk", "export", &s(&a), &s(&q)]);
+    ok(&["disk", "import", &s(&q), &s(&b)]);
+    assert_eq!(verify(&a, &b)["equal"], true);
+    // A secondary refuses NBD writes and unsafe requests; promote works without a session.
+    let (nbd2, ctl2, listen2) = (d.join("nbd2.sock"), d.join("ctl2.sock"), d.join("r.sock"));
+    let mut sec = serve(
+        &[
+            "--nbd",
+            &s(&nbd2),
+            "--control",
+            &s(&ctl2),
+            "--secondary",
+            "--listen",
+            &s(&listen2),
+            &s(&b),
+        ],
+        &d.join("b.log"),
+    );
+    wait_socket(&ctl2);
+    let out = qemu_io(&nbd2, &["write -P 1 0 4k"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Operation not permitted")
+            || String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
+    qemu_io_ok(&nbd2, &["read -P 0xab 8M 1M"]);
+    let out = tern(&[
+        "disk",
+        "ctl",
+        &s(&ctl2),
+        "replicate",
+        "/x",
+        "site-a",
+        "../etc",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secondary cannot replicate"));
+    let out = tern(&[
+        "disk",
+        "ctl",
+        &s(&ctl),
+        "replicate",
+        "/x",
+        "site-b",
+        "../etc",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsafe target path"));
+    let out = tern(&["disk", "ctl", &s(&ctl), "fly"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown control command"));
+    ok(&["disk", "ctl", &s(&ctl2), "promote"]);
+    qemu_io_ok(&nbd2, &["write -P 2 0 4k"]);
+    assert_eq!(verify(&a, &b)["equal"], false);
+    assert!(!tern(&["disk", "verify", &s(&a), &s(&b)]).status.success());
+    ok(&["disk", "ctl", &s(&ctl), "shutdown"]);
+    ok(&["disk", "ctl", &s(&ctl2), "shutdown"]);
+    assert!(p.wait().unwrap().success());
+    assert!(sec.wait().unwrap().success());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Brings a lab up and takes it (and its VMs and disk servers) down when dropped.
+struct Lab(Vec<Child>);
+
+impl Lab {
+    fn up(profile: &str) -> Lab {
+        let _ = tern(&["lab", "down"]);
+        ok(&["lab", "up", "--profile", profile]);
+        Lab(Vec::new())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = tern(&["vm", "stop", "dsk1"]);
+        let _ = tern(&["lab", "down"]);
+    }
+}
+
+#[test]
+fn replication_survives_a_killed_secondary_and_a_cut_link_without_resending() {
+    if !is_root() || !have("qemu-io") || !have("mkfs.ext4") {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("repl");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let pop = d.join("pop");
+    std::fs::create_dir_all(&pop).unwrap();
+    populate(&pop, 320, 128 << 10);
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
+    ok(&[
+        "disk",
+        "create",
+        &s(&a),
+        "--size",
+        "512M",
+        "--mkfs",
+        "--populate",
+        &s(&pop),
+    ]);
+    ok(&["disk", "create", &s(&b), "--size", "512M"]);
+    let data_bytes = json(&["disk", "info", &s(&a), "--json"])["data_blocks"]
+        .as_u64()
+        .unwrap()
+        * 65536;
+
+    let mut lab = Lab::up("cloudnet-lab");
+    // The secondary's sockets live under the far node's migration directory.
+    let bdir = Path::new("/run/tern/vm/dsk-repl/b");
+    std::fs::create_dir_all(bdir).unwrap();
+    let sec_args = |d: &Path| {
+        vec![
+            "--nbd".to_string(),
+            s(&bdir.join("nbd.sock")),
+            "--control".into(),
+            s(&bdir.join("ctl.sock")),
+            "--secondary".into(),
+            "--listen".into(),
+            s(&bdir.join("repl.sock")),
+            s(&d.join("b.img")),
+        ]
+    };
+    let args = sec_args(&d);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sec = serve(&argv, &d.join("b1.log"));
+    wait_socket(&bdir.join("ctl.sock"));
+    let (nbd, ctl) = (d.join("nbd.sock"), d.join("ctl.sock"));
+    let prim = serve(
+        &[
+            "--nbd",
+            &s(&nbd),
+            "--control",
+            &s(&ctl),
+            "--node",
+            "/run/tern/lab/migrate-a.sock",
+            "--peer",
+            "site-b",
+            "--target",
+            "dsk-repl/b/repl.sock",
+            "--mode",
+            "async",
+            "--sync-rate",
+            "6",
+            &s(&a),
+        ],
+        &d.join("a.log"),
+    );
+    lab.0.push(prim);
+    wait_socket(&ctl);
+    // Kill the secondary half-way through the initial sync.
+    wait_for("half the data sent", 120, || {
+        status(&ctl)["stats"]["data_raw_bytes"].as_u64().unwrap() > data_bytes / 2
+    });
+    let mut sec = sec;
+    sec.kill().unwrap();
+    sec.wait().unwrap();
+    wait_for("the primary to notice", 30, || {
+        status(&ctl)["phase"] == "disconnected"
+    });
+    let st = status(&ctl);
+    assert_eq!(st["degraded"], true, "{st}");
+    assert!(st["last_error"].as_str().is_some(), "{st}");
+    // The primary keeps serving the VM: async, and sync (degraded, said so).
+    qemu_io_ok(&nbd, &["write -P 0x11 300M 256k", "flush"]);
+    ok(&["disk", "ctl", &s(&ctl), "mode", "sync"]);
+    qemu_io_ok(&nbd, &["write -P 0x12 301M 256k", "flush"]);
+    let st = status(&ctl);
+    assert_eq!(st["synchronous"], true);
+    assert_eq!(st["degraded"], true);
+    ok(&["disk", "ctl", &s(&ctl), "mode", "async"]);
+    let before = status(&ctl)["stats"].clone();
+
+    // The secondary comes back (its copy is inconsistent); the link is cut for 3 s mid-way.
+    let state = std::fs::read_to_string(d.join("b.img.tern.json")).unwrap();
+    assert!(state.contains("false"), "{state}");
+    let sec = serve(&argv, &d.join("b2.log"));
+    lab.0.push(sec);
+    wait_for("the second session", 60, || {
+        status(&ctl)["phase"] == "syncing" || status(&ctl)["phase"] == "live"
+    });
+    ok(&["lab", "set", "--loss", "100%"]);
+    std::thread::sleep(Duration::from_secs(3));
+    ok(&["lab", "set", "--loss", "0%"]);
+    wait_for("in sync", 240, || status(&ctl)["in_sync"] == true);
+    let st = status(&ctl);
+    let resent = |k: &str| st["stats"][k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let second = resent("data_raw_bytes") + resent("copy_bytes");
+    // What arrived before the kill is not sent again: the second session carries the other
+    // half (plus the two writes), far from a full sync.
+    assert!(
+        second < data_bytes * 7 / 10,
+        "second session sent {second} of {data_bytes} data bytes: {st}"
+    );
+    assert!(resent("blocks_same") > 0, "{st}");
+    // Live writes in async mode, then quiesce and compare.
+    qemu_io_ok(
+        &nbd,
+        &["write -P 0x13 200M 1M", "write -z 201M 1M", "flush"],
+    );
+    wait_for("acks", 60, || {
+        let st = status(&ctl);
+        st["backlog_bytes"] == 0 && st["in_sync"] == true
+    });
+    let v = verify(&a, &b);
+    assert_eq!(v["equal"], true, "{v}");
+    assert_eq!(status(&bdir.join("ctl.sock"))["consistent"], true);
+    // Promotion needs the session over.
+    let out = tern(&["disk", "ctl", &s(&bdir.join("ctl.sock")), "promote"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still active"));
+    ok(&["disk", "ctl", &s(&ctl), "stop-replication"]);
+    wait_for("promotion", 10, || {
+        tern(&["disk", "ctl", &s(&bdir.join("ctl.sock")), "promote"])
+            .status
+            .success()
+    });
+    drop(lab);
+    let _ = std::fs::remove_dir_all("/run/tern/vm/dsk-repl");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_vm_migrates_with_its_disk_and_back_and_its_filesystem_is_clean() {
+    if !is_root() || !have("mkfs.ext4") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
+        assert!(
+            std::env::var("CI").is_err() || !is_root(),
+            "guest image missing in CI"
+        );
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("vm");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let pop = d.join("pop");
+    std::fs::create_dir_all(&pop).unwrap();
+    populate(&pop, 160, 128 << 10);
+    let a = d.join("dsk1.img");
+    ok(&[
+        "disk",
+        "create",
+        &s(&a),
+        "--size",
+        "256M",
+        "--mkfs",
+        "--populate",
+        &s(&pop),
+    ]);
+    let b = d.join("dsk1-b.img");
+    let _lab = Lab::up("cloudnet-lab");
+    ok(&[
+        "vm",
+        "start",
+        "dsk1",
+        "--site",
+        "a",
+        "--mem",
+        "256",
+        "--workload",
+        "web-db",
+        "--volume",
+        &s(&a),
+        "--append",
+        "tern.diskw=4",
+    ]);
+    let serial = Path::new("/run/tern/vm/dsk1/a/serial.log");
+    wait_for("the guest's disk writer", 240, || {
+        std::fs::read_to_string(serial)
+            .unwrap_or_default()
+            .contains("tern-init: disk writer")
+    });
+    let there = json(&[
+        "migrate",
+        "dsk1",
+        "--to",
+        "b",
+        "--with-disk",
+        "--dest-volume",
+        &s(&b),
+        "--json",
+        "--quiet",
+        "--check-memory",
+    ]);
+    assert_eq!(there["verified"], true, "{there}");
+    assert_eq!(there["memory"]["pages_differing"], 0, "{there}");
+    assert_eq!(there["disk"]["identical"], true, "{there}");
+    assert_eq!(there["disk"]["dest_existed"], false, "{there}");
+    // The guest keeps writing at b: its disk is b's volume, now primary.
+    let log_b = Path::new("/run/tern/vm/dsk1/b/serial.log");
+    std::thread::sleep(Duration::from_secs(3));
+    let serial_b = std::fs::read_to_string(log_b).unwrap_or_default();
+    assert!(!serial_b.contains("I/O error"), "{serial_b}");
+    assert_eq!(
+        json(&["disk", "ctl", "/run/tern/vm/dsk1/b/disk-ctl.sock", "status"])["role"],
+        "primary"
+    );
+    // Back to a, into the old copy: only what changed travels.
+    let back = json(&[
+        "migrate",
+        "dsk1",
+        "--to",
+        "a",
+        "--with-disk",
+        "--dest-volume",
+        &s(&a),
+        "--json",
+        "--quiet",
+        "--check-memory",
+    ]);
+    assert_eq!(back["verified"], true, "{back}");
+    assert_eq!(back["disk"]["identical"], true, "{back}");
+    assert_eq!(back["disk"]["dest_existed"], true, "{back}");
+    let first = there["disk"]["stream_bytes"].as_u64().unwrap();
+    let again = back["disk"]["stream_bytes"].as_u64().unwrap();
+    assert!(
+        again < first / 2,
+        "re-sync sent {again}, the first sync {first}"
+    );
+    // The guest remounts its filesystem read-only (SysRq u), then the volume at a must
+    // check clean without any repair (e2fsck -n).
+    ok(&["vm", "sysrq", "dsk1", "u"]);
+    wait_for("the read-only remount", 30, || {
+        std::fs::read_to_string("/run/tern/vm/dsk1/a/serial.log")
+            .unwrap_or_default()
+            .contains("Emergency Remount")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    ok(&["vm", "stop", "dsk1"]);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert_eq!(
+        fsck.status.code(),
+        Some(0),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
