@@ -277,7 +277,7 @@ fn initial_sync_skips_holes_and_deduplicates() {
     loop {
         while let Some((off, len)) = p.next_scan() {
             let o = off as usize;
-            p.scanned(off, &vol[o..o + len].to_vec());
+            p.scanned(off, &vol[o..o + len]);
         }
         let out = p.take_output();
         if out.is_empty() && p.in_sync() {
@@ -315,7 +315,7 @@ fn initial_sync_skips_holes_and_deduplicates() {
     loop {
         while let Some((off, len)) = p.next_scan() {
             let o = off as usize;
-            p.scanned(off, &vol[o..o + len].to_vec());
+            p.scanned(off, &vol[o..o + len]);
         }
         let out = p.take_output();
         if out.is_empty() && p.in_sync() {
