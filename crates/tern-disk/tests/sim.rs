@@ -139,8 +139,7 @@ impl World {
                     b.wrapping_add((i * 7) as u8)
                 };
             }
-            self.p
-                .write(off as u64, &self.pvol[off..off + len].to_vec());
+            self.p.write(off as u64, &self.pvol[off..off + len]);
         }
     }
 
