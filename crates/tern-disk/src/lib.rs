@@ -12,7 +12,7 @@
 //!   C); `async` after the local write (protocol A) with at most a bounded backlog in
 //!   flight; `auto` is async until the initial sync is acknowledged and the backlog drained,
 //!   then sync (CloudNet's choreography before memory migration).
-//! - Each session starts by comparing per-block hashes, so a cut link or a restarted node
+//! - Each session starts by comparing per-chunk hashes, so a cut link or a restarted node
 //!   resumes without re-sending what arrived, and an older copy only receives what changed.
 //! - A secondary is *consistent* only after a completed sync is durable there; promotion of
 //!   an inconsistent copy is refused.
@@ -26,10 +26,12 @@ pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
-/// Blocks of 64 KiB are the unit of hash comparison (16 bytes of hash per 64 KiB: 0.024%).
+/// Blocks of 64 KiB: the scan unit, and the unit of `tern disk verify`.
 pub const BLOCK_SHIFT: u8 = 16;
 pub const BLOCK_BYTES: u64 = 1 << BLOCK_SHIFT;
-/// Chunks of 4 KiB (a filesystem block) are the unit of zero detection and deduplication.
+/// Chunks of 4 KiB (a filesystem block) are the unit of comparison (8 bytes of hash per
+/// non-zero chunk, one bit per zero chunk), zero detection and deduplication. Blocks of
+/// 64 KiB are the unit the primary scans.
 pub const CHUNK: usize = 4096;
 
 /// When a guest write is acknowledged.
@@ -67,6 +69,17 @@ impl std::fmt::Display for Mode {
 pub fn block_hash(data: &[u8]) -> wire::Hash {
     let h = blake3::hash(data);
     h.as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+/// A chunk's hash as compared between primary and secondary: 0 for all-zero bytes, else
+/// the first 8 bytes of its BLAKE3 (never 0). Equal hashes at the same offset count as equal
+/// content: a false match has probability 2^-64 per changed chunk.
+pub fn chunk_hash(data: &[u8]) -> wire::ChunkHash {
+    if data.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    let h = blake3::hash(data);
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// The hash of `len` zero bytes (a full block or the volume's last, shorter one).

@@ -20,8 +20,8 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::wire::{self, Hash, Msg};
-use crate::{CHUNK, Mode, block_hash, zero_hash};
+use crate::wire::{self, ChunkHash, Hash, Msg};
+use crate::{CHUNK, Mode, block_hash, chunk_hash};
 
 /// Unacknowledged bytes beyond which [`Primary::backlog_full`] holds guest writes (async)
 /// and the scan pauses.
@@ -47,6 +47,7 @@ pub struct Stats {
     pub sessions: u64,
     pub blocks_scanned: u64,
     pub blocks_same: u64,
+    pub chunks_same: u64,
     pub holes_skipped_bytes: u64,
     pub zero_bytes: u64,
     pub copy_bytes: u64,
@@ -77,7 +78,8 @@ pub struct Primary {
     inflight: VecDeque<(u64, u64)>,
     backlog: u64,
     reader: wire::Reader,
-    remote: Vec<Hash>,
+    /// The secondary's chunk hashes at the start of the session.
+    remote: Vec<ChunkHash>,
     cursor: u64,
     index: HashMap<Hash, u64>,
     at: HashMap<u64, Hash>,
@@ -123,6 +125,10 @@ impl Primary {
 
     pub fn blocks(&self) -> u64 {
         self.size.div_ceil(self.block_bytes())
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size / CHUNK as u64
     }
 
     pub fn phase(&self) -> Phase {
@@ -237,18 +243,18 @@ impl Primary {
                         ));
                     }
                     self.phase = Phase::Hashes;
-                    self.remote = Vec::with_capacity(self.blocks() as usize);
+                    self.remote = Vec::with_capacity(self.chunks() as usize);
                 }
                 (Phase::Hashes, Msg::Hashes { first, hashes }) => {
                     if first != self.remote.len() as u64
-                        || first + hashes.len() as u64 > self.blocks()
+                        || first + hashes.len() as u64 > self.chunks()
                     {
                         return self.fail("hash list out of order".into());
                     }
                     self.remote.extend(hashes);
                 }
-                (Phase::Hashes, Msg::HashesEnd { blocks }) => {
-                    if blocks != self.blocks() || self.remote.len() as u64 != blocks {
+                (Phase::Hashes, Msg::HashesEnd { chunks }) => {
+                    if chunks != self.chunks() || self.remote.len() as u64 != chunks {
                         return self.fail("hash list incomplete".into());
                     }
                     self.phase = Phase::Syncing;
@@ -323,40 +329,74 @@ impl Primary {
         Some((off, (self.size - off).min(self.block_bytes()) as usize))
     }
 
-    /// Blocks `[cursor, until)` are holes in the primary's volume (SEEK_DATA): each becomes a
-    /// ZERO where the secondary's copy is not zero already. `until` is clamped.
+    /// Blocks `[cursor, until)` are holes in the primary's volume (SEEK_DATA): chunks the
+    /// secondary holds as non-zero become ZEROs. `until` is clamped.
     pub fn scanned_hole(&mut self, until_block: u64) {
         if self.phase != Phase::Syncing {
             return;
         }
         let until = until_block.min(self.blocks());
-        while self.cursor < until {
-            let b = self.cursor;
-            let off = b << self.block_shift;
-            let len = (self.size - off).min(self.block_bytes());
-            self.stats.blocks_scanned += 1;
-            self.stats.holes_skipped_bytes += len;
-            if self.remote[b as usize] != zero_hash(len as usize) {
-                self.send_zero(off, len);
-            } else {
-                self.stats.blocks_same += 1;
-            }
-            self.cursor += 1;
+        if until <= self.cursor {
+            return;
         }
+        let first = (self.cursor << self.block_shift) / CHUNK as u64;
+        let end = ((until << self.block_shift).min(self.size)) / CHUNK as u64;
+        self.stats.holes_skipped_bytes += (end - first) * CHUNK as u64;
+        self.stats.blocks_scanned += until - self.cursor;
+        let mut run: Option<u64> = None;
+        for c in first..end {
+            let nonzero = self.remote[c as usize] != 0;
+            match (nonzero, run) {
+                (true, None) => run = Some(c),
+                (false, Some(r)) => {
+                    self.send_zero(r * CHUNK as u64, (c - r) * CHUNK as u64);
+                    run = None;
+                }
+                _ => {}
+            }
+            if !nonzero {
+                self.stats.chunks_same += 1;
+            }
+        }
+        if let Some(r) = run {
+            self.send_zero(r * CHUNK as u64, (end - r) * CHUNK as u64);
+        }
+        self.cursor = until;
         self.finish_scan_if_done();
     }
 
-    /// The content of the block at the cursor, read just now under the write lock.
+    /// The content of the block at the cursor, read just now under the write lock. Only the
+    /// chunks that differ from the secondary's travel.
     pub fn scanned(&mut self, offset: u64, data: &[u8]) {
         if self.phase != Phase::Syncing || offset != self.cursor << self.block_shift {
             return;
         }
-        let b = self.cursor as usize;
         self.stats.blocks_scanned += 1;
-        if block_hash(data) == self.remote[b] {
+        let first = (offset / CHUNK as u64) as usize;
+        let mut run: Option<usize> = None;
+        let mut same = 0;
+        let n = data.len().div_ceil(CHUNK);
+        for i in 0..=n {
+            let differs = i < n && {
+                let c = &data[i * CHUNK..((i + 1) * CHUNK).min(data.len())];
+                chunk_hash(c) != self.remote[first + i]
+            };
+            match (differs, run) {
+                (true, None) => run = Some(i),
+                (false, Some(r)) => {
+                    let end = (i * CHUNK).min(data.len());
+                    self.send_chunks(offset + (r * CHUNK) as u64, &data[r * CHUNK..end], true);
+                    run = None;
+                }
+                _ => {}
+            }
+            if i < n && !differs {
+                same += 1;
+            }
+        }
+        self.stats.chunks_same += same as u64;
+        if same == n {
             self.stats.blocks_same += 1;
-        } else {
-            self.send_chunks(offset, data, true);
         }
         self.cursor += 1;
         self.finish_scan_if_done();

@@ -12,7 +12,7 @@
 //! driver). Every offset and length is checked against the volume before it becomes an
 //! [`Op`].
 
-use crate::wire::{self, Hash, Msg};
+use crate::wire::{self, ChunkHash, Msg};
 
 /// Applied bytes after which the driver should make them durable and acknowledge.
 pub const ACK_EVERY_BYTES: u64 = 8 << 20;
@@ -27,7 +27,7 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
-    /// volume's block hashes.
+    /// volume's chunk hashes.
     NeedHashes {
         name: String,
     },
@@ -226,8 +226,8 @@ impl Secondary {
         Ok(())
     }
 
-    /// The volume's block hashes (after [`Event::NeedHashes`]).
-    pub fn hashes(&mut self, hashes: &[Hash]) {
+    /// The volume's chunk hashes (after [`Event::NeedHashes`]).
+    pub fn hashes(&mut self, hashes: &[ChunkHash]) {
         if self.phase != Phase::Hashing {
             return;
         }
@@ -239,7 +239,7 @@ impl Secondary {
             .encode(&mut self.out);
         }
         Msg::HashesEnd {
-            blocks: hashes.len() as u64,
+            chunks: hashes.len() as u64,
         }
         .encode(&mut self.out);
         self.phase = Phase::Applying;

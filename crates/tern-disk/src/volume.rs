@@ -14,8 +14,8 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::wire::Hash;
-use crate::{BLOCK_BYTES, CHUNK, block_hash, zero_hash};
+use crate::wire::{ChunkHash, Hash};
+use crate::{BLOCK_BYTES, CHUNK, block_hash, chunk_hash, zero_hash};
 
 /// Largest volume tern creates (64 TiB); the hash list of one is 16 GiB / 1 MiB = 16 MiB.
 pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
@@ -136,6 +136,29 @@ pub fn hashes(f: &File, size: u64, mut progress: impl FnMut(u64, u64)) -> io::Re
         }
     }
     progress(blocks, blocks);
+    Ok(out)
+}
+
+/// Per-chunk hashes ([`crate::chunk_hash`]) of a volume, as a secondary reports them;
+/// holes are not read.
+pub fn chunk_hashes(f: &File, size: u64) -> io::Result<Vec<ChunkHash>> {
+    let chunks = (size / CHUNK as u64) as usize;
+    let mut out = vec![0; chunks];
+    let mut buf = vec![0u8; BLOCK_BYTES as usize];
+    let mut off = 0u64;
+    while off < size {
+        let Some(d) = next_data(f, off)? else { break };
+        let start = d / CHUNK as u64 * CHUNK as u64;
+        if start >= size {
+            break;
+        }
+        let len = (size - start).min(BLOCK_BYTES) as usize;
+        f.read_exact_at(&mut buf[..len], start)?;
+        for (i, c) in buf[..len].chunks(CHUNK).enumerate() {
+            out[(start / CHUNK as u64) as usize + i] = chunk_hash(c);
+        }
+        off = start + len as u64;
+    }
     Ok(out)
 }
 
@@ -362,6 +385,12 @@ mod tests {
             v.first_difference,
             Some(999_999 / BLOCK_BYTES * BLOCK_BYTES)
         );
+        let ch = chunk_hashes(&File::open(&a).unwrap(), 1 << 20).unwrap();
+        assert_eq!(ch.len(), 256);
+        let dense_ch: Vec<u64> = dense.chunks(CHUNK).map(chunk_hash).collect();
+        assert_ne!(ch, dense_ch, "the byte at 999999 differs");
+        assert_eq!(ch[..244], dense_ch[..244]);
+        assert_eq!(ch.iter().filter(|&&h| h != 0).count(), 3);
         assert!(read_state(&a).unwrap().consistent);
         write_state(&a, &State { consistent: false }).unwrap();
         assert!(!read_state(&a).unwrap().consistent);

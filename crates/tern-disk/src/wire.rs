@@ -11,8 +11,9 @@
 //!   6 SYNCED    seq (8)                       the secondary is consistent once seq is durable
 //! secondary -> primary
 //!   129 READY   volume bytes (8) | block shift (1) | consistent (1)
-//!   130 HASHES  first block (8) | count (4) | count x 16-byte BLAKE3 prefixes
-//!   131 HASHES_END  block count (8)
+//!   130 HASHES  first chunk (8) | count (4) | bitmap of non-zero chunks (count/8 bytes,
+//!               rounded up, bit i = byte i/8 bit i%8) | 8-byte hash per non-zero chunk
+//!   131 HASHES_END  chunk count (8)
 //!   132 ACK     seq (8)                       everything up to seq is durable
 //!   133 ERROR   UTF-8 message                 then the secondary closes
 //! ```
@@ -29,12 +30,15 @@ pub const VERSION: u8 = 1;
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest DATA payload (raw or compressed).
 pub const MAX_DATA: usize = 512 << 10;
-/// Most hashes in one HASHES frame.
-pub const MAX_HASHES: usize = 4096;
+/// Most chunk hashes in one HASHES frame (32 MiB of volume, at most 65 KiB of body).
+pub const MAX_HASHES: usize = 8192;
 /// Largest ZERO length (one frame can zero 1 TiB).
 pub const MAX_ZERO: u64 = 1 << 40;
-/// A 16-byte BLAKE3 prefix.
+/// A 16-byte BLAKE3 prefix (deduplication keys, volume comparison).
 pub type Hash = [u8; 16];
+/// A chunk's 8-byte BLAKE3 prefix as the secondary reports it; 0 means "all zeros"
+/// (see [`crate::chunk_hash`]).
+pub type ChunkHash = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -75,10 +79,10 @@ pub enum Msg {
     },
     Hashes {
         first: u64,
-        hashes: Vec<Hash>,
+        hashes: Vec<ChunkHash>,
     },
     HashesEnd {
-        blocks: u64,
+        chunks: u64,
     },
     Ack {
         seq: u64,
@@ -185,13 +189,18 @@ impl Msg {
                 assert!(hashes.len() <= MAX_HASHES);
                 out.extend_from_slice(&first.to_le_bytes());
                 out.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
-                for h in hashes {
-                    out.extend_from_slice(h);
+                let map = out.len();
+                out.resize(map + hashes.len().div_ceil(8), 0);
+                for (i, h) in hashes.iter().enumerate() {
+                    if *h != 0 {
+                        out[map + i / 8] |= 1 << (i % 8);
+                        out.extend_from_slice(&h.to_le_bytes());
+                    }
                 }
                 130
             }
-            Msg::HashesEnd { blocks } => {
-                out.extend_from_slice(&blocks.to_le_bytes());
+            Msg::HashesEnd { chunks } => {
+                out.extend_from_slice(&chunks.to_le_bytes());
                 131
             }
             Msg::Ack { seq } => {
@@ -360,14 +369,25 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
             if n > MAX_HASHES {
                 return Err(WireError::Malformed("HASHES"));
             }
-            let raw = c.take(n * 16)?;
-            let hashes = raw
-                .chunks_exact(16)
-                .map(|h| h.try_into().expect("16 bytes"))
-                .collect();
+            let map = c.take(n.div_ceil(8))?.to_vec();
+            let mut hashes = Vec::with_capacity(n);
+            for i in 0..n {
+                if map[i / 8] & (1 << (i % 8)) != 0 {
+                    let h = c.u64()?;
+                    if h == 0 {
+                        return Err(WireError::Malformed("HASHES"));
+                    }
+                    hashes.push(h);
+                } else {
+                    hashes.push(0);
+                }
+            }
+            if n % 8 != 0 && map[n / 8] >> (n % 8) != 0 {
+                return Err(WireError::Malformed("HASHES"));
+            }
             Msg::Hashes { first, hashes }
         }
-        131 => Msg::HashesEnd { blocks: c.u64()? },
+        131 => Msg::HashesEnd { chunks: c.u64()? },
         132 => Msg::Ack { seq: c.u64()? },
         _ => {
             let m = String::from_utf8_lossy(c.0).into_owned();
@@ -468,9 +488,9 @@ mod tests {
             },
             Msg::Hashes {
                 first: 3,
-                hashes: vec![[1; 16], [2; 16]],
+                hashes: vec![7, 0, 0, 0, 0, 0, 0, 0, 0, u64::MAX],
             },
-            Msg::HashesEnd { blocks: 16384 },
+            Msg::HashesEnd { chunks: 262144 },
             Msg::Ack { seq: 11 },
             Msg::Error("volume size differs".into()),
         ]
