@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod chart;
 pub mod cloudnet;
+pub mod disk;
 pub mod rr;
 pub mod tools;
 pub mod vmotion;

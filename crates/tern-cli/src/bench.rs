@@ -340,3 +340,55 @@ pub fn cloudnet(a: CloudnetBenchArgs) -> Result<()> {
     tern_bench::cloudnet::run(&opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct DiskBenchArgs {
+    /// Volume size, MiB (ext4 filled from --sources, the first copied twice).
+    #[arg(long, default_value_t = 2048)]
+    size_mib: u64,
+    /// Directories whose files fill the volume, comma-separated (missing ones skipped).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "/usr/share/doc,/usr/bin,/usr/share/man"
+    )]
+    sources: Vec<PathBuf>,
+    /// Link profile for the initial sync and the re-sync (tern and QEMU's mirror alike).
+    #[arg(long, default_value = "cloudnet-lab")]
+    sync_profile: String,
+    /// Link profiles for the write-latency measurements, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "cloudnet-wan,dr-50")]
+    latency_profiles: Vec<String>,
+    /// Synchronous writes per latency measurement (async and local: five times as many).
+    #[arg(long, default_value_t = 200)]
+    latency_writes: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for disk.json and disk.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn disk(a: DiskBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    tern_link::Profile::find(&a.sync_profile)?;
+    for p in &a.latency_profiles {
+        tern_link::Profile::find(p)?;
+    }
+    let mut opts = tern_bench::disk::DiskBenchOptions::new(
+        std::env::current_exe().context("locate the tern binary")?,
+        a.out,
+    );
+    opts.size_mib = a.size_mib;
+    opts.sources = a.sources;
+    opts.sync_profile = a.sync_profile;
+    opts.latency_profiles = a.latency_profiles;
+    opts.latency_writes = a.latency_writes.max(1);
+    opts.seed = a.seed;
+    opts.command = format!(
+        "tern {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    tern_bench::disk::run(&opts)?;
+    Ok(())
+}

@@ -143,6 +143,10 @@ enum BenchCmd {
     /// CloudNet's Tables 6.1/6.2: three workloads x QEMU's own options and tern's
     /// optimizations (each alone, all, and migrating back), verified every time.
     Cloudnet(bench::CloudnetBenchArgs),
+    /// A guest disk across the WAN: tern's initial sync and re-sync vs QEMU's blockdev-mirror
+    /// into qemu-nbd over TCP (bytes, time, identical copies), and guest write latency with
+    /// no, async and sync replication.
+    Disk(bench::DiskBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -276,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Accel(a)) => bench::accel(a),
         Cmd::Bench(BenchCmd::Vmotion(a)) => bench::vmotion(a),
         Cmd::Bench(BenchCmd::Cloudnet(a)) => bench::cloudnet(a),
+        Cmd::Bench(BenchCmd::Disk(a)) => bench::disk(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
