@@ -109,7 +109,10 @@ impl Drop for Ctx<'_> {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = run_bounded(self.tern().args(["vm", "stop", VM]), Duration::from_secs(60));
+        let _ = run_bounded(
+            self.tern().args(["vm", "stop", VM]),
+            Duration::from_secs(60),
+        );
     }
 }
 
@@ -165,7 +168,10 @@ fn wait_path(p: &Path, timeout: Duration) -> Result<(), BenchError> {
     let end = Instant::now() + timeout;
     while !p.exists() {
         if Instant::now() > end {
-            return Err(fail("tern disk serve", format!("{} did not appear", p.display())));
+            return Err(fail(
+                "tern disk serve",
+                format!("{} did not appear", p.display()),
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -211,7 +217,9 @@ fn build_volume(ctx: &Ctx<'_>, src: &Path) -> Result<Value, BenchError> {
         }
         used.push(s.display().to_string());
     }
-    let first = used.first().ok_or_else(|| fail("bench disk", "no source directory exists"))?;
+    let first = used
+        .first()
+        .ok_or_else(|| fail("bench disk", "no source directory exists"))?;
     // The duplicate: the first directory again (a backup copy, a second checkout).
     let st = Command::new("cp")
         .args(["-a"])
@@ -237,10 +245,9 @@ fn build_volume(ctx: &Ctx<'_>, src: &Path) -> Result<Value, BenchError> {
         600,
     )?;
     let _ = std::fs::remove_dir_all(&pop);
-    let info: Value = serde_json::from_str(&ctx.tern_ok(
-        &["disk", "info", src.to_str().unwrap_or(""), "--json"],
-        300,
-    )?)
+    let info: Value = serde_json::from_str(
+        &ctx.tern_ok(&["disk", "info", src.to_str().unwrap_or(""), "--json"], 300)?,
+    )
     .map_err(|e| fail("tern disk info", e.to_string()))?;
     Ok(json!({
         "sources": used,
@@ -255,7 +262,16 @@ fn qemu_mirror(ctx: &mut Ctx<'_>, src: &Path) -> Result<Transfer, BenchError> {
     let o = ctx.o;
     let dst = o.work_dir.join("qemu-dst.img");
     let size = format!("{}M", o.size_mib);
-    ctx.tern_ok(&["disk", "create", dst.to_str().unwrap_or(""), "--size", &size], 30)?;
+    ctx.tern_ok(
+        &[
+            "disk",
+            "create",
+            dst.to_str().unwrap_or(""),
+            "--size",
+            &size,
+        ],
+        30,
+    )?;
     let nbd = tern_lab::netns_command("tern-b", "qemu-nbd")
         .args(["-f", "raw", "-x", "disk", "-t", "-b", "198.18.2.1", "-p"])
         .arg(NBD_PORT.to_string())
@@ -284,7 +300,10 @@ fn qemu_mirror(ctx: &mut Ctx<'_>, src: &Path) -> Result<Transfer, BenchError> {
         ],
         120,
     )?;
-    let qmp = Path::new(tern_lab::VM_DIR).join(VM).join("a").join("qmp.sock");
+    let qmp = Path::new(tern_lab::VM_DIR)
+        .join(VM)
+        .join("a")
+        .join("qmp.sock");
     let mut q = tern_vm::QmpClient::connect(&qmp, Duration::from_secs(10))
         .map_err(|e| fail("qmp", e.to_string()))?;
     let qe = |e: tern_vm::ClientError| fail("qmp", e.to_string());
@@ -468,15 +487,29 @@ fn day_workload(src: &Path, seed: u64) -> Result<u64, BenchError> {
         .write(true)
         .open(src)
         .map_err(io(format!("open {}", src.display())))?;
+    // New text the replica has not seen: plain-text files of this machine's documentation
+    // (licenses, changelogs, READMEs), up to 32 MiB, read from random places.
     let mut text = Vec::new();
-    for e in std::fs::read_dir("/usr/share/common-licenses")
-        .map_err(io("read /usr/share/common-licenses".into()))?
-        .flatten()
-    {
-        text.extend(std::fs::read(e.path()).unwrap_or_default());
+    let mut stack = vec![PathBuf::from("/usr/share/doc")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if text.len() < 32 << 20
+                && p.extension()
+                    .is_none_or(|e| e != "gz" && e != "xz" && e != "bz2")
+            {
+                text.extend(std::fs::read(&p).unwrap_or_default());
+            }
+        }
     }
-    if text.len() < 1 << 16 {
-        return Err(fail("bench disk", "not enough text for the workload"));
+    if text.len() < 1 << 20 {
+        return Err(fail("bench disk", "not enough text under /usr/share/doc"));
     }
     let size = f.metadata().map_err(io("stat".into()))?.len();
     let chunks = size / 4096;
@@ -489,7 +522,8 @@ fn day_workload(src: &Path, seed: u64) -> Result<u64, BenchError> {
             None => break,
             Some(d) => c = c.max(d / 4096),
         }
-        f.read_exact_at(&mut buf, c * 4096).map_err(io("read".into()))?;
+        f.read_exact_at(&mut buf, c * 4096)
+            .map_err(io("read".into()))?;
         if buf.iter().any(|&b| b != 0) {
             data.push(c);
         }
@@ -534,14 +568,23 @@ pub fn run(o: &DiskBenchOptions) -> Result<Value, BenchError> {
         children: Vec::new(),
     };
     let src = o.work_dir.join("src.img");
-    eprintln!("== building the volume ({} MiB, ext4, real files)", o.size_mib);
+    eprintln!(
+        "== building the volume ({} MiB, ext4, real files)",
+        o.size_mib
+    );
     let volume = build_volume(&ctx, &src)?;
     eprintln!("   {volume}");
     let _ = run_bounded(ctx.tern().args(["lab", "down"]), Duration::from_secs(60));
     let seed = o.seed.to_string();
-    ctx.tern_ok(&["lab", "up", "--profile", &o.sync_profile, "--seed", &seed], 90)?;
+    ctx.tern_ok(
+        &["lab", "up", "--profile", &o.sync_profile, "--seed", &seed],
+        90,
+    )?;
 
-    eprintln!("== QEMU blockdev-mirror into qemu-nbd over TCP ({})", o.sync_profile);
+    eprintln!(
+        "== QEMU blockdev-mirror into qemu-nbd over TCP ({})",
+        o.sync_profile
+    );
     let qemu = qemu_mirror(&mut ctx, &src)?;
     eprintln!(
         "   {:.1} MiB on the wire, {:.1} s, identical {}",
@@ -553,7 +596,16 @@ pub fn run(o: &DiskBenchOptions) -> Result<Value, BenchError> {
     eprintln!("== tern initial sync ({})", o.sync_profile);
     let dst = o.work_dir.join("tern-dst.img");
     let size = format!("{}M", o.size_mib);
-    ctx.tern_ok(&["disk", "create", dst.to_str().unwrap_or(""), "--size", &size], 30)?;
+    ctx.tern_ok(
+        &[
+            "disk",
+            "create",
+            dst.to_str().unwrap_or(""),
+            "--size",
+            &size,
+        ],
+        30,
+    )?;
     let sv = start_servers(&mut ctx, &src, &dst)?;
     let (secs, wire, st) = replicate(&ctx, &sv, "async")?;
     stop_replication(&ctx, &sv)?;
@@ -592,7 +644,12 @@ pub fn run(o: &DiskBenchOptions) -> Result<Value, BenchError> {
         },
         stream_bytes: st["stats"]["bytes_out"]
             .as_u64()
-            .zip(tern_sync.stats.as_ref().and_then(|s| s["bytes_out"].as_u64()))
+            .zip(
+                tern_sync
+                    .stats
+                    .as_ref()
+                    .and_then(|s| s["bytes_out"].as_u64()),
+            )
             .map(|(a, b)| a - b),
         stats: Some(st["stats"].clone()),
     };
@@ -678,7 +735,10 @@ fn markdown(v: &Value) -> String {
     let mib = |x: &Value| x.as_f64().unwrap_or(0.0) / 1048576.0;
     let mut s = String::new();
     s.push_str("# tern bench disk\n\n");
-    s.push_str(&format!("Command: `{}`\n\n", v["command"].as_str().unwrap_or("")));
+    s.push_str(&format!(
+        "Command: `{}`\n\n",
+        v["command"].as_str().unwrap_or("")
+    ));
     s.push_str(&format!(
         "Volume: {} MiB ext4, {} MiB allocated, from {} (the first copied twice). Link for \
          the transfers: `{}`.\n\n",

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Cap the initial sync's read rate, MB/s (0: no cap; the transport paces the link).
     #[arg(long, default_value_t = 0)]
     sync_rate: u64,
+    /// zstd level of the replication stream (1 is fastest; see docs/disk.md). The
+    /// environment variable TERN_DISK_ZSTD_LEVEL, if set, wins (for benchmarks).
+    #[arg(long, default_value_t = tern_disk::primary::DEFAULT_ZSTD_LEVEL)]
+    zstd_level: i32,
 }
 
 pub fn run(cmd: DiskCmd) -> Result<()> {
@@ -213,6 +217,10 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                 }),
                 mode: a.mode,
                 sync_rate_bps: a.sync_rate * 1_000_000,
+                zstd_level: std::env::var("TERN_DISK_ZSTD_LEVEL")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(a.zstd_level),
             };
             server::serve(opts, || {
                 eprintln!(

@@ -12,7 +12,7 @@
 //! driver). Every offset and length is checked against the volume before it becomes an
 //! [`Op`].
 
-use crate::wire::{self, ChunkHash, Msg};
+use crate::wire::{self, ChunkHash, Compression, Msg};
 
 /// Applied bytes after which the driver should make them durable and acknowledge.
 pub const ACK_EVERY_BYTES: u64 = 8 << 20;
@@ -27,11 +27,17 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
-    /// volume's chunk hashes.
+    /// volume's block hashes ([`crate::volume::block_hashes`]).
     NeedHashes {
         name: String,
     },
     Apply(Op),
+    /// Which of the block at `offset`'s chunks differ from `hashes`? Read the block (after
+    /// every Apply before this event) and call [`Secondary::check_answer`].
+    Check {
+        offset: u64,
+        hashes: Vec<ChunkHash>,
+    },
     /// Make everything applied durable now and call [`Secondary::durable`].
     SyncNow,
     /// The copy is consistent up to a completed sync: persist it.
@@ -58,6 +64,8 @@ pub struct Secondary {
     durable: u64,
     synced_at: Option<u64>,
     since_ack: u64,
+    /// The session's zstd stream (DATA compression 2).
+    stream: Option<tern_codec::residual::Decompressor>,
     pub bytes_in: u64,
 }
 
@@ -73,6 +81,7 @@ impl Secondary {
             durable: 0,
             synced_at: None,
             since_ack: 0,
+            stream: None,
             bytes_in: 0,
         }
     }
@@ -167,21 +176,32 @@ impl Secondary {
                     seq,
                     offset,
                     raw_len,
-                    zstd,
+                    compression,
                     bytes,
                 } => {
                     self.check_range("DATA", offset, u64::from(raw_len))?;
                     self.sequenced(seq)?;
-                    let data = if zstd {
-                        let d = zstd::bulk::decompress(&bytes, raw_len as usize)
-                            .map_err(|e| format!("DATA {seq}: zstd: {e}"))?;
-                        if d.len() != raw_len as usize {
-                            return Err(format!("DATA {seq}: {} bytes, said {raw_len}", d.len()));
+                    let data = match compression {
+                        Compression::None => bytes,
+                        Compression::Frame => zstd::bulk::decompress(&bytes, raw_len as usize)
+                            .map_err(|e| format!("DATA {seq}: zstd: {e}"))?,
+                        Compression::Stream => {
+                            if self.stream.is_none() {
+                                self.stream = Some(
+                                    tern_codec::residual::Decompressor::new()
+                                        .map_err(|e| format!("zstd: {e}"))?,
+                                );
+                            }
+                            let z = self.stream.as_mut().expect("just set");
+                            let mut d = Vec::with_capacity(raw_len as usize);
+                            z.push(&bytes, &mut d)
+                                .map_err(|e| format!("DATA {seq}: zstd stream: {e}"))?;
+                            d
                         }
-                        d
-                    } else {
-                        bytes
                     };
+                    if data.len() != raw_len as usize {
+                        return Err(format!("DATA {seq}: {} bytes, said {raw_len}", data.len()));
+                    }
                     self.since_ack += u64::from(raw_len);
                     ev.push(Event::Apply(Op::Write { offset, data }));
                 }
@@ -211,6 +231,17 @@ impl Secondary {
                     self.synced_at = Some(seq);
                     ev.push(Event::SyncNow);
                 }
+                Msg::Check { offset, hashes } => {
+                    let block = 1u64 << self.block_shift;
+                    let len = self.size.saturating_sub(offset).min(block);
+                    if offset % block != 0
+                        || offset >= self.size
+                        || hashes.len() as u64 != len.div_ceil(crate::CHUNK as u64)
+                    {
+                        return Err(format!("CHECK of {} chunks at {offset}", hashes.len()));
+                    }
+                    ev.push(Event::Check { offset, hashes });
+                }
                 other => return Err(format!("unexpected {} from the primary", kind(&other))),
             },
             (_, other) => {
@@ -226,7 +257,18 @@ impl Secondary {
         Ok(())
     }
 
-    /// The volume's chunk hashes (after [`Event::NeedHashes`]).
+    /// The answer to [`Event::Check`]: this volume's chunk hashes of that block.
+    pub fn check_answer(&mut self, offset: u64, theirs: &[ChunkHash], mine: &[ChunkHash]) {
+        let mut bitmap = 0u16;
+        for (i, t) in theirs.iter().enumerate() {
+            if mine.get(i) != Some(t) {
+                bitmap |= 1 << i;
+            }
+        }
+        Msg::Need { offset, bitmap }.encode(&mut self.out);
+    }
+
+    /// The volume's block hashes (after [`Event::NeedHashes`]).
     pub fn hashes(&mut self, hashes: &[ChunkHash]) {
         if self.phase != Phase::Hashing {
             return;
@@ -239,7 +281,7 @@ impl Secondary {
             .encode(&mut self.out);
         }
         Msg::HashesEnd {
-            chunks: hashes.len() as u64,
+            blocks: hashes.len() as u64,
         }
         .encode(&mut self.out);
         self.phase = Phase::Applying;
@@ -285,6 +327,8 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Synced { .. } => "SYNCED",
         Msg::Ready { .. } => "READY",
         Msg::Hashes { .. } => "HASHES",
+        Msg::Check { .. } => "CHECK",
+        Msg::Need { .. } => "NEED",
         Msg::HashesEnd { .. } => "HASHES_END",
         Msg::Ack { .. } => "ACK",
         Msg::Error(_) => "ERROR",

@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub mode: Mode,
     /// Cap on the initial sync's reading rate, bytes/s (0: none).
     pub sync_rate_bps: u64,
+    /// Level of the replication stream's zstd.
+    pub zstd_level: i32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,7 +262,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         Some(p) => Some(UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?),
         None => None,
     };
-    let primary = Primary::new(size, &opts.export, opts.mode);
+    let primary = Primary::new(size, &opts.export, opts.mode).with_zstd_level(opts.zstd_level);
     let raw = std::fs::File::open(&opts.volume)
         .map_err(|e| format!("open {}: {e}", opts.volume.display()))?;
     let shared = Arc::new(Shared {
@@ -429,6 +431,18 @@ fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
                 if !alive.load(Ordering::Relaxed) || g.primary.phase() == Phase::Disconnected {
                     break 'outer g.primary.last_error().unwrap_or("disconnected").to_string();
                 }
+                // Blocks the secondary NEEDs chunks of, read again now (newest content).
+                let mut budget = 16;
+                while budget > 0 {
+                    let Some((off, len)) = g.primary.next_reread() else {
+                        break;
+                    };
+                    budget -= 1;
+                    if let Err(e) = sh.file.read_at(off, &mut buf[..len]) {
+                        break 'outer format!("read the volume at {off}: {e}");
+                    }
+                    g.primary.reread(off, &buf[..len]);
+                }
                 // Scan a few blocks per turn, so guest writes get the lock in between.
                 let mut budget = 16;
                 while budget > 0 {
@@ -547,12 +561,21 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                     core.ready(false);
                     c.write_all(&core.take_output())
                         .map_err(|e| format!("write: {e}"))?;
-                    let hs = volume::chunk_hashes(&sh.raw, sh.size)
+                    let hs = volume::block_hashes(&sh.raw, sh.size)
                         .map_err(|e| format!("hash the volume: {e}"))?;
                     core.hashes(&hs);
                 }
                 Event::Apply(op) => apply(sh, &op, &mut copy_buf)
                     .map_err(|e| format!("apply {}: {e}", OpShort(&op)))?,
+                Event::Check { offset, hashes } => {
+                    let len = (sh.size - offset).min(BLOCK_BYTES) as usize;
+                    copy_buf.resize(len, 0);
+                    sh.file
+                        .read_at(offset, &mut copy_buf[..len])
+                        .map_err(|e| format!("read the volume at {offset}: {e}"))?;
+                    let mine = volume::chunk_hashes_of(&copy_buf[..len]);
+                    core.check_answer(offset, &hashes, &mine);
+                }
                 Event::SyncNow => durable(sh, &mut core)?,
                 Event::Consistent => {}
             }

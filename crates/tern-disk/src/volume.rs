@@ -139,27 +139,33 @@ pub fn hashes(f: &File, size: u64, mut progress: impl FnMut(u64, u64)) -> io::Re
     Ok(out)
 }
 
-/// Per-chunk hashes ([`crate::chunk_hash`]) of a volume, as a secondary reports them;
-/// holes are not read.
-pub fn chunk_hashes(f: &File, size: u64) -> io::Result<Vec<ChunkHash>> {
-    let chunks = (size / CHUNK as u64) as usize;
-    let mut out = vec![0; chunks];
+/// Per-block 8-byte hashes ([`crate::chunk_hash`] of each 64 KiB block, 0 when it is all
+/// zeros), as a secondary reports them; holes are not read.
+pub fn block_hashes(f: &File, size: u64) -> io::Result<Vec<ChunkHash>> {
+    let blocks = size.div_ceil(BLOCK_BYTES) as usize;
+    let mut out = vec![0; blocks];
     let mut buf = vec![0u8; BLOCK_BYTES as usize];
-    let mut off = 0u64;
-    while off < size {
-        let Some(d) = next_data(f, off)? else { break };
-        let start = d / CHUNK as u64 * CHUNK as u64;
-        if start >= size {
+    let mut b = 0u64;
+    while b < blocks as u64 {
+        let Some(d) = next_data(f, b * BLOCK_BYTES)? else {
+            break;
+        };
+        b = b.max(d / BLOCK_BYTES);
+        if b >= blocks as u64 {
             break;
         }
-        let len = (size - start).min(BLOCK_BYTES) as usize;
-        f.read_exact_at(&mut buf[..len], start)?;
-        for (i, c) in buf[..len].chunks(CHUNK).enumerate() {
-            out[(start / CHUNK as u64) as usize + i] = chunk_hash(c);
-        }
-        off = start + len as u64;
+        let off = b * BLOCK_BYTES;
+        let len = (size - off).min(BLOCK_BYTES) as usize;
+        f.read_exact_at(&mut buf[..len], off)?;
+        out[b as usize] = chunk_hash(&buf[..len]);
+        b += 1;
     }
     Ok(out)
+}
+
+/// The 8-byte hashes of a block's 4 KiB chunks.
+pub fn chunk_hashes_of(block: &[u8]) -> Vec<ChunkHash> {
+    block.chunks(CHUNK).map(chunk_hash).collect()
 }
 
 /// One hash of a volume's whole content (BLAKE3 over its block hashes): equal volumes, equal
@@ -385,12 +391,12 @@ mod tests {
             v.first_difference,
             Some(999_999 / BLOCK_BYTES * BLOCK_BYTES)
         );
-        let ch = chunk_hashes(&File::open(&a).unwrap(), 1 << 20).unwrap();
-        assert_eq!(ch.len(), 256);
-        let dense_ch: Vec<u64> = dense.chunks(CHUNK).map(chunk_hash).collect();
+        let ch = block_hashes(&File::open(&a).unwrap(), 1 << 20).unwrap();
+        assert_eq!(ch.len(), 16);
+        let dense_ch: Vec<u64> = dense.chunks(BLOCK_BYTES as usize).map(chunk_hash).collect();
         assert_ne!(ch, dense_ch, "the byte at 999999 differs");
-        assert_eq!(ch[..244], dense_ch[..244]);
-        assert_eq!(ch.iter().filter(|&&h| h != 0).count(), 3);
+        assert_eq!(ch[..15], dense_ch[..15]);
+        assert_eq!(ch.iter().filter(|&&h| h != 0).count(), 2);
         assert!(read_state(&a).unwrap().consistent);
         write_state(&a, &State { consistent: false }).unwrap();
         assert!(!read_state(&a).unwrap().consistent);

@@ -4,18 +4,23 @@
 //! frame   = type (1) | body length (4, LE) | body          body <= MAX_BODY
 //! primary -> secondary
 //!   1 HELLO     magic "TERNDSK1" | version (1) | volume bytes (8) | block shift (1) | name len (1) | name
-//!   2 DATA      seq (8) | offset (8) | raw length (4) | compression (1: 0 none, 1 zstd) | bytes
+//!   2 DATA      seq (8) | offset (8) | raw length (4) | compression (1) | bytes
+//!               compression 0: bytes as they are; 1: one zstd frame; 2: the next flushed
+//!               piece of the session's zstd stream (one stream per session, 8 MiB window)
 //!   3 ZERO      seq (8) | offset (8) | length (8)
 //!   4 COPY      seq (8) | offset (8) | source offset (8) | length (4)
 //!   5 FLUSH     seq (8)                       answer with ACK now
 //!   6 SYNCED    seq (8)                       the secondary is consistent once seq is durable
+//!   7 CHECK     offset (8) | count (1) | count x 8-byte chunk hashes    which of this
+//!               block's chunks differ? (count <= 16)
 //! secondary -> primary
 //!   129 READY   volume bytes (8) | block shift (1) | consistent (1)
-//!   130 HASHES  first chunk (8) | count (4) | bitmap of non-zero chunks (count/8 bytes,
-//!               rounded up, bit i = byte i/8 bit i%8) | 8-byte hash per non-zero chunk
-//!   131 HASHES_END  chunk count (8)
+//!   130 HASHES  first block (8) | count (4) | bitmap of non-zero blocks (count/8 bytes,
+//!               rounded up, bit i = byte i/8 bit i%8) | 8-byte hash per non-zero block
+//!   131 HASHES_END  block count (8)
 //!   132 ACK     seq (8)                       everything up to seq is durable
 //!   133 ERROR   UTF-8 message                 then the secondary closes
+//!   134 NEED    offset (8) | bitmap (2)       the CHECKed chunks that differ (bit i: chunk i)
 //! ```
 //! All integers little-endian. Offsets and lengths are bytes. Version policy: the HELLO
 //! version is exact-match; a secondary answers ERROR to anything else. [`Reader`] is
@@ -30,14 +35,24 @@ pub const VERSION: u8 = 1;
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest DATA payload (raw or compressed).
 pub const MAX_DATA: usize = 512 << 10;
-/// Most chunk hashes in one HASHES frame (32 MiB of volume, at most 65 KiB of body).
+/// Most block hashes in one HASHES frame (512 MiB of volume, at most 65 KiB of body).
 pub const MAX_HASHES: usize = 8192;
+/// Most chunk hashes in one CHECK (one 64 KiB block of 4 KiB chunks).
+pub const MAX_CHECK: usize = 16;
 /// Largest ZERO length (one frame can zero 1 TiB).
 pub const MAX_ZERO: u64 = 1 << 40;
+/// How a DATA payload is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None = 0,
+    Frame = 1,
+    Stream = 2,
+}
+
 /// A 16-byte BLAKE3 prefix (deduplication keys, volume comparison).
 pub type Hash = [u8; 16];
-/// A chunk's 8-byte BLAKE3 prefix as the secondary reports it; 0 means "all zeros"
-/// (see [`crate::chunk_hash`]).
+/// An 8-byte BLAKE3 prefix of a block or chunk; 0 means "all zeros" (see
+/// [`crate::chunk_hash`]).
 pub type ChunkHash = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +67,7 @@ pub enum Msg {
         seq: u64,
         offset: u64,
         raw_len: u32,
-        zstd: bool,
+        compression: Compression,
         bytes: Vec<u8>,
     },
     Zero {
@@ -72,6 +87,14 @@ pub enum Msg {
     Synced {
         seq: u64,
     },
+    Check {
+        offset: u64,
+        hashes: Vec<ChunkHash>,
+    },
+    Need {
+        offset: u64,
+        bitmap: u16,
+    },
     Ready {
         size: u64,
         block_shift: u8,
@@ -82,7 +105,7 @@ pub enum Msg {
         hashes: Vec<ChunkHash>,
     },
     HashesEnd {
-        chunks: u64,
+        blocks: u64,
     },
     Ack {
         seq: u64,
@@ -138,14 +161,14 @@ impl Msg {
                 seq,
                 offset,
                 raw_len,
-                zstd,
+                compression,
                 bytes,
             } => {
                 assert!(bytes.len() <= MAX_DATA && *raw_len as usize <= MAX_DATA);
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&raw_len.to_le_bytes());
-                out.push(u8::from(*zstd));
+                out.push(*compression as u8);
                 out.extend_from_slice(bytes);
                 2
             }
@@ -175,6 +198,20 @@ impl Msg {
                 out.extend_from_slice(&seq.to_le_bytes());
                 6
             }
+            Msg::Check { offset, hashes } => {
+                assert!(hashes.len() <= MAX_CHECK);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.push(hashes.len() as u8);
+                for h in hashes {
+                    out.extend_from_slice(&h.to_le_bytes());
+                }
+                7
+            }
+            Msg::Need { offset, bitmap } => {
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&bitmap.to_le_bytes());
+                134
+            }
             Msg::Ready {
                 size,
                 block_shift,
@@ -199,8 +236,8 @@ impl Msg {
                 }
                 130
             }
-            Msg::HashesEnd { chunks } => {
-                out.extend_from_slice(&chunks.to_le_bytes());
+            Msg::HashesEnd { blocks } => {
+                out.extend_from_slice(&blocks.to_le_bytes());
                 131
             }
             Msg::Ack { seq } => {
@@ -271,11 +308,13 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
         4 => "COPY",
         5 => "FLUSH",
         6 => "SYNCED",
+        7 => "CHECK",
         129 => "READY",
         130 => "HASHES",
         131 => "HASHES_END",
         132 => "ACK",
         133 => "ERROR",
+        134 => "NEED",
         k => return Err(WireError::Type(k)),
     };
     let mut c = Cur(body, name);
@@ -301,9 +340,10 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
             let seq = c.u64()?;
             let offset = c.u64()?;
             let raw_len = c.u32()?;
-            let zstd = match c.u8()? {
-                0 => false,
-                1 => true,
+            let compression = match c.u8()? {
+                0 => Compression::None,
+                1 => Compression::Frame,
+                2 => Compression::Stream,
                 _ => return Err(WireError::Malformed("DATA")),
             };
             let bytes = c.0.to_vec();
@@ -311,7 +351,7 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
             if raw_len as usize > MAX_DATA
                 || raw_len == 0
                 || bytes.len() > MAX_DATA
-                || (!zstd && bytes.len() != raw_len as usize)
+                || (compression == Compression::None && bytes.len() != raw_len as usize)
             {
                 return Err(WireError::Malformed("DATA"));
             }
@@ -319,7 +359,7 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
                 seq,
                 offset,
                 raw_len,
-                zstd,
+                compression,
                 bytes,
             }
         }
@@ -349,6 +389,23 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
         }
         5 => Msg::Flush { seq: c.u64()? },
         6 => Msg::Synced { seq: c.u64()? },
+        7 => {
+            let offset = c.u64()?;
+            let n = c.u8()? as usize;
+            if n == 0 || n > MAX_CHECK {
+                return Err(WireError::Malformed("CHECK"));
+            }
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                hashes.push(c.u64()?);
+            }
+            Msg::Check { offset, hashes }
+        }
+        134 => {
+            let offset = c.u64()?;
+            let bitmap = u16::from_le_bytes(c.take(2)?.try_into().expect("2 bytes"));
+            Msg::Need { offset, bitmap }
+        }
         129 => {
             let size = c.u64()?;
             let block_shift = c.u8()?;
@@ -387,7 +444,7 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
             }
             Msg::Hashes { first, hashes }
         }
-        131 => Msg::HashesEnd { chunks: c.u64()? },
+        131 => Msg::HashesEnd { blocks: c.u64()? },
         132 => Msg::Ack { seq: c.u64()? },
         _ => {
             let m = String::from_utf8_lossy(c.0).into_owned();
@@ -465,7 +522,7 @@ mod tests {
                 seq: 7,
                 offset: 65536,
                 raw_len: 4,
-                zstd: false,
+                compression: Compression::None,
                 bytes: vec![1, 2, 3, 4],
             },
             Msg::Zero {
@@ -490,7 +547,15 @@ mod tests {
                 first: 3,
                 hashes: vec![7, 0, 0, 0, 0, 0, 0, 0, 0, u64::MAX],
             },
-            Msg::HashesEnd { chunks: 262144 },
+            Msg::HashesEnd { blocks: 16384 },
+            Msg::Check {
+                offset: 65536,
+                hashes: vec![0, 1, u64::MAX],
+            },
+            Msg::Need {
+                offset: 65536,
+                bitmap: 0b101,
+            },
             Msg::Ack { seq: 11 },
             Msg::Error("volume size differs".into()),
         ]
@@ -563,7 +628,7 @@ mod tests {
             seq: 1,
             offset: 0,
             raw_len: 9,
-            zstd: false,
+            compression: Compression::None,
             bytes: vec![0; 4],
         }
         .to_bytes();

@@ -31,7 +31,13 @@ struct SecVol {
 }
 
 fn hashes(v: &[u8]) -> Vec<u64> {
-    v.chunks(tern_disk::CHUNK).map(chunk_hash).collect()
+    v.chunks(BLOCK_BYTES as usize).map(chunk_hash).collect()
+}
+
+fn check(s: &mut Secondary, v: &[u8], offset: u64, theirs: &[u64]) {
+    let end = (offset + BLOCK_BYTES).min(v.len() as u64) as usize;
+    let mine = tern_disk::volume::chunk_hashes_of(&v[offset as usize..end]);
+    s.check_answer(offset, theirs, &mine);
 }
 
 fn apply(v: &mut [u8], op: &Op) {
@@ -144,6 +150,11 @@ impl World {
     }
 
     fn scan_step(&mut self) {
+        if let Some((off, len)) = self.p.next_reread() {
+            let o = off as usize;
+            let data = self.pvol[o..o + len].to_vec();
+            self.p.reread(off, &data);
+        }
         if let Some((off, len)) = self.p.next_scan() {
             let o = off as usize;
             if self.pvol[o..o + len].iter().all(|&x| x == 0) && self.rng.chance(500) {
@@ -173,6 +184,9 @@ impl World {
                         self.s.hashes(&h);
                     }
                     Event::Apply(op) => apply(&mut self.svol.live, &op),
+                    Event::Check { offset, hashes } => {
+                        check(&mut self.s, &self.svol.live, offset, &hashes)
+                    }
                     Event::SyncNow => self.make_durable(),
                     Event::Consistent => unreachable!("only from durable()"),
                 }
@@ -274,9 +288,13 @@ fn initial_sync_skips_holes_and_deduplicates() {
     p.connect();
     let mut wire = 0u64;
     loop {
-        while let Some((off, len)) = p.next_scan() {
+        while let Some((off, len)) = p.next_reread().or(p.next_scan()) {
             let o = off as usize;
-            p.scanned(off, &vol[o..o + len]);
+            if p.next_reread().is_some() {
+                p.reread(off, &vol[o..o + len]);
+            } else {
+                p.scanned(off, &vol[o..o + len]);
+            }
         }
         let out = p.take_output();
         if out.is_empty() && p.in_sync() {
@@ -292,6 +310,7 @@ fn initial_sync_skips_holes_and_deduplicates() {
                     s.hashes(&hashes(&sec));
                 }
                 Event::Apply(op) => apply(&mut sec, &op),
+                Event::Check { offset, hashes } => check(&mut s, &sec, offset, &hashes),
                 Event::SyncNow | Event::Consistent => {}
             }
         }
@@ -312,9 +331,13 @@ fn initial_sync_skips_holes_and_deduplicates() {
     p.connect();
     let mut wire2 = 0u64;
     loop {
-        while let Some((off, len)) = p.next_scan() {
+        while let Some((off, len)) = p.next_reread().or(p.next_scan()) {
             let o = off as usize;
-            p.scanned(off, &vol[o..o + len]);
+            if p.next_reread().is_some() {
+                p.reread(off, &vol[o..o + len]);
+            } else {
+                p.scanned(off, &vol[o..o + len]);
+            }
         }
         let out = p.take_output();
         if out.is_empty() && p.in_sync() {
@@ -330,6 +353,7 @@ fn initial_sync_skips_holes_and_deduplicates() {
                     s.hashes(&hashes(&sec));
                 }
                 Event::Apply(op) => apply(&mut sec, &op),
+                Event::Check { offset, hashes } => check(&mut s, &sec, offset, &hashes),
                 _ => {}
             }
         }
@@ -366,7 +390,7 @@ fn a_secondary_refuses_what_does_not_fit() {
     let (ev, err) = s.handle_input(&b);
     assert!(err.is_none() && matches!(ev[0], Event::NeedHashes { .. }));
     s.ready(true);
-    s.hashes(&[0; 256]);
+    s.hashes(&[0; 16]);
     b.clear();
     Msg::Zero {
         seq: 1,
