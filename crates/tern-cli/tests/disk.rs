@@ -163,10 +163,12 @@ fn volumes_and_the_nbd_server_with_qemu_io() {
 
     // A primary without a target serves reads and writes.
     let (nbd, ctl) = (d.join("nbd.sock"), d.join("ctl.sock"));
-    let mut p = serve(
+    // Servers die with the test, also when it fails half-way.
+    let mut guard = Servers(Vec::new());
+    guard.0.push(serve(
         &["--nbd", &s(&nbd), "--control", &s(&ctl), &s(&a)],
         &d.join("a.log"),
-    );
+    ));
     wait_socket(&ctl);
     qemu_io_ok(
         &nbd,
@@ -189,7 +191,7 @@ fn volumes_and_the_nbd_server_with_qemu_io() {
     assert_eq!(verify(&a, &b)["equal"], true);
     // A secondary refuses NBD writes and unsafe requests; promote works without a session.
     let (nbd2, ctl2, listen2) = (d.join("nbd2.sock"), d.join("ctl2.sock"), d.join("r.sock"));
-    let mut sec = serve(
+    guard.0.push(serve(
         &[
             "--nbd",
             &s(&nbd2),
@@ -201,7 +203,7 @@ fn volumes_and_the_nbd_server_with_qemu_io() {
             &s(&b),
         ],
         &d.join("b.log"),
-    );
+    ));
     wait_socket(&ctl2);
     let out = qemu_io(&nbd2, &["write -P 1 0 4k"]);
     assert!(
@@ -238,9 +240,23 @@ fn volumes_and_the_nbd_server_with_qemu_io() {
     assert!(!tern(&["disk", "verify", &s(&a), &s(&b)]).status.success());
     ok(&["disk", "ctl", &s(&ctl), "shutdown"]);
     ok(&["disk", "ctl", &s(&ctl2), "shutdown"]);
-    assert!(p.wait().unwrap().success());
-    assert!(sec.wait().unwrap().success());
+    for c in &mut guard.0 {
+        assert!(c.wait().unwrap().success());
+    }
+    guard.0.clear();
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Disk servers, killed when dropped (also when a test fails half-way).
+struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Brings a lab up and takes it (and its VMs and disk servers) down when dropped.
