@@ -126,6 +126,22 @@ impl Ctx<'_> {
         ok_or_fail(out, &args.join(" "))
     }
 
+    /// A new empty volume of the bench's size.
+    fn empty_volume(&self, path: &Path) -> Result<(), BenchError> {
+        let size = format!("{}M", self.o.size_mib);
+        self.tern_ok(
+            &[
+                "disk",
+                "create",
+                path.to_str().unwrap_or(""),
+                "--size",
+                &size,
+            ],
+            30,
+        )
+        .map(|_| ())
+    }
+
     fn ctl(&self, control: &Path, words: &[&str]) -> Result<Value, BenchError> {
         let mut args = vec!["disk", "ctl", control.to_str().unwrap_or("")];
         args.extend_from_slice(words);
@@ -261,17 +277,7 @@ fn build_volume(ctx: &Ctx<'_>, src: &Path) -> Result<Value, BenchError> {
 fn qemu_mirror(ctx: &mut Ctx<'_>, src: &Path) -> Result<Transfer, BenchError> {
     let o = ctx.o;
     let dst = o.work_dir.join("qemu-dst.img");
-    let size = format!("{}M", o.size_mib);
-    ctx.tern_ok(
-        &[
-            "disk",
-            "create",
-            dst.to_str().unwrap_or(""),
-            "--size",
-            &size,
-        ],
-        30,
-    )?;
+    ctx.empty_volume(&dst)?;
     let nbd = tern_lab::netns_command("tern-b", "qemu-nbd")
         .args(["-f", "raw", "-x", "disk", "-t", "-b", "198.18.2.1", "-p"])
         .arg(NBD_PORT.to_string())
@@ -595,17 +601,7 @@ pub fn run(o: &DiskBenchOptions) -> Result<Value, BenchError> {
 
     eprintln!("== tern initial sync ({})", o.sync_profile);
     let dst = o.work_dir.join("tern-dst.img");
-    let size = format!("{}M", o.size_mib);
-    ctx.tern_ok(
-        &[
-            "disk",
-            "create",
-            dst.to_str().unwrap_or(""),
-            "--size",
-            &size,
-        ],
-        30,
-    )?;
+    ctx.empty_volume(&dst)?;
     let sv = start_servers(&mut ctx, &src, &dst)?;
     let (secs, wire, st) = replicate(&ctx, &sv, "async")?;
     stop_replication(&ctx, &sv)?;

@@ -272,19 +272,9 @@ fn same_seed_same_trace() {
     assert_eq!(a.pvol, b.pvol);
 }
 
-#[test]
-fn initial_sync_skips_holes_and_deduplicates() {
-    let size = 8 << 20;
-    let mut p = Primary::new(size as u64, "v", Mode::Async);
-    let mut s = Secondary::new(size as u64);
-    let mut vol = vec![0u8; size];
-    // 1 MiB of incompressible data, then the same 1 MiB again at another offset.
-    let mut r = Rng(99);
-    for x in &mut vol[..1 << 20] {
-        *x = r.next() as u8;
-    }
-    vol.copy_within(..1 << 20, 4 << 20);
-    let mut sec = vec![0u8; size];
+/// One whole session with nothing lost or reordered: returns the primary's bytes.
+fn sync_in_lockstep(p: &mut Primary, vol: &[u8], sec: &mut Vec<u8>) -> u64 {
+    let mut s = Secondary::new(vol.len() as u64);
     p.connect();
     let mut wire = 0u64;
     loop {
@@ -298,25 +288,40 @@ fn initial_sync_skips_holes_and_deduplicates() {
         }
         let out = p.take_output();
         if out.is_empty() && p.in_sync() {
-            break;
+            return wire;
         }
         wire += out.len() as u64;
         let (ev, err) = s.handle_input(&out);
-        assert!(err.is_none());
+        assert!(err.is_none(), "{err:?}");
         for e in ev {
             match e {
                 Event::NeedHashes { .. } => {
                     s.ready(false);
-                    s.hashes(&hashes(&sec));
+                    s.hashes(&hashes(sec));
                 }
-                Event::Apply(op) => apply(&mut sec, &op),
-                Event::Check { offset, hashes } => check(&mut s, &sec, offset, &hashes),
+                Event::Apply(op) => apply(sec, &op),
+                Event::Check { offset, hashes } => check(&mut s, sec, offset, &hashes),
                 Event::SyncNow | Event::Consistent => {}
             }
         }
         s.durable();
         p.handle_input(&s.take_output()).unwrap();
     }
+}
+
+#[test]
+fn initial_sync_skips_holes_and_deduplicates() {
+    let size = 8 << 20;
+    let mut p = Primary::new(size as u64, "v", Mode::Async);
+    let mut vol = vec![0u8; size];
+    // 1 MiB of incompressible data, then the same 1 MiB again at another offset.
+    let mut r = Rng(99);
+    for x in &mut vol[..1 << 20] {
+        *x = r.next() as u8;
+    }
+    vol.copy_within(..1 << 20, 4 << 20);
+    let mut sec = vec![0u8; size];
+    let wire = sync_in_lockstep(&mut p, &vol, &mut sec);
     assert_eq!(sec, vol);
     // One copy of the random MiB travels (plus framing); the duplicate goes as COPYs.
     assert!(wire < (1 << 20) + (64 << 10), "{wire} bytes on the wire");
@@ -326,40 +331,8 @@ fn initial_sync_skips_holes_and_deduplicates() {
     // An incremental re-sync after a small change sends about the change.
     vol[5_000_000..5_010_000].fill(3);
     p.disconnect("again");
-    let mut s = Secondary::new(size as u64);
     let same0 = p.stats().blocks_same;
-    p.connect();
-    let mut wire2 = 0u64;
-    loop {
-        while let Some((off, len)) = p.next_reread().or(p.next_scan()) {
-            let o = off as usize;
-            if p.next_reread().is_some() {
-                p.reread(off, &vol[o..o + len]);
-            } else {
-                p.scanned(off, &vol[o..o + len]);
-            }
-        }
-        let out = p.take_output();
-        if out.is_empty() && p.in_sync() {
-            break;
-        }
-        wire2 += out.len() as u64;
-        let (ev, err) = s.handle_input(&out);
-        assert!(err.is_none());
-        for e in ev {
-            match e {
-                Event::NeedHashes { .. } => {
-                    s.ready(true);
-                    s.hashes(&hashes(&sec));
-                }
-                Event::Apply(op) => apply(&mut sec, &op),
-                Event::Check { offset, hashes } => check(&mut s, &sec, offset, &hashes),
-                _ => {}
-            }
-        }
-        s.durable();
-        p.handle_input(&s.take_output()).unwrap();
-    }
+    let wire2 = sync_in_lockstep(&mut p, &vol, &mut sec);
     assert_eq!(sec, vol);
     // Only the four 4 KiB chunks the change touches travel (their 6.4 KB of random
     // remainder does not compress), not the 64 KiB block.
