@@ -273,7 +273,7 @@ fn same_seed_same_trace() {
 }
 
 /// One whole session with nothing lost or reordered: returns the primary's bytes.
-fn sync_in_lockstep(p: &mut Primary, vol: &[u8], sec: &mut Vec<u8>) -> u64 {
+fn sync_in_lockstep(p: &mut Primary, vol: &[u8], sec: &mut [u8]) -> u64 {
     let mut s = Secondary::new(vol.len() as u64);
     p.connect();
     let mut wire = 0u64;
