@@ -79,8 +79,12 @@ pub struct Transfer {
 pub struct Latency {
     pub profile: String,
     pub mode: String,
+    /// Writes in flight.
+    pub depth: u32,
     pub writes: u32,
+    /// Wall time per write: the latency at depth 1, the inverse throughput above.
     pub mean_ms: f64,
+    pub writes_per_s: f64,
 }
 
 const NBD_PORT: u16 = 7460;
@@ -443,7 +447,8 @@ fn stop_replication(ctx: &Ctx<'_>, sv: &Servers) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn write_latency(ctx: &Ctx<'_>, sv: &Servers, n: u32) -> Result<f64, BenchError> {
+/// Mean ms per write of `n` 4 KiB writes with `depth` in flight (at depth 1: the latency).
+fn write_latency(ctx: &Ctx<'_>, sv: &Servers, n: u32, depth: u32) -> Result<f64, BenchError> {
     let uri = format!("nbd+unix:///disk?socket={}", sv.prim_nbd.display());
     let out = run_bounded(
         Command::new("qemu-img").args([
@@ -456,7 +461,7 @@ fn write_latency(ctx: &Ctx<'_>, sv: &Servers, n: u32) -> Result<f64, BenchError>
             "-c",
             &n.to_string(),
             "-d",
-            "1",
+            &depth.to_string(),
             "-s",
             "4096",
             "-S",
@@ -658,31 +663,35 @@ pub fn run(o: &DiskBenchOptions) -> Result<Value, BenchError> {
 
     eprintln!("== guest write latency (qemu-img bench, 4 KiB, depth 1)");
     let mut lat = Vec::new();
-    let local = write_latency(&ctx, &sv, o.latency_writes * 5)?;
+    let local = write_latency(&ctx, &sv, o.latency_writes * 5, 1)?;
     lat.push(Latency {
         profile: "-".into(),
         mode: "no replication".into(),
+        depth: 1,
         writes: o.latency_writes * 5,
         mean_ms: local,
+        writes_per_s: 1000.0 / local,
     });
     eprintln!("   no replication: {local:.3} ms");
     for p in &o.latency_profiles {
         ctx.tern_ok(&["lab", "set", "--profile", p], 30)?;
         replicate(&ctx, &sv, "async")?;
-        for mode in ["async", "sync"] {
+        for (mode, depth) in [("async", 1), ("sync", 1), ("sync", 16)] {
             ctx.ctl(&sv.prim_ctl, &["mode", mode])?;
-            let n = if mode == "sync" {
+            let n = if mode == "sync" && depth == 1 {
                 o.latency_writes
             } else {
                 o.latency_writes * 5
             };
-            let ms = write_latency(&ctx, &sv, n)?;
-            eprintln!("   {p} {mode}: {ms:.3} ms");
+            let ms = write_latency(&ctx, &sv, n, depth)?;
+            eprintln!("   {p} {mode} depth {depth}: {ms:.3} ms per write");
             lat.push(Latency {
                 profile: p.clone(),
                 mode: mode.into(),
+                depth,
                 writes: n,
                 mean_ms: ms,
+                writes_per_s: 1000.0 / ms,
             });
         }
         stop_replication(&ctx, &sv)?;
@@ -761,15 +770,17 @@ fn markdown(v: &Value) -> String {
             t["identical"]
         ));
     }
-    s.push_str("\nGuest write latency (4 KiB writes at queue depth 1 through tern's NBD server, `qemu-img bench`):\n\n");
-    s.push_str("| link | replication | writes | mean ms |\n|---|---|---:|---:|\n");
+    s.push_str("\nGuest writes (4 KiB through tern's NBD server, `qemu-img bench`; at depth 1 the time per write is the latency):\n\n");
+    s.push_str("| link | replication | in flight | writes | ms per write | writes/s |\n|---|---|---:|---:|---:|---:|\n");
     for l in v["latency"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} |\n",
+            "| {} | {} | {} | {} | {:.3} | {:.0} |\n",
             l["profile"].as_str().unwrap_or(""),
             l["mode"].as_str().unwrap_or(""),
+            l["depth"],
             l["writes"],
-            l["mean_ms"].as_f64().unwrap_or(0.0)
+            l["mean_ms"].as_f64().unwrap_or(0.0),
+            l["writes_per_s"].as_f64().unwrap_or(0.0)
         ));
     }
     s.push_str("\nTargets:\n\n");

@@ -1,5 +1,7 @@
-//! Blocking driver: one thread per connection, each running a [`ServerSession`] against
-//! the exports' backends, requests handled one at a time in arrival order.
+//! Blocking driver: per connection a thread running a [`ServerSession`], a reader thread,
+//! and [`WORKERS_PER_CONNECTION`] workers, so requests run concurrently (QEMU keeps several
+//! in flight; with synchronous replication each waits for a round trip, and they overlap).
+//! [`serve_connection`] is the sequential form for any `Read + Write` stream.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -17,6 +19,9 @@ use crate::proto::{CloseReason, Command, Event, ExportInfo, ProtocolError, Reply
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Connections served at once; more are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Requests of one connection executed at once (the session accepts up to
+/// `proto::MAX_IN_FLIGHT`; the rest wait in the job queue).
+pub const WORKERS_PER_CONNECTION: usize = 16;
 /// Pause after a failed accept (EMFILE and the like) so the loop does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
@@ -183,6 +188,151 @@ fn serve<S: Read + Write>(
     }
 }
 
+enum Msg {
+    Input(Vec<u8>),
+    Eof,
+    ReadFailed(io::Error),
+    Done {
+        id: crate::proto::RequestId,
+        result: Result<Reply, crate::proto::NbdError>,
+        written: u64,
+    },
+}
+
+/// One connection with its requests executed by a worker pool; replies go out as they
+/// complete (the session matches them to their cookies).
+fn serve_concurrent(
+    conn: &Conn,
+    exports: &Arc<[Export]>,
+    counters: &Arc<Counters>,
+) -> Result<(), ServeError> {
+    use std::sync::{Mutex, mpsc};
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let mut reader = conn.try_clone()?;
+    let mut writer = conn.try_clone()?;
+    let rtx = tx.clone();
+    let reader_thread = std::thread::Builder::new()
+        .name("nbd-read".into())
+        .spawn(move || {
+            let mut buf = vec![0; READ_CHUNK_BYTES];
+            loop {
+                let msg = match reader.read(&mut buf) {
+                    Ok(0) => Msg::Eof,
+                    Ok(n) => Msg::Input(buf[..n].to_vec()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => Msg::ReadFailed(e),
+                };
+                let last = !matches!(msg, Msg::Input(_));
+                if rtx.send(msg).is_err() || last {
+                    return;
+                }
+            }
+        })?;
+    type Job = (crate::proto::Request, Arc<dyn Backend>);
+    let (jtx, jrx) = mpsc::channel::<Job>();
+    let jrx = Arc::new(Mutex::new(jrx));
+    let mut workers = Vec::new();
+    for i in 0..WORKERS_PER_CONNECTION {
+        let (jrx, tx) = (Arc::clone(&jrx), tx.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("nbd-work-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = jrx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((request, backend)) = job else { return };
+                        let result = execute(&*backend, &request).map_err(|e| nbd_error(&e));
+                        let written = match (&result, &request.command) {
+                            (Ok(_), Command::Write(d)) => d.len() as u64,
+                            _ => 0,
+                        };
+                        let done = Msg::Done {
+                            id: request.id,
+                            result,
+                            written,
+                        };
+                        if tx.send(done).is_err() {
+                            return;
+                        }
+                    }
+                })?,
+        );
+    }
+    drop(tx);
+    let outcome = (|| -> Result<(), ServeError> {
+        let mut session = ServerSession::new(exports.iter().map(Export::info).collect());
+        let mut chosen: Option<&Export> = None;
+        let mut rejected = 0;
+        let mut in_flight = 0usize;
+        let mut closing: Option<CloseReason> = None;
+        loop {
+            while let Some(event) = session.poll_event() {
+                match event {
+                    Event::ExportChosen(index) => chosen = exports.get(index),
+                    Event::Request(request) => {
+                        Counters::add(&counters.requests, 1);
+                        match chosen {
+                            Some(export) => {
+                                in_flight += 1;
+                                let backend = Arc::clone(&export.backend);
+                                if jtx.send((request, backend)).is_err() {
+                                    return Err(io::Error::other("workers gone").into());
+                                }
+                            }
+                            None => {
+                                Counters::add(&counters.errors, 1);
+                                let _ = session.reply(request.id, Err(crate::proto::NbdError::Io));
+                            }
+                        }
+                    }
+                    Event::Close(reason) => closing = Some(reason),
+                }
+            }
+            Counters::add(&counters.errors, session.rejected() - rejected);
+            rejected = session.rejected();
+            write_output(&mut writer, &mut session)?;
+            match closing.take() {
+                Some(CloseReason::Violation(e)) => return Err(e.into()),
+                Some(_) if in_flight == 0 => return Ok(()),
+                other => closing = other,
+            }
+            match rx.recv() {
+                Ok(Msg::Input(b)) => session.input(&b),
+                Ok(Msg::Eof) => session.input_eof(),
+                Ok(Msg::ReadFailed(e)) => return Err(e.into()),
+                Ok(Msg::Done {
+                    id,
+                    result,
+                    written,
+                }) => {
+                    in_flight -= 1;
+                    match &result {
+                        Err(_) => Counters::add(&counters.errors, 1),
+                        Ok(Reply::Data(d)) => Counters::add(&counters.bytes_read, d.len() as u64),
+                        Ok(_) => Counters::add(&counters.bytes_written, written),
+                    }
+                    if let Err(e) = session.reply(id, result) {
+                        eprintln!("tern-nbd: {e}");
+                    }
+                }
+                // Reader gone and every worker idle: nothing more can arrive.
+                Err(_) => return Ok(()),
+            }
+        }
+    })();
+    // Counted before the socket closes, so a client that saw the close sees the count.
+    if outcome.is_err() {
+        Counters::add(&counters.dropped, 1);
+    }
+    conn.shutdown();
+    drop(jtx);
+    let _ = reader_thread.join();
+    for w in workers {
+        let _ = w.join();
+    }
+    outcome
+}
+
 fn write_output<S: Write>(stream: &mut S, session: &mut ServerSession) -> io::Result<()> {
     if session.has_output() {
         stream.write_all(&session.take_output())?;
@@ -347,9 +497,7 @@ fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
             let thread = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    let mut conn = conn;
-                    if let Err(e) = serve(&mut conn, &exports, &counters) {
-                        Counters::add(&counters.dropped, 1);
+                    if let Err(e) = serve_concurrent(&conn, &exports, &counters) {
                         eprintln!("tern-nbd: connection {id}: {}", chain(&e));
                     }
                     // The accept loop's clone keeps the descriptor open: end the socket.

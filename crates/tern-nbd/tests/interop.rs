@@ -471,3 +471,94 @@ fn tcp_listener_serves_qemu() {
     assert!(read_file(&dir)[..4096].iter().all(|&b| b == 0x42));
     std::fs::remove_file(&dir).unwrap();
 }
+
+/// A memory backend whose writes take 20 ms and which records how many ran at once.
+struct Slow {
+    mem: tern_nbd::MemBackend,
+    active: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for Slow {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.active.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        self.active.fetch_sub(1, SeqCst);
+        self.mem.write_at(offset, data, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.mem.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.mem.trim(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        self.mem.write_zeroes(offset, len, may_trim, fua)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<tern_nbd::Extent>> {
+        self.mem.block_status(offset, len)
+    }
+}
+
+#[test]
+fn requests_in_flight_run_concurrently_and_land_intact() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tern-nbd-conc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let slow = Arc::new(Slow {
+        mem: tern_nbd::MemBackend::new(1 << 20, false),
+        active: Default::default(),
+        most: Default::default(),
+    });
+    let sock = dir.join("s.sock");
+    let server = Server::bind_unix(&sock, vec![Export::new("disk", slow.clone())])
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    // qemu-img bench keeps 8 writes of 0xa5 in flight over 64 x 4 KiB.
+    run(
+        "qemu-img",
+        &[
+            "bench",
+            "-w",
+            "-f",
+            "raw",
+            "-c",
+            "64",
+            "-d",
+            "8",
+            "-s",
+            "4096",
+            "--pattern=165",
+            &url,
+        ],
+    );
+    let most = slow.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most >= 2,
+        "writes ran one at a time (at most {most} at once)"
+    );
+    let contents = slow.mem.contents();
+    assert!(contents[..64 * 4096].iter().all(|&b| b == 0xa5));
+    assert!(contents[64 * 4096..].iter().all(|&b| b == 0));
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
