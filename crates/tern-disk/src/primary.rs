@@ -94,6 +94,13 @@ pub struct Primary {
     at: HashMap<u64, Hash>,
     last_error: Option<String>,
     stats: Stats,
+    /// Guest writes applied locally (all sessions).
+    local: u64,
+    /// Guest writes durable at the secondary.
+    committed_local: u64,
+    /// (replication seq, local write count): once seq is ACKed, that many writes are
+    /// committed. Cleared with the session.
+    marks: VecDeque<(u64, u64)>,
 }
 
 impl Primary {
@@ -123,6 +130,9 @@ impl Primary {
             at: HashMap::new(),
             last_error: None,
             stats: Stats::default(),
+            local: 0,
+            committed_local: 0,
+            marks: VecDeque::new(),
         }
     }
 
@@ -212,6 +222,7 @@ impl Primary {
         self.cursor = 0;
         self.checks_out = 0;
         self.rereads.clear();
+        self.marks.clear();
         self.index.clear();
         self.at.clear();
     }
@@ -293,6 +304,7 @@ impl Primary {
                         return self.fail(format!("ACK {seq} beyond the last sent {}", self.seq));
                     }
                     self.acked = self.acked.max(seq);
+                    self.commit_acked();
                     while let Some(&(s, n)) = self.inflight.front() {
                         if s > self.acked {
                             break;
@@ -468,6 +480,8 @@ impl Primary {
         {
             let seq = self.next_seq();
             self.emit(Msg::Synced { seq });
+            // Every write so far is in the secondary's copy once this is durable.
+            self.marks.push_back((seq, self.local));
             self.synced_seq = Some(seq);
             self.phase = Phase::Live;
             self.remote = Vec::new();
@@ -593,23 +607,64 @@ impl Primary {
         }
     }
 
+    // ------------------------------------------------------------------ write counters
+
+    /// Guest writes applied locally so far: the "pending" counter PipeCloud tags outbound
+    /// packets with (every write counts, sent or not).
+    pub fn writes(&self) -> u64 {
+        self.local
+    }
+
+    /// Every guest write numbered `<=` this is durable at the secondary: the "committed"
+    /// counter a packet tagged with a pending counter waits for. It only moves forward and
+    /// never past a write whose data the secondary may lack: in a live session each write
+    /// commits with its own ACK; writes that were not sent (disconnected, or ahead of the
+    /// scan) commit with the ACK of the next completed sync's SYNCED, which covers every
+    /// write before it.
+    pub fn committed_writes(&self) -> u64 {
+        self.committed_local
+    }
+
+    fn count_write(&mut self, sent_as: Option<u64>) {
+        self.local += 1;
+        match sent_as {
+            // In a live session with nothing uncovered before it, its own ACK commits it.
+            Some(seq) if self.phase == Phase::Live => self.marks.push_back((seq, self.local)),
+            // Covered later: by the SYNCED that ends this (or a later) session's scan.
+            _ => {}
+        }
+    }
+
+    fn commit_acked(&mut self) {
+        while let Some(&(seq, local)) = self.marks.front() {
+            if seq > self.acked {
+                break;
+            }
+            self.committed_local = self.committed_local.max(local);
+            self.marks.pop_front();
+        }
+    }
+
     // ------------------------------------------------------------------ guest writes
 
     /// A guest write of `data` at `offset`, already written locally. Returns the sequence
     /// number to wait for in synchronous mode, `None` when nothing had to be sent.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<u64> {
         if !self.must_send(offset) || data.is_empty() {
+            self.count_write(None);
             return None;
         }
         self.stats.live_writes += 1;
         self.stats.live_bytes += data.len() as u64;
         self.send_chunks(offset, data, false);
+        self.count_write(Some(self.seq));
         Some(self.seq)
     }
 
     /// A guest trim or write-zeroes of `[offset, offset+len)`, already applied locally.
     pub fn zero(&mut self, offset: u64, len: u64) -> Option<u64> {
         if !self.must_send(offset) || len == 0 {
+            self.count_write(None);
             return None;
         }
         self.stats.live_writes += 1;
@@ -619,6 +674,7 @@ impl Primary {
             self.send_zero(o, n);
             o += n;
         }
+        self.count_write(Some(self.seq));
         Some(self.seq)
     }
 

@@ -7,7 +7,9 @@
 //! ```
 //! Messages become [`Op`]s applied in order by the driver. The driver makes what it applied
 //! durable (fdatasync) whenever its input runs dry, at a FLUSH, or after
-//! [`ACK_EVERY_BYTES`], then calls [`Secondary::durable`], which emits the ACK. A SYNCED
+//! [`ACK_EVERY_BYTES`], then calls [`Secondary::durable`] with the sequence number applied
+//! so far, which emits the ACK (never beyond what was applied: the deterministic simulation
+//! caught an ACK that covered events decoded in the same batch but not yet applied). A SYNCED
 //! that is durable makes the copy consistent ([`Event::Consistent`], persisted by the
 //! driver). Every offset and length is checked against the volume before it becomes an
 //! [`Op`].
@@ -38,8 +40,11 @@ pub enum Event {
         offset: u64,
         hashes: Vec<ChunkHash>,
     },
-    /// Make everything applied durable now and call [`Secondary::durable`].
-    SyncNow,
+    /// Make everything applied so far durable now and call [`Secondary::durable`] with
+    /// `seq`: the events after this one are not applied yet, so the ACK must not cover them.
+    SyncNow {
+        seq: u64,
+    },
     /// The copy is consistent up to a completed sync: persist it.
     Consistent,
 }
@@ -97,6 +102,12 @@ impl Secondary {
     /// Applied but not yet durable.
     pub fn dirty(&self) -> bool {
         self.applied > self.durable
+    }
+
+    /// The last sequence number decoded: once every event so far is applied and durable,
+    /// `durable(last_seq())` acknowledges all of it.
+    pub fn last_seq(&self) -> u64 {
+        self.applied
     }
 
     /// Decodes what arrived; returns the events in order. After an error the session is over
@@ -224,12 +235,12 @@ impl Secondary {
                 }
                 Msg::Flush { seq } => {
                     self.sequenced(seq)?;
-                    ev.push(Event::SyncNow);
+                    ev.push(Event::SyncNow { seq });
                 }
                 Msg::Synced { seq } => {
                     self.sequenced(seq)?;
                     self.synced_at = Some(seq);
-                    ev.push(Event::SyncNow);
+                    ev.push(Event::SyncNow { seq });
                 }
                 Msg::Check { offset, hashes } => {
                     let block = 1u64 << self.block_shift;
@@ -251,8 +262,9 @@ impl Secondary {
                 ));
             }
         }
-        if self.since_ack >= ACK_EVERY_BYTES && ev.last() != Some(&Event::SyncNow) {
-            ev.push(Event::SyncNow);
+        if self.since_ack >= ACK_EVERY_BYTES && !matches!(ev.last(), Some(Event::SyncNow { .. })) {
+            self.since_ack = 0;
+            ev.push(Event::SyncNow { seq: self.applied });
         }
         Ok(())
     }
@@ -298,14 +310,14 @@ impl Secondary {
         .encode(&mut self.out);
     }
 
-    /// Everything applied so far is durable: acknowledge it. Returns [`Event::Consistent`]
-    /// when this completes a sync.
-    pub fn durable(&mut self) -> Option<Event> {
-        if self.applied == self.durable {
+    /// Everything up to `seq` (from [`Event::SyncNow`]) is applied and durable: acknowledge
+    /// it. Returns [`Event::Consistent`] when this completes a sync.
+    pub fn durable(&mut self, seq: u64) -> Option<Event> {
+        let upto = seq.min(self.applied);
+        if upto <= self.durable {
             return None;
         }
-        self.durable = self.applied;
-        self.since_ack = 0;
+        self.durable = upto;
         Msg::Ack { seq: self.durable }.encode(&mut self.out);
         match self.synced_at {
             Some(s) if s <= self.durable => {

@@ -576,12 +576,13 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                     let mine = volume::chunk_hashes_of(&copy_buf[..len]);
                     core.check_answer(offset, &hashes, &mine);
                 }
-                Event::SyncNow => durable(sh, &mut core)?,
+                Event::SyncNow { seq } => durable(sh, &mut core, seq)?,
                 Event::Consistent => {}
             }
         }
         if core.dirty() && !readable_now(&c) {
-            durable(sh, &mut core)?;
+            let seq = core.last_seq();
+            durable(sh, &mut core, seq)?;
         }
         let out = core.take_output();
         if !out.is_empty() {
@@ -592,7 +593,8 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
         }
     }
     if core.dirty() {
-        durable(sh, &mut core)?;
+        let seq = core.last_seq();
+        durable(sh, &mut core, seq)?;
     }
     Ok(())
 }
@@ -621,9 +623,10 @@ fn apply(sh: &Shared, op: &Op, copy_buf: &mut Vec<u8>) -> io::Result<()> {
     }
 }
 
-fn durable(sh: &Shared, core: &mut Secondary) -> Result<(), String> {
+/// fdatasync, then ACK up to `seq` (everything up to it is applied).
+fn durable(sh: &Shared, core: &mut Secondary, seq: u64) -> Result<(), String> {
     sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
-    if let Some(Event::Consistent) = core.durable() {
+    if let Some(Event::Consistent) = core.durable(seq) {
         volume::write_state(&sh.opts.volume, &State { consistent: true })
             .map_err(|e| e.to_string())?;
         sh.lock().consistent = true;

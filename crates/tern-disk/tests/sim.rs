@@ -64,6 +64,8 @@ struct World {
     to_p: Vec<u8>,
     consistent: bool,
     wire_bytes: u64,
+    /// Every guest write: (offset, bytes), in order (write i+1 is counter i+1).
+    history: Vec<(usize, Vec<u8>)>,
 }
 
 impl World {
@@ -111,6 +113,7 @@ impl World {
             to_p: Vec::new(),
             consistent: true,
             wire_bytes: 0,
+            history: Vec::new(),
         }
     }
 
@@ -146,6 +149,29 @@ impl World {
                 };
             }
             self.p.write(off as u64, &self.pvol[off..off + len]);
+        }
+        self.history.push((off, self.pvol[off..off + len].to_vec()));
+        assert_eq!(self.p.writes(), self.history.len() as u64);
+    }
+
+    /// PipeCloud's promise: every write counted as committed is durable at the secondary.
+    /// A byte a committed write touched holds that write's value or a later write's (never
+    /// an older one). Checked at both ends of every committed write.
+    fn check_committed(&self, seed: u64) {
+        let c = self.p.committed_writes() as usize;
+        assert!(c <= self.history.len());
+        for (i, (off, data)) in self.history[..c].iter().enumerate() {
+            for b in [*off, off + data.len() - 1] {
+                let ok = self.history[i..]
+                    .iter()
+                    .filter(|(o, d)| *o <= b && b < o + d.len())
+                    .any(|(o, d)| d[b - o] == self.svol.durable[b]);
+                assert!(
+                    ok,
+                    "seed {seed}: write {} of {c} committed but byte {b} is not durable",
+                    i + 1
+                );
+            }
         }
     }
 
@@ -187,7 +213,7 @@ impl World {
                     Event::Check { offset, hashes } => {
                         check(&mut self.s, &self.svol.live, offset, &hashes)
                     }
-                    Event::SyncNow => self.make_durable(),
+                    Event::SyncNow { seq } => self.make_durable(seq),
                     Event::Consistent => unreachable!("only from durable()"),
                 }
             }
@@ -195,7 +221,8 @@ impl World {
                 panic!("secondary refused: {err:?}");
             }
             if self.to_s.is_empty() && self.s.dirty() {
-                self.make_durable();
+                let seq = self.s.last_seq();
+                self.make_durable(seq);
             }
         }
         let back = self.s.take_output();
@@ -207,9 +234,9 @@ impl World {
         }
     }
 
-    fn make_durable(&mut self) {
+    fn make_durable(&mut self, seq: u64) {
         self.svol.durable.copy_from_slice(&self.svol.live);
-        if let Some(Event::Consistent) = self.s.durable() {
+        if let Some(Event::Consistent) = self.s.durable(seq) {
             self.consistent = true;
         }
     }
@@ -225,6 +252,9 @@ fn run(seed: u64, mode: Mode, older_copy: bool, cuts: bool) -> (World, u64) {
             0 => w.guest_write(),
             1..=4 => w.scan_step(),
             _ => w.deliver(),
+        }
+        if steps % 50 == 0 {
+            w.check_committed(seed);
         }
         if cuts && w.rng.chance(2) {
             let crash = w.rng.chance(500);
@@ -260,6 +290,13 @@ fn replicas_converge_under_cuts_crashes_and_racing_writes() {
                 "seed {seed} mode {mode} older {older} cuts {cuts}: volumes differ"
             );
             assert!(w.consistent, "seed {seed}: secondary not consistent");
+            // Quiet and in sync: everything written is committed.
+            w.check_committed(seed);
+            assert_eq!(
+                w.p.committed_writes(),
+                w.history.len() as u64,
+                "seed {seed}"
+            );
         }
     }
 }
@@ -301,10 +338,10 @@ fn sync_in_lockstep(p: &mut Primary, vol: &[u8], sec: &mut [u8]) -> u64 {
                 }
                 Event::Apply(op) => apply(sec, &op),
                 Event::Check { offset, hashes } => check(&mut s, sec, offset, &hashes),
-                Event::SyncNow | Event::Consistent => {}
+                Event::SyncNow { .. } | Event::Consistent => {}
             }
         }
-        s.durable();
+        s.durable(s.last_seq());
         p.handle_input(&s.take_output()).unwrap();
     }
 }
