@@ -95,6 +95,14 @@ pub struct ServeArgs {
     /// Cap the initial sync's read rate, MB/s (0: no cap; the transport paces the link).
     #[arg(long, default_value_t = 0)]
     sync_rate: u64,
+    /// PipeCloud gating: QEMU's NIC connects here (instead of the site switch) and the
+    /// VM's outbound frames wait until the writes before them are committed at the
+    /// secondary. Needs --switch.
+    #[arg(long, requires = "switch")]
+    gate_nic: Option<PathBuf>,
+    /// With --gate-nic: the site switch socket the frames go on to.
+    #[arg(long)]
+    switch: Option<PathBuf>,
     /// zstd level of the replication stream (1 is fastest; see docs/disk.md). The
     /// environment variable TERN_DISK_ZSTD_LEVEL, if set, wins (for benchmarks).
     #[arg(long, default_value_t = tern_disk::primary::DEFAULT_ZSTD_LEVEL)]
@@ -217,6 +225,7 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                 }),
                 mode: a.mode,
                 sync_rate_bps: a.sync_rate * 1_000_000,
+                gate: a.gate_nic.clone().zip(a.switch.clone()),
                 zstd_level: std::env::var("TERN_DISK_ZSTD_LEVEL")
                     .ok()
                     .and_then(|v| v.parse().ok())

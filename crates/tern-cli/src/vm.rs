@@ -70,6 +70,11 @@ pub struct StartArgs {
     /// guest at /mnt/disk, migrated with `tern migrate --with-disk`.
     #[arg(long)]
     volume: Option<PathBuf>,
+    /// PipeCloud's output gate (with --volume): frames the guest sends leave only once the
+    /// disk writes before them are committed at the volume's secondary (`tern disk ctl
+    /// .../disk-ctl.sock replicate ...`); see docs/dr.md.
+    #[arg(long, requires = "volume")]
+    gate: bool,
     /// Switch socket for the guest NIC (default: /run/tern/lab/switch-SITE.sock if it
     /// exists, else no NIC).
     #[arg(long, conflicts_with = "no_net")]
@@ -101,6 +106,7 @@ impl StartArgs {
             .volume
             .as_ref()
             .map(|v| std::path::absolute(v).unwrap_or(v.clone()));
+        s.gate = self.gate;
         s.net_socket = if self.no_net {
             None
         } else {

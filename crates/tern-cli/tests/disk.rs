@@ -542,3 +542,118 @@ fn a_vm_migrates_with_its_disk_and_back_and_its_filesystem_is_clean() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Pings the VM from site a; the replies received.
+fn ping_vm(count: u32) -> u32 {
+    let out = tern(&[
+        "lab",
+        "exec",
+        "a",
+        "--",
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-W",
+        "1",
+        "198.18.100.10",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.split(", ")
+                .find(|p| p.ends_with(" received"))
+                .and_then(|p| p.trim_end_matches(" received").parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_gated_vm_speaks_only_when_its_writes_are_at_the_backup() {
+    if !is_root() || !have("mkfs.ext4") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("gate");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b) = (d.join("g.img"), d.join("g-b.img"));
+    ok(&["disk", "create", &s(&a), "--size", "128M", "--mkfs"]);
+    ok(&["disk", "create", &s(&b), "--size", "128M"]);
+    let mut lab = Lab::up("dr-50");
+    ok(&[
+        "vm",
+        "start",
+        "dsk1",
+        "--site",
+        "a",
+        "--mem",
+        "256",
+        "--workload",
+        "none",
+        "--volume",
+        &s(&a),
+        "--gate",
+        "--append",
+        "tern.diskw=2",
+    ]);
+    wait_for("the guest's disk writer", 240, || {
+        std::fs::read_to_string("/run/tern/vm/dsk1/a/serial.log")
+            .unwrap_or_default()
+            .contains("tern-init: disk writer")
+    });
+    let ctl = Path::new("/run/tern/vm/dsk1/a/disk-ctl.sock");
+    // No backup: the guest's writes are committed nowhere, so nothing it sends leaves.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ping_vm(3), 0, "replies escaped a closed gate");
+    let st = status(ctl);
+    assert!(st["writes"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["committed_writes"], 0, "{st}");
+    assert!(st["gate"]["held"].as_u64().unwrap() > 0, "{st}");
+    // A backup at b: once the writes are there, the held frames go and replies flow.
+    let bdir = Path::new("/run/tern/vm/dsk-gate/b");
+    std::fs::create_dir_all(bdir).unwrap();
+    let sec_args = [
+        "--nbd".to_string(),
+        s(&bdir.join("nbd.sock")),
+        "--control".into(),
+        s(&bdir.join("ctl.sock")),
+        "--secondary".into(),
+        "--listen".into(),
+        s(&bdir.join("repl.sock")),
+        s(&b),
+    ];
+    let argv: Vec<&str> = sec_args.iter().map(String::as_str).collect();
+    let mut sec = serve(&argv, &d.join("b.log"));
+    wait_socket(&bdir.join("ctl.sock"));
+    ok(&[
+        "disk",
+        "ctl",
+        &s(ctl),
+        "replicate",
+        "/run/tern/lab/migrate-a.sock",
+        "site-b",
+        "dsk-gate/b/repl.sock",
+        "async",
+    ]);
+    wait_for("the backup in sync", 60, || status(ctl)["in_sync"] == true);
+    assert!(ping_vm(5) >= 3, "the gate did not open");
+    let st = status(ctl);
+    assert!(st["gate"]["released"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["committed_writes"].as_u64().unwrap() > 0, "{st}");
+    // The backup dies: the next write closes the gate again.
+    sec.kill().unwrap();
+    sec.wait().unwrap();
+    wait_for("the primary to notice", 30, || {
+        status(ctl)["phase"] == "disconnected"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ping_vm(3), 0, "replies left while the backup was gone");
+    let st = status(ctl);
+    assert!(
+        st["writes"].as_u64().unwrap() > st["committed_writes"].as_u64().unwrap(),
+        "{st}"
+    );
+    lab.0.clear();
+    drop(lab);
+    let _ = std::fs::remove_dir_all("/run/tern/vm/dsk-gate");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -2,7 +2,8 @@
 //!
 //! A VM instance directory `DIR` (`/run/tern/vm/NAME/SITE`) holds its disk server's files:
 //! `nbd.sock` (QEMU's disk), `disk-ctl.sock` (control), `disk-repl.sock` (a secondary's
-//! replication socket, the target of the relayed stream), `disk.pid`, `disk.log`.
+//! replication socket, the target of the relayed stream), `disk.pid`, `disk.log`, and for a
+//! gated VM `gate-nic.sock` (its NIC, gated by the disk server, see `nic.rs`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub struct DiskPaths {
     pub repl: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
+    /// A gated VM's NIC connects here (PipeCloud).
+    pub gate_nic: PathBuf,
 }
 
 impl DiskPaths {
@@ -34,6 +37,7 @@ impl DiskPaths {
             repl: dir.join("disk-repl.sock"),
             pid: dir.join("disk.pid"),
             log: dir.join("disk.log"),
+            gate_nic: dir.join("gate-nic.sock"),
         }
     }
 }
@@ -47,8 +51,16 @@ pub fn tern_exe() -> Result<PathBuf, String> {
 }
 
 /// Starts `tern disk serve` for `volume` in the background with its files in `dir`;
-/// returns once its control socket answers.
-pub fn start(dir: &Path, volume: &Path, role: Role, mode: Mode) -> Result<DiskPaths, String> {
+/// returns once its control socket answers. With `gate_switch`, the server also gates the
+/// VM's NIC (PipeCloud): QEMU connects to [`DiskPaths::gate_nic`], frames go on to that
+/// switch socket.
+pub fn start(
+    dir: &Path,
+    volume: &Path,
+    role: Role,
+    mode: Mode,
+    gate_switch: Option<&Path>,
+) -> Result<DiskPaths, String> {
     let p = DiskPaths::in_dir(dir);
     let exe = tern_exe()?;
     let log = fs::File::create(&p.log).map_err(|e| format!("create {}: {e}", p.log.display()))?;
@@ -67,6 +79,12 @@ pub fn start(dir: &Path, volume: &Path, role: Role, mode: Mode) -> Result<DiskPa
         .arg(mode.to_string());
     if role == Role::Secondary {
         cmd.arg("--secondary").arg("--listen").arg(&p.repl);
+    }
+    if let Some(sw) = gate_switch {
+        cmd.arg("--gate-nic")
+            .arg(&p.gate_nic)
+            .arg("--switch")
+            .arg(sw);
     }
     use std::os::unix::process::CommandExt;
     let child = cmd

@@ -18,6 +18,7 @@
 //!   an inconsistent copy is refused.
 
 pub mod daemon;
+mod nic;
 pub mod primary;
 pub mod secondary;
 pub mod server;

@@ -66,6 +66,9 @@ pub struct ServeOptions {
     pub sync_rate_bps: u64,
     /// Level of the replication stream's zstd.
     pub zstd_level: i32,
+    /// PipeCloud gating: (socket QEMU's NIC connects to, the site switch socket). Frames
+    /// the VM sends wait until the writes before them are committed at the secondary.
+    pub gate: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,33 +90,43 @@ pub struct Status {
     pub stats: Stats,
     pub secondary_session: bool,
     pub secondary_bytes_in: u64,
+    /// Guest writes so far and those committed at the secondary (PipeCloud's counters).
+    pub writes: u64,
+    pub committed_writes: u64,
+    pub gate: Option<tern_gate::GateStats>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     role: Role,
     consistent: bool,
-    primary: Primary,
+    pub(crate) primary: Primary,
     target: Option<Target>,
     /// Bumped whenever the target changes; a replication thread exits when it differs.
     generation: u64,
     degraded: bool,
     secondary_session: bool,
     secondary_bytes_in: u64,
+    /// PipeCloud's output gate for the VM's NIC (`nic.rs`), when gated.
+    pub(crate) gate: tern_gate::Gate,
+    /// Frames the gate passed at once, encoded, for the releaser to write.
+    pub(crate) gate_ready: Vec<u8>,
+    /// The VM's NIC connection ended: the releaser stops.
+    pub(crate) gate_closed: bool,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     opts: ServeOptions,
     size: u64,
     file: FileBackend,
     /// The same file, for lseek(SEEK_DATA) and hashing.
     raw: std::fs::File,
     inner: Mutex<Inner>,
-    cond: Condvar,
-    stop: AtomicBool,
+    pub(crate) cond: Condvar,
+    pub(crate) stop: AtomicBool,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -175,6 +188,9 @@ impl Shared {
             stats: g.primary.stats().clone(),
             secondary_session: g.secondary_session,
             secondary_bytes_in: g.secondary_bytes_in,
+            writes: g.primary.writes(),
+            committed_writes: g.primary.committed_writes(),
+            gate: self.opts.gate.as_ref().map(|_| g.gate.stats()),
         }
     }
 }
@@ -258,6 +274,13 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     }
     let control = UnixListener::bind(&opts.control_socket)
         .map_err(|e| format!("bind {}: {e}", opts.control_socket.display()))?;
+    let gate_listener = match &opts.gate {
+        Some((nic, _)) => {
+            let _ = std::fs::remove_file(nic);
+            Some(UnixListener::bind(nic).map_err(|e| format!("bind {}: {e}", nic.display()))?)
+        }
+        None => None,
+    };
     let listen = match &opts.listen {
         Some(p) => Some(UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?),
         None => None,
@@ -278,6 +301,9 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
             degraded: false,
             secondary_session: false,
             secondary_bytes_in: 0,
+            gate: tern_gate::Gate::new(tern_gate::DEFAULT_LIMIT_BYTES),
+            gate_ready: Vec::new(),
+            gate_closed: false,
         }),
         cond: Condvar::new(),
         stop: AtomicBool::new(false),
@@ -298,6 +324,10 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     if let Some(l) = listen {
         let sh = shared.clone();
         std::thread::spawn(move || secondary_listener(sh, l));
+    }
+    if let (Some(l), Some((_, switch))) = (gate_listener, opts.gate.clone()) {
+        let sh = shared.clone();
+        std::thread::spawn(move || crate::nic::serve(sh, l, switch));
     }
     ready();
     control.set_nonblocking(true).map_err(|e| e.to_string())?;

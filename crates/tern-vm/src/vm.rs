@@ -286,6 +286,11 @@ pub struct VmSpec {
     /// and migrated with `tern migrate --with-disk`. Exclusive with `disk`.
     #[serde(default)]
     pub volume: Option<PathBuf>,
+    /// PipeCloud's output gate: the NIC goes through the volume's disk server, and frames
+    /// the guest sends wait until the disk writes before them are committed at the
+    /// secondary. Needs `volume` and `net_socket`.
+    #[serde(default)]
+    pub gate: bool,
     /// The site switch's Unix socket; the VM gets a virtio-net NIC connected to it.
     /// `None`: no NIC.
     pub net_socket: Option<PathBuf>,
@@ -311,6 +316,7 @@ impl VmSpec {
             append: None,
             disk: None,
             volume: None,
+            gate: false,
             net_socket: None,
         }
     }
@@ -707,6 +713,12 @@ pub fn validate(spec: &VmSpec) -> Result<(), VmError> {
     if let Some(v) = &spec.volume {
         check_file("volume", v)?;
     }
+    if spec.gate && (spec.volume.is_none() || spec.net_socket.is_none()) {
+        return Err(VmError::Invalid {
+            what: "gate",
+            reason: "output gating needs a tern volume and a NIC".into(),
+        });
+    }
     if let Some(d) = &spec.disk {
         check_file("disk image", d)?;
     }
@@ -873,7 +885,16 @@ impl VmHost {
             },
             _ => io_err(format!("create {}", paths.dir.display()))(e),
         })?;
-        let argv = guest_argv(&spec, &paths, disk_format, incoming, paused);
+        let disk_paths = tern_disk::daemon::DiskPaths::in_dir(&paths.dir);
+        let argv = if spec.gate {
+            // QEMU's NIC connects to the disk server's gate, which goes on to the switch.
+            let mut gated = spec.clone();
+            gated.net_socket = Some(disk_paths.gate_nic.clone());
+            guest_argv(&gated, &paths, disk_format, incoming, paused)
+        } else {
+            guest_argv(&spec, &paths, disk_format, incoming, paused)
+        };
+        let gate_switch = spec.net_socket.clone().filter(|_| spec.gate);
         let result = match &spec.volume {
             // The volume's server first: QEMU connects to it at startup. A migration's
             // destination receives the replication stream as a secondary until promoted.
@@ -886,6 +907,7 @@ impl VmHost {
                     tern_disk::server::Role::Primary
                 },
                 tern_disk::Mode::Auto,
+                gate_switch.as_deref(),
             )
             .map_err(|e| VmError::Disk {
                 name: name.clone(),

@@ -1,0 +1,129 @@
+//! PipeCloud's output gate in front of a protected VM's switch port (driver).
+//!
+//! QEMU's NIC (`-netdev stream`) connects to this socket instead of the site switch; the
+//! disk server connects to the switch on the VM's behalf. Frames from the switch to the VM
+//! pass at once. Frames from the VM are tagged with the volume's write counter when they
+//! arrive and leave, in order, once the backup's committed counter reaches the tag
+//! (`tern_gate::Gate`). The counters live in this same process, and a write's counter is
+//! taken before its NBD reply goes out, so a packet that depends on a write (the guest can
+//! only send it after the reply) is always tagged with it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tern_gate::Outcome;
+use tern_node::switch::{FrameDecoder, encode_frame};
+
+use crate::server::Shared;
+
+/// Serves QEMU NIC connections on `listener` (one at a time), each bridged to `switch`.
+pub(crate) fn serve(sh: Arc<Shared>, listener: UnixListener, switch: PathBuf) {
+    for vm in listener.incoming() {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(vm) = vm else { continue };
+        let sw = match UnixStream::connect(&switch) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "tern disk: gate: cannot reach the switch {}: {e}",
+                    switch.display()
+                );
+                continue;
+            }
+        };
+        if let Err(e) = bridge(&sh, vm, sw) {
+            eprintln!("tern disk: gate: {e}");
+        }
+    }
+}
+
+fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<()> {
+    let t0 = Instant::now();
+    let now_ns = move || t0.elapsed().as_nanos() as u64;
+    // Switch -> VM: bytes as they come.
+    let (mut from_sw, mut to_vm) = (sw.try_clone()?, vm.try_clone()?);
+    let inbound = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_sw, &mut to_vm);
+        let _ = to_vm.shutdown(std::net::Shutdown::Both);
+    });
+    // VM -> gate, and a releaser gate -> switch.
+    let mut to_sw = sw.try_clone()?;
+    let sh2 = sh.clone();
+    let releaser = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        loop {
+            let mut g = sh2.lock();
+            loop {
+                // Frames that passed at once first: they arrived before anything held.
+                out.append(&mut g.gate_ready);
+                let committed = g.primary.committed_writes();
+                let gate = &mut g.gate;
+                gate.commit(committed);
+                while let Some(f) = gate.poll_release(now_ns()) {
+                    encode_frame(&f, &mut out);
+                }
+                if !out.is_empty() || g.gate_closed {
+                    break;
+                }
+                g = sh2
+                    .cond
+                    .wait_timeout(g, Duration::from_millis(5))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            let closed = g.gate_closed;
+            drop(g);
+            if !out.is_empty() && to_sw.write_all(&out).is_err() {
+                return;
+            }
+            out.clear();
+            if closed {
+                return;
+            }
+        }
+    });
+    let mut from_vm = vm;
+    let mut dec = FrameDecoder::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let result = loop {
+        let n = match from_vm.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        dec.push(&buf[..n]);
+        let mut g = sh.lock();
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => {
+                    let tag = g.primary.writes();
+                    let frame = f.to_vec();
+                    if let Outcome::Release(f) = g.gate.outbound(now_ns(), tag, frame) {
+                        // Nothing held and already committed: next out. One thread writes
+                        // the switch socket (the releaser), so frames never interleave.
+                        encode_frame(&f, &mut g.gate_ready);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => break,
+            }
+        }
+        if dec.next_frame().is_err() {
+            break Err(std::io::Error::other("frame longer than the switch takes"));
+        }
+        sh.cond.notify_all();
+    };
+    sh.lock().gate_closed = true;
+    sh.cond.notify_all();
+    let _ = sw.shutdown(std::net::Shutdown::Both);
+    let _ = releaser.join();
+    let _ = inbound.join();
+    sh.lock().gate_closed = false;
+    result
+}
