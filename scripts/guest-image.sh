@@ -120,7 +120,7 @@ for m in $(cat /lib/modules/modules.order); do
 done
 echo "tern-init: modules loaded uptime_s=$(cut -d' ' -f1 /proc/uptime)"
 
-ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=; disk=; diskw=
+ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=; disk=; diskw=; kvdev=
 for kv in $(cat /proc/cmdline); do
   case "$kv" in
     tern.ip=*) ip=${kv#tern.ip=} ;;
@@ -132,6 +132,7 @@ for kv in $(cat /proc/cmdline); do
     tern.corrupt_s=*) corrupt=${kv#tern.corrupt_s=} ;;
     tern.disk=*) disk=${kv#tern.disk=} ;;
     tern.diskw=*) diskw=${kv#tern.diskw=} ;;
+    tern.kv=*) kvdev=${kv#tern.kv=} ;;
   esac
 done
 
@@ -150,7 +151,7 @@ fi
 # A tern volume with an ext4 filesystem (ext4 is built into the cloud kernel): mount it;
 # with tern.diskw=N, write N 64 KiB files a second into it (fsync each, 256 files in
 # rotation) while the VM runs.
-if [ -n "$disk" ]; then
+if [ -n "$disk" ] && [ "$disk" != "$kvdev" ]; then
   n=0
   while [ ! -b "/dev/$disk" ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
   mkdir -p /mnt/disk
@@ -173,6 +174,8 @@ set -- --workload "$workload" --seed "$seed" --ip "${ip:-none}"
 [ -n "$mem" ] && set -- "$@" --mem-mb "$mem"
 [ -n "$rate" ] && set -- "$@" --rate-mbps "$rate"
 [ -n "$corrupt" ] && set -- "$@" --inject-corruption-s "$corrupt"
+# tern.kv=vdX: the key-value service keeps its records on that raw disk (docs/dr.md).
+[ -n "$kvdev" ] && set -- "$@" --kv "/dev/$kvdev"
 echo "tern-init: starting tern-guest $*"
 /bin/tern-guest "$@"
 echo "tern-init: tern-guest exited status=$?"

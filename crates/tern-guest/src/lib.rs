@@ -27,6 +27,7 @@
 //! ```
 
 pub mod content;
+pub mod kv;
 pub mod rng;
 pub mod service;
 pub mod store;
@@ -43,7 +44,8 @@ pub const MAX_MEM_MB: u64 = 64 * 1024;
 pub const USAGE: &str =
     "usage: tern-guest [--workload idle|kernel-compile|web-db|java-heap] [--mem-mb N]
                   [--rate-mbps X] [--seed N] [--ip ADDR/LEN] [--verify-interval-ms N]
-                  [--http-port N] [--echo-port N] [--inject-corruption-s N]";
+                  [--http-port N] [--echo-port N] [--inject-corruption-s N]
+                  [--kv DEVICE]   (key-value service on port 7070, records on DEVICE)";
 
 /// Command-line configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +63,8 @@ pub struct Config {
     pub echo_port: u16,
     /// Flip one byte behind the checksum's back this many seconds after `ready`.
     pub inject_corruption_s: Option<u64>,
+    /// Serve the key-value service (`kv.rs`) with its records on this raw disk.
+    pub kv_device: Option<String>,
 }
 
 /// Parses the arguments after the program name; `Ok(None)` for `--help`.
@@ -73,6 +77,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
     let mut verify_interval_ms = None;
     let mut http_port = 80;
     let mut echo_port = 7;
+    let mut kv_device = None;
     let mut inject_corruption_s = None;
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -118,6 +123,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
             "--http-port" => http_port = num(&flag, value()?)?,
             "--echo-port" => echo_port = num(&flag, value()?)?,
             "--inject-corruption-s" => inject_corruption_s = Some(num(&flag, value()?)?),
+            "--kv" => kv_device = Some(value()?),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -131,6 +137,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
         http_port,
         echo_port,
         inject_corruption_s,
+        kv_device,
     }))
 }
 

@@ -65,6 +65,23 @@ fn run(cfg: Config) -> ExitCode {
         }
     });
 
+    if let Some(dev) = &cfg.kv_device {
+        match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+            Ok(f) => {
+                let disk = Arc::new(f);
+                let active = Arc::new(AtomicUsize::new(0));
+                listen("kv", tern_guest::kv::PORT, move |s| {
+                    let disk = Arc::clone(&disk);
+                    serve_bounded(&active, s, move |s| kv(s, &disk))
+                });
+                println!(
+                    "tern-guest: kv serving port={} device={dev}",
+                    tern_guest::kv::PORT
+                );
+            }
+            Err(e) => println!("tern-guest: warning kv device {dev}: {e}"),
+        }
+    }
     println!(
         "tern-guest: config workload={} mem_mb={} rate_mbps={} seed={} verify_interval_ms={}",
         cfg.profile.name(),
@@ -163,6 +180,42 @@ fn run(cfg: Config) -> ExitCode {
 
 /// Accepts on 0.0.0.0:`port` in a thread, handing each connection to `handle`. A port that
 /// cannot be bound is reported and skipped: the workload matters more than the service.
+/// One key-value connection: each `PUT <id>` line is written, made durable, then answered.
+fn kv(s: TcpStream, disk: &std::fs::File) {
+    use std::io::BufRead;
+    use std::os::unix::fs::FileExt;
+    let _ = s.set_nodelay(true);
+    let Ok(mut out) = s.try_clone() else { return };
+    let size = disk.metadata().map(|m| m.len()).unwrap_or(0);
+    let size = if size == 0 {
+        // A block device reports 0 in metadata: ask it for its end.
+        use std::io::Seek;
+        let mut d: &std::fs::File = disk;
+        d.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+    } else {
+        size
+    };
+    let slots = size / tern_guest::kv::RECORD_BYTES as u64;
+    for line in std::io::BufReader::new(s).lines() {
+        let Ok(line) = line else { return };
+        let reply = match tern_guest::kv::parse_put(&line) {
+            Some(id) if id < slots => {
+                let rec = tern_guest::kv::record(id);
+                let at = id * tern_guest::kv::RECORD_BYTES as u64;
+                match disk.write_all_at(&rec, at).and_then(|()| disk.sync_data()) {
+                    Ok(()) => format!("OK {id}\n"),
+                    Err(e) => format!("ERR {id} {e}\n"),
+                }
+            }
+            Some(id) => format!("ERR {id} beyond {slots} records\n"),
+            None => "ERR bad request\n".to_string(),
+        };
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
 fn listen(name: &'static str, port: u16, handle: impl Fn(TcpStream) + Send + 'static) {
     let listener = match TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)) {
         Ok(l) => l,
