@@ -677,8 +677,8 @@ while True:
 "#;
 
 /// One real disaster: a VM serving the key-value service on a raw volume replicated to b
-/// (gated or not), a client at site a; after `run_ms` the primary site dies (link cut, QEMU
-/// and its disk server killed). Returns (acknowledged, lost at the backup).
+/// (gated or not), a client at site a; after `run_ms` the primary site dies (link cut, then
+/// QEMU and its disk server killed). Returns (acknowledged, lost at the backup).
 fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
     use std::io::Read as _;
     let s = |p: &Path| p.to_str().unwrap().to_string();
@@ -746,8 +746,10 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(run_ms));
-    // The disaster: the link goes, then QEMU and its disk server die, with no warning.
+    // The disaster: the site's link goes, and 300 ms later QEMU and its disk server die
+    // (the client, at site a, keeps talking to the VM in between).
     ok(&["lab", "set", "--loss", "100%"]);
+    std::thread::sleep(Duration::from_millis(300));
     let dir = Path::new("/run/tern/vm/dsk1/a");
     for pidfile in ["qemu.pid", "disk.pid"] {
         if let Ok(pid) = std::fs::read_to_string(dir.join(pidfile)) {
@@ -763,10 +765,13 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
         .read_to_string(&mut out)
         .unwrap();
     let _ = client.wait();
-    ok(&["lab", "set", "--loss", "0%"]);
     let _ = tern(&["vm", "stop", "dsk1"]);
-    // What survives is the backup: every acknowledged record must be there.
+    // What survives is the backup: every acknowledged record must be there. The link stays
+    // cut until it is read: site a's node (which a real disaster takes too) must not
+    // deliver what it still buffers.
+    std::thread::sleep(Duration::from_millis(500));
     let backup = std::fs::read(&b).unwrap();
+    ok(&["lab", "set", "--loss", "0%"]);
     let acked: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     let rec = tern_guest::kv::RECORD_BYTES;
     let lost = acked
