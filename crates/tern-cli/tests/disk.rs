@@ -106,6 +106,28 @@ fn serve(args: &[&str], log: &Path) -> Child {
         .expect("spawn tern disk serve")
 }
 
+/// Starts a secondary for `volume` with its sockets in `bdir` (under the far node's
+/// migration directory, so the relay can reach `bdir/repl.sock`); returns once it answers.
+fn start_secondary(bdir: &Path, volume: &Path, log: &Path) -> Child {
+    std::fs::create_dir_all(bdir).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = [
+        "--nbd".to_string(),
+        s(&bdir.join("nbd.sock")),
+        "--control".into(),
+        s(&bdir.join("ctl.sock")),
+        "--secondary".into(),
+        "--listen".into(),
+        s(&bdir.join("repl.sock")),
+        s(volume),
+    ];
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _ = std::fs::remove_file(bdir.join("ctl.sock"));
+    let child = serve(&argv, log);
+    wait_socket(&bdir.join("ctl.sock"));
+    child
+}
+
 fn status(control: &Path) -> Value {
     json(&["disk", "ctl", control.to_str().unwrap(), "status"])
 }
@@ -312,23 +334,7 @@ fn replication_survives_a_killed_secondary_and_a_cut_link_without_resending() {
     let mut lab = Lab::up("cloudnet-lab");
     // The secondary's sockets live under the far node's migration directory.
     let bdir = Path::new("/run/tern/vm/dsk-repl/b");
-    std::fs::create_dir_all(bdir).unwrap();
-    let sec_args = |d: &Path| {
-        vec![
-            "--nbd".to_string(),
-            s(&bdir.join("nbd.sock")),
-            "--control".into(),
-            s(&bdir.join("ctl.sock")),
-            "--secondary".into(),
-            "--listen".into(),
-            s(&bdir.join("repl.sock")),
-            s(&d.join("b.img")),
-        ]
-    };
-    let args = sec_args(&d);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let sec = serve(&argv, &d.join("b1.log"));
-    wait_socket(&bdir.join("ctl.sock"));
+    let sec = start_secondary(bdir, &b, &d.join("b1.log"));
     let (nbd, ctl) = (d.join("nbd.sock"), d.join("ctl.sock"));
     let prim = serve(
         &[
@@ -378,7 +384,7 @@ fn replication_survives_a_killed_secondary_and_a_cut_link_without_resending() {
     // The secondary comes back (its copy is inconsistent); the link is cut for 3 s mid-way.
     let state = std::fs::read_to_string(d.join("b.img.tern.json")).unwrap();
     assert!(state.contains("false"), "{state}");
-    let sec = serve(&argv, &d.join("b2.log"));
+    let sec = start_secondary(bdir, &b, &d.join("b2.log"));
     lab.0.push(sec);
     wait_for("the second session", 60, || {
         status(&ctl)["phase"] == "syncing" || status(&ctl)["phase"] == "live"
@@ -610,20 +616,7 @@ fn a_gated_vm_speaks_only_when_its_writes_are_at_the_backup() {
     assert!(st["gate"]["held"].as_u64().unwrap() > 0, "{st}");
     // A backup at b: once the writes are there, the held frames go and replies flow.
     let bdir = Path::new("/run/tern/vm/dsk-gate/b");
-    std::fs::create_dir_all(bdir).unwrap();
-    let sec_args = [
-        "--nbd".to_string(),
-        s(&bdir.join("nbd.sock")),
-        "--control".into(),
-        s(&bdir.join("ctl.sock")),
-        "--secondary".into(),
-        "--listen".into(),
-        s(&bdir.join("repl.sock")),
-        s(&b),
-    ];
-    let argv: Vec<&str> = sec_args.iter().map(String::as_str).collect();
-    let mut sec = serve(&argv, &d.join("b.log"));
-    wait_socket(&bdir.join("ctl.sock"));
+    let mut sec = start_secondary(bdir, &b, &d.join("b.log"));
     ok(&[
         "disk",
         "ctl",
@@ -708,20 +701,7 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
     }
     ok(&start);
     let bdir = Path::new("/run/tern/vm/dsk-kv/b");
-    std::fs::create_dir_all(bdir).unwrap();
-    let sec_args = [
-        "--nbd".to_string(),
-        s(&bdir.join("nbd.sock")),
-        "--control".into(),
-        s(&bdir.join("ctl.sock")),
-        "--secondary".into(),
-        "--listen".into(),
-        s(&bdir.join("repl.sock")),
-        s(&b),
-    ];
-    let argv: Vec<&str> = sec_args.iter().map(String::as_str).collect();
-    let _sec = Servers(vec![serve(&argv, &d.join("kv-b.log"))]);
-    wait_socket(&bdir.join("ctl.sock"));
+    let _sec = Servers(vec![start_secondary(bdir, &b, &d.join("kv-b.log"))]);
     let ctl = Path::new("/run/tern/vm/dsk1/a/disk-ctl.sock");
     ok(&[
         "disk",
