@@ -8,6 +8,7 @@ pub mod accel;
 pub mod chart;
 pub mod cloudnet;
 pub mod disk;
+pub mod dr;
 pub mod rr;
 pub mod tools;
 pub mod vmotion;

@@ -392,3 +392,39 @@ pub fn disk(a: DiskBenchArgs) -> Result<()> {
     tern_bench::disk::run(&opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct DrBenchArgs {
+    /// Link profiles, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "dr-50,dr-100")]
+    profiles: Vec<String>,
+    /// Closed-loop clients (connections to the key-value service).
+    #[arg(long, default_value_t = 16)]
+    clients: u32,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 15)]
+    seconds: u32,
+    /// Directory for dr.json and dr.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn dr(a: DrBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    for p in &a.profiles {
+        tern_link::Profile::find(p)?;
+    }
+    let opts = tern_bench::dr::DrBenchOptions {
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        out_dir: a.out,
+        profiles: a.profiles,
+        clients: a.clients.clamp(1, 64),
+        seconds: a.seconds.max(1),
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::dr::run(&opts)?;
+    Ok(())
+}

@@ -147,6 +147,9 @@ enum BenchCmd {
     /// into qemu-nbd over TCP (bytes, time, identical copies), and guest write latency with
     /// no, async and sync replication.
     Disk(bench::DiskBenchArgs),
+    /// Disaster recovery: the guest's key-value service under async, sync and pipelined
+    /// (async + PipeCloud's gate) replication; throughput and response times.
+    Dr(bench::DrBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -281,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Vmotion(a)) => bench::vmotion(a),
         Cmd::Bench(BenchCmd::Cloudnet(a)) => bench::cloudnet(a),
         Cmd::Bench(BenchCmd::Disk(a)) => bench::disk(a),
+        Cmd::Bench(BenchCmd::Dr(a)) => bench::dr(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
