@@ -104,6 +104,8 @@ impl Run<'_> {
             work.join(format!("{mode}-b.img")),
         );
         for v in [&a, &b] {
+            let _ = std::fs::remove_file(v);
+            let _ = std::fs::remove_file(format!("{}.tern.json", v.display()));
             self.tern(&["disk", "create", &s(v), "--size", "16M"], 30)?;
         }
         let av = s(&a);

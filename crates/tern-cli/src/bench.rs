@@ -398,8 +398,9 @@ pub struct DrBenchArgs {
     /// Link profiles, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "dr-50,dr-100")]
     profiles: Vec<String>,
-    /// Closed-loop clients (connections to the key-value service).
-    #[arg(long, default_value_t = 16)]
+    /// Closed-loop clients (connections to the key-value service); enough that the
+    /// service, not the clients' own round trips, limits pipelined throughput.
+    #[arg(long, default_value_t = 32)]
     clients: u32,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 15)]
