@@ -198,6 +198,26 @@ impl Shared {
 /// The NBD face of a served volume: local I/O, then replication.
 struct Replicated(Arc<Shared>);
 
+impl Replicated {
+    /// A guest change: refused on a secondary; applied locally, then handed to the primary
+    /// under the same lock (so replication sees the volume's order), then waited for as the
+    /// mode says.
+    fn change(
+        &self,
+        local: impl FnOnce(&FileBackend) -> io::Result<()>,
+        replicate: impl FnOnce(&mut Primary) -> Option<u64>,
+    ) -> io::Result<()> {
+        let s = &self.0;
+        let mut g = s.lock();
+        s.writable(&g)?;
+        local(&s.file)?;
+        let seq = replicate(&mut g.primary);
+        s.cond.notify_all();
+        s.after_write(g, seq);
+        Ok(())
+    }
+}
+
 impl Backend for Replicated {
     fn size(&self) -> u64 {
         self.0.size
@@ -206,14 +226,7 @@ impl Backend for Replicated {
         self.0.file.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let s = &self.0;
-        let mut g = s.lock();
-        s.writable(&g)?;
-        s.file.write_at(offset, data, fua)?;
-        let seq = g.primary.write(offset, data);
-        s.cond.notify_all();
-        s.after_write(g, seq);
-        Ok(())
+        self.change(|f| f.write_at(offset, data, fua), |p| p.write(offset, data))
     }
     fn flush(&self) -> io::Result<()> {
         let s = &self.0;
@@ -229,24 +242,13 @@ impl Backend for Replicated {
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        let s = &self.0;
-        let mut g = s.lock();
-        s.writable(&g)?;
-        s.file.trim(offset, len, fua)?;
-        let seq = g.primary.zero(offset, len);
-        s.cond.notify_all();
-        s.after_write(g, seq);
-        Ok(())
+        self.change(|f| f.trim(offset, len, fua), |p| p.zero(offset, len))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        let s = &self.0;
-        let mut g = s.lock();
-        s.writable(&g)?;
-        s.file.write_zeroes(offset, len, may_trim, fua)?;
-        let seq = g.primary.zero(offset, len);
-        s.cond.notify_all();
-        s.after_write(g, seq);
-        Ok(())
+        self.change(
+            |f| f.write_zeroes(offset, len, may_trim, fua),
+            |p| p.zero(offset, len),
+        )
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.0.file.block_status(offset, len)

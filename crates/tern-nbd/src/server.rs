@@ -94,6 +94,15 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// One request's outcome: an error, bytes read, or `written` bytes written.
+    fn count(&self, result: &Result<Reply, crate::proto::NbdError>, written: u64) {
+        match result {
+            Err(_) => Counters::add(&self.errors, 1),
+            Ok(Reply::Data(d)) => Counters::add(&self.bytes_read, d.len() as u64),
+            Ok(_) => Counters::add(&self.bytes_written, written),
+        }
+    }
+
     fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -149,16 +158,7 @@ fn serve<S: Read + Write>(
                         }
                         None => Err(crate::proto::NbdError::Io),
                     };
-                    match (&result, &request.command) {
-                        (Err(_), _) => Counters::add(&counters.errors, 1),
-                        (Ok(Reply::Data(data)), _) => {
-                            Counters::add(&counters.bytes_read, data.len() as u64)
-                        }
-                        (Ok(_), Command::Write(data)) => {
-                            Counters::add(&counters.bytes_written, data.len() as u64)
-                        }
-                        _ => {}
-                    }
+                    counters.count(&result, written_by(&result, &request));
                     if let Err(e) = session.reply(request.id, result) {
                         eprintln!("tern-nbd: {e}");
                     }
@@ -242,10 +242,7 @@ fn serve_concurrent(
                         let job = jrx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((request, backend)) = job else { return };
                         let result = execute(&*backend, &request).map_err(|e| nbd_error(&e));
-                        let written = match (&result, &request.command) {
-                            (Ok(_), Command::Write(d)) => d.len() as u64,
-                            _ => 0,
-                        };
+                        let written = written_by(&result, &request);
                         let done = Msg::Done {
                             id: request.id,
                             result,
@@ -306,11 +303,7 @@ fn serve_concurrent(
                     written,
                 }) => {
                     in_flight -= 1;
-                    match &result {
-                        Err(_) => Counters::add(&counters.errors, 1),
-                        Ok(Reply::Data(d)) => Counters::add(&counters.bytes_read, d.len() as u64),
-                        Ok(_) => Counters::add(&counters.bytes_written, written),
-                    }
+                    counters.count(&result, written);
                     if let Err(e) = session.reply(id, result) {
                         eprintln!("tern-nbd: {e}");
                     }
@@ -331,6 +324,17 @@ fn serve_concurrent(
         let _ = w.join();
     }
     outcome
+}
+
+/// Bytes a request wrote, once it succeeded.
+fn written_by(
+    result: &Result<Reply, crate::proto::NbdError>,
+    request: &crate::proto::Request,
+) -> u64 {
+    match (result, &request.command) {
+        (Ok(_), Command::Write(d)) => d.len() as u64,
+        _ => 0,
+    }
 }
 
 fn write_output<S: Write>(stream: &mut S, session: &mut ServerSession) -> io::Result<()> {
