@@ -120,7 +120,7 @@ for m in $(cat /lib/modules/modules.order); do
 done
 echo "tern-init: modules loaded uptime_s=$(cut -d' ' -f1 /proc/uptime)"
 
-ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=; disk=; diskw=; kvdev=
+ip=; gw=; workload=web-db; mem=; rate=; seed=1; corrupt=; disk=; diskw=; kvdev=; fe=
 for kv in $(cat /proc/cmdline); do
   case "$kv" in
     tern.ip=*) ip=${kv#tern.ip=} ;;
@@ -133,6 +133,7 @@ for kv in $(cat /proc/cmdline); do
     tern.disk=*) disk=${kv#tern.disk=} ;;
     tern.diskw=*) diskw=${kv#tern.diskw=} ;;
     tern.kv=*) kvdev=${kv#tern.kv=} ;;
+    tern.fe=*) fe=${kv#tern.fe=} ;;
   esac
 done
 
@@ -176,6 +177,8 @@ set -- --workload "$workload" --seed "$seed" --ip "${ip:-none}"
 [ -n "$corrupt" ] && set -- "$@" --inject-corruption-s "$corrupt"
 # tern.kv=vdX: the key-value service keeps its records on that raw disk (docs/dr.md).
 [ -n "$kvdev" ] && set -- "$@" --kv "/dev/$kvdev"
+# tern.fe=HOST,K: the front-end tier, K commits at the key-value service on HOST per request.
+[ -n "$fe" ] && set -- "$@" --frontend "${fe%,*}:7070" --calls "${fe#*,}"
 echo "tern-init: starting tern-guest $*"
 /bin/tern-guest "$@"
 echo "tern-init: tern-guest exited status=$?"

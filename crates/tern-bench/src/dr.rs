@@ -1,7 +1,12 @@
 //! `tern bench dr`: the guest's key-value service (serialized commits: write, fdatasync,
 //! reply) under async, sync and pipelined (async + PipeCloud's gate) replication to site b,
 //! driven by closed-loop clients at site a; throughput and response times per link profile.
-//! Single tier only (two tiers need the overlay's counter metadata, not built yet).
+//!
+//! Two tiers: a front-end VM (`tern-guest --frontend`) makes `calls` sequential commits at
+//! the key-value VM per client request. Pipelined gates both VMs as one protected group
+//! (frames between them carry write clocks, `tern_gate::Group`); `pipelined-no-clocks`
+//! gates each VM alone (the database's replies to the front end wait too) to show what the
+//! clocks are worth.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,28 +25,37 @@ pub struct DrBenchOptions {
     pub profiles: Vec<String>,
     pub clients: u32,
     pub seconds: u32,
+    /// Tier counts to measure (1 and/or 2).
+    pub tiers: Vec<u32>,
+    /// Two tiers: database commits per client request.
+    pub calls: u32,
+    /// Two tiers: closed-loop clients.
+    pub tier2_clients: u32,
     pub command: String,
 }
 
 const VM: &str = "bench-dr";
+const FE: &str = "bench-dr-fe";
+const DB_IP: &str = "198.18.100.10";
+const FE_IP: &str = "198.18.100.11";
 const BACKUP_DIR: &str = "/run/tern/vm/bench-dr-backup/b";
 
 /// Closed-loop clients: each sends `PUT id` and waits for its `OK` before the next;
 /// prints one line per reply: `<latency ms>`; stops after the given seconds.
 const CLIENT: &str = r#"
 import socket, sys, threading, time
-n, secs = int(sys.argv[1]), float(sys.argv[2])
+n, secs, host, ids = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 end = time.time() + secs
 lat = []
 lock = threading.Lock()
 def run(k):
-    s = socket.create_connection(("198.18.100.10", 7070), timeout=30)
+    s = socket.create_connection((host, 7070), timeout=30)
     f = s.makefile("rw")
     i = k
     mine = []
     while time.time() < end:
         t = time.time()
-        f.write("PUT %d\n" % (i % 30000))
+        f.write("PUT %d\n" % (i % ids))
         f.flush()
         l = f.readline()
         if not l.startswith("OK"):
@@ -74,10 +88,12 @@ impl Drop for Run<'_> {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = run_bounded(
-            Command::new(&self.o.tern_exe).args(["vm", "stop", VM]),
-            Duration::from_secs(60),
-        );
+        for vm in [FE, VM] {
+            let _ = run_bounded(
+                Command::new(&self.o.tern_exe).args(["vm", "stop", vm]),
+                Duration::from_secs(60),
+            );
+        }
         let _ = std::fs::remove_dir_all(Path::new(BACKUP_DIR).parent().unwrap_or(Path::new("/")));
     }
 }
@@ -96,38 +112,88 @@ impl Run<'_> {
         serde_json::from_str(&s).map_err(|e| fail(e.to_string()))
     }
 
-    /// One mode: a fresh VM and backup, the clients for `seconds`; (replies/s, sorted ms).
-    fn measure(&mut self, mode: &str, work: &Path) -> Result<(f64, Vec<f64>), BenchError> {
-        let s = |p: &Path| p.to_str().unwrap_or("").to_string();
-        let (a, b) = (
-            work.join(format!("{mode}-a.img")),
-            work.join(format!("{mode}-b.img")),
-        );
-        for v in [&a, &b] {
-            let _ = std::fs::remove_file(v);
-            let _ = std::fs::remove_file(format!("{}.tern.json", v.display()));
-            self.tern(&["disk", "create", &s(v), "--size", "16M"], 30)?;
-        }
-        let av = s(&a);
+    /// Starts VM `name` at site a with a fresh `volume`, gated as `mode` says.
+    fn start_vm(
+        &self,
+        name: &str,
+        ip: &str,
+        volume: &Path,
+        append: &str,
+        mode: &str,
+        peer: Option<&str>,
+    ) -> Result<(), BenchError> {
+        let v = volume.to_str().unwrap_or("");
+        let _ = std::fs::remove_file(volume);
+        let _ = std::fs::remove_file(format!("{v}.tern.json"));
+        self.tern(&["disk", "create", v, "--size", "64M"], 30)?;
+        let cidr = format!("{ip}/24");
         let mut start = vec![
             "vm",
             "start",
-            VM,
+            name,
             "--site",
             "a",
             "--mem",
             "256",
             "--workload",
             "none",
+            "--ip",
+            &cidr,
             "--volume",
-            &av,
+            v,
             "--append",
-            "tern.kv=vda",
+            append,
         ];
-        if mode == "pipelined" {
+        if mode.starts_with("pipelined") {
             start.push("--gate");
         }
+        if let (Some(p), "pipelined") = (peer, mode) {
+            start.extend(["--gate-peer", p]);
+        }
         self.tern(&start, 120)?;
+        Ok(())
+    }
+
+    fn wait_serial(&self, name: &str, marker: &str) -> Result<(), BenchError> {
+        let serial = Path::new(tern_lab::VM_DIR)
+            .join(name)
+            .join("a")
+            .join("serial.log");
+        let end = Instant::now() + Duration::from_secs(240);
+        while !std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .contains(marker)
+        {
+            if Instant::now() > end {
+                return Err(fail(format!("{name}: no {marker:?} on the serial console")));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
+    /// One mode: fresh VMs and backup, the clients for `seconds`; (replies/s, sorted ms).
+    fn measure(
+        &mut self,
+        mode: &str,
+        tiers: u32,
+        work: &Path,
+    ) -> Result<(f64, Vec<f64>), BenchError> {
+        let s = |p: &Path| p.to_str().unwrap_or("").to_string();
+        let (a, b) = (
+            work.join(format!("{mode}-a.img")),
+            work.join(format!("{mode}-b.img")),
+        );
+        let _ = std::fs::remove_file(&b);
+        let _ = std::fs::remove_file(format!("{}.tern.json", b.display()));
+        self.tern(&["disk", "create", &s(&b), "--size", "64M"], 30)?;
+        let fe_peer = (tiers == 2).then_some(FE);
+        self.start_vm(VM, DB_IP, &a, "tern.kv=vda", mode, fe_peer)?;
+        if tiers == 2 {
+            let fe_append = format!("tern.fe={DB_IP},{}", self.o.calls);
+            let fe_vol = work.join(format!("{mode}-fe.img"));
+            self.start_vm(FE, FE_IP, &fe_vol, &fe_append, mode, Some(VM))?;
+        }
         let bdir = Path::new(BACKUP_DIR);
         std::fs::create_dir_all(bdir).map_err(|e| fail(e.to_string()))?;
         let child = Command::new(&self.o.tern_exe)
@@ -178,20 +244,13 @@ impl Run<'_> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let serial = Path::new(tern_lab::VM_DIR)
-            .join(VM)
-            .join("a")
-            .join("serial.log");
-        let end = Instant::now() + Duration::from_secs(240);
-        while !std::fs::read_to_string(&serial)
-            .unwrap_or_default()
-            .contains("tern-guest: kv serving")
-        {
-            if Instant::now() > end {
-                return Err(fail("the key-value service did not start"));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        self.wait_serial(VM, "tern-guest: kv serving")?;
+        let (host, clients, ids) = if tiers == 2 {
+            self.wait_serial(FE, "tern-guest: frontend serving")?;
+            (FE_IP, self.o.tier2_clients, 120_000 / self.o.calls.max(1))
+        } else {
+            (DB_IP, self.o.clients, 120_000)
+        };
         let out = run_bounded(
             Command::new(&self.o.tern_exe).args([
                 "lab",
@@ -201,8 +260,10 @@ impl Run<'_> {
                 "python3",
                 "-c",
                 CLIENT,
-                &self.o.clients.to_string(),
+                &clients.to_string(),
                 &self.o.seconds.to_string(),
+                host,
+                &ids.to_string(),
             ]),
             Duration::from_secs(u64::from(self.o.seconds) + 120),
         )?;
@@ -218,6 +279,9 @@ impl Run<'_> {
         if let Some(mut c) = self.backup.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if tiers == 2 {
+            self.tern(&["vm", "stop", FE], 60)?;
         }
         self.tern(&["vm", "stop", VM], 60)?;
         Ok((ms.len() as f64 / f64::from(self.o.seconds), ms))
@@ -238,16 +302,24 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
         let mut r = Run { o, backup: None };
         let _ = r.tern(&["lab", "down"], 60);
         r.tern(&["lab", "up", "--profile", p], 90)?;
-        for mode in ["async", "sync", "pipelined"] {
-            eprintln!("== {p} {mode}");
-            let (rate, ms) = r.measure(mode, &work)?;
+        for (tiers, mode) in o.tiers.iter().flat_map(|&t| {
+            let modes: &[&str] = if t == 2 {
+                &["async", "sync", "pipelined", "pipelined-no-clocks"]
+            } else {
+                &["async", "sync", "pipelined"]
+            };
+            modes.iter().map(move |m| (t, *m))
+        }) {
+            eprintln!("== {p} {tiers} tier(s) {mode}");
+            let (rate, ms) = r.measure(mode, tiers, &work)?;
             eprintln!(
                 "   {rate:.1} replies/s, median {:.1} ms, p99 {:.1} ms",
                 pct(&ms, 0.5),
                 pct(&ms, 0.99)
             );
             rows.push(json!({
-                "profile": p, "mode": mode, "replies_per_s": rate, "replies": ms.len(),
+                "profile": p, "tiers": tiers, "mode": mode, "replies_per_s": rate,
+                "replies": ms.len(),
                 "median_ms": pct(&ms, 0.5), "p90_ms": pct(&ms, 0.9), "p99_ms": pct(&ms, 0.99),
             }));
         }
@@ -257,27 +329,32 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
         Duration::from_secs(60),
     );
     let _ = std::fs::remove_dir_all(&work);
-    let get = |p: &str, m: &str| {
+    let get = |p: &str, t: u32, m: &str, k: &str| {
         rows.iter()
-            .find(|r| r["profile"] == p && r["mode"] == m)
-            .and_then(|r| r["replies_per_s"].as_f64())
-            .unwrap_or(0.0)
+            .find(|r| r["profile"] == p && r["tiers"] == t && r["mode"] == m)
+            .and_then(|r| r[k].as_f64())
     };
-    let targets: Vec<Value> = o
-        .profiles
-        .iter()
-        .map(|p| {
-            let (a, s, pl) = (get(p, "async"), get(p, "sync"), get(p, "pipelined"));
-            json!({"profile": p,
-                   "pipelined_vs_async": pl / a.max(1e-9), "met_90pct_of_async": pl >= 0.9 * a,
-                   "pipelined_vs_sync": pl / s.max(1e-9), "met_5x_sync": pl >= 5.0 * s})
-        })
-        .collect();
+    let mut targets: Vec<Value> = Vec::new();
+    for p in &o.profiles {
+        let rate = |m| get(p, 1, m, "replies_per_s");
+        if let (Some(a), Some(s), Some(pl)) = (rate("async"), rate("sync"), rate("pipelined")) {
+            targets.push(json!({"profile": p, "tiers": 1,
+                "pipelined_vs_async": pl / a.max(1e-9), "met_90pct_of_async": pl >= 0.9 * a,
+                "pipelined_vs_sync": pl / s.max(1e-9), "met_5x_sync": pl >= 5.0 * s}));
+        }
+        let med = |m| get(p, 2, m, "median_ms");
+        if let (Some(s), Some(pl)) = (med("sync"), med("pipelined")) {
+            targets.push(json!({"profile": p, "tiers": 2,
+                "sync_median_vs_pipelined": s / pl.max(1e-9), "met_3x_lower": s >= 3.0 * pl}));
+        }
+    }
     let v = json!({
         "bench": "dr",
         "command": o.command,
         "machine": crate::machine(),
         "clients": o.clients,
+        "tier2_clients": o.tier2_clients,
+        "calls": o.calls,
         "seconds": o.seconds,
         "rows": rows,
         "targets": targets,
@@ -285,15 +362,18 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
     });
     let mut md = format!(
         "# tern bench dr\n\nCommand: `{}`\n\nThe guest's key-value service (serialized \
-         commits: write 512 B, fdatasync, reply) on a replicated raw volume; {} closed-loop \
-         clients at site a for {} s per row.\n\n| link | replication | replies/s | median ms | \
-         p90 ms | p99 ms |\n|---|---|---:|---:|---:|---:|\n",
-        o.command, o.clients, o.seconds
+         commits: write 512 B, fdatasync, reply) on a replicated raw volume at site a, backup \
+         at b; {} closed-loop clients at site a for {} s per row. Two tiers: a front-end VM \
+         makes {} sequential commits at the key-value VM per request, {} clients.\n\n\
+         | link | tiers | replication | replies/s | median ms | p90 ms | p99 ms |\n\
+         |---|---:|---|---:|---:|---:|---:|\n",
+        o.command, o.clients, o.seconds, o.calls, o.tier2_clients
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             r["profile"].as_str().unwrap_or(""),
+            r["tiers"],
             r["mode"].as_str().unwrap_or(""),
             r["replies_per_s"].as_f64().unwrap_or(0.0),
             r["median_ms"].as_f64().unwrap_or(0.0),
@@ -301,8 +381,20 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
             r["p99_ms"].as_f64().unwrap_or(0.0)
         ));
     }
-    md.push_str("\nTargets (pipelined >= 90% of async and >= 5x sync):\n\n");
-    for t in &targets {
+    md.push_str(
+        "\nTargets (one tier: pipelined >= 90% of async and >= 5x sync throughput; two \
+         tiers: median response time >= 3x lower than sync):\n\n",
+    );
+    let met = |b: bool| if b { "met" } else { "NOT met" };
+    for t in targets.iter().filter(|t| t["tiers"] == 2) {
+        md.push_str(&format!(
+            "- {} two tiers: sync median / pipelined median {:.1}x ({})\n",
+            t["profile"].as_str().unwrap_or(""),
+            t["sync_median_vs_pipelined"].as_f64().unwrap_or(0.0),
+            met(t["met_3x_lower"] == true)
+        ));
+    }
+    for t in targets.iter().filter(|t| t["tiers"] == 1) {
         md.push_str(&format!(
             "- {}: pipelined/async {:.2} ({}), pipelined/sync {:.1}x ({})\n",
             t["profile"].as_str().unwrap_or(""),

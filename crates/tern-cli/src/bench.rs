@@ -405,6 +405,16 @@ pub struct DrBenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 15)]
     seconds: u32,
+    /// Tiers to measure, comma-separated: 1 (the key-value VM alone) and/or 2 (a front
+    /// end in front of it).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    tiers: Vec<u32>,
+    /// Two tiers: database commits the front end makes per request.
+    #[arg(long, default_value_t = 4)]
+    calls: u32,
+    /// Two tiers: closed-loop clients (response time, not saturation, is the measure).
+    #[arg(long, default_value_t = 4)]
+    tier2_clients: u32,
     /// Directory for dr.json and dr.md.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -412,6 +422,9 @@ pub struct DrBenchArgs {
 
 pub fn dr(a: DrBenchArgs) -> Result<()> {
     tern_lab::check_prerequisites()?;
+    if a.tiers.is_empty() || a.tiers.iter().any(|t| !(1..=2).contains(t)) {
+        anyhow::bail!("--tiers takes 1 and/or 2");
+    }
     for p in &a.profiles {
         tern_link::Profile::find(p)?;
     }
@@ -421,6 +434,9 @@ pub fn dr(a: DrBenchArgs) -> Result<()> {
         profiles: a.profiles,
         clients: a.clients.clamp(1, 64),
         seconds: a.seconds.max(1),
+        tiers: a.tiers.clone(),
+        calls: a.calls.clamp(1, 64),
+        tier2_clients: a.tier2_clients.clamp(1, 64),
         command: format!(
             "tern {}",
             std::env::args().skip(1).collect::<Vec<_>>().join(" ")

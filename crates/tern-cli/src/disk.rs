@@ -103,6 +103,17 @@ pub struct ServeArgs {
     /// With --gate-nic: the site switch socket the frames go on to.
     #[arg(long)]
     switch: Option<PathBuf>,
+    /// With --gate-nic: the VM's MAC (its entry in the clocks it sends peers).
+    #[arg(long, value_parser = tern_disk::daemon::parse_mac, requires = "gate_nic")]
+    gate_mac: Option<[u8; 6]>,
+    /// With --gate-nic: another gated tier of the VM's protected group, as MAC=PATH of
+    /// that tier's disk-counters page (repeatable). Frames to it are not held but carry
+    /// our clock; our frames to anyone else also wait for its disk (docs/dr.md).
+    #[arg(long, value_parser = tern_disk::daemon::parse_gate_peer, requires = "gate_mac")]
+    gate_peer: Vec<([u8; 6], PathBuf)>,
+    /// Publish the write and committed counters here (a primary; for peer tiers' gates).
+    #[arg(long)]
+    counters: Option<PathBuf>,
     /// zstd level of the replication stream (1 is fastest; see docs/disk.md). The
     /// environment variable TERN_DISK_ZSTD_LEVEL, if set, wins (for benchmarks).
     #[arg(long, default_value_t = tern_disk::primary::DEFAULT_ZSTD_LEVEL)]
@@ -225,7 +236,15 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                 }),
                 mode: a.mode,
                 sync_rate_bps: a.sync_rate * 1_000_000,
-                gate: a.gate_nic.clone().zip(a.switch.clone()),
+                gate: a.gate_nic.clone().zip(a.switch.clone()).map(|(nic, switch)| {
+                    tern_disk::server::GateOptions {
+                        nic,
+                        switch,
+                        mac: a.gate_mac,
+                        peers: a.gate_peer.clone(),
+                    }
+                }),
+                counters: a.counters.clone(),
                 zstd_level: std::env::var("TERN_DISK_ZSTD_LEVEL")
                     .ok()
                     .and_then(|v| v.parse().ok())

@@ -75,6 +75,12 @@ pub struct StartArgs {
     /// .../disk-ctl.sock replicate ...`); see docs/dr.md.
     #[arg(long, requires = "volume")]
     gate: bool,
+    /// With --gate: another gated VM of the same application at this site (a tier, e.g.
+    /// the database behind this front end; repeatable). Frames between the tiers are not
+    /// held but carry their write counters; frames leaving the group wait for every disk
+    /// they depend on.
+    #[arg(long = "gate-peer", requires = "gate")]
+    gate_peers: Vec<String>,
     /// Switch socket for the guest NIC (default: /run/tern/lab/switch-SITE.sock if it
     /// exists, else no NIC).
     #[arg(long, conflicts_with = "no_net")]
@@ -107,6 +113,7 @@ impl StartArgs {
             .as_ref()
             .map(|v| std::path::absolute(v).unwrap_or(v.clone()));
         s.gate = self.gate;
+        s.gate_peers = self.gate_peers.clone();
         s.net_socket = if self.no_net {
             None
         } else {

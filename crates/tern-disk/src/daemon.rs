@@ -27,6 +27,8 @@ pub struct DiskPaths {
     pub log: PathBuf,
     /// A gated VM's NIC connects here (PipeCloud).
     pub gate_nic: PathBuf,
+    /// A primary's published write/committed counters, for peer tiers' gates.
+    pub counters: PathBuf,
 }
 
 impl DiskPaths {
@@ -38,6 +40,7 @@ impl DiskPaths {
             pid: dir.join("disk.pid"),
             log: dir.join("disk.log"),
             gate_nic: dir.join("gate-nic.sock"),
+            counters: dir.join("disk-counters"),
         }
     }
 }
@@ -50,16 +53,25 @@ pub fn tern_exe() -> Result<PathBuf, String> {
     std::env::current_exe().map_err(|e| format!("cannot find the tern executable: {e}"))
 }
 
+/// A gated VM's NIC (PipeCloud), for [`start`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateStart {
+    /// The site switch socket.
+    pub switch: PathBuf,
+    pub mac: tern_gate::Mac,
+    /// Gated peer tiers of the VM's group: MAC and counter page ([`DiskPaths::counters`]).
+    pub peers: Vec<(tern_gate::Mac, PathBuf)>,
+}
+
 /// Starts `tern disk serve` for `volume` in the background with its files in `dir`;
-/// returns once its control socket answers. With `gate_switch`, the server also gates the
-/// VM's NIC (PipeCloud): QEMU connects to [`DiskPaths::gate_nic`], frames go on to that
-/// switch socket.
+/// returns once its control socket answers. With `gate`, the server also gates the VM's NIC
+/// (PipeCloud): QEMU connects to [`DiskPaths::gate_nic`], frames go on to the switch.
 pub fn start(
     dir: &Path,
     volume: &Path,
     role: Role,
     mode: Mode,
-    gate_switch: Option<&Path>,
+    gate: Option<&GateStart>,
 ) -> Result<DiskPaths, String> {
     let p = DiskPaths::in_dir(dir);
     let exe = tern_exe()?;
@@ -80,11 +92,20 @@ pub fn start(
     if role == Role::Secondary {
         cmd.arg("--secondary").arg("--listen").arg(&p.repl);
     }
-    if let Some(sw) = gate_switch {
+    if role == Role::Primary {
+        cmd.arg("--counters").arg(&p.counters);
+    }
+    if let Some(g) = gate {
         cmd.arg("--gate-nic")
             .arg(&p.gate_nic)
             .arg("--switch")
-            .arg(sw);
+            .arg(&g.switch)
+            .arg("--gate-mac")
+            .arg(mac_text(&g.mac));
+        for (mac, page) in &g.peers {
+            cmd.arg("--gate-peer")
+                .arg(format!("{}={}", mac_text(mac), page.display()));
+        }
     }
     use std::os::unix::process::CommandExt;
     let child = cmd
@@ -148,4 +169,50 @@ pub fn stop(dir: &Path) {
 /// The status of the disk server of `dir`.
 pub fn status(dir: &Path) -> Result<Value, String> {
     request(&DiskPaths::in_dir(dir).control, &json!({"cmd": "status"}))
+}
+
+/// `52:54:00:12:34:56`.
+pub fn mac_text(m: &tern_gate::Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<tern_gate::Mac, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut m = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("bad MAC address {s:?} (want 6 hex bytes, e.g. 52:54:00:12:34:56)"));
+    }
+    for (b, p) in m.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
+    }
+    Ok(m)
+}
+
+/// Parses a `--gate-peer` value: `MAC=COUNTER_PAGE`.
+pub fn parse_gate_peer(s: &str) -> Result<(tern_gate::Mac, PathBuf), String> {
+    let (mac, page) = s
+        .split_once('=')
+        .ok_or_else(|| format!("bad gate peer {s:?} (want MAC=PATH of its disk-counters)"))?;
+    Ok((parse_mac(mac)?, PathBuf::from(page)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_and_peers_parse() {
+        let m = parse_mac("52:54:00:0a:ff:01").unwrap();
+        assert_eq!(m, [0x52, 0x54, 0, 0x0a, 0xff, 1]);
+        assert_eq!(mac_text(&m), "52:54:00:0a:ff:01");
+        assert!(parse_mac("52:54:00:0a:ff").is_err());
+        assert!(parse_mac("52:54:00:0a:ff:zz").is_err());
+        let (pm, p) = parse_gate_peer("52:54:00:0a:ff:01=/run/x/disk-counters").unwrap();
+        assert_eq!((pm, p), (m, PathBuf::from("/run/x/disk-counters")));
+        assert!(parse_gate_peer("/run/x").is_err());
+    }
 }

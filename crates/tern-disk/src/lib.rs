@@ -17,6 +17,7 @@
 //! - A secondary is *consistent* only after a completed sync is durable there; promotion of
 //!   an inconsistent copy is refused.
 
+pub mod counters;
 pub mod daemon;
 mod nic;
 pub mod primary;

@@ -7,6 +7,12 @@
 //! (`tern_gate::Gate`). The counters live in this same process, and a write's counter is
 //! taken before its NBD reply goes out, so a packet that depends on a write (the guest can
 //! only send it after the reply) is always tagged with it.
+//!
+//! With peer tiers (`GateOptions::peers`, PipeCloud's multi-tier case) frames to a peer pass
+//! at once with a clock trailer (`tern_gate::Group`); frames from a peer have theirs
+//! stripped and taken in before the guest sees them; frames leaving the group wait for our
+//! disk and for every peer disk they depend on, whose committed counters the peer servers
+//! publish in their counter pages (`counters.rs`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,7 +24,11 @@ use std::time::{Duration, Instant};
 use tern_gate::Outcome;
 use tern_node::switch::{FrameDecoder, encode_frame};
 
+use crate::counters::CounterPage;
 use crate::server::Shared;
+
+/// How often a gate holding frames looks at its peers' counter pages.
+const PEER_POLL: Duration = Duration::from_millis(1);
 
 /// Serves QEMU NIC connections on `listener` (one at a time), each bridged to `switch`.
 pub(crate) fn serve(sh: Arc<Shared>, listener: UnixListener, switch: PathBuf) {
@@ -46,17 +56,30 @@ pub(crate) fn serve(sh: Arc<Shared>, listener: UnixListener, switch: PathBuf) {
 fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<()> {
     let t0 = Instant::now();
     let now_ns = move || t0.elapsed().as_nanos() as u64;
-    // Switch -> VM: bytes as they come.
+    // Switch -> VM: bytes as they come; with peers, frame by frame (their clocks).
     let (mut from_sw, mut to_vm) = (sw.try_clone()?, vm.try_clone()?);
+    let grouped = sh.lock().group.is_some();
+    let sh_in = sh.clone();
     let inbound = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_sw, &mut to_vm);
+        if grouped {
+            let _ = inbound_grouped(&sh_in, &mut from_sw, &mut to_vm);
+        } else {
+            let _ = std::io::copy(&mut from_sw, &mut to_vm);
+        }
         let _ = to_vm.shutdown(std::net::Shutdown::Both);
     });
+    let peer_paths: Vec<PathBuf> = sh
+        .opts()
+        .gate
+        .as_ref()
+        .map(|g| g.peers.iter().map(|(_, p)| p.clone()).collect())
+        .unwrap_or_default();
     // VM -> gate, and a releaser gate -> switch.
     let mut to_sw = sw.try_clone()?;
     let sh2 = sh.clone();
     let releaser = std::thread::spawn(move || {
         let mut out = Vec::new();
+        let mut pages: Vec<Option<CounterPage>> = peer_paths.iter().map(|_| None).collect();
         loop {
             let mut g = sh2.lock();
             loop {
@@ -65,15 +88,28 @@ fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<(
                 let committed = g.primary.committed_writes();
                 let gate = &mut g.gate;
                 gate.commit(committed);
+                for (i, page) in pages.iter_mut().enumerate() {
+                    if page.is_none() {
+                        *page = CounterPage::open(&peer_paths[i]).ok();
+                    }
+                    if let Some(p) = page {
+                        gate.commit_member(i + 1, p.committed());
+                    }
+                }
                 while let Some(f) = gate.poll_release(now_ns()) {
                     encode_frame(&f, &mut out);
                 }
                 if !out.is_empty() || g.gate_closed {
                     break;
                 }
+                let wait = if pages.is_empty() || g.gate.waiting_for().is_none() {
+                    Duration::from_millis(5)
+                } else {
+                    PEER_POLL
+                };
                 g = sh2
                     .cond
-                    .wait_timeout(g, Duration::from_millis(5))
+                    .wait_timeout(g, wait)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
@@ -102,9 +138,20 @@ fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<(
         loop {
             match dec.next_frame() {
                 Ok(Some(f)) => {
-                    let tag = g.primary.writes();
-                    let frame = f.to_vec();
-                    if let Outcome::Release(f) = g.gate.outbound(now_ns(), tag, frame) {
+                    let writes = g.primary.writes();
+                    let mut frame = f.to_vec();
+                    let g = &mut *g;
+                    let tag = match &g.group {
+                        Some(group) if group.is_peer(&dst_of(&frame)) => {
+                            // Inside the group: not held, but carries what it depends on.
+                            group.stamp(&mut frame, writes);
+                            encode_frame(&frame, &mut g.gate_ready);
+                            continue;
+                        }
+                        Some(group) => group.clock(writes),
+                        None => vec![writes],
+                    };
+                    if let Outcome::Release(f) = g.gate.outbound_clock(now_ns(), tag, frame) {
                         // Nothing held and already committed: next out. One thread writes
                         // the switch socket (the releaser), so frames never interleave.
                         encode_frame(&f, &mut g.gate_ready);
@@ -126,4 +173,45 @@ fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<(
     let _ = inbound.join();
     sh.lock().gate_closed = false;
     result
+}
+
+fn dst_of(frame: &[u8]) -> tern_gate::Mac {
+    let mut m = [0u8; 6];
+    let n = frame.len().min(6);
+    m[..n].copy_from_slice(&frame[..n]);
+    m
+}
+
+/// Switch -> VM for a VM with peers: a peer's clock is taken in (and its trailer removed)
+/// before the frame reaches the guest.
+fn inbound_grouped(
+    sh: &Shared,
+    from_sw: &mut UnixStream,
+    to_vm: &mut UnixStream,
+) -> std::io::Result<()> {
+    let mut dec = FrameDecoder::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut out = Vec::new();
+    loop {
+        let n = from_sw.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        dec.push(&buf[..n]);
+        {
+            let mut g = sh.lock();
+            while let Some(f) = dec
+                .next_frame()
+                .map_err(|_| std::io::Error::other("frame longer than the switch takes"))?
+            {
+                let mut frame = f.to_vec();
+                if let Some(group) = g.group.as_mut() {
+                    group.receive(&mut frame);
+                }
+                encode_frame(&frame, &mut out);
+            }
+        }
+        to_vm.write_all(&out)?;
+        out.clear();
+    }
 }

@@ -68,7 +68,25 @@ pub struct ServeOptions {
     pub zstd_level: i32,
     /// PipeCloud gating: (socket QEMU's NIC connects to, the site switch socket). Frames
     /// the VM sends wait until the writes before them are committed at the secondary.
-    pub gate: Option<(PathBuf, PathBuf)>,
+    pub gate: Option<GateOptions>,
+    /// Where a primary publishes its write and committed counters for peer tiers' gates
+    /// (`counters.rs`).
+    pub counters: Option<PathBuf>,
+}
+
+/// A gated VM's NIC: PipeCloud's output gate between QEMU and the site switch (`nic.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateOptions {
+    /// The socket QEMU's NIC connects to.
+    pub nic: PathBuf,
+    /// The site switch socket frames go on to.
+    pub switch: PathBuf,
+    /// The VM's MAC (with peers: its entry in clock trailers).
+    pub mac: Option<tern_gate::Mac>,
+    /// The other gated tiers of the VM's protected group: MAC and counter page. Frames to
+    /// them pass at once, stamped with the VM's clock; frames leaving the group wait for
+    /// every member disk they depend on.
+    pub peers: Vec<(tern_gate::Mac, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +130,8 @@ pub(crate) struct Inner {
     pub(crate) gate_ready: Vec<u8>,
     /// The VM's NIC connection ended: the releaser stops.
     pub(crate) gate_closed: bool,
+    /// The VM's protected group (its gated peer tiers), when it has peers.
+    pub(crate) group: Option<tern_gate::Group>,
 }
 
 pub(crate) struct Shared {
@@ -123,11 +143,23 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
     pub(crate) stop: AtomicBool,
+    counters: Option<crate::counters::CounterPage>,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the counters for peer gates (under the lock, so in order).
+    fn publish(&self, g: &Inner) {
+        if let Some(c) = &self.counters {
+            c.publish(g.primary.writes(), g.primary.committed_writes());
+        }
+    }
+
+    pub(crate) fn opts(&self) -> &ServeOptions {
+        &self.opts
     }
 
     /// Waits (async back-pressure, sync ACK) after a write was applied locally and handed to
@@ -212,6 +244,8 @@ impl Replicated {
         s.writable(&g)?;
         local(&s.file)?;
         let seq = replicate(&mut g.primary);
+        // Before the reply: a peer tier's gate must see this write once our VM can act on it.
+        s.publish(&g);
         s.cond.notify_all();
         s.after_write(g, seq);
         Ok(())
@@ -277,7 +311,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     let control = UnixListener::bind(&opts.control_socket)
         .map_err(|e| format!("bind {}: {e}", opts.control_socket.display()))?;
     let gate_listener = match &opts.gate {
-        Some((nic, _)) => {
+        Some(GateOptions { nic, .. }) => {
             let _ = std::fs::remove_file(nic);
             Some(UnixListener::bind(nic).map_err(|e| format!("bind {}: {e}", nic.display()))?)
         }
@@ -306,9 +340,21 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
             gate: tern_gate::Gate::new(tern_gate::DEFAULT_LIMIT_BYTES),
             gate_ready: Vec::new(),
             gate_closed: false,
+            group: opts.gate.as_ref().and_then(|g| {
+                let me = g.mac?;
+                let peers: Vec<_> = g.peers.iter().map(|(m, _)| *m).collect();
+                (!peers.is_empty()).then(|| tern_gate::Group::new(me, peers))
+            }),
         }),
         cond: Condvar::new(),
         stop: AtomicBool::new(false),
+        counters: match &opts.counters {
+            Some(p) if opts.role == Role::Primary => Some(
+                crate::counters::CounterPage::create(p)
+                    .map_err(|e| format!("create {}: {e}", p.display()))?,
+            ),
+            _ => None,
+        },
         opts: opts.clone(),
     });
     let export = tern_nbd::server::Export {
@@ -327,9 +373,9 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         let sh = shared.clone();
         std::thread::spawn(move || secondary_listener(sh, l));
     }
-    if let (Some(l), Some((_, switch))) = (gate_listener, opts.gate.clone()) {
+    if let (Some(l), Some(gate)) = (gate_listener, opts.gate.clone()) {
         let sh = shared.clone();
-        std::thread::spawn(move || crate::nic::serve(sh, l, switch));
+        std::thread::spawn(move || crate::nic::serve(sh, l, gate.switch));
     }
     ready();
     control.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -437,6 +483,7 @@ fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
                         if let Err(e) = g.primary.handle_input(&buf[..n]) {
                             break e;
                         }
+                        sh.publish(&g);
                         sh.cond.notify_all();
                     }
                     Err(e) => break format!("read: {e}"),

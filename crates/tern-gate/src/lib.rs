@@ -17,6 +17,10 @@
 //!   Dropped (counted): the guest's TCP retransmits it, by when the gate has usually opened
 //! ```
 //!
+//! Several tiers (PipeCloud §multi-tier): a [`Group`] of gated VMs stamps the frames its
+//! members send each other with a clock trailer; a frame leaving the group waits for every
+//! member disk it depends on ([`Clock`], [`Gate::outbound_clock`]).
+//!
 //! Frames leave in the order they arrived (a later frame never overtakes a held one, even if
 //! its own tag is committed), so the gate adds no reordering. Time is an argument; nothing
 //! here reads a clock.
@@ -55,9 +59,13 @@ pub struct GateStats {
     pub committed: u64,
 }
 
+/// A vector clock over a protected group's disks: entry `i` counts writes of member `i`
+/// (entry 0: the VM's own disk; see [`Group`]). A missing entry is 0.
+pub type Clock = Vec<u64>;
+
 #[derive(Debug)]
 struct Held {
-    tag: u64,
+    tag: Clock,
     since_ns: u64,
     frame: Vec<u8>,
 }
@@ -67,7 +75,7 @@ pub struct Gate {
     held: VecDeque<Held>,
     held_bytes: usize,
     limit_bytes: usize,
-    committed: u64,
+    committed: Clock,
     stats: GateStats,
 }
 
@@ -77,27 +85,33 @@ impl Gate {
             held: VecDeque::new(),
             held_bytes: 0,
             limit_bytes,
-            committed: 0,
+            committed: vec![0],
             stats: GateStats::default(),
         }
     }
 
+    /// The committed counter of the VM's own disk.
     pub fn committed(&self) -> u64 {
-        self.committed
+        self.committed[0]
     }
 
     pub fn stats(&self) -> GateStats {
         GateStats {
             held_now: self.held.len() as u64,
             held_bytes_now: self.held_bytes as u64,
-            committed: self.committed,
+            committed: self.committed[0],
             ..self.stats.clone()
         }
     }
 
     /// A frame leaving the protected group, sent when the VM had issued `tag` writes.
     pub fn outbound(&mut self, now_ns: u64, tag: u64, frame: Vec<u8>) -> Outcome {
-        if self.held.is_empty() && tag <= self.committed {
+        self.outbound_clock(now_ns, vec![tag], frame)
+    }
+
+    /// A frame leaving the protected group that depends on the writes counted by `tag`.
+    pub fn outbound_clock(&mut self, now_ns: u64, tag: Clock, frame: Vec<u8>) -> Outcome {
+        if self.held.is_empty() && self.covers(&tag) {
             self.stats.passed += 1;
             return Outcome::Release(frame);
         }
@@ -115,14 +129,29 @@ impl Gate {
         Outcome::Held
     }
 
-    /// The backup's committed counter; it only moves forward (smaller values are ignored).
+    /// The backup's committed counter of the VM's own disk; it only moves forward (smaller
+    /// values are ignored).
     pub fn commit(&mut self, committed: u64) {
-        self.committed = self.committed.max(committed);
+        self.commit_member(0, committed);
+    }
+
+    /// The committed counter of group member `i`'s disk (forward only).
+    pub fn commit_member(&mut self, i: usize, committed: u64) {
+        if self.committed.len() <= i {
+            self.committed.resize(i + 1, 0);
+        }
+        self.committed[i] = self.committed[i].max(committed);
+    }
+
+    fn covers(&self, tag: &[u64]) -> bool {
+        tag.iter()
+            .enumerate()
+            .all(|(i, &t)| t <= self.committed.get(i).copied().unwrap_or(0))
     }
 
     /// The next frame whose tag is committed, in arrival order.
     pub fn poll_release(&mut self, now_ns: u64) -> Option<Vec<u8>> {
-        if self.held.front()?.tag > self.committed {
+        if !self.covers(&self.held.front()?.tag) {
             return None;
         }
         let h = self.held.pop_front()?;
@@ -134,9 +163,119 @@ impl Gate {
         Some(h.frame)
     }
 
-    /// The smallest tag still held: the counter the gate waits for.
-    pub fn waiting_for(&self) -> Option<u64> {
-        self.held.front().map(|h| h.tag)
+    /// The tag of the oldest held frame: the clock the gate waits for.
+    pub fn waiting_for(&self) -> Option<&[u64]> {
+        self.held.front().map(|h| h.tag.as_slice())
+    }
+}
+
+pub type Mac = [u8; 6];
+
+/// Marks the end of a frame that carries a clock trailer.
+pub const CLOCK_MAGIC: [u8; 4] = *b"TCK1";
+/// Most entries in one trailer (members of a protected group).
+pub const MAX_MEMBERS: usize = 16;
+/// Bytes per trailer entry: MAC, LE u64 count.
+const ENTRY_BYTES: usize = 14;
+
+/// Appends a clock trailer (`n x (mac | le64 count) | n: u8 | "TCK1"`) to an Ethernet frame.
+/// Only frames between gated members of one group carry it: the sending gate appends it,
+/// the receiving gate strips it before the guest sees the frame (switch and overlay forward
+/// it as part of the frame).
+pub fn append_clock(frame: &mut Vec<u8>, entries: &[(Mac, u64)]) {
+    let entries = &entries[..entries.len().min(MAX_MEMBERS)];
+    for (mac, n) in entries {
+        frame.extend_from_slice(mac);
+        frame.extend_from_slice(&n.to_le_bytes());
+    }
+    frame.push(entries.len() as u8);
+    frame.extend_from_slice(&CLOCK_MAGIC);
+}
+
+/// Removes a clock trailer from `frame` and returns its entries; `None` (frame untouched)
+/// when it has none or a malformed one.
+pub fn strip_clock(frame: &mut Vec<u8>) -> Option<Vec<(Mac, u64)>> {
+    let len = frame.len();
+    if len < 14 + 5 || frame[len - 4..] != CLOCK_MAGIC {
+        return None;
+    }
+    let n = frame[len - 5] as usize;
+    let body = n * ENTRY_BYTES + 5;
+    if n > MAX_MEMBERS || len < 14 + body {
+        return None;
+    }
+    let start = len - body;
+    let entries = frame[start..len - 5]
+        .chunks_exact(ENTRY_BYTES)
+        .map(|e| {
+            let mac: Mac = e[..6].try_into().expect("entry size");
+            let n = u64::from_le_bytes(e[6..].try_into().expect("entry size"));
+            (mac, n)
+        })
+        .collect();
+    frame.truncate(start);
+    Some(entries)
+}
+
+/// One gated VM's view of its protected group (PipeCloud's multi-tier tracking, sans-IO):
+/// which destinations are group members (their frames are not gated but carry our clock),
+/// and the highest write counts of each peer's disk our VM has seen frames depend on.
+#[derive(Debug, Clone)]
+pub struct Group {
+    me: Mac,
+    peers: Vec<Mac>,
+    /// Per peer: the highest count of its disk a frame delivered to our VM depended on.
+    deps: Vec<u64>,
+}
+
+impl Group {
+    pub fn new(me: Mac, peers: Vec<Mac>) -> Group {
+        let mut peers = peers;
+        peers.retain(|p| *p != me);
+        peers.truncate(MAX_MEMBERS - 1);
+        let deps = vec![0; peers.len()];
+        Group { me, peers, deps }
+    }
+
+    pub fn peers(&self) -> &[Mac] {
+        &self.peers
+    }
+
+    /// Whether a frame to `dst` stays inside the group.
+    pub fn is_peer(&self, dst: &Mac) -> bool {
+        self.peers.contains(dst)
+    }
+
+    /// The clock of what our VM sends now, having issued `own_writes` writes: entry 0 is
+    /// our disk, entry `i + 1` peer `i`'s (the order [`Gate::commit_member`] is fed in).
+    pub fn clock(&self, own_writes: u64) -> Clock {
+        std::iter::once(own_writes)
+            .chain(self.deps.iter().copied())
+            .collect()
+    }
+
+    /// Stamps a frame our VM sends to a peer with our clock (by MAC).
+    pub fn stamp(&self, frame: &mut Vec<u8>, own_writes: u64) {
+        let mut e = vec![(self.me, own_writes)];
+        e.extend(self.peers.iter().copied().zip(self.deps.iter().copied()));
+        append_clock(frame, &e);
+    }
+
+    /// A frame arriving for our VM: if a peer sent it, strips its trailer and takes the
+    /// clock in (entries for our own disk are ours already). Call before the VM sees it.
+    pub fn receive(&mut self, frame: &mut Vec<u8>) -> bool {
+        if frame.len() < 14 || !self.peers.iter().any(|p| frame[6..12] == p[..]) {
+            return false;
+        }
+        let Some(entries) = strip_clock(frame) else {
+            return false;
+        };
+        for (mac, n) in entries {
+            if let Some(i) = self.peers.iter().position(|p| *p == mac) {
+                self.deps[i] = self.deps[i].max(n);
+            }
+        }
+        true
     }
 }
 
@@ -188,7 +327,7 @@ mod tests {
         assert_eq!(g.poll_release(3), None);
         g.commit(1);
         assert_eq!(g.poll_release(4), None);
-        assert_eq!(g.waiting_for(), Some(2));
+        assert_eq!(g.waiting_for(), Some(&[2u64][..]));
         g.commit(2);
         g.commit(1); // never backwards
         assert_eq!(g.committed(), 2);
@@ -275,5 +414,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn clock_trailers_round_trip_and_bad_ones_are_left_alone() {
+        let base: Vec<u8> = (0..60u8).collect();
+        let mut f = base.clone();
+        append_clock(&mut f, &[([1; 6], 7), ([2; 6], u64::MAX)]);
+        assert_eq!(f.len(), 60 + 2 * 14 + 5);
+        assert_eq!(strip_clock(&mut f), Some(vec![([1; 6], 7), ([2; 6], u64::MAX)]));
+        assert_eq!(f, base);
+        assert_eq!(strip_clock(&mut f), None, "no trailer");
+        for bad in [
+            [&base[..20], &[3u8], &CLOCK_MAGIC[..]].concat(), // claims 3 entries, too short
+            [&base[..10], &[0u8], &CLOCK_MAGIC[..]].concat(), // too short for a frame
+            [&base[..], &[17u8], &CLOCK_MAGIC[..]].concat(),
+        ] {
+            let mut b = bad.clone();
+            assert_eq!(strip_clock(&mut b), None);
+            assert_eq!(b, bad);
+        }
+    }
+
+    fn frame(dst: Mac, src: Mac) -> Vec<u8> {
+        [&dst[..], &src[..], &[0x08, 0x00], &[0u8; 46][..]].concat()
+    }
+
+    /// Two tiers: the database's reply to the front end passes at once carrying the
+    /// database's count; the front end's reply to the client waits for the database's
+    /// disk, not only its own.
+    #[test]
+    fn a_front_end_reply_waits_for_the_database_writes_it_saw() {
+        let (fe, db, client) = ([0xfe; 6], [0xdb; 6], [0xc1; 6]);
+        let mut fe_g = Group::new(fe, vec![db, fe]);
+        let db_g = Group::new(db, vec![fe]);
+        assert_eq!(fe_g.peers(), &[db]);
+        assert!(db_g.is_peer(&fe) && !db_g.is_peer(&client));
+        // The database wrote 5 times, then replies to the front end.
+        let mut reply = frame(fe, db);
+        db_g.stamp(&mut reply, 5);
+        assert!(fe_g.receive(&mut reply));
+        assert_eq!(reply, frame(fe, db), "the guest sees the frame unchanged");
+        // A frame from a non-member keeps its bytes, trailer-looking or not.
+        let mut other = frame(fe, client);
+        append_clock(&mut other, &[(db, 99)]);
+        let copy = other.clone();
+        assert!(!fe_g.receive(&mut other));
+        assert_eq!(other, copy);
+        let tag = fe_g.clock(0);
+        assert_eq!(tag, vec![0, 5]);
+        let mut gate = Gate::new(1 << 20);
+        assert_eq!(gate.outbound_clock(0, tag, frame(client, fe)), Outcome::Held);
+        gate.commit(10); // the front end's own disk is far ahead: not enough
+        assert_eq!(gate.poll_release(1), None);
+        gate.commit_member(1, 4);
+        assert_eq!(gate.poll_release(2), None);
+        gate.commit_member(1, 5);
+        assert_eq!(gate.poll_release(3), Some(frame(client, fe)));
+        // Counts only grow: an older stamp does not lower the dependency.
+        let mut old = frame(fe, db);
+        db_g.stamp(&mut old, 2);
+        fe_g.receive(&mut old);
+        assert_eq!(fe_g.clock(1), vec![1, 5]);
     }
 }

@@ -2,6 +2,10 @@
 //! record `id` (512 bytes, [`record`]) at `id * 512` of a raw disk, makes it durable
 //! (fdatasync), and only then answers `OK <id>\n` — the write-then-reply shape of a database
 //! commit. A client that saw `OK n` may expect record `n` to survive any disaster.
+//!
+//! The front-end tier (`tern-guest --frontend HOST:7070 --calls K`) answers `PUT n` after
+//! `K` sequential commits `PUT n*K+j` at the key-value service behind it ([`tier_ids`]): a
+//! web request that makes several database transactions (PipeCloud's multi-tier case).
 
 /// Bytes per record (one sector).
 pub const RECORD_BYTES: usize = 512;
@@ -29,6 +33,13 @@ pub fn parse_put(line: &str) -> Option<u64> {
     id.trim().parse().ok()
 }
 
+/// The front-end tier's calls for client request `id` when each makes `calls` database
+/// commits: records `id * calls .. id * calls + calls`.
+pub fn tier_ids(id: u64, calls: u32) -> std::ops::Range<u64> {
+    let c = u64::from(calls);
+    id.saturating_mul(c)..id.saturating_mul(c).saturating_add(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +51,6 @@ mod tests {
         assert_eq!(parse_put("PUT 42\n"), Some(42));
         assert_eq!(parse_put("GET 42"), None);
         assert_eq!(parse_put("PUT x"), None);
+        assert_eq!(tier_ids(3, 4), 12..16);
     }
 }

@@ -45,7 +45,10 @@ pub const USAGE: &str =
     "usage: tern-guest [--workload idle|kernel-compile|web-db|java-heap] [--mem-mb N]
                   [--rate-mbps X] [--seed N] [--ip ADDR/LEN] [--verify-interval-ms N]
                   [--http-port N] [--echo-port N] [--inject-corruption-s N]
-                  [--kv DEVICE]   (key-value service on port 7070, records on DEVICE)";
+                  [--kv DEVICE]   (key-value service on port 7070, records on DEVICE)
+                  [--frontend HOST:PORT --calls K]
+                                  (front-end tier on port 7070: each PUT n becomes K
+                                  PUTs n*K..n*K+K-1 to the key-value service at HOST)";
 
 /// Command-line configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +68,10 @@ pub struct Config {
     pub inject_corruption_s: Option<u64>,
     /// Serve the key-value service (`kv.rs`) with its records on this raw disk.
     pub kv_device: Option<String>,
+    /// Serve the front-end tier (`kv.rs`): requests become `frontend_calls` PUTs each to
+    /// the key-value service at this address.
+    pub frontend: Option<String>,
+    pub frontend_calls: u32,
 }
 
 /// Parses the arguments after the program name; `Ok(None)` for `--help`.
@@ -78,6 +85,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
     let mut http_port = 80;
     let mut echo_port = 7;
     let mut kv_device = None;
+    let mut frontend = None;
+    let mut frontend_calls = 1;
     let mut inject_corruption_s = None;
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -124,6 +133,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
             "--echo-port" => echo_port = num(&flag, value()?)?,
             "--inject-corruption-s" => inject_corruption_s = Some(num(&flag, value()?)?),
             "--kv" => kv_device = Some(value()?),
+            "--frontend" => frontend = Some(value()?),
+            "--calls" => {
+                frontend_calls = num(&flag, value()?)?;
+                if !(1..=64).contains(&frontend_calls) {
+                    return Err("--calls must be 1..=64".to_string());
+                }
+            }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -138,6 +154,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Conf
         echo_port,
         inject_corruption_s,
         kv_device,
+        frontend,
+        frontend_calls,
     }))
 }
 

@@ -82,6 +82,19 @@ fn run(cfg: Config) -> ExitCode {
             Err(e) => println!("tern-guest: warning kv device {dev}: {e}"),
         }
     }
+    if let Some(db) = cfg.frontend.clone() {
+        let calls = cfg.frontend_calls;
+        let active = Arc::new(AtomicUsize::new(0));
+        listen("frontend", tern_guest::kv::PORT, move |s| {
+            let db = db.clone();
+            serve_bounded(&active, s, move |s| frontend(s, &db, calls))
+        });
+        println!(
+            "tern-guest: frontend serving port={} db={} calls={calls}",
+            tern_guest::kv::PORT,
+            cfg.frontend.as_deref().unwrap_or("")
+        );
+    }
     println!(
         "tern-guest: config workload={} mem_mb={} rate_mbps={} seed={} verify_interval_ms={}",
         cfg.profile.name(),
@@ -216,6 +229,53 @@ fn kv(s: TcpStream, disk: &std::fs::File) {
                 }
             }
             Some(id) => format!("ERR {id} beyond {slots} records\n"),
+            None => "ERR bad request\n".to_string(),
+        };
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One front-end connection: each `PUT <id>` becomes `calls` sequential PUTs to the
+/// key-value service at `db` over this connection's own database connection; the reply is
+/// `OK <id>` once all are acknowledged.
+fn frontend(s: TcpStream, db: &str, calls: u32) {
+    use std::io::{BufRead, BufReader};
+    let _ = s.set_nodelay(true);
+    let Ok(mut out) = s.try_clone() else { return };
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { return };
+        let reply = match tern_guest::kv::parse_put(&line) {
+            Some(id) => {
+                let mut err = None;
+                for k in tern_guest::kv::tier_ids(id, calls) {
+                    if conn.is_none() {
+                        conn = TcpStream::connect(db).ok().and_then(|c| {
+                            let _ = c.set_nodelay(true);
+                            let r = BufReader::new(c.try_clone().ok()?);
+                            Some((c, r))
+                        });
+                    }
+                    let Some((w, r)) = conn.as_mut() else {
+                        err = Some(format!("database {db} unreachable"));
+                        break;
+                    };
+                    let mut answer = String::new();
+                    let ok = w.write_all(format!("PUT {k}\n").as_bytes()).is_ok()
+                        && r.read_line(&mut answer).is_ok_and(|n| n > 0);
+                    if !ok || !answer.starts_with("OK") {
+                        conn = None;
+                        err = Some(format!("database: {}", answer.trim()));
+                        break;
+                    }
+                }
+                match err {
+                    None => format!("OK {id}\n"),
+                    Some(e) => format!("ERR {id} {e}\n"),
+                }
+            }
             None => "ERR bad request\n".to_string(),
         };
         if out.write_all(reply.as_bytes()).is_err() {

@@ -291,6 +291,11 @@ pub struct VmSpec {
     /// secondary. Needs `volume` and `net_socket`.
     #[serde(default)]
     pub gate: bool,
+    /// Other gated VMs of the same protected application at the same site (PipeCloud's
+    /// tiers): frames to them are not held but carry this VM's write clock, and this VM's
+    /// frames to anyone else also wait for their disks. Needs `gate`.
+    #[serde(default)]
+    pub gate_peers: Vec<String>,
     /// The site switch's Unix socket; the VM gets a virtio-net NIC connected to it.
     /// `None`: no NIC.
     pub net_socket: Option<PathBuf>,
@@ -317,6 +322,7 @@ impl VmSpec {
             disk: None,
             volume: None,
             gate: false,
+            gate_peers: Vec::new(),
             net_socket: None,
         }
     }
@@ -894,7 +900,26 @@ impl VmHost {
         } else {
             guest_argv(&spec, &paths, disk_format, incoming, paused)
         };
-        let gate_switch = spec.net_socket.clone().filter(|_| spec.gate);
+        let gate = spec
+            .net_socket
+            .clone()
+            .filter(|_| spec.gate)
+            .map(|switch| tern_disk::daemon::GateStart {
+                switch,
+                mac: spec.mac_or_default().0,
+                peers: spec
+                    .gate_peers
+                    .iter()
+                    .map(|p| {
+                        let mac = self
+                            .record(p, Some(site))
+                            .map(|r| r.spec.mac_or_default())
+                            .unwrap_or_else(|_| MacAddr::for_name(p));
+                        let dir = self.paths(p, site).dir;
+                        (mac.0, tern_disk::daemon::DiskPaths::in_dir(&dir).counters)
+                    })
+                    .collect(),
+            });
         let result = match &spec.volume {
             // The volume's server first: QEMU connects to it at startup. A migration's
             // destination receives the replication stream as a secondary until promoted.
@@ -907,7 +932,7 @@ impl VmHost {
                     tern_disk::server::Role::Primary
                 },
                 tern_disk::Mode::Auto,
-                gate_switch.as_deref(),
+                gate.as_ref(),
             )
             .map_err(|e| VmError::Disk {
                 name: name.clone(),
