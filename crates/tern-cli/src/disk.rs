@@ -277,10 +277,13 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                 }),
                 ["stop-replication"] => json!({"cmd": "stop-replication"}),
                 ["promote"] => json!({"cmd": "promote"}),
+                ["promote", "--force"] => json!({"cmd": "promote", "force": true}),
+                ["gate", "on"] => json!({"cmd": "gate", "on": true}),
+                ["gate", "off"] => json!({"cmd": "gate", "on": false}),
                 ["shutdown"] => json!({"cmd": "shutdown"}),
                 _ => bail!(
                     "unknown control command {:?} (status, mode M, replicate NODE PEER TARGET [M], \
-                     stop-replication, promote, shutdown)",
+                     stop-replication, promote [--force], gate on|off, shutdown)",
                     words.join(" ")
                 ),
             };

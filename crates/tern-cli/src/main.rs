@@ -5,6 +5,7 @@
 mod bench;
 mod disk;
 mod migrate;
+mod protect;
 mod vm;
 
 use std::path::PathBuf;
@@ -48,6 +49,12 @@ enum Cmd {
     /// Live-migrate a VM to the other site over tern's transport (or --direct kernel TCP),
     /// with progress and a summary (`--json`: total_s, downtime_ms, wire_bytes, verified).
     Migrate(migrate::MigrateArgs),
+    /// Disaster recovery: replicate a running VM's volume to a backup site (pipelined,
+    /// sync or async); `tern protect status`, `tern protect stop NAME`.
+    Protect(protect::ProtectArgs),
+    /// Declare a protected VM's primary site lost: promote the backup volume and boot the
+    /// VM at the backup site; prints RPO and RTO.
+    Failover(protect::FailoverArgs),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -290,6 +297,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Node(c) => node(c),
         Cmd::Vm(c) => vm::run(c),
         Cmd::Migrate(a) => migrate::run(a),
+        Cmd::Protect(a) => protect::run(a),
+        Cmd::Failover(a) => protect::failover(a),
         Cmd::Disk(c) => disk::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }

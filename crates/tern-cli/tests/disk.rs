@@ -655,7 +655,7 @@ fn a_gated_vm_speaks_only_when_its_writes_are_at_the_backup() {
 /// OK (it runs in site a's namespace and is killed at the disaster).
 const KV_CLIENT: &str = r#"
 import socket, sys
-s = socket.create_connection(("198.18.100.10", 7070), timeout=30)
+s = socket.create_connection((sys.argv[1], 7070), timeout=30)
 f = s.makefile("rw")
 i = 0
 while True:
@@ -669,37 +669,72 @@ while True:
     i += 1
 "#;
 
-/// One real disaster: a VM serving the key-value service on a raw volume replicated to b
-/// (gated or not), a client at site a; after `run_ms` the primary site dies (link cut, then
-/// QEMU and its disk server killed). Returns (acknowledged, lost at the backup).
-fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
-    use std::io::Read as _;
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let (a, b) = (d.join("kv.img"), d.join("kv-b.img"));
-    for v in [&a, &b] {
-        let _ = std::fs::remove_file(v);
-        let _ = std::fs::remove_file(format!("{}.tern.json", v.display()));
-        ok(&["disk", "create", &s(v), "--size", "16M"]);
-    }
+/// What protects the application in a [`real_disaster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// The key-value VM alone, gated or not.
+    OneTier { gated: bool },
+    /// A front end (`tern.fe=`, [`CALLS`] commits per request) in front of the key-value
+    /// VM. With clocks both are gated as one group; without, only the front end (the VM
+    /// the clients talk to) is gated, alone: its own disk has no writes, so it holds
+    /// nothing back — the mistake the clocks exist to prevent.
+    TwoTier { clocks: bool },
+}
+
+/// Database commits per front-end request in the two-tier disasters.
+const CALLS: u32 = 3;
+
+fn start_kv_vm(name: &str, ip: &str, volume: &str, append: &str, gate: &[&str]) {
+    let cidr = format!("{ip}/24");
     let mut start = vec![
         "vm",
         "start",
-        "dsk1",
+        name,
         "--site",
         "a",
         "--mem",
         "256",
         "--workload",
         "none",
+        "--ip",
+        &cidr,
         "--volume",
+        volume,
+        "--append",
+        append,
     ];
-    let av = s(&a);
-    start.push(&av);
-    start.extend(["--append", "tern.kv=vda"]);
-    if gated {
-        start.push("--gate");
-    }
+    start.extend(gate);
     ok(&start);
+}
+
+/// One real disaster: the key-value service on a raw volume replicated to b (behind a
+/// front end, gated or not, per `setup`), a client at site a; after `run_ms` the primary
+/// site dies (link cut, then QEMU and the disk servers killed). Returns (acknowledged
+/// client requests, those with a record missing at the backup).
+fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
+    use std::io::Read as _;
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b, fe) = (d.join("kv.img"), d.join("kv-b.img"), d.join("fe.img"));
+    for v in [&a, &b, &fe] {
+        let _ = std::fs::remove_file(v);
+        let _ = std::fs::remove_file(format!("{}.tern.json", v.display()));
+        ok(&["disk", "create", &s(v), "--size", "16M"]);
+    }
+    let (db_gate, fe_gate): (&[&str], &[&str]) = match setup {
+        Setup::OneTier { gated: true } => (&["--gate"], &[]),
+        Setup::OneTier { gated: false } => (&[], &[]),
+        Setup::TwoTier { clocks: true } => (
+            &["--gate", "--gate-peer", "dsk2"],
+            &["--gate", "--gate-peer", "dsk1"],
+        ),
+        Setup::TwoTier { clocks: false } => (&[], &["--gate"]),
+    };
+    start_kv_vm("dsk1", "198.18.100.10", &s(&a), "tern.kv=vda", db_gate);
+    let two = matches!(setup, Setup::TwoTier { .. });
+    if two {
+        let append = format!("tern.fe=198.18.100.10,{CALLS}");
+        start_kv_vm("dsk2", "198.18.100.11", &s(&fe), &append, fe_gate);
+    }
     let bdir = Path::new("/run/tern/vm/dsk-kv/b");
     let _sec = Servers(vec![start_secondary(bdir, &b, &d.join("kv-b.log"))]);
     let ctl = Path::new("/run/tern/vm/dsk1/a/disk-ctl.sock");
@@ -714,13 +749,21 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
         "async",
     ]);
     wait_for("the backup in sync", 60, || status(ctl)["in_sync"] == true);
-    wait_for("the key-value service", 240, || {
-        std::fs::read_to_string("/run/tern/vm/dsk1/a/serial.log")
-            .unwrap_or_default()
-            .contains("tern-guest: kv serving")
-    });
+    let (vm, marker) = if two {
+        ("dsk2", "tern-guest: frontend serving")
+    } else {
+        ("dsk1", "tern-guest: kv serving")
+    };
+    for (vm, marker) in [("dsk1", "tern-guest: kv serving"), (vm, marker)] {
+        wait_for(marker, 240, || {
+            std::fs::read_to_string(format!("/run/tern/vm/{vm}/a/serial.log"))
+                .unwrap_or_default()
+                .contains(marker)
+        });
+    }
+    let host = if two { "198.18.100.11" } else { "198.18.100.10" };
     let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["lab", "exec", "a", "--", "python3", "-c", KV_CLIENT])
+        .args(["lab", "exec", "a", "--", "python3", "-c", KV_CLIENT, host])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -730,10 +773,12 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
     // (the client, at site a, keeps talking to the VM in between).
     ok(&["lab", "set", "--loss", "100%"]);
     std::thread::sleep(Duration::from_millis(300));
-    let dir = Path::new("/run/tern/vm/dsk1/a");
-    for pidfile in ["qemu.pid", "disk.pid"] {
-        if let Ok(pid) = std::fs::read_to_string(dir.join(pidfile)) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+    for name in ["dsk1", "dsk2"] {
+        let dir = Path::new("/run/tern/vm").join(name).join("a");
+        for pidfile in ["qemu.pid", "disk.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(dir.join(pidfile)) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
         }
     }
     let _ = client.kill();
@@ -745,7 +790,9 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
         .read_to_string(&mut out)
         .unwrap();
     let _ = client.wait();
-    let _ = tern(&["vm", "stop", "dsk1"]);
+    for name in ["dsk2", "dsk1"] {
+        let _ = tern(&["vm", "stop", name]);
+    }
     // What survives is the backup: every acknowledged record must be there. The link stays
     // cut until it is read: site a's node (which a real disaster takes too) must not
     // deliver what it still buffers.
@@ -754,11 +801,18 @@ fn real_disaster(d: &Path, gated: bool, run_ms: u64) -> (usize, usize) {
     ok(&["lab", "set", "--loss", "0%"]);
     let acked: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     let rec = tern_guest::kv::RECORD_BYTES;
+    let present = |id: u64| {
+        let at = id as usize * rec;
+        backup.get(at..at + rec) == Some(&tern_guest::kv::record(id)[..])
+    };
     let lost = acked
         .iter()
-        .filter(|&&id| {
-            let at = id as usize * rec;
-            backup.get(at..at + rec) != Some(&tern_guest::kv::record(id)[..])
+        .filter(|&&n| {
+            if two {
+                !tern_guest::kv::tier_ids(n, CALLS).all(present)
+            } else {
+                !present(n)
+            }
         })
         .count();
     let _ = std::fs::remove_dir_all("/run/tern/vm/dsk-kv");
@@ -779,7 +833,7 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
         .unwrap_or(2);
     let mut seen = 0;
     for t in 0..trials {
-        let (acked, lost) = real_disaster(&d, true, 1500 + 700 * t);
+        let (acked, lost) = real_disaster(&d, Setup::OneTier { gated: true }, 1500 + 700 * t);
         eprintln!("gated trial {t}: {acked} acknowledged, {lost} lost");
         assert_eq!(
             lost, 0,
@@ -791,7 +845,7 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
     // The same disaster without the gate loses acknowledged writes (the test can see it).
     let mut async_lost = 0;
     for t in 0..3 {
-        let (acked, lost) = real_disaster(&d, false, 1500 + 500 * t);
+        let (acked, lost) = real_disaster(&d, Setup::OneTier { gated: false }, 1500 + 500 * t);
         eprintln!("async trial {t}: {acked} acknowledged, {lost} lost");
         async_lost += lost;
         if lost > 0 {
@@ -801,6 +855,32 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
     assert!(
         async_lost > 0,
         "async replication lost nothing: the test cannot see a loss"
+    );
+    // Two tiers, gated as one group: the front end's replies wait for the database's
+    // commits at the backup. Gating the front end alone does not (the test sees the loss).
+    let mut seen = 0;
+    for t in 0..trials.div_ceil(2) {
+        let (acked, lost) = real_disaster(&d, Setup::TwoTier { clocks: true }, 2000 + 700 * t);
+        eprintln!("two-tier gated trial {t}: {acked} acknowledged, {lost} lost");
+        assert_eq!(
+            lost, 0,
+            "two-tier trial {t}: {lost} of {acked} acknowledged requests lost"
+        );
+        seen += acked;
+    }
+    assert!(seen > 0, "the front end never answered");
+    let mut unclocked_lost = 0;
+    for t in 0..3 {
+        let (acked, lost) = real_disaster(&d, Setup::TwoTier { clocks: false }, 2000 + 500 * t);
+        eprintln!("two-tier front-end-only trial {t}: {acked} acknowledged, {lost} lost");
+        unclocked_lost += lost;
+        if lost > 0 {
+            break;
+        }
+    }
+    assert!(
+        unclocked_lost > 0,
+        "gating only the front end lost nothing: the test cannot see a loss"
     );
     std::fs::remove_dir_all(&d).unwrap();
 }

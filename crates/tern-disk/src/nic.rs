@@ -148,6 +148,7 @@ fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<(
                             encode_frame(&frame, &mut g.gate_ready);
                             continue;
                         }
+                        _ if !g.gate_enforce => vec![0],
                         Some(group) => group.clock(writes),
                         None => vec![writes],
                     };

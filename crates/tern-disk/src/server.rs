@@ -7,7 +7,8 @@
 //! Control socket: one JSON request per connection, one JSON answer line:
 //! `{"cmd":"status"}`, `{"cmd":"mode","mode":"sync"}`,
 //! `{"cmd":"replicate","node":"/run/tern/lab/migrate-a.sock","peer":"site-b","target":"vm1/b/disk-repl.sock","mode":"auto"}`,
-//! `{"cmd":"stop-replication"}`, `{"cmd":"promote"}`, `{"cmd":"shutdown"}`.
+//! `{"cmd":"stop-replication"}`, `{"cmd":"promote","force":false}` (force: cut a running
+//! session first, fencing a lost primary), `{"cmd":"gate","on":true}`, `{"cmd":"shutdown"}`.
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -123,7 +124,11 @@ pub(crate) struct Inner {
     generation: u64,
     degraded: bool,
     secondary_session: bool,
+    /// The running session's stream, so a forced promotion can end it (fencing).
+    secondary_conn: Option<UnixStream>,
     secondary_bytes_in: u64,
+    /// The gate holds frames (PipeCloud); off, frames pass (sync and async protection).
+    pub(crate) gate_enforce: bool,
     /// PipeCloud's output gate for the VM's NIC (`nic.rs`), when gated.
     pub(crate) gate: tern_gate::Gate,
     /// Frames the gate passed at once, encoded, for the releaser to write.
@@ -336,7 +341,9 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
             generation: 0,
             degraded: false,
             secondary_session: false,
+            secondary_conn: None,
             secondary_bytes_in: 0,
+            gate_enforce: true,
             gate: tern_gate::Gate::new(tern_gate::DEFAULT_LIMIT_BYTES),
             gate_ready: Vec::new(),
             gate_closed: false,
@@ -581,6 +588,7 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             let busy = g.secondary_session || g.role != Role::Secondary;
             if !busy {
                 g.secondary_session = true;
+                g.secondary_conn = c.try_clone().ok();
             }
             busy
         };
@@ -598,7 +606,10 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             if let Err(e) = secondary_session(&sh2, c) {
                 eprintln!("tern disk: {}: replication session: {e}", sh2.opts.export);
             }
-            sh2.lock().secondary_session = false;
+            let mut g = sh2.lock();
+            g.secondary_session = false;
+            g.secondary_conn = None;
+            sh2.cond.notify_all();
         });
     }
 }
@@ -728,7 +739,16 @@ enum Request {
         mode: Option<Mode>,
     },
     StopReplication,
-    Promote,
+    /// With `force`, a running session is cut first (the primary is declared lost: fence
+    /// it); what it had applied stays, and a copy mid-resync is still refused.
+    Promote {
+        #[serde(default)]
+        force: bool,
+    },
+    /// The NIC gate holds frames (`on`) or lets them pass.
+    Gate {
+        on: bool,
+    },
     Shutdown,
 }
 
@@ -798,10 +818,31 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
             sh.cond.notify_all();
             Ok(json!({}))
         }
-        Request::Promote => {
+        Request::Gate { on } => {
+            if sh.opts.gate.is_none() {
+                return Err("this volume's VM has no gate (start it with --gate)".into());
+            }
+            sh.lock().gate_enforce = on;
+            sh.cond.notify_all();
+            Ok(json!({"gate": on}))
+        }
+        Request::Promote { force } => {
             let mut g = sh.lock();
             if g.role == Role::Primary {
                 return Ok(json!({"role": "primary"}));
+            }
+            if force && g.secondary_session {
+                if let Some(c) = g.secondary_conn.take() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while g.secondary_session && Instant::now() < deadline {
+                    g = sh
+                        .cond
+                        .wait_timeout(g, Duration::from_millis(50))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
             }
             if g.secondary_session {
                 return Err("a replication session is still active; stop it at the primary".into());

@@ -19,6 +19,7 @@
 pub mod disk;
 pub mod memcmp;
 pub mod monitor;
+pub mod protect;
 pub mod relay;
 pub mod run;
 pub mod smartstop;
