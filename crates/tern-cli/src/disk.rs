@@ -236,14 +236,16 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                 }),
                 mode: a.mode,
                 sync_rate_bps: a.sync_rate * 1_000_000,
-                gate: a.gate_nic.clone().zip(a.switch.clone()).map(|(nic, switch)| {
-                    tern_disk::server::GateOptions {
+                gate: a
+                    .gate_nic
+                    .clone()
+                    .zip(a.switch.clone())
+                    .map(|(nic, switch)| tern_disk::server::GateOptions {
                         nic,
                         switch,
                         mac: a.gate_mac,
                         peers: a.gate_peer.clone(),
-                    }
-                }),
+                    }),
                 counters: a.counters.clone(),
                 zstd_level: std::env::var("TERN_DISK_ZSTD_LEVEL")
                     .ok()

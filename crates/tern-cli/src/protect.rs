@@ -133,7 +133,8 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
             r.to,
             r.mode,
             r.rpo_writes
-                .map_or("unknown (primary unreachable)".to_string(), |w| w.to_string()),
+                .map_or("unknown (primary unreachable)".to_string(), |w| w
+                    .to_string()),
             r.promote_ms,
             r.rto_s
         );

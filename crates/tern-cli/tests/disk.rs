@@ -298,7 +298,9 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = tern(&["vm", "stop", "dsk2"]);
         let _ = tern(&["vm", "stop", "dsk1"]);
+        let _ = tern(&["protect", "stop", "dsk1"]);
         let _ = tern(&["lab", "down"]);
     }
 }
@@ -761,7 +763,11 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
                 .contains(marker)
         });
     }
-    let host = if two { "198.18.100.11" } else { "198.18.100.10" };
+    let host = if two {
+        "198.18.100.11"
+    } else {
+        "198.18.100.10"
+    };
     let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["lab", "exec", "a", "--", "python3", "-c", KV_CLIENT, host])
         .stdout(Stdio::piped())
@@ -882,5 +888,116 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
         unclocked_lost > 0,
         "gating only the front end lost nothing: the test cannot see a loss"
     );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `tern protect` (pipelined) and `tern failover` after a real disaster: the VM boots at
+/// the backup site from the backup volume, which holds every write a client saw
+/// acknowledged, and serves again there.
+#[test]
+fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_write() {
+    use std::io::Read as _;
+    if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("protect");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b) = (d.join("p.img"), d.join("p-b.img"));
+    ok(&["disk", "create", &s(&a), "--size", "16M"]);
+    let mut lab = Lab::up("dr-50");
+    let _ = tern(&["protect", "stop", "dsk1"]);
+    start_kv_vm("dsk1", "198.18.100.10", &s(&a), "tern.kv=vda", &["--gate"]);
+    // Refusals are clear: no backup site, same site.
+    let out = tern(&["protect", "dsk1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backup"));
+    let out = tern(&["protect", "dsk1", "--backup", "a"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
+    ok(&[
+        "protect",
+        "dsk1",
+        "--backup",
+        "b",
+        "--mode",
+        "pipelined",
+        "--backup-volume",
+        &s(&b),
+    ]);
+    let st: Value = serde_json::from_str(&ok(&["protect", "status", "dsk1", "--json"])).unwrap();
+    assert_eq!(st[0]["mode"], "pipelined", "{st}");
+    assert_eq!(st[0]["in_sync"], true, "{st}");
+    wait_for("the key-value service", 240, || {
+        std::fs::read_to_string("/run/tern/vm/dsk1/a/serial.log")
+            .unwrap_or_default()
+            .contains("tern-guest: kv serving")
+    });
+    let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "lab",
+            "exec",
+            "a",
+            "--",
+            "python3",
+            "-c",
+            KV_CLIENT,
+            "198.18.100.10",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    ok(&["lab", "set", "--loss", "100%"]);
+    std::thread::sleep(Duration::from_millis(300));
+    for pidfile in ["qemu.pid", "disk.pid"] {
+        if let Ok(pid) = std::fs::read_to_string(Path::new("/run/tern/vm/dsk1/a").join(pidfile)) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+    let _ = client.kill();
+    let mut out = String::new();
+    client
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = client.wait();
+    // Site a stays cut off: failover works from site b alone.
+    let r: Value = serde_json::from_str(&ok(&["failover", "dsk1", "--json"])).unwrap();
+    eprintln!("failover: {r}");
+    assert_eq!(r["to"], "b", "{r}");
+    assert_eq!(r["primary_reachable"], false, "{r}");
+    assert!(r["rto_s"].as_f64().unwrap() > 0.0, "{r}");
+    let backup = std::fs::read(&b).unwrap();
+    let acked: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(!acked.is_empty(), "the client never got a reply");
+    let rec = tern_guest::kv::RECORD_BYTES;
+    for id in &acked {
+        let at = *id as usize * rec;
+        assert_eq!(
+            backup.get(at..at + rec),
+            Some(&tern_guest::kv::record(*id)[..]),
+            "acknowledged record {id} is not on the backup"
+        );
+    }
+    // The VM serves again at site b, from the backup volume.
+    wait_for("the key-value service at b", 240, || {
+        std::fs::read_to_string("/run/tern/vm/dsk1/b/serial.log")
+            .unwrap_or_default()
+            .contains("tern-guest: kv serving")
+    });
+    let put = "import socket\ns=socket.create_connection(('198.18.100.10',7070),timeout=30)\n\
+               s.sendall(b'PUT 31000\\n')\nprint(s.makefile().readline().strip())";
+    let out = ok(&["lab", "exec", "b", "--", "python3", "-c", put]);
+    assert_eq!(out.trim(), "OK 31000");
+    let out = tern(&["failover", "dsk1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already failed over"));
+    ok(&["lab", "set", "--loss", "0%"]);
+    ok(&["vm", "stop", "dsk1"]);
+    ok(&["protect", "stop", "dsk1"]);
+    lab.0.clear();
+    drop(lab);
     std::fs::remove_dir_all(&d).unwrap();
 }

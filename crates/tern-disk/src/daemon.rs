@@ -184,7 +184,9 @@ pub fn parse_mac(s: &str) -> Result<tern_gate::Mac, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut m = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!("bad MAC address {s:?} (want 6 hex bytes, e.g. 52:54:00:12:34:56)"));
+        return Err(format!(
+            "bad MAC address {s:?} (want 6 hex bytes, e.g. 52:54:00:12:34:56)"
+        ));
     }
     for (b, p) in m.iter_mut().zip(parts) {
         *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC address {s:?}"))?;

@@ -422,7 +422,10 @@ mod tests {
         let mut f = base.clone();
         append_clock(&mut f, &[([1; 6], 7), ([2; 6], u64::MAX)]);
         assert_eq!(f.len(), 60 + 2 * 14 + 5);
-        assert_eq!(strip_clock(&mut f), Some(vec![([1; 6], 7), ([2; 6], u64::MAX)]));
+        assert_eq!(
+            strip_clock(&mut f),
+            Some(vec![([1; 6], 7), ([2; 6], u64::MAX)])
+        );
         assert_eq!(f, base);
         assert_eq!(strip_clock(&mut f), None, "no trailer");
         for bad in [
@@ -464,7 +467,10 @@ mod tests {
         let tag = fe_g.clock(0);
         assert_eq!(tag, vec![0, 5]);
         let mut gate = Gate::new(1 << 20);
-        assert_eq!(gate.outbound_clock(0, tag, frame(client, fe)), Outcome::Held);
+        assert_eq!(
+            gate.outbound_clock(0, tag, frame(client, fe)),
+            Outcome::Held
+        );
         gate.commit(10); // the front end's own disk is far ahead: not enough
         assert_eq!(gate.poll_release(1), None);
         gate.commit_member(1, 4);

@@ -177,7 +177,8 @@ pub fn protect(o: &ProtectOptions) -> Result<Protection, MigrateError> {
     prepare_dest_volume(&volume, &backup_volume)?;
     let bdir = backup_dir(&o.name, &o.backup_site);
     daemon::stop(&bdir);
-    std::fs::create_dir_all(&bdir).map_err(|e| refused(format!("create {}: {e}", bdir.display())))?;
+    std::fs::create_dir_all(&bdir)
+        .map_err(|e| refused(format!("create {}: {e}", bdir.display())))?;
     daemon::start(
         &bdir,
         &backup_volume,
@@ -226,8 +227,8 @@ pub fn protect(o: &ProtectOptions) -> Result<Protection, MigrateError> {
     let mut last_print = Instant::now() - Duration::from_secs(1);
     loop {
         let st = ctl(&pdir, json!({"cmd": "status"}))?;
-        let synced = st["in_sync"] == true
-            && (o.mode != ProtectMode::Sync || st["synchronous"] == true);
+        let synced =
+            st["in_sync"] == true && (o.mode != ProtectMode::Sync || st["synchronous"] == true);
         if o.progress && (synced || last_print.elapsed() >= Duration::from_millis(500)) {
             last_print = Instant::now();
             eprint!(
@@ -330,7 +331,9 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
     let t0 = Instant::now();
     let mut p = load(name)?;
     if let Some(site) = &p.failed_over_to {
-        return Err(refused(format!("{name} already failed over to site {site}")));
+        return Err(refused(format!(
+            "{name} already failed over to site {site}"
+        )));
     }
     let say = |m: &str| {
         if progress {

@@ -900,11 +900,8 @@ impl VmHost {
         } else {
             guest_argv(&spec, &paths, disk_format, incoming, paused)
         };
-        let gate = spec
-            .net_socket
-            .clone()
-            .filter(|_| spec.gate)
-            .map(|switch| tern_disk::daemon::GateStart {
+        let gate = spec.net_socket.clone().filter(|_| spec.gate).map(|switch| {
+            tern_disk::daemon::GateStart {
                 switch,
                 mac: spec.mac_or_default().0,
                 peers: spec
@@ -919,7 +916,8 @@ impl VmHost {
                         (mac.0, tern_disk::daemon::DiskPaths::in_dir(&dir).counters)
                     })
                     .collect(),
-            });
+            }
+        });
         let result = match &spec.volume {
             // The volume's server first: QEMU connects to it at startup. A migration's
             // destination receives the replication stream as a secondary until promoted.
