@@ -288,6 +288,75 @@ impl Run<'_> {
     }
 }
 
+/// `dr.svg` (throughput) and `dr-latency.svg` (median response time): one group per link
+/// profile and tier count, one bar per replication mode.
+fn write_charts(o: &DrBenchOptions, rows: &[Value]) -> Result<(), BenchError> {
+    use crate::chart::{Series, log_bars};
+    let modes = [
+        ("async", "#9e9e9e"),
+        ("sync", "#d62728"),
+        ("pipelined", "#2ca02c"),
+        ("pipelined-no-clocks", "#ff7f0e"),
+    ];
+    let series: Vec<Series> = modes
+        .iter()
+        .map(|(m, c)| Series {
+            name: (*m).to_string(),
+            colour: c,
+        })
+        .collect();
+    let groups = |key: &str| -> Vec<(String, Vec<Option<f64>>)> {
+        let mut g = Vec::new();
+        for p in &o.profiles {
+            for &t in &o.tiers {
+                let bars = modes
+                    .iter()
+                    .map(|(m, _)| {
+                        rows.iter()
+                            .find(|r| r["profile"] == *p && r["tiers"] == t && r["mode"] == *m)
+                            .and_then(|r| r[key].as_f64())
+                    })
+                    .collect();
+                g.push((
+                    format!("{p} {t} tier{}", if t == 1 { "" } else { "s" }),
+                    bars,
+                ));
+            }
+        }
+        g
+    };
+    let svgs = [
+        (
+            "dr.svg",
+            log_bars(
+                "Disaster recovery: key-value replies/s by replication mode",
+                "replies/s",
+                "/s",
+                &series,
+                &groups("replies_per_s"),
+            ),
+        ),
+        (
+            "dr-latency.svg",
+            log_bars(
+                "Disaster recovery: median response time by replication mode",
+                "median response time, ms",
+                "ms",
+                &series,
+                &groups("median_ms"),
+            ),
+        ),
+    ];
+    for (name, svg) in svgs {
+        let path = o.out_dir.join(name);
+        std::fs::write(&path, svg).map_err(|source| BenchError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 fn pct(sorted: &[f64], q: f64) -> f64 {
     crate::tools::quantile(sorted, q)
 }
@@ -413,6 +482,7 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
         ));
     }
     crate::write_results(&o.out_dir, "dr", &v, &md)?;
+    write_charts(o, &rows)?;
     print!("{md}");
     Ok(v)
 }
