@@ -349,6 +349,11 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
             .workload_mib
             .unwrap_or(spec.mem_mib * DEFAULT_WORKLOAD_PERCENT / 100);
         words.push(format!("tern.mem_mb={data_mib}"));
+    } else {
+        // Idle for real: the init's default would run web-db, whose writes and checksum
+        // passes take a TCG guest's CPU (and skew what runs beside it).
+        words.push("tern.workload=idle".to_string());
+        words.push("tern.mem_mb=1".to_string());
     }
     if let Some(r) = spec.workload_rate_mb_s {
         words.push(format!("tern.rate={r}"));
@@ -1457,7 +1462,7 @@ mod tests {
         let mut s = spec();
         assert_eq!(
             kernel_cmdline(&s),
-            "console=ttyS0 quiet tern.ip=198.18.100.10/24"
+            "console=ttyS0 quiet tern.ip=198.18.100.10/24 tern.workload=idle tern.mem_mb=1"
         );
         s.workload = Some("web-db".into());
         s.workload_rate_mb_s = Some(20);
