@@ -415,6 +415,9 @@ pub struct DrBenchArgs {
     /// Two tiers: closed-loop clients (response time, not saturation, is the measure).
     #[arg(long, default_value_t = 4)]
     tier2_clients: u32,
+    /// Measurements per row, modes interleaved, each in a fresh lab (medians reported).
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     /// Directory for dr.json and dr.md.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -437,6 +440,7 @@ pub fn dr(a: DrBenchArgs) -> Result<()> {
         tiers: a.tiers.clone(),
         calls: a.calls.clamp(1, 64),
         tier2_clients: a.tier2_clients.clamp(1, 64),
+        runs: a.runs.clamp(1, 20),
         command: format!(
             "tern {}",
             std::env::args().skip(1).collect::<Vec<_>>().join(" ")
