@@ -171,6 +171,7 @@ fn up(changes: LinkChanges, opts: &WanBenchOptions) -> Result<(), BenchError> {
         pcap_dir: None,
         gso: true,
         accel: false,
+        client_site: false,
         tern_exe: opts.tern_exe.clone(),
     })?;
     Ok(())

@@ -108,6 +108,11 @@ enum LabCmd {
         /// they carry the VM overlay 198.18.100.0/24 and `tern migrate` streams.)
         #[arg(long)]
         accel: bool,
+        /// Add a client site `c` (netns tern-c, 198.18.3.1/24) with emulated links of the
+        /// same profile to a (`c-a`) and b (`c-b`); it reaches the VM overlay through a
+        /// until a `tern failover` moves it.
+        #[arg(long)]
+        client_site: bool,
     },
     /// Remove everything the lab made (idempotent; also cleans up after a crash).
     Down,
@@ -125,13 +130,17 @@ enum LabCmd {
     Set {
         #[command(flatten)]
         link: LinkArgs,
-        /// Which direction to change (default: both).
+        /// Which direction to change (default: both; on c-a and c-b, a-to-b is client to
+        /// site).
         #[arg(long, value_enum)]
         direction: Option<DirArg>,
+        /// Which link: a-b, or the client site's c-a / c-b.
+        #[arg(long = "link", default_value = "a-b", value_parser = ["a-b", "c-a", "c-b"])]
+        between: String,
     },
     /// Run a command inside a site's namespace, e.g. `tern lab exec a -- ping 198.18.2.1`.
     Exec {
-        /// Site name: a or b.
+        /// Site name: a, b, or c (with `lab up --client-site`).
         site: String,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
@@ -503,6 +512,7 @@ fn lab(c: LabCmd) -> Result<()> {
             pcap_dir,
             no_gso,
             accel,
+            client_site,
         } => {
             let changes = link.changes();
             if changes.profile.is_none() && changes.is_empty() {
@@ -516,6 +526,7 @@ fn lab(c: LabCmd) -> Result<()> {
                 pcap_dir,
                 gso: !no_gso,
                 accel,
+                client_site,
                 tern_exe: std::env::current_exe().context("locate the tern binary")?,
             })?;
             println!("lab up: profile {}", st.profile);
@@ -591,7 +602,11 @@ fn lab(c: LabCmd) -> Result<()> {
                 }
             }
         }
-        LabCmd::Set { link, direction } => {
+        LabCmd::Set {
+            link,
+            direction,
+            between,
+        } => {
             let changes = link.changes();
             if changes.is_empty() {
                 bail!(
@@ -603,16 +618,26 @@ fn lab(c: LabCmd) -> Result<()> {
                 Some(DirArg::AToB) => vec![Direction::AToB],
                 Some(DirArg::BToA) => vec![Direction::BToA],
             };
-            tern_lab::set(&changes, &dirs)?;
+            tern_lab::set_link(&between, &changes, &dirs)?;
             let s = tern_lab::status()?;
-            if let (Some(ab), Some(ba)) = (&s.a_to_b, &s.b_to_a) {
+            if between != "a-b" {
+                println!("{between}: changed");
+            } else if let (Some(ab), Some(ba)) = (&s.a_to_b, &s.b_to_a) {
                 println!("a-to-b: {}", describe(ab));
                 println!("b-to-a: {}", describe(ba));
             }
         }
         LabCmd::Exec { site, command } => {
-            let Some(s) = tern_lab::sites().into_iter().find(|s| s.name == site) else {
-                bail!("no site {site:?} (sites: a, b)");
+            let sites = tern_lab::lab_sites();
+            let Some(s) = sites.iter().find(|s| s.name == site) else {
+                bail!(
+                    "no site {site:?} (sites: {})",
+                    sites
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             };
             let status = tern_lab::netns_command(&s.netns, &command[0])
                 .args(&command[1..])

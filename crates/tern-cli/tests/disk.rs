@@ -290,6 +290,13 @@ impl Lab {
         ok(&["lab", "up", "--profile", profile]);
         Lab(Vec::new())
     }
+
+    /// With the client site `c` (`--client-site`).
+    fn up_with_clients(profile: &str) -> Lab {
+        let _ = tern(&["lab", "down"]);
+        ok(&["lab", "up", "--profile", profile, "--client-site"]);
+        Lab(Vec::new())
+    }
 }
 
 impl Drop for Lab {
@@ -891,9 +898,9 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-/// `tern protect` (pipelined) and `tern failover` after a real disaster: the VM boots at
-/// the backup site from the backup volume, which holds every write a client saw
-/// acknowledged, and serves again there.
+/// `tern protect` (pipelined) and `tern failover` after a real disaster, with the client
+/// at the client site `c`: the VM boots at the backup site from the backup volume, which
+/// holds every write the client saw acknowledged, and the client reaches it there.
 #[test]
 fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_write() {
     use std::io::Read as _;
@@ -905,7 +912,7 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (a, b) = (d.join("p.img"), d.join("p-b.img"));
     ok(&["disk", "create", &s(&a), "--size", "16M"]);
-    let mut lab = Lab::up("dr-50");
+    let mut lab = Lab::up_with_clients("dr-50");
     let _ = tern(&["protect", "stop", "dsk1"]);
     start_kv_vm("dsk1", "198.18.100.10", &s(&a), "tern.kv=vda", &["--gate"]);
     // Refusals are clear: no backup site, same site.
@@ -936,7 +943,7 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
         .args([
             "lab",
             "exec",
-            "a",
+            "c",
             "--",
             "python3",
             "-c",
@@ -947,8 +954,10 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3000));
+    // Site a is lost: its links to b and to the clients go, then its machines.
     ok(&["lab", "set", "--loss", "100%"]);
+    ok(&["lab", "set", "--link", "c-a", "--loss", "100%"]);
     std::thread::sleep(Duration::from_millis(300));
     for pidfile in ["qemu.pid", "disk.pid"] {
         if let Ok(pid) = std::fs::read_to_string(Path::new("/run/tern/vm/dsk1/a").join(pidfile)) {
@@ -964,12 +973,13 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
         .read_to_string(&mut out)
         .unwrap();
     let _ = client.wait();
-    // Site a stays cut off: failover works from site b alone.
+    // Site a stays cut off: failover works from site b alone, and moves the clients.
     let r: Value = serde_json::from_str(&ok(&["failover", "dsk1", "--json"])).unwrap();
     eprintln!("failover: {r}");
     assert_eq!(r["to"], "b", "{r}");
     assert_eq!(r["primary_reachable"], false, "{r}");
     assert!(r["rto_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["clients_rerouted"], true, "{r}");
     let backup = std::fs::read(&b).unwrap();
     let acked: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert!(!acked.is_empty(), "the client never got a reply");
@@ -982,7 +992,7 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
             "acknowledged record {id} is not on the backup"
         );
     }
-    // The VM serves again at site b, from the backup volume.
+    // The VM serves again at site b, from the backup volume, to the client site.
     wait_for("the key-value service at b", 240, || {
         std::fs::read_to_string("/run/tern/vm/dsk1/b/serial.log")
             .unwrap_or_default()
@@ -990,11 +1000,12 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
     });
     let put = "import socket\ns=socket.create_connection(('198.18.100.10',7070),timeout=30)\n\
                s.sendall(b'PUT 31000\\n')\nprint(s.makefile().readline().strip())";
-    let out = ok(&["lab", "exec", "b", "--", "python3", "-c", put]);
+    let out = ok(&["lab", "exec", "c", "--", "python3", "-c", put]);
     assert_eq!(out.trim(), "OK 31000");
     let out = tern(&["failover", "dsk1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already failed over"));
     ok(&["lab", "set", "--loss", "0%"]);
+    ok(&["lab", "set", "--link", "c-a", "--loss", "0%"]);
     ok(&["vm", "stop", "dsk1"]);
     ok(&["protect", "stop", "dsk1"]);
     lab.0.clear();

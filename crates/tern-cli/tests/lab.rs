@@ -343,3 +343,65 @@ print(n, h.hexdigest())
     assert!(a_to_b(&stats)["random_drop_packets"].as_u64().unwrap() > 0);
     ok(&["lab", "down"]);
 }
+
+/// Pings from the client site to `to`; replies received.
+fn ping_from_c(to: &str, count: u32) -> usize {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-c",
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            to,
+        ])
+        .output()
+        .expect("ping");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("time="))
+        .count()
+}
+
+#[test]
+fn the_client_site_reaches_both_sites_over_its_own_links() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    ok(&["lab", "up", "--profile", "dr-50", "--client-site"]);
+    assert!(netns_exists("tern-c"));
+    let st = json(&["lab", "status", "--json"]);
+    assert!(
+        st["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "c"),
+        "{st}"
+    );
+    assert_eq!(ping_from_c("198.18.1.1", 5), 5, "c to a");
+    assert_eq!(ping_from_c("198.18.2.1", 5), 5, "c to b");
+    // Links are separate: cutting c-a leaves c-b and a-b alone.
+    ok(&["lab", "set", "--link", "c-a", "--loss", "100%"]);
+    assert_eq!(ping_from_c("198.18.1.1", 3), 0, "c-a is cut");
+    assert_eq!(ping_from_c("198.18.2.1", 3), 3, "c-b still up");
+    assert!(!ping_ms(3).is_empty(), "a-b still up");
+    let out = tern(&["lab", "set", "--link", "c-x", "--loss", "0%"]);
+    assert!(!out.status.success());
+    ok(&["lab", "down"]);
+    assert!(!netns_exists("tern-c"));
+    // Without --client-site there is no c.
+    ok(&["lab", "up", "--profile", "baseline"]);
+    assert!(!netns_exists("tern-c"));
+    let out = tern(&["lab", "set", "--link", "c-a", "--loss", "1%"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client-site"));
+    ok(&["lab", "down"]);
+}

@@ -42,7 +42,7 @@ pub struct Site {
     pub wan_dev: String,
 }
 
-/// The two sites. Site C (clients) comes with the disaster-recovery work.
+/// The two sites.
 pub fn sites() -> [Site; 2] {
     let site = |n: &str, i: u8| Site {
         name: n.into(),
@@ -52,6 +52,80 @@ pub fn sites() -> [Site; 2] {
         wan_dev: WAN_DEV.into(),
     };
     [site("a", 1), site("b", 2)]
+}
+
+/// The client site (`tern lab up --client-site`): no node, no VMs — clients that reach both
+/// sites over emulated links of their own (`c-a`, `c-b`, the lab's profile) and the VM
+/// overlay through site a until [`route_clients`] moves them (a failover does).
+///
+/// ```text
+///   tern-c 198.18.3.1 ── wan-a ◀─[c-a link]─▶ wan-c ── tern-a ── overlay 198.18.100.0/24
+///                      └ wan-b ◀─[c-b link]─▶ wan-c ── tern-b ──┘
+/// ```
+pub fn client_site() -> Site {
+    Site {
+        name: "c".into(),
+        netns: "tern-c".into(),
+        address: "198.18.3.1".into(),
+        subnet: "198.18.3.0/24".into(),
+        wan_dev: "wan-a".into(),
+    }
+}
+
+/// The device in sites a and b toward the client site.
+pub const CLIENT_DEV: &str = "wan-c";
+
+/// The sites of the running lab: a, b, and c when it has a client site.
+pub fn lab_sites() -> Vec<Site> {
+    let mut v = sites().to_vec();
+    if netns_exists(&client_site().netns) {
+        v.push(client_site());
+    }
+    v
+}
+
+/// The overlay address of a site's TAP (a VM's gateway there): `198.18.100.N`.
+pub fn overlay_gateway(site: &str) -> Option<String> {
+    sites()
+        .iter()
+        .position(|s| s.name == site)
+        .map(|i| format!("{OVERLAY_PREFIX}.{}", i + 1))
+}
+
+/// An emulated link of the client site.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientLink {
+    /// `c-a` or `c-b`; its a-to-b direction is client to site.
+    pub name: String,
+    pub pid: u32,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Points the client site's route to the VM overlay at `site` (`a` or `b`): what DNS or a
+/// routing change does for clients after a failover.
+pub fn route_clients(site: &str) -> Result<(), LabError> {
+    let c = client_site();
+    if !netns_exists(&c.netns) {
+        return Err(LabError::Refused("the lab has no client site".into()));
+    }
+    if !sites().iter().any(|s| s.name == site) {
+        return Err(LabError::Refused(format!("no site {site:?} (a or b)")));
+    }
+    run_in(
+        &c.netns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            &format!("{OVERLAY_PREFIX}.0/24"),
+            "dev",
+            &format!("wan-{site}"),
+            "src",
+            &c.address,
+        ],
+    )?;
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +312,9 @@ pub struct LabState {
     /// transparent TCP acceleration).
     #[serde(default)]
     pub nodes: Vec<NodeInfo>,
+    /// The client site's links (`--client-site`).
+    #[serde(default)]
+    pub client_links: Vec<ClientLink>,
 }
 
 /// A tern node the lab runs inside a site.
@@ -279,6 +356,8 @@ pub struct UpOptions {
     /// Start a tern node in each site with fresh keys and transparent acceleration between
     /// the two site subnets.
     pub accel: bool,
+    /// Add the client site `c` ([`client_site`]).
+    pub client_site: bool,
 }
 
 fn state_path() -> PathBuf {
@@ -386,6 +465,84 @@ fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The client site's namespace and devices, and the devices toward it in a and b (which
+/// route between it and the overlay).
+fn make_client_site(c: &Site, a: &Site, b: &Site) -> Result<(), LabError> {
+    let ns = c.netns.as_str();
+    run("ip", &["netns", "add", ns])?;
+    run_in(ns, "ip", &["link", "set", "lo", "up"])?;
+    run_in(
+        ns,
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )?;
+    run_in(ns, "ip", &["link", "add", SITE_DEV, "type", "bridge"])?;
+    let cidr = format!("{}/24", c.address);
+    run_in(ns, "ip", &["addr", "add", &cidr, "dev", SITE_DEV])?;
+    run_in(ns, "ip", &["link", "set", SITE_DEV, "up"])?;
+    let tun_up = |ns: &str, dev: &str| -> Result<(), LabError> {
+        run_in(ns, "ip", &["tuntap", "add", "dev", dev, "mode", "tun"])?;
+        run_in(
+            ns,
+            "ip",
+            &[
+                "link",
+                "set",
+                dev,
+                "mtu",
+                "1500",
+                "txqueuelen",
+                "1000",
+                "up",
+            ],
+        )?;
+        Ok(())
+    };
+    for site in [a, b] {
+        let dev = format!("wan-{}", site.name);
+        tun_up(ns, &dev)?;
+        run_in(
+            ns,
+            "ip",
+            &["route", "add", &site.subnet, "dev", &dev, "src", &c.address],
+        )?;
+        tun_up(&site.netns, CLIENT_DEV)?;
+        run_in(
+            &site.netns,
+            "ip",
+            &[
+                "route",
+                "add",
+                &c.subnet,
+                "dev",
+                CLIENT_DEV,
+                "src",
+                &site.address,
+            ],
+        )?;
+        // Site a and b route between the client site and the VM overlay.
+        run_in(&site.netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    run_in(
+        ns,
+        "ip",
+        &[
+            "route",
+            "add",
+            &format!("{OVERLAY_PREFIX}.0/24"),
+            "dev",
+            &format!("wan-{}", a.name),
+            "src",
+            &c.address,
+        ],
+    )?;
+    Ok(())
+}
+
 /// Brings the lab up. Left-overs of a crashed lab are removed first; a live lab is an error.
 pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
     check_prerequisites()?;
@@ -406,6 +563,32 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
         make_site(&b, &a)?;
         let mut state = start_emulator(opts, &spec, &a, &b)?;
         state.nodes = start_nodes(&opts.tern_exe, &a, &b, opts.accel)?;
+        if opts.client_site {
+            let c = client_site();
+            make_client_site(&c, &a, &b)?;
+            for peer in [&a, &b] {
+                let name = format!("c-{}", peer.name);
+                let control = Path::new(RUN_DIR).join(format!("wan-{name}.sock"));
+                let log = Path::new(RUN_DIR).join(format!("wan-{name}.log"));
+                let dev = format!("wan-{}", peer.name);
+                let pid = spawn_wan(
+                    opts,
+                    &spec,
+                    (c.netns.as_str(), dev.as_str()),
+                    (peer.netns.as_str(), CLIENT_DEV),
+                    &control,
+                    &log,
+                )?;
+                state.client_links.push(ClientLink {
+                    name,
+                    pid,
+                    control,
+                    log,
+                });
+                write_state(&state)?;
+            }
+            state.sites.push(c);
+        }
         write_state(&state)?;
         Ok(state)
     })();
@@ -426,24 +609,63 @@ fn start_emulator(
 ) -> Result<LabState, LabError> {
     let control = Path::new(RUN_DIR).join("wan.sock");
     let log_path = Path::new(RUN_DIR).join("wan.log");
+    let pid = spawn_wan(
+        opts,
+        spec,
+        (&a.netns, WAN_DEV),
+        (&b.netns, WAN_DEV),
+        &control,
+        &log_path,
+    )?;
+    let state = LabState {
+        version: STATE_VERSION,
+        profile: opts
+            .changes
+            .profile
+            .clone()
+            .unwrap_or_else(|| "custom".into()),
+        spec: spec.clone(),
+        seed: opts.seed,
+        emulator_pid: pid,
+        control_socket: control,
+        emulator_log: log_path,
+        pcap_dir: opts.pcap_dir.clone(),
+        sites: sites().to_vec(),
+        nodes: Vec::new(),
+        client_links: Vec::new(),
+    };
+    write_state(&state)?;
+    Ok(state)
+}
+
+/// Starts one `tern wan` emulator between two (netns, TUN device) ends; returns its pid once
+/// its control socket answers.
+fn spawn_wan(
+    opts: &UpOptions,
+    spec: &LinkSpec,
+    (a_netns, a_dev): (&str, &str),
+    (b_netns, b_dev): (&str, &str),
+    control: &Path,
+    log_path: &Path,
+) -> Result<u32, LabError> {
     let log =
-        fs::File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        fs::File::create(log_path).map_err(io_err(format!("create {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(io_err("dup log"))?;
     let spec_json = serde_json::to_string(spec).map_err(|e| LabError::Refused(e.to_string()))?;
     let mut cmd = Command::new(&opts.tern_exe);
     cmd.args([
         "wan",
         "--a-netns",
-        &a.netns,
+        a_netns,
         "--a-dev",
-        WAN_DEV,
+        a_dev,
         "--b-netns",
-        &b.netns,
+        b_netns,
         "--b-dev",
-        WAN_DEV,
+        b_dev,
     ])
     .arg("--control")
-    .arg(&control)
+    .arg(control)
     .args(["--spec-json", &spec_json, "--seed", &opts.seed.to_string()]);
     if let Some(dir) = &opts.pcap_dir {
         cmd.arg("--pcap-dir").arg(dir);
@@ -464,25 +686,8 @@ fn start_emulator(
         if let Ok(Some(_)) = child.try_wait() {
             break;
         }
-        if let Ok(Reply::Stats(_)) = tern_wan::request(&control, &Request::Stats) {
-            let state = LabState {
-                version: STATE_VERSION,
-                profile: opts
-                    .changes
-                    .profile
-                    .clone()
-                    .unwrap_or_else(|| "custom".into()),
-                spec: spec.clone(),
-                seed: opts.seed,
-                emulator_pid: child.id(),
-                control_socket: control,
-                emulator_log: log_path,
-                pcap_dir: opts.pcap_dir.clone(),
-                sites: sites().to_vec(),
-                nodes: Vec::new(),
-            };
-            write_state(&state)?;
-            return Ok(state);
+        if let Ok(Reply::Stats(_)) = tern_wan::request(control, &Request::Stats) {
+            return Ok(child.id());
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -491,7 +696,7 @@ fn start_emulator(
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.wait();
-    let tail = fs::read_to_string(&log_path).unwrap_or_default();
+    let tail = fs::read_to_string(log_path).unwrap_or_default();
     let tail: String = tail
         .lines()
         .rev()
@@ -692,8 +897,17 @@ pub fn down() -> Result<(), LabError> {
             // SAFETY: kill with a pid we started and have just checked is our emulator.
             unsafe { libc::kill(st.emulator_pid as i32, libc::SIGKILL) };
         }
+        for l in &st.client_links {
+            let _ = tern_wan::request(&l.control, &Request::Shutdown);
+            std::thread::sleep(Duration::from_millis(50));
+            if pid_alive(l.pid) {
+                // SAFETY: as above, one of our client-link emulators.
+                unsafe { libc::kill(l.pid as i32, libc::SIGKILL) };
+            }
+            let _ = fs::remove_file(&l.control);
+        }
     }
-    for site in sites() {
+    for site in sites().into_iter().chain([client_site()]) {
         if netns_exists(&site.netns) {
             // Processes left inside (iperf3 servers, shells) would keep the namespace alive.
             if let Ok(pids) = run("ip", &["netns", "pids", &site.netns]) {
@@ -770,8 +984,40 @@ pub fn status() -> Result<LabStatus, LabError> {
 
 /// Changes the running link; `directions` empty means both.
 pub fn set(changes: &LinkChanges, directions: &[Direction]) -> Result<(), LabError> {
+    set_link("a-b", changes, directions)
+}
+
+/// Changes one running link: `a-b`, or the client site's `c-a` / `c-b` (a-to-b is client
+/// to site); `directions` empty means both.
+pub fn set_link(
+    link: &str,
+    changes: &LinkChanges,
+    directions: &[Direction],
+) -> Result<(), LabError> {
     let st = require_up()?;
-    let current = stats()?;
+    let control = if link == "a-b" {
+        st.control_socket.clone()
+    } else {
+        st.client_links
+            .iter()
+            .find(|l| l.name == link)
+            .map(|l| l.control.clone())
+            .ok_or_else(|| {
+                LabError::Refused(format!(
+                    "no link {link:?} (a-b{})",
+                    if st.client_links.is_empty() {
+                        "; the client site's c-a and c-b come with `lab up --client-site`"
+                    } else {
+                        ", c-a, c-b"
+                    }
+                ))
+            })?
+    };
+    let current = match tern_wan::request(&control, &Request::Stats)? {
+        Reply::Stats(s) => *s,
+        Reply::Error { message } => return Err(LabError::Refused(message)),
+        Reply::Ok => return Err(LabError::Refused("unexpected reply".into())),
+    };
     let dirs: Vec<Direction> = if directions.is_empty() {
         vec![Direction::AToB, Direction::BToA]
     } else {
@@ -787,13 +1033,13 @@ pub fn set(changes: &LinkChanges, directions: &[Direction]) -> Result<(), LabErr
         planned.push((d, changes.apply(cur)?));
     }
     for (direction, config) in planned {
-        match tern_wan::request(&st.control_socket, &Request::Set { direction, config })? {
+        match tern_wan::request(&control, &Request::Set { direction, config })? {
             Reply::Ok => {}
             Reply::Error { message } => return Err(LabError::Refused(message)),
             Reply::Stats(_) => return Err(LabError::Refused("unexpected reply".into())),
         }
     }
-    if let Some(p) = &changes.profile {
+    if let (Some(p), "a-b") = (&changes.profile, link) {
         let mut st = st;
         st.profile = p.clone();
         st.spec = changes.to_spec()?;

@@ -8,7 +8,8 @@
 //!  tern failover NAME
 //!    fence the primary (stop it if it still runs, cut the replication session), promote
 //!    the backup volume (refused if it is mid-resync), boot the VM at the backup site
-//!    from it; report RPO (writes not at the backup) and RTO (until the guest is ready)
+//!    from it, point the lab's client site (if any) at the backup site; report RPO (writes
+//!    not at the backup) and RTO (until the guest is ready)
 //! ```
 //!
 //! The protection is recorded in `/var/lib/tern/protect/NAME.json` with the VM's spec, so
@@ -324,6 +325,8 @@ pub struct FailoverReport {
     pub promote_ms: f64,
     /// From the failover's start until the guest at the backup site was ready, s.
     pub rto_s: f64,
+    /// The lab's client site now reaches the VM through the backup site.
+    pub clients_rerouted: bool,
 }
 
 /// Declares the primary site lost and brings the VM up at the backup site.
@@ -372,6 +375,13 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
     };
     host.start(&spec)?;
     say("VM started at the backup site");
+    // Clients follow (what DNS or a routing change does): the lab's client site reaches the
+    // overlay through the backup site from now on.
+    let clients_rerouted = tern_lab::lab_sites().iter().any(|s| s.name == "c")
+        && tern_lab::route_clients(&p.backup_site).is_ok();
+    if clients_rerouted {
+        say("client site routed to the backup site");
+    }
     let serial = host.paths(name, &p.backup_site).serial_log;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -402,6 +412,7 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
         backup_volume: p.backup_volume.clone(),
         promote_ms,
         rto_s,
+        clients_rerouted,
     })
 }
 

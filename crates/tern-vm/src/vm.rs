@@ -342,6 +342,10 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     let mut words = vec!["console=ttyS0".to_string(), "quiet".to_string()];
     if let Some(ip) = spec.ip {
         words.push(format!("tern.ip={ip}"));
+        // The site's overlay TAP routes to everything beyond the overlay (the client site).
+        if let Some(gw) = tern_lab::overlay_gateway(&spec.site) {
+            words.push(format!("tern.gw={gw}"));
+        }
     }
     if let Some(w) = &spec.workload {
         words.push(format!("tern.workload={w}"));
@@ -1462,7 +1466,8 @@ mod tests {
         let mut s = spec();
         assert_eq!(
             kernel_cmdline(&s),
-            "console=ttyS0 quiet tern.ip=198.18.100.10/24 tern.workload=idle tern.mem_mb=1"
+            "console=ttyS0 quiet tern.ip=198.18.100.10/24 tern.gw=198.18.100.1 tern.workload=idle \
+             tern.mem_mb=1"
         );
         s.workload = Some("web-db".into());
         s.workload_rate_mb_s = Some(20);
@@ -1470,8 +1475,8 @@ mod tests {
         s.append = Some(" loglevel=4 ".into());
         assert_eq!(
             kernel_cmdline(&s),
-            "console=ttyS0 quiet tern.ip=198.18.100.10/24 tern.workload=web-db tern.mem_mb=358 \
-             tern.rate=20 tern.seed=7 loglevel=4"
+            "console=ttyS0 quiet tern.ip=198.18.100.10/24 tern.gw=198.18.100.1 \
+             tern.workload=web-db tern.mem_mb=358 tern.rate=20 tern.seed=7 loglevel=4"
         );
         s.workload_mib = Some(100);
         assert!(kernel_cmdline(&s).contains(" tern.mem_mb=100 "));
