@@ -176,13 +176,14 @@ impl Run<'_> {
 
     /// One mode: fresh VMs and backup, the clients for `seconds`; (row mode, replies/s,
     /// sorted ms) per segment. `paired` is one gated VM measured twice in a row, gate off
-    /// (`paired-async`) then on (`paired-pipelined`): the same boot, NIC path and replication
-    /// session, only the holding differs.
+    /// (`paired-async`) and on (`paired-pipelined`), the order alternating between runs: the
+    /// same boot, NIC path and replication session, only the holding differs.
     fn measure(
         &mut self,
         mode: &str,
         tiers: u32,
         work: &Path,
+        run: u32,
     ) -> Result<Vec<(String, f64, Vec<f64>)>, BenchError> {
         let s = |p: &Path| p.to_str().unwrap_or("").to_string();
         let (a, b) = (
@@ -257,7 +258,15 @@ impl Run<'_> {
             (DB_IP, self.o.clients, 120_000)
         };
         let segments: Vec<(&str, Option<&str>)> = if mode == "paired" {
-            vec![("paired-async", Some("off")), ("paired-pipelined", Some("on"))]
+            // Which goes first alternates between runs (a fresh guest warms up).
+            let mut v = vec![
+                ("paired-async", Some("off")),
+                ("paired-pipelined", Some("on")),
+            ];
+            if run % 2 == 1 {
+                v.reverse();
+            }
+            v
         } else {
             vec![(mode, None)]
         };
@@ -413,7 +422,7 @@ pub fn run(o: &DrBenchOptions) -> Result<Value, BenchError> {
                 let _ = r.tern(&["lab", "down"], 60);
                 r.tern(&["lab", "up", "--profile", p], 90)?;
                 eprintln!("== {p} run {run} {tiers} tier(s) {mode}");
-                for (label, rate, ms) in r.measure(mode, tiers, &work)? {
+                for (label, rate, ms) in r.measure(mode, tiers, &work, run)? {
                     eprintln!(
                         "   {label}: {rate:.1} replies/s, median {:.1} ms, p99 {:.1} ms",
                         pct(&ms, 0.5),

@@ -681,8 +681,10 @@ while True:
 /// What protects the application in a [`real_disaster`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
-    /// The key-value VM alone, gated or not.
+    /// The key-value VM alone, gated or not (async replication).
     OneTier { gated: bool },
+    /// The key-value VM alone, strict synchronous replication, no gate.
+    Sync,
     /// A front end (`tern.fe=`, [`CALLS`] commits per request) in front of the key-value
     /// VM. With clocks both are gated as one group; without, only the front end (the VM
     /// the clients talk to) is gated, alone: its own disk has no writes, so it holds
@@ -731,7 +733,7 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     }
     let (db_gate, fe_gate): (&[&str], &[&str]) = match setup {
         Setup::OneTier { gated: true } => (&["--gate"], &[]),
-        Setup::OneTier { gated: false } => (&[], &[]),
+        Setup::OneTier { gated: false } | Setup::Sync => (&[], &[]),
         Setup::TwoTier { clocks: true } => (
             &["--gate", "--gate-peer", "dsk2"],
             &["--gate", "--gate-peer", "dsk1"],
@@ -755,7 +757,11 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
         "/run/tern/lab/migrate-a.sock",
         "site-b",
         "dsk-kv/b/repl.sock",
-        "async",
+        if setup == Setup::Sync {
+            "sync"
+        } else {
+            "async"
+        },
     ]);
     wait_for("the backup in sync", 60, || status(ctl)["in_sync"] == true);
     let (vm, marker) = if two {
@@ -855,6 +861,15 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
         seen += acked;
     }
     assert!(seen > 0, "the client never got a reply");
+    // Strict synchronous replication loses nothing either (at its speed).
+    for t in 0..trials {
+        let (acked, lost) = real_disaster(&d, Setup::Sync, 2000 + 700 * t);
+        eprintln!("sync trial {t}: {acked} acknowledged, {lost} lost");
+        assert_eq!(
+            lost, 0,
+            "sync trial {t}: {lost} of {acked} acknowledged writes lost"
+        );
+    }
     // The same disaster without the gate loses acknowledged writes (the test can see it).
     let mut async_lost = 0;
     for t in 0..3 {

@@ -129,6 +129,9 @@ pub(crate) struct Inner {
     secondary_bytes_in: u64,
     /// The gate holds frames (PipeCloud); off, frames pass (sync and async protection).
     pub(crate) gate_enforce: bool,
+    /// A strict sync write waited [`SYNC_ACK_TIMEOUT`] in vain: sync writes stop waiting
+    /// until the backup has committed every write again.
+    sync_timed_out: bool,
     /// PipeCloud's output gate for the VM's NIC (`nic.rs`), when gated.
     pub(crate) gate: tern_gate::Gate,
     /// Frames the gate passed at once, encoded, for the releaser to write.
@@ -168,19 +171,30 @@ impl Shared {
     }
 
     /// Waits (async back-pressure, sync ACK) after a write was applied locally and handed to
-    /// the primary. Never fails the guest's write: a dead session makes it degraded.
-    fn after_write(&self, mut g: MutexGuard<'_, Inner>, seq: Option<u64>) {
+    /// the primary; `mine` is the write counter including this write. Explicit sync mode is
+    /// strict: the write completes once the backup has committed it, across session ends
+    /// and resyncs, for up to [`SYNC_ACK_TIMEOUT`]; then the volume is degraded (said in
+    /// status) and sync writes stop waiting until the backup is in step again. Auto mode's
+    /// synchronous phase (migration) waits only while its session lives. Never fails the
+    /// guest's write.
+    fn after_write(&self, mut g: MutexGuard<'_, Inner>, seq: Option<u64>, mine: u64) {
         let deadline = Instant::now() + SYNC_ACK_TIMEOUT;
         loop {
-            let wait_ack = g.primary.synchronous()
+            let strict = g.primary.mode == Mode::Sync && g.target.is_some() && !g.sync_timed_out;
+            let wait_commit = strict && g.primary.committed_writes() < mine;
+            let wait_ack = !strict
+                && g.primary.synchronous()
                 && seq.is_some_and(|s| g.primary.acked() < s)
                 && g.primary.phase() != Phase::Disconnected;
             let wait_room = !g.primary.synchronous() && g.primary.backlog_full();
-            if !(wait_ack || wait_room) {
+            if !(wait_commit || wait_ack || wait_room) {
                 return;
             }
             let now = Instant::now();
             if now >= deadline {
+                if strict {
+                    g.sync_timed_out = true;
+                }
                 g.primary.disconnect("no ACK from the secondary in 30 s");
                 g.degraded = true;
                 eprintln!(
@@ -252,7 +266,8 @@ impl Replicated {
         // Before the reply: a peer tier's gate must see this write once our VM can act on it.
         s.publish(&g);
         s.cond.notify_all();
-        s.after_write(g, seq);
+        let mine = g.primary.writes();
+        s.after_write(g, seq, mine);
         Ok(())
     }
 }
@@ -277,7 +292,9 @@ impl Backend for Replicated {
             None
         };
         s.cond.notify_all();
-        s.after_write(g, seq);
+        // A flush covers every write before it.
+        let mine = g.primary.writes();
+        s.after_write(g, seq, mine);
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
@@ -344,6 +361,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
             secondary_conn: None,
             secondary_bytes_in: 0,
             gate_enforce: true,
+            sync_timed_out: false,
             gate: tern_gate::Gate::new(tern_gate::DEFAULT_LIMIT_BYTES),
             gate_ready: Vec::new(),
             gate_closed: false,
@@ -491,6 +509,12 @@ fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
                             break e;
                         }
                         sh.publish(&g);
+                        if g.sync_timed_out
+                            && g.primary.in_sync()
+                            && g.primary.committed_writes() == g.primary.writes()
+                        {
+                            g.sync_timed_out = false;
+                        }
                         sh.cond.notify_all();
                     }
                     Err(e) => break format!("read: {e}"),

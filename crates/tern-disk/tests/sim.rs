@@ -425,12 +425,30 @@ fn a_secondary_refuses_what_does_not_fit() {
 /// async replication). Links cut now and then. At a random moment the primary site is lost:
 /// only the secondary's durable state survives. Returns (replies the client saw, of those
 /// the records missing at the backup).
-fn disaster_trial(seed: u64, gated: bool) -> (usize, usize) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protection {
+    /// Async replication, replies leave at once.
+    Async,
+    /// Async replication, replies through the gate.
+    Pipelined,
+    /// Strict sync (the disk server's `Mode::Sync`): a write completes, and so its reply
+    /// can leave, once the backup has committed it.
+    Sync,
+}
+
+fn disaster_trial(seed: u64, protection: Protection) -> (usize, usize) {
     use tern_gate::{Gate, Outcome};
     const RECORD: usize = 64;
-    let mut w = World::new(seed, 2 << 20, Mode::Async, false);
+    let mode = if protection == Protection::Sync {
+        Mode::Sync
+    } else {
+        Mode::Async
+    };
+    let mut w = World::new(seed, 2 << 20, mode, false);
     w.connect();
     let mut gate = Gate::new(1 << 20);
+    // Sync: writes waiting for their commit (write counter, record).
+    let mut waiting: Vec<(u64, usize)> = Vec::new();
     let mut seen: Vec<usize> = Vec::new();
     let mut next = 0usize;
     let disaster_at = 300 + w.rng.below(3000);
@@ -448,12 +466,14 @@ fn disaster_trial(seed: u64, gated: bool) -> (usize, usize) {
                 w.pvol[off..off + RECORD].copy_from_slice(&value(r));
                 w.p.write(off as u64, &w.pvol[off..off + RECORD]);
                 let reply = (r as u32).to_le_bytes().to_vec();
-                if gated {
-                    if let Outcome::Release(f) = gate.outbound(step, w.p.writes(), reply) {
-                        seen.push(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize);
+                match protection {
+                    Protection::Pipelined => {
+                        if let Outcome::Release(f) = gate.outbound(step, w.p.writes(), reply) {
+                            seen.push(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize);
+                        }
                     }
-                } else {
-                    seen.push(r);
+                    Protection::Sync => waiting.push((w.p.writes(), r)),
+                    Protection::Async => seen.push(r),
                 }
             }
             2..=4 => w.scan_step(),
@@ -463,6 +483,13 @@ fn disaster_trial(seed: u64, gated: bool) -> (usize, usize) {
         while let Some(f) = gate.poll_release(step) {
             seen.push(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize);
         }
+        let committed = w.p.committed_writes();
+        waiting.retain(|&(mine, r)| {
+            if mine <= committed {
+                seen.push(r);
+            }
+            mine > committed
+        });
         if w.rng.chance(3) {
             let crash = w.rng.chance(300);
             w.cut(crash);
@@ -479,20 +506,30 @@ fn disaster_trial(seed: u64, gated: bool) -> (usize, usize) {
 
 #[test]
 fn no_reply_a_client_saw_is_lost_with_the_gate_and_async_alone_loses_some() {
-    let (mut gated_seen, mut async_lost_trials) = (0, 0);
+    let (mut gated_seen, mut sync_seen, mut async_lost_trials) = (0, 0, 0);
     for seed in 1..=120u64 {
-        let (seen, lost) = disaster_trial(seed * 104_729, true);
+        let (seen, lost) = disaster_trial(seed * 104_729, Protection::Pipelined);
         assert_eq!(
             lost, 0,
             "seed {seed}: {lost} of {seen} acknowledged requests lost"
         );
         gated_seen += seen;
-        let (_, lost) = disaster_trial(seed * 104_729, false);
+        let (seen, lost) = disaster_trial(seed * 104_729, Protection::Sync);
+        assert_eq!(
+            lost, 0,
+            "sync, seed {seed}: {lost} of {seen} acknowledged requests lost"
+        );
+        sync_seen += seen;
+        let (_, lost) = disaster_trial(seed * 104_729, Protection::Async);
         async_lost_trials += usize::from(lost > 0);
     }
     eprintln!(
-        "120 disasters: gated {gated_seen} replies seen, none lost; async lost some in \
-         {async_lost_trials} trials"
+        "120 disasters: pipelined {gated_seen} replies seen, none lost; sync {sync_seen}, none \
+         lost; async lost some in {async_lost_trials} trials"
+    );
+    assert!(
+        sync_seen > 1000,
+        "the sync trials acknowledged only {sync_seen}"
     );
     // The test can see a loss: plain async replication loses acknowledged requests.
     assert!(

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  tern protect NAME --backup b --mode pipelined|sync|async
-//!    primary site: the VM's disk server ──replicate (async | sync)──▶ backup site:
-//!    secondary disk server in /run/tern/vm/NAME.backup/b on /var/lib/tern/volumes/b/NAME.img
+//!    primary site: the VM's disk server ──replicate (async | auto, then strict sync)──▶
+//!    backup site: secondary disk server in /run/tern/vm/NAME.backup/b on
+//!    /var/lib/tern/volumes/b/NAME.img
 //!    pipelined: async + the VM's NIC gate on; sync, async: gate off (if the VM has one)
 //!  tern failover NAME
 //!    fence the primary (stop it if it still runs, cut the replication session), promote
@@ -242,6 +243,11 @@ pub fn protect(o: &ProtectOptions) -> Result<Protection, MigrateError> {
             );
         }
         if synced {
+            if o.mode == ProtectMode::Sync {
+                // In step: from now on strict (a write completes once the backup has it,
+                // across session ends, for up to 30 s).
+                ctl(&pdir, json!({"cmd": "mode", "mode": "sync"}))?;
+            }
             return Ok(p);
         }
         if t0.elapsed() > o.timeout {
