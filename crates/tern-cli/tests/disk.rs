@@ -678,6 +678,32 @@ while True:
     i += 1
 "#;
 
+/// Site a dies for `names`: their QEMU and disk server SIGKILLed.
+fn kill_at_a(names: &[&str]) {
+    for name in names {
+        let dir = Path::new("/run/tern/vm").join(name).join("a");
+        for pidfile in ["qemu.pid", "disk.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(dir.join(pidfile)) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+/// Stops a client and returns what it printed (the ids it saw acknowledged).
+fn client_output(mut client: std::process::Child) -> String {
+    use std::io::Read as _;
+    let _ = client.kill();
+    let mut out = String::new();
+    let _ = client
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut out);
+    let _ = client.wait();
+    out
+}
+
 /// What protects the application in a [`real_disaster`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -723,7 +749,6 @@ fn start_kv_vm(name: &str, ip: &str, volume: &str, append: &str, gate: &[&str]) 
 /// site dies (link cut, then QEMU and the disk servers killed). Returns (acknowledged
 /// client requests, those with a record missing at the backup).
 fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
-    use std::io::Read as _;
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (a, b, fe) = (d.join("kv.img"), d.join("kv-b.img"), d.join("fe.img"));
     for v in [&a, &b, &fe] {
@@ -781,7 +806,7 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     } else {
         "198.18.100.10"
     };
-    let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
+    let client = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["lab", "exec", "a", "--", "python3", "-c", KV_CLIENT, host])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -792,23 +817,8 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     // (the client, at site a, keeps talking to the VM in between).
     ok(&["lab", "set", "--loss", "100%"]);
     std::thread::sleep(Duration::from_millis(300));
-    for name in ["dsk1", "dsk2"] {
-        let dir = Path::new("/run/tern/vm").join(name).join("a");
-        for pidfile in ["qemu.pid", "disk.pid"] {
-            if let Ok(pid) = std::fs::read_to_string(dir.join(pidfile)) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
-        }
-    }
-    let _ = client.kill();
-    let mut out = String::new();
-    client
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let _ = client.wait();
+    kill_at_a(&["dsk1", "dsk2"]);
+    let out = client_output(client);
     for name in ["dsk2", "dsk1"] {
         let _ = tern(&["vm", "stop", name]);
     }
@@ -918,7 +928,6 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
 /// holds every write the client saw acknowledged, and the client reaches it there.
 #[test]
 fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_write() {
-    use std::io::Read as _;
     if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
         return;
     }
@@ -954,7 +963,7 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
             .unwrap_or_default()
             .contains("tern-guest: kv serving")
     });
-    let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
+    let client = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args([
             "lab",
             "exec",
@@ -974,20 +983,8 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
     ok(&["lab", "set", "--loss", "100%"]);
     ok(&["lab", "set", "--link", "c-a", "--loss", "100%"]);
     std::thread::sleep(Duration::from_millis(300));
-    for pidfile in ["qemu.pid", "disk.pid"] {
-        if let Ok(pid) = std::fs::read_to_string(Path::new("/run/tern/vm/dsk1/a").join(pidfile)) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-        }
-    }
-    let _ = client.kill();
-    let mut out = String::new();
-    client
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let _ = client.wait();
+    kill_at_a(&["dsk1"]);
+    let out = client_output(client);
     // Site a stays cut off: failover works from site b alone, and moves the clients.
     let r: Value = serde_json::from_str(&ok(&["failover", "dsk1", "--json"])).unwrap();
     eprintln!("failover: {r}");

@@ -16,18 +16,25 @@ fn netns_exists(name: &str) -> bool {
 
 /// RTTs in ms of `count` pings from site A to site B.
 fn ping_ms(count: u32) -> Vec<f64> {
+    ping_from("tern-a", "198.18.2.1", count)
+}
+
+/// RTTs in ms of the replies to `count` pings from namespace `ns` to `to` (1 s timeout).
+fn ping_from(ns: &str, to: &str, count: u32) -> Vec<f64> {
     let out = Command::new("ip")
         .args([
             "netns",
             "exec",
-            "tern-a",
+            ns,
             "ping",
             "-n",
             "-c",
             &count.to_string(),
             "-i",
             "0.05",
-            "198.18.2.1",
+            "-W",
+            "1",
+            to,
         ])
         .output()
         .expect("ping");
@@ -346,27 +353,7 @@ print(n, h.hexdigest())
 
 /// Pings from the client site to `to`; replies received.
 fn ping_from_c(to: &str, count: u32) -> usize {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            "tern-c",
-            "ping",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.05",
-            "-W",
-            "1",
-            to,
-        ])
-        .output()
-        .expect("ping");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("time="))
-        .count()
+    ping_from("tern-c", to, count).len()
 }
 
 #[test]

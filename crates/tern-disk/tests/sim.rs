@@ -124,6 +124,16 @@ impl World {
         self.p.connect();
     }
 
+    /// Now and then (0.3 % of steps) the link is cut, rarely (0.3 % of those) with a
+    /// secondary crash, and the primary reconnects.
+    fn maybe_cut(&mut self) {
+        if self.rng.chance(3) {
+            let crash = self.rng.chance(300);
+            self.cut(crash);
+            self.connect();
+        }
+    }
+
     fn cut(&mut self, crash_secondary: bool) {
         self.p.disconnect("cut");
         if crash_secondary {
@@ -436,9 +446,18 @@ enum Protection {
     Sync,
 }
 
+/// Bytes of one client record in the disaster trials.
+const RECORD: usize = 64;
+
+/// The content of client record `r` in trial `seed` (never all zero).
+fn record_value(seed: u64, r: usize) -> Vec<u8> {
+    (0..RECORD)
+        .map(|i| (r as u64 * 31 + i as u64 * 7 + seed) as u8 | 1)
+        .collect()
+}
+
 fn disaster_trial(seed: u64, protection: Protection) -> (usize, usize) {
     use tern_gate::{Gate, Outcome};
-    const RECORD: usize = 64;
     let mode = if protection == Protection::Sync {
         Mode::Sync
     } else {
@@ -452,11 +471,7 @@ fn disaster_trial(seed: u64, protection: Protection) -> (usize, usize) {
     let mut seen: Vec<usize> = Vec::new();
     let mut next = 0usize;
     let disaster_at = 300 + w.rng.below(3000);
-    let value = |r: usize| -> Vec<u8> {
-        (0..RECORD)
-            .map(|i| (r as u64 * 31 + i as u64 * 7 + seed) as u8 | 1)
-            .collect()
-    };
+    let value = |r: usize| record_value(seed, r);
     for step in 0..disaster_at {
         match w.rng.below(10) {
             0 | 1 if next < w.size / RECORD => {
@@ -490,11 +505,7 @@ fn disaster_trial(seed: u64, protection: Protection) -> (usize, usize) {
             }
             mine > committed
         });
-        if w.rng.chance(3) {
-            let crash = w.rng.chance(300);
-            w.cut(crash);
-            w.connect();
-        }
+        w.maybe_cut();
     }
     // The primary site is gone; what the secondary made durable is all there is.
     let lost = seen
@@ -553,7 +564,6 @@ fn no_reply_a_client_saw_is_lost_with_the_gate_and_async_alone_loses_some() {
 /// the backup).
 fn two_tier_trial(seed: u64, clocks: bool) -> (usize, usize) {
     use tern_gate::{Gate, Group, Outcome};
-    const RECORD: usize = 64;
     const CALLS: usize = 3;
     let (fe_mac, db_mac, client_mac) = ([0xfe; 6], [0xdb; 6], [0xc1; 6]);
     let frame = |dst: [u8; 6], src: [u8; 6], id: usize| -> Vec<u8> {
@@ -573,11 +583,7 @@ fn two_tier_trial(seed: u64, clocks: bool) -> (usize, usize) {
     let mut acks = vec![0usize; w.size / RECORD / CALLS];
     let mut db_queue: Vec<usize> = Vec::new();
     let (mut next, mut seen, mut peer_committed) = (0usize, Vec::new(), 0u64);
-    let value = |r: usize| -> Vec<u8> {
-        (0..RECORD)
-            .map(|i| (r as u64 * 31 + i as u64 * 7 + seed) as u8 | 1)
-            .collect()
-    };
+    let value = |r: usize| record_value(seed, r);
     let disaster_at = 300 + w.rng.below(3000);
     for step in 0..disaster_at {
         match w.rng.below(12) {
@@ -628,11 +634,7 @@ fn two_tier_trial(seed: u64, clocks: bool) -> (usize, usize) {
         while let Some(f) = fe_gate.poll_release(step) {
             seen.push(id_of(&f));
         }
-        if w.rng.chance(3) {
-            let crash = w.rng.chance(300);
-            w.cut(crash);
-            w.connect();
-        }
+        w.maybe_cut();
     }
     let lost = seen
         .iter()

@@ -406,11 +406,12 @@ fn allow_cubic() -> Result<(), LabError> {
     Ok(())
 }
 
-fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
+/// A site's namespace: lo up, IPv6 off (no router solicitations or MLD reports crossing
+/// the emulated links), the site LAN as a bridge `site0` with the site's address.
+fn make_namespace(site: &Site) -> Result<(), LabError> {
     let ns = site.netns.as_str();
     run("ip", &["netns", "add", ns])?;
     run_in(ns, "ip", &["link", "set", "lo", "up"])?;
-    // IPv6 off: no router solicitations or MLD reports crossing the emulated link.
     run_in(
         ns,
         "sysctl",
@@ -420,28 +421,23 @@ fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
             "net.ipv6.conf.default.disable_ipv6=1",
         ],
     )?;
-    // The site LAN is a bridge: VM and service ports attach to it in later work.
     run_in(ns, "ip", &["link", "add", SITE_DEV, "type", "bridge"])?;
-    run_in(
-        ns,
-        "ip",
-        &[
-            "addr",
-            "add",
-            &format!("{}/24", site.address),
-            "dev",
-            SITE_DEV,
-        ],
-    )?;
+    let cidr = format!("{}/24", site.address);
+    run_in(ns, "ip", &["addr", "add", &cidr, "dev", SITE_DEV])?;
     run_in(ns, "ip", &["link", "set", SITE_DEV, "up"])?;
-    run_in(ns, "ip", &["tuntap", "add", "dev", WAN_DEV, "mode", "tun"])?;
+    Ok(())
+}
+
+/// A persistent TUN device in a namespace, up, MTU 1500 (an emulator's end of a link).
+fn make_tun(ns: &str, dev: &str) -> Result<(), LabError> {
+    run_in(ns, "ip", &["tuntap", "add", "dev", dev, "mode", "tun"])?;
     run_in(
         ns,
         "ip",
         &[
             "link",
             "set",
-            WAN_DEV,
+            dev,
             "mtu",
             "1500",
             "txqueuelen",
@@ -449,6 +445,13 @@ fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
             "up",
         ],
     )?;
+    Ok(())
+}
+
+fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
+    let ns = site.netns.as_str();
+    make_namespace(site)?;
+    make_tun(ns, WAN_DEV)?;
     run_in(
         ns,
         "ip",
@@ -469,48 +472,16 @@ fn make_site(site: &Site, peer: &Site) -> Result<(), LabError> {
 /// route between it and the overlay).
 fn make_client_site(c: &Site, a: &Site, b: &Site) -> Result<(), LabError> {
     let ns = c.netns.as_str();
-    run("ip", &["netns", "add", ns])?;
-    run_in(ns, "ip", &["link", "set", "lo", "up"])?;
-    run_in(
-        ns,
-        "sysctl",
-        &[
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ],
-    )?;
-    run_in(ns, "ip", &["link", "add", SITE_DEV, "type", "bridge"])?;
-    let cidr = format!("{}/24", c.address);
-    run_in(ns, "ip", &["addr", "add", &cidr, "dev", SITE_DEV])?;
-    run_in(ns, "ip", &["link", "set", SITE_DEV, "up"])?;
-    let tun_up = |ns: &str, dev: &str| -> Result<(), LabError> {
-        run_in(ns, "ip", &["tuntap", "add", "dev", dev, "mode", "tun"])?;
-        run_in(
-            ns,
-            "ip",
-            &[
-                "link",
-                "set",
-                dev,
-                "mtu",
-                "1500",
-                "txqueuelen",
-                "1000",
-                "up",
-            ],
-        )?;
-        Ok(())
-    };
+    make_namespace(c)?;
     for site in [a, b] {
         let dev = format!("wan-{}", site.name);
-        tun_up(ns, &dev)?;
+        make_tun(ns, &dev)?;
         run_in(
             ns,
             "ip",
             &["route", "add", &site.subnet, "dev", &dev, "src", &c.address],
         )?;
-        tun_up(&site.netns, CLIENT_DEV)?;
+        make_tun(&site.netns, CLIENT_DEV)?;
         run_in(
             &site.netns,
             "ip",
