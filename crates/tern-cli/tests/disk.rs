@@ -848,6 +848,37 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     (acked.len(), lost)
 }
 
+/// `trials` disasters under `setup`, the n-th after `base_ms + 700 * n` of traffic: none may
+/// lose an acknowledged request. Returns how many were acknowledged in all.
+fn disasters_lose_nothing(d: &Path, setup: Setup, label: &str, trials: u64, base_ms: u64) -> usize {
+    let mut seen = 0;
+    for t in 0..trials {
+        let (acked, lost) = real_disaster(d, setup, base_ms + 700 * t);
+        eprintln!("{label} trial {t}: {acked} acknowledged, {lost} lost");
+        assert_eq!(
+            lost, 0,
+            "{label} trial {t}: {lost} of {acked} acknowledged requests lost"
+        );
+        seen += acked;
+    }
+    seen
+}
+
+/// Up to three disasters under `setup` (after `base_ms + 500 * n` of traffic) until one
+/// loses an acknowledged request; `why` if none does (the test could not see a loss).
+fn some_disaster_loses(d: &Path, setup: Setup, label: &str, base_ms: u64, why: &str) {
+    let mut lost_total = 0;
+    for t in 0..3 {
+        let (acked, lost) = real_disaster(d, setup, base_ms + 500 * t);
+        eprintln!("{label} trial {t}: {acked} acknowledged, {lost} lost");
+        lost_total += lost;
+        if lost > 0 {
+            break;
+        }
+    }
+    assert!(lost_total > 0, "{why}");
+}
+
 #[test]
 fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it() {
     if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
@@ -860,65 +891,34 @@ fn real_disasters_lose_no_acknowledged_write_behind_the_gate_but_do_without_it()
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    let mut seen = 0;
-    for t in 0..trials {
-        let (acked, lost) = real_disaster(&d, Setup::OneTier { gated: true }, 1500 + 700 * t);
-        eprintln!("gated trial {t}: {acked} acknowledged, {lost} lost");
-        assert_eq!(
-            lost, 0,
-            "trial {t}: {lost} of {acked} acknowledged writes lost"
-        );
-        seen += acked;
-    }
+    let seen = disasters_lose_nothing(&d, Setup::OneTier { gated: true }, "gated", trials, 1500);
     assert!(seen > 0, "the client never got a reply");
     // Strict synchronous replication loses nothing either (at its speed).
-    for t in 0..trials {
-        let (acked, lost) = real_disaster(&d, Setup::Sync, 2000 + 700 * t);
-        eprintln!("sync trial {t}: {acked} acknowledged, {lost} lost");
-        assert_eq!(
-            lost, 0,
-            "sync trial {t}: {lost} of {acked} acknowledged writes lost"
-        );
-    }
+    disasters_lose_nothing(&d, Setup::Sync, "sync", trials, 2000);
     // The same disaster without the gate loses acknowledged writes (the test can see it).
-    let mut async_lost = 0;
-    for t in 0..3 {
-        let (acked, lost) = real_disaster(&d, Setup::OneTier { gated: false }, 1500 + 500 * t);
-        eprintln!("async trial {t}: {acked} acknowledged, {lost} lost");
-        async_lost += lost;
-        if lost > 0 {
-            break;
-        }
-    }
-    assert!(
-        async_lost > 0,
-        "async replication lost nothing: the test cannot see a loss"
+    some_disaster_loses(
+        &d,
+        Setup::OneTier { gated: false },
+        "async",
+        1500,
+        "async replication lost nothing: the test cannot see a loss",
     );
     // Two tiers, gated as one group: the front end's replies wait for the database's
     // commits at the backup. Gating the front end alone does not (the test sees the loss).
-    let mut seen = 0;
-    for t in 0..trials.div_ceil(2) {
-        let (acked, lost) = real_disaster(&d, Setup::TwoTier { clocks: true }, 2000 + 700 * t);
-        eprintln!("two-tier gated trial {t}: {acked} acknowledged, {lost} lost");
-        assert_eq!(
-            lost, 0,
-            "two-tier trial {t}: {lost} of {acked} acknowledged requests lost"
-        );
-        seen += acked;
-    }
+    let seen = disasters_lose_nothing(
+        &d,
+        Setup::TwoTier { clocks: true },
+        "two-tier gated",
+        trials.div_ceil(2),
+        2000,
+    );
     assert!(seen > 0, "the front end never answered");
-    let mut unclocked_lost = 0;
-    for t in 0..3 {
-        let (acked, lost) = real_disaster(&d, Setup::TwoTier { clocks: false }, 2000 + 500 * t);
-        eprintln!("two-tier front-end-only trial {t}: {acked} acknowledged, {lost} lost");
-        unclocked_lost += lost;
-        if lost > 0 {
-            break;
-        }
-    }
-    assert!(
-        unclocked_lost > 0,
-        "gating only the front end lost nothing: the test cannot see a loss"
+    some_disaster_loses(
+        &d,
+        Setup::TwoTier { clocks: false },
+        "two-tier front-end-only",
+        2000,
+        "gating only the front end lost nothing: the test cannot see a loss",
     );
     std::fs::remove_dir_all(&d).unwrap();
 }

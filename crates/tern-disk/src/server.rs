@@ -67,8 +67,8 @@ pub struct ServeOptions {
     pub sync_rate_bps: u64,
     /// Level of the replication stream's zstd.
     pub zstd_level: i32,
-    /// PipeCloud gating: (socket QEMU's NIC connects to, the site switch socket). Frames
-    /// the VM sends wait until the writes before them are committed at the secondary.
+    /// PipeCloud gating of the VM's NIC: frames the VM sends wait until the writes before
+    /// them are committed at the secondary.
     pub gate: Option<GateOptions>,
     /// Where a primary publishes its write and committed counters for peer tiers' gates
     /// (`counters.rs`).

@@ -914,8 +914,12 @@ fn require_up() -> Result<LabState, LabError> {
 }
 
 pub fn stats() -> Result<StatsReply, LabError> {
-    let st = require_up()?;
-    match tern_wan::request(&st.control_socket, &Request::Stats)? {
+    link_stats(&require_up()?.control_socket)
+}
+
+/// The counters of the emulator behind `control`.
+fn link_stats(control: &Path) -> Result<StatsReply, LabError> {
+    match tern_wan::request(control, &Request::Stats)? {
         Reply::Stats(s) => Ok(*s),
         Reply::Error { message } => Err(LabError::Refused(message)),
         Reply::Ok => Err(LabError::Refused("unexpected reply".into())),
@@ -984,11 +988,7 @@ pub fn set_link(
                 ))
             })?
     };
-    let current = match tern_wan::request(&control, &Request::Stats)? {
-        Reply::Stats(s) => *s,
-        Reply::Error { message } => return Err(LabError::Refused(message)),
-        Reply::Ok => return Err(LabError::Refused("unexpected reply".into())),
-    };
+    let current = link_stats(&control)?;
     let dirs: Vec<Direction> = if directions.is_empty() {
         vec![Direction::AToB, Direction::BToA]
     } else {

@@ -54,7 +54,7 @@ pub struct DiskReport {
     pub digest: Option<String>,
 }
 
-fn refused(msg: impl Into<String>) -> MigrateError {
+pub(crate) fn refused(msg: impl Into<String>) -> MigrateError {
     MigrateError::Refused(msg.into())
 }
 

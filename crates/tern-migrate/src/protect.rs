@@ -25,7 +25,7 @@ use tern_disk::daemon::{self, DiskPaths};
 use tern_disk::server::Role;
 use tern_vm::{VmHost, VmSpec};
 
-use crate::disk::{default_dest_volume, prepare_dest_volume};
+use crate::disk::{default_dest_volume, prepare_dest_volume, refused};
 use crate::run::MigrateError;
 
 /// Where protection records live.
@@ -104,10 +104,6 @@ pub fn backup_dir(name: &str, site: &str) -> PathBuf {
 
 fn record_path(name: &str) -> PathBuf {
     Path::new(PROTECT_DIR).join(format!("{name}.json"))
-}
-
-fn refused(msg: impl Into<String>) -> MigrateError {
-    MigrateError::Refused(msg.into())
 }
 
 pub fn load(name: &str) -> Result<Protection, MigrateError> {
