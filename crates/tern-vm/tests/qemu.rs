@@ -313,9 +313,11 @@ fn lifecycle_and_migration_over_a_passed_socket() {
             _ => {}
         }
     }
-    assert_eq!(
-        src.execute("query-status", Value::Null).unwrap()["status"],
-        "postmigrate"
+    // QEMU sends "completed" before it leaves finish-migrate for postmigrate.
+    wait_for(
+        "the source to stop after migration",
+        Duration::from_secs(10),
+        || src.execute("query-status", Value::Null).unwrap()["status"] == "postmigrate",
     );
     drop(src);
 
