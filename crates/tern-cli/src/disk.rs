@@ -111,7 +111,13 @@ pub struct ServeArgs {
     /// our clock; our frames to anyone else also wait for its disk (docs/dr.md).
     #[arg(long, value_parser = tern_disk::daemon::parse_gate_peer, requires = "gate_mac")]
     gate_peer: Vec<([u8; 6], PathBuf)>,
-    /// Publish the write and committed counters here (a primary; for peer tiers' gates).
+    /// A secondary of a protected group: MAC=PATH of another tier's backup (its VM's MAC
+    /// and its backup's counter page; repeatable). A logged write is applied to this
+    /// volume once the writes of that tier it depends on are applied at its backup.
+    #[arg(long, value_parser = tern_disk::daemon::parse_gate_peer, requires = "secondary")]
+    backup_peer: Vec<([u8; 6], PathBuf)>,
+    /// Publish the counters here: a primary its write and committed counters (for peer
+    /// tiers' gates), a secondary the write its volume holds up to (for peer backups).
     #[arg(long)]
     counters: Option<PathBuf>,
     /// zstd level of the replication stream (1 is fastest; see docs/disk.md). The
@@ -247,6 +253,7 @@ pub fn run(cmd: DiskCmd) -> Result<()> {
                         peers: a.gate_peer.clone(),
                     }),
                 counters: a.counters.clone(),
+                backup_peers: a.backup_peer.clone(),
                 zstd_level: std::env::var("TERN_DISK_ZSTD_LEVEL")
                     .ok()
                     .and_then(|v| v.parse().ok())

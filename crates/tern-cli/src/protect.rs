@@ -127,7 +127,9 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} failed over {} -> {} ({}): RPO {} writes, promote {:.0} ms, RTO {:.1} s",
+            "{} failed over {} -> {} ({}): RPO {} writes, promote {:.0} ms ({} logged \
+             writes dropped: they depended on writes another tier's backup never got), RTO \
+             {:.1} s",
             r.name,
             r.from,
             r.to,
@@ -136,6 +138,7 @@ pub fn failover(a: FailoverArgs) -> Result<()> {
                 .map_or("unknown (primary unreachable)".to_string(), |w| w
                     .to_string()),
             r.promote_ms,
+            r.log_dropped,
             r.rto_s
         );
     }

@@ -826,6 +826,9 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     // cut until it is read: site a's node (which a real disaster takes too) must not
     // deliver what it still buffers.
     std::thread::sleep(Duration::from_millis(500));
+    // The failover's promotion: the backup's write log goes into the volume.
+    let promoted = json(&["disk", "ctl", &s(&bdir.join("ctl.sock")), "promote", "--force"]);
+    assert_eq!(promoted["log_dropped"], 0, "{promoted}");
     let backup = std::fs::read(&b).unwrap();
     ok(&["lab", "set", "--loss", "0%"]);
     let acked: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();

@@ -5,8 +5,10 @@
 //! `tern_gate::Group`). Each primary therefore publishes its write and committed counters
 //! in a small file mapped shared (`DIR/disk-counters`, on tmpfs under /run), and peer gates
 //! on the same host map it read-only. Layout, little-endian u64s: `magic "TERNCNT1" |
-//! writes | committed`. The write counter is published before the write's NBD reply leaves,
-//! the committed counter whenever acknowledgements move it.
+//! writes | committed | applied`. The write counter is published before the write's NBD
+//! reply leaves, the committed counter whenever acknowledgements move it. A backup (a
+//! secondary) publishes `applied`: the guest write its volume holds up to, which the
+//! group's other backups wait for before applying writes that depend on it (`backup.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -40,6 +42,7 @@ impl CounterPage {
         let page = CounterPage::map(file, true)?;
         page.slot(1).store(0, Ordering::Release);
         page.slot(2).store(0, Ordering::Release);
+        page.slot(3).store(0, Ordering::Release);
         page.slot(0).store(MAGIC, Ordering::Release);
         Ok(page)
     }
@@ -85,14 +88,22 @@ impl CounterPage {
     }
 
     fn slot(&self, i: usize) -> &AtomicU64 {
-        debug_assert!(i < 3);
-        // SAFETY: page-aligned mapping of PAGE bytes; slots 0..3 are in it and aligned.
+        debug_assert!(i < 4);
+        // SAFETY: page-aligned mapping of PAGE bytes; slots 0..4 are in it and aligned.
         unsafe { &*self.ptr.add(i) }
     }
 
     pub fn publish(&self, writes: u64, committed: u64) {
         self.slot(1).store(writes, Ordering::Release);
         self.slot(2).store(committed, Ordering::Release);
+    }
+
+    pub fn publish_applied(&self, applied: u64) {
+        self.slot(3).store(applied, Ordering::Release);
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.slot(3).load(Ordering::Acquire)
     }
 
     pub fn writes(&self) -> u64 {
@@ -124,7 +135,8 @@ mod tests {
         let w = CounterPage::create(&path).unwrap();
         let r = CounterPage::open(&path).unwrap();
         w.publish(7, 5);
-        assert_eq!((r.writes(), r.committed()), (7, 5));
+        w.publish_applied(4);
+        assert_eq!((r.writes(), r.committed(), r.applied()), (7, 5, 4));
         std::fs::write(dir.join("junk"), vec![1u8; PAGE]).unwrap();
         assert!(CounterPage::open(&dir.join("junk")).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -27,7 +27,8 @@ pub struct DiskPaths {
     pub log: PathBuf,
     /// A gated VM's NIC connects here (PipeCloud).
     pub gate_nic: PathBuf,
-    /// A primary's published write/committed counters, for peer tiers' gates.
+    /// A primary's published write/committed counters, for peer tiers' gates; a
+    /// secondary's applied write, for peer backups.
     pub counters: PathBuf,
 }
 
@@ -73,6 +74,28 @@ pub fn start(
     mode: Mode,
     gate: Option<&GateStart>,
 ) -> Result<DiskPaths, String> {
+    start_with(dir, volume, role, mode, gate, &[])
+}
+
+/// Starts a protected VM's backup: a secondary whose logged writes wait for the writes
+/// they depend on at `peers` (the other tiers' backups: their VM's MAC and their
+/// [`DiskPaths::counters`]).
+pub fn start_backup(
+    dir: &Path,
+    volume: &Path,
+    peers: &[(tern_gate::Mac, PathBuf)],
+) -> Result<DiskPaths, String> {
+    start_with(dir, volume, Role::Secondary, Mode::Async, None, peers)
+}
+
+fn start_with(
+    dir: &Path,
+    volume: &Path,
+    role: Role,
+    mode: Mode,
+    gate: Option<&GateStart>,
+    backup_peers: &[(tern_gate::Mac, PathBuf)],
+) -> Result<DiskPaths, String> {
     let p = DiskPaths::in_dir(dir);
     let exe = tern_exe()?;
     let log = fs::File::create(&p.log).map_err(|e| format!("create {}: {e}", p.log.display()))?;
@@ -92,8 +115,10 @@ pub fn start(
     if role == Role::Secondary {
         cmd.arg("--secondary").arg("--listen").arg(&p.repl);
     }
-    if role == Role::Primary {
-        cmd.arg("--counters").arg(&p.counters);
+    cmd.arg("--counters").arg(&p.counters);
+    for (mac, page) in backup_peers {
+        cmd.arg("--backup-peer")
+            .arg(format!("{}={}", mac_text(mac), page.display()));
     }
     if let Some(g) = gate {
         cmd.arg("--gate-nic")

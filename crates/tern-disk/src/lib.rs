@@ -17,6 +17,7 @@
 //! - A secondary is *consistent* only after a completed sync is durable there; promotion of
 //!   an inconsistent copy is refused.
 
+mod backup;
 pub mod counters;
 pub mod daemon;
 mod nic;
@@ -24,6 +25,7 @@ pub mod primary;
 pub mod secondary;
 pub mod server;
 pub mod volume;
+pub mod wal;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

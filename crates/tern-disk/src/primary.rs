@@ -101,6 +101,9 @@ pub struct Primary {
     /// (replication seq, local write count): once seq is ACKed, that many writes are
     /// committed. Cleared with the session.
     marks: VecDeque<(u64, u64)>,
+    /// A protected group's primary: what its VM's writes depend on (peer MAC, write count),
+    /// sent as CLOCK before each live write and before SYNCED ([`Primary::set_deps`]).
+    deps: Option<Vec<([u8; 6], u64)>>,
 }
 
 impl Primary {
@@ -133,6 +136,7 @@ impl Primary {
             local: 0,
             committed_local: 0,
             marks: VecDeque::new(),
+            deps: None,
         }
     }
 
@@ -478,6 +482,7 @@ impl Primary {
             && self.checks_out == 0
             && self.rereads.is_empty()
         {
+            self.send_clock(self.local);
             let seq = self.next_seq();
             self.emit(Msg::Synced { seq });
             // Every write so far is in the secondary's copy once this is durable.
@@ -625,6 +630,21 @@ impl Primary {
         self.committed_local
     }
 
+    /// The primary of a protected group's tier: the peer tiers' write counts its VM's
+    /// next writes depend on (`tern_gate::Group`), so the backup can apply writes across
+    /// the group's disks in causal order (CLOCK).
+    pub fn set_deps(&mut self, deps: Vec<([u8; 6], u64)>) {
+        let mut deps = deps;
+        deps.truncate(wire::MAX_CLOCK_PEERS);
+        self.deps = Some(deps);
+    }
+
+    fn send_clock(&mut self, write: u64) {
+        if let Some(deps) = self.deps.clone() {
+            self.emit_unsequenced(Msg::Clock { write, deps });
+        }
+    }
+
     fn count_write(&mut self, sent_as: Option<u64>) {
         self.local += 1;
         match sent_as {
@@ -656,6 +676,7 @@ impl Primary {
         }
         self.stats.live_writes += 1;
         self.stats.live_bytes += data.len() as u64;
+        self.send_clock(self.local + 1);
         self.send_chunks(offset, data, false);
         self.count_write(Some(self.seq));
         Some(self.seq)
@@ -668,6 +689,7 @@ impl Primary {
             return None;
         }
         self.stats.live_writes += 1;
+        self.send_clock(self.local + 1);
         let mut o = offset;
         while o < offset + len {
             let n = (offset + len - o).min(wire::MAX_ZERO);

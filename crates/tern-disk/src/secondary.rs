@@ -33,7 +33,14 @@ pub enum Event {
     NeedHashes {
         name: String,
     },
-    Apply(Op),
+    /// Apply `op`, the replication stream's message `seq` (in order).
+    Apply { seq: u64, op: Op },
+    /// The applies up to the next Clock carry the guest's writes up to number `write`,
+    /// which depend on these peer tiers' writes (CLOCK, from a protected group's primary).
+    Clock {
+        write: u64,
+        deps: Vec<([u8; 6], u64)>,
+    },
     /// Which of the block at `offset`'s chunks differ from `hashes`? Read the block (after
     /// every Apply before this event) and call [`Secondary::check_answer`].
     Check {
@@ -214,12 +221,18 @@ impl Secondary {
                         return Err(format!("DATA {seq}: {} bytes, said {raw_len}", data.len()));
                     }
                     self.since_ack += u64::from(raw_len);
-                    ev.push(Event::Apply(Op::Write { offset, data }));
+                    ev.push(Event::Apply {
+                        seq,
+                        op: Op::Write { offset, data },
+                    });
                 }
                 Msg::Zero { seq, offset, len } => {
                     self.check_range("ZERO", offset, len)?;
                     self.sequenced(seq)?;
-                    ev.push(Event::Apply(Op::Zero { offset, len }));
+                    ev.push(Event::Apply {
+                        seq,
+                        op: Op::Zero { offset, len },
+                    });
                 }
                 Msg::Copy {
                     seq,
@@ -231,7 +244,10 @@ impl Secondary {
                     self.check_range("COPY source", src, u64::from(len))?;
                     self.sequenced(seq)?;
                     self.since_ack += u64::from(len);
-                    ev.push(Event::Apply(Op::Copy { offset, src, len }));
+                    ev.push(Event::Apply {
+                        seq,
+                        op: Op::Copy { offset, src, len },
+                    });
                 }
                 Msg::Flush { seq } => {
                     self.sequenced(seq)?;
@@ -253,6 +269,7 @@ impl Secondary {
                     }
                     ev.push(Event::Check { offset, hashes });
                 }
+                Msg::Clock { write, deps } => ev.push(Event::Clock { write, deps }),
                 other => return Err(format!("unexpected {} from the primary", kind(&other))),
             },
             (_, other) => {
@@ -340,6 +357,7 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Ready { .. } => "READY",
         Msg::Hashes { .. } => "HASHES",
         Msg::Check { .. } => "CHECK",
+        Msg::Clock { .. } => "CLOCK",
         Msg::Need { .. } => "NEED",
         Msg::HashesEnd { .. } => "HASHES_END",
         Msg::Ack { .. } => "ACK",

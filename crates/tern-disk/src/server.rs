@@ -70,9 +70,14 @@ pub struct ServeOptions {
     /// PipeCloud gating of the VM's NIC: frames the VM sends wait until the writes before
     /// them are committed at the secondary.
     pub gate: Option<GateOptions>,
-    /// Where a primary publishes its write and committed counters for peer tiers' gates
+    /// Where a primary publishes its write and committed counters for peer tiers' gates,
+    /// and a secondary the write its volume holds up to for the group's other backups
     /// (`counters.rs`).
     pub counters: Option<PathBuf>,
+    /// A secondary's peers: the backups of the other disks of its protected group (their
+    /// VM's MAC and counter page). A logged write is applied once the writes it depends on
+    /// are applied at theirs (`backup.rs`).
+    pub backup_peers: Vec<(tern_gate::Mac, PathBuf)>,
 }
 
 /// A gated VM's NIC: PipeCloud's output gate between QEMU and the site switch (`nic.rs`).
@@ -113,6 +118,8 @@ pub struct Status {
     pub writes: u64,
     pub committed_writes: u64,
     pub gate: Option<tern_gate::GateStats>,
+    /// A secondary's write log (writes received, durable, not yet in the volume).
+    pub backup_log: Option<crate::backup::LogStatus>,
 }
 
 pub(crate) struct Inner {
@@ -151,7 +158,9 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
     pub(crate) stop: AtomicBool,
-    counters: Option<crate::counters::CounterPage>,
+    counters: Option<Arc<crate::counters::CounterPage>>,
+    /// A secondary's write log and applier.
+    backup: Option<crate::backup::Backup>,
 }
 
 impl Shared {
@@ -242,6 +251,7 @@ impl Shared {
             writes: g.primary.writes(),
             committed_writes: g.primary.committed_writes(),
             gate: self.opts.gate.as_ref().map(|_| g.gate.stats()),
+            backup_log: self.backup.as_ref().map(|b| b.lock().status()),
         }
     }
 }
@@ -262,6 +272,9 @@ impl Replicated {
         let mut g = s.lock();
         s.writable(&g)?;
         local(&s.file)?;
+        if let Some(deps) = g.group.as_ref().map(tern_gate::Group::deps) {
+            g.primary.set_deps(deps);
+        }
         let seq = replicate(&mut g.primary);
         // Before the reply: a peer tier's gate must see this write once our VM can act on it.
         s.publish(&g);
@@ -344,6 +357,13 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         None => None,
     };
     let primary = Primary::new(size, &opts.export, opts.mode).with_zstd_level(opts.zstd_level);
+    let counters = match &opts.counters {
+        Some(p) => Some(Arc::new(
+            crate::counters::CounterPage::create(p)
+                .map_err(|e| format!("create {}: {e}", p.display()))?,
+        )),
+        None => None,
+    };
     let raw = std::fs::File::open(&opts.volume)
         .map_err(|e| format!("open {}: {e}", opts.volume.display()))?;
     let shared = Arc::new(Shared {
@@ -373,15 +393,27 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         }),
         cond: Condvar::new(),
         stop: AtomicBool::new(false),
-        counters: match &opts.counters {
-            Some(p) if opts.role == Role::Primary => Some(
-                crate::counters::CounterPage::create(p)
-                    .map_err(|e| format!("create {}: {e}", p.display()))?,
-            ),
-            _ => None,
+        counters: counters.clone(),
+        backup: match opts.role {
+            Role::Secondary => Some(crate::backup::Backup::new(
+                crate::backup::Log::open(&opts.volume, state.consistent, &opts.backup_peers)?,
+                counters,
+            )),
+            Role::Primary => None,
         },
         opts: opts.clone(),
     });
+    if shared.backup.is_some() {
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            let b = sh.backup.as_ref().expect("a secondary");
+            b.run(
+                &|| sh.stop.load(Ordering::Relaxed),
+                &|op| apply(&sh, op, &mut Vec::new()),
+                &|| sh.file.flush(),
+            );
+        });
+    }
     let export = tern_nbd::server::Export {
         name: opts.export.clone(),
         description: format!("tern volume {}", opts.volume.display()),
@@ -650,9 +682,14 @@ fn readable_now(s: &UnixStream) -> bool {
 }
 
 fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> {
+    let backup = sh.backup.as_ref().ok_or("not a secondary")?;
     let mut core = Secondary::new(sh.size);
     let mut buf = vec![0u8; 1 << 20];
     let mut copy_buf = Vec::new();
+    // The CLOCK the next changes belong to: (guest write, peer writes it depends on).
+    let mut stamp: (u64, Vec<([u8; 6], u64)>) = (0, Vec::new());
+    // Written into the volume in place (resync) since the last fdatasync.
+    let mut in_place = false;
     loop {
         let n = c.read(&mut buf).map_err(|e| format!("read: {e}"))?;
         if n == 0 {
@@ -667,6 +704,10 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                     if g.role != Role::Secondary {
                         return Err("promoted while a session started".into());
                     }
+                    // The session re-syncs the copy: what the log holds goes in first.
+                    backup.drain_for_resync(&|op| apply(sh, op, &mut Vec::new()), &|| {
+                        sh.file.flush()
+                    })?;
                     g.consistent = false;
                     drop(g);
                     volume::write_state(&sh.opts.volume, &State { consistent: false })
@@ -679,8 +720,28 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                         .map_err(|e| format!("hash the volume: {e}"))?;
                     core.hashes(&hs);
                 }
-                Event::Apply(op) => apply(sh, &op, &mut copy_buf)
-                    .map_err(|e| format!("apply {}: {e}", OpShort(&op)))?,
+                Event::Clock { write, deps } => stamp = (write, deps),
+                Event::Apply { seq, op } => {
+                    let mut l = backup.lock();
+                    if l.logging {
+                        l.append(
+                            &|at, b| sh.file.read_at(at, b),
+                            seq,
+                            stamp.0,
+                            &stamp.1,
+                            op,
+                        )?;
+                        backup.apply_ready(&mut l, false, &|op| apply(sh, op, &mut Vec::new()))?;
+                        if !l.is_caught_up() {
+                            backup.wake();
+                        }
+                    } else {
+                        drop(l);
+                        apply(sh, &op, &mut copy_buf)
+                            .map_err(|e| format!("apply {}: {e}", OpShort(&op)))?;
+                        in_place = true;
+                    }
+                }
                 Event::Check { offset, hashes } => {
                     let len = (sh.size - offset).min(BLOCK_BYTES) as usize;
                     copy_buf.resize(len, 0);
@@ -690,13 +751,13 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                     let mine = volume::chunk_hashes_of(&copy_buf[..len]);
                     core.check_answer(offset, &hashes, &mine);
                 }
-                Event::SyncNow { seq } => durable(sh, &mut core, seq)?,
+                Event::SyncNow { seq } => durable(sh, &mut core, seq, &mut in_place, stamp.0)?,
                 Event::Consistent => {}
             }
         }
         if core.dirty() && !readable_now(&c) {
             let seq = core.last_seq();
-            durable(sh, &mut core, seq)?;
+            durable(sh, &mut core, seq, &mut in_place, stamp.0)?;
         }
         let out = core.take_output();
         if !out.is_empty() {
@@ -708,7 +769,7 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
     }
     if core.dirty() {
         let seq = core.last_seq();
-        durable(sh, &mut core, seq)?;
+        durable(sh, &mut core, seq, &mut in_place, stamp.0)?;
     }
     Ok(())
 }
@@ -737,13 +798,31 @@ fn apply(sh: &Shared, op: &Op, copy_buf: &mut Vec<u8>) -> io::Result<()> {
     }
 }
 
-/// fdatasync, then ACK up to `seq` (everything up to it is applied).
-fn durable(sh: &Shared, core: &mut Secondary, seq: u64) -> Result<(), String> {
-    sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
+/// Makes what arrived durable (the log, and the volume if written in place), then ACKs up
+/// to `seq` (everything up to it is logged or applied). A completed sync makes the copy
+/// consistent: the volume holds every guest write up to `synced_write` (the CLOCK before
+/// SYNCED), and later changes go to the log.
+fn durable(
+    sh: &Shared,
+    core: &mut Secondary,
+    seq: u64,
+    in_place: &mut bool,
+    synced_write: u64,
+) -> Result<(), String> {
+    let backup = sh.backup.as_ref().ok_or("not a secondary")?;
+    if *in_place {
+        sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
+        *in_place = false;
+    }
+    backup.lock().sync()?;
     if let Some(Event::Consistent) = core.durable(seq) {
         volume::write_state(&sh.opts.volume, &State { consistent: true })
             .map_err(|e| e.to_string())?;
         sh.lock().consistent = true;
+        let mut l = backup.lock();
+        l.synced_to(synced_write);
+        l.logging = true;
+        backup.publish(&l);
         eprintln!("tern disk: {}: consistent", sh.opts.export);
     }
     Ok(())
@@ -878,8 +957,20 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
                         .into(),
                 );
             }
+            // The backup's log: apply what the group's other backups allow, drop the rest.
+            let (applied, dropped) = match &sh.backup {
+                Some(b) => b.settle(&|op| apply(sh, op, &mut Vec::new()), &|| sh.file.flush())?,
+                None => (0, 0),
+            };
+            if dropped > 0 {
+                eprintln!(
+                    "tern disk: {}: promoted; {dropped} logged write(s) dropped (they depend on \
+                     writes a peer's backup never received)",
+                    sh.opts.export
+                );
+            }
             g.role = Role::Primary;
-            Ok(json!({"role": "primary"}))
+            Ok(json!({"role": "primary", "log_applied": applied, "log_dropped": dropped}))
         }
         Request::Shutdown => {
             sh.stop.store(true, Ordering::Relaxed);

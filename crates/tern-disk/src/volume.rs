@@ -85,6 +85,9 @@ pub fn create(path: &Path, size: u64) -> Result<(), VolumeError> {
         .map_err(io_err("create", path))?;
     f.set_len(size).map_err(io_err("size", path))?;
     f.sync_all().map_err(io_err("sync", path))?;
+    // A new volume has no write log (`backup.rs`); one left by an old volume of this name
+    // must not be replayed into it.
+    let _ = fs::remove_file(crate::backup::log_path(path));
     write_state(path, &State::default())
 }
 

@@ -13,6 +13,11 @@
 //!   6 SYNCED    seq (8)                       the secondary is consistent once seq is durable
 //!   7 CHECK     offset (8) | count (1) | count x 8-byte chunk hashes    which of this
 //!               block's chunks differ? (count <= 16)
+//!   8 CLOCK     write (8) | count (1) | count x (MAC (6) | writes (8))   (count <= 15)
+//!               the messages up to the next CLOCK carry the guest's writes up to number
+//!               `write`, which depend on those peer tiers' writes (PipeCloud's clocks;
+//!               only from primaries of a protected group; before each live write and
+//!               before SYNCED)
 //! secondary -> primary
 //!   129 READY   volume bytes (8) | block shift (1) | consistent (1)
 //!   130 HASHES  first block (8) | count (4) | bitmap of non-zero blocks (count/8 bytes,
@@ -39,6 +44,8 @@ pub const MAX_DATA: usize = 512 << 10;
 pub const MAX_HASHES: usize = 8192;
 /// Most chunk hashes in one CHECK (one 64 KiB block of 4 KiB chunks).
 pub const MAX_CHECK: usize = 16;
+/// Most peer entries in one CLOCK (the other members of a protected group).
+pub const MAX_CLOCK_PEERS: usize = 15;
 /// Largest ZERO length (one frame can zero 1 TiB).
 pub const MAX_ZERO: u64 = 1 << 40;
 /// How a DATA payload is compressed.
@@ -90,6 +97,10 @@ pub enum Msg {
     Check {
         offset: u64,
         hashes: Vec<ChunkHash>,
+    },
+    Clock {
+        write: u64,
+        deps: Vec<([u8; 6], u64)>,
     },
     Need {
         offset: u64,
@@ -207,6 +218,16 @@ impl Msg {
                 }
                 7
             }
+            Msg::Clock { write, deps } => {
+                assert!(deps.len() <= MAX_CLOCK_PEERS);
+                out.extend_from_slice(&write.to_le_bytes());
+                out.push(deps.len() as u8);
+                for (mac, n) in deps {
+                    out.extend_from_slice(mac);
+                    out.extend_from_slice(&n.to_le_bytes());
+                }
+                8
+            }
             Msg::Need { offset, bitmap } => {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&bitmap.to_le_bytes());
@@ -309,6 +330,7 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
         5 => "FLUSH",
         6 => "SYNCED",
         7 => "CHECK",
+        8 => "CLOCK",
         129 => "READY",
         130 => "HASHES",
         131 => "HASHES_END",
@@ -400,6 +422,19 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
                 hashes.push(c.u64()?);
             }
             Msg::Check { offset, hashes }
+        }
+        8 => {
+            let write = c.u64()?;
+            let n = c.u8()? as usize;
+            if n > MAX_CLOCK_PEERS {
+                return Err(WireError::Malformed("CLOCK"));
+            }
+            let mut deps = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mac: [u8; 6] = c.take(6)?.try_into().expect("6 bytes");
+                deps.push((mac, c.u64()?));
+            }
+            Msg::Clock { write, deps }
         }
         134 => {
             let offset = c.u64()?;
@@ -555,6 +590,14 @@ mod tests {
             Msg::Need {
                 offset: 65536,
                 bitmap: 0b101,
+            },
+            Msg::Clock {
+                write: 12,
+                deps: vec![([2, 0, 0, 0, 0, 7], 40)],
+            },
+            Msg::Clock {
+                write: 13,
+                deps: vec![],
             },
             Msg::Ack { seq: 11 },
             Msg::Error("volume size differs".into()),

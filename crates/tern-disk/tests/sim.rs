@@ -219,7 +219,8 @@ impl World {
                         let h = hashes(&self.svol.live);
                         self.s.hashes(&h);
                     }
-                    Event::Apply(op) => apply(&mut self.svol.live, &op),
+                    Event::Apply { op, .. } => apply(&mut self.svol.live, &op),
+                    Event::Clock { .. } => {}
                     Event::Check { offset, hashes } => {
                         check(&mut self.s, &self.svol.live, offset, &hashes)
                     }
@@ -346,7 +347,8 @@ fn sync_in_lockstep(p: &mut Primary, vol: &[u8], sec: &mut [u8]) -> u64 {
                     s.ready(false);
                     s.hashes(&hashes(sec));
                 }
-                Event::Apply(op) => apply(sec, &op),
+                Event::Apply { op, .. } => apply(sec, &op),
+                Event::Clock { .. } => {}
                 Event::Check { offset, hashes } => check(&mut s, sec, offset, &hashes),
                 Event::SyncNow { .. } | Event::Consistent => {}
             }

@@ -254,6 +254,11 @@ impl Group {
             .collect()
     }
 
+    /// What our VM's next writes depend on: (peer MAC, highest write count of its disk).
+    pub fn deps(&self) -> Vec<(Mac, u64)> {
+        self.peers.iter().copied().zip(self.deps.iter().copied()).collect()
+    }
+
     /// Stamps a frame our VM sends to a peer with our clock (by MAC).
     pub fn stamp(&self, frame: &mut Vec<u8>, own_writes: u64) {
         let mut e = vec![(self.me, own_writes)];

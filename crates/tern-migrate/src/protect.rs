@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tern_disk::daemon::{self, DiskPaths};
-use tern_disk::server::Role;
 use tern_vm::{VmHost, VmSpec};
 
 use crate::disk::{default_dest_volume, prepare_dest_volume, refused};
@@ -177,14 +176,22 @@ pub fn protect(o: &ProtectOptions) -> Result<Protection, MigrateError> {
     daemon::stop(&bdir);
     std::fs::create_dir_all(&bdir)
         .map_err(|e| refused(format!("create {}: {e}", bdir.display())))?;
-    daemon::start(
-        &bdir,
-        &backup_volume,
-        Role::Secondary,
-        tern_disk::Mode::Async,
-        None,
-    )
-    .map_err(refused)?;
+    // The other tiers of the VM's group: their backups (at the same site) hold the writes
+    // ours may depend on.
+    let peers: Vec<_> = rec
+        .spec
+        .gate_peers
+        .iter()
+        .map(|peer| {
+            let mac = host
+                .record(peer, Some(&rec.site))
+                .map(|r| r.spec.mac_or_default())
+                .unwrap_or_else(|_| tern_vm::vm::MacAddr::for_name(peer));
+            let page = DiskPaths::in_dir(&backup_dir(peer, &o.backup_site)).counters;
+            (mac.0, page)
+        })
+        .collect();
+    daemon::start_backup(&bdir, &backup_volume, &peers).map_err(refused)?;
     let p = Protection {
         name: o.name.clone(),
         primary_site: rec.site.clone(),
@@ -325,6 +332,9 @@ pub struct FailoverReport {
     pub backup_volume: PathBuf,
     /// Fencing and promotion of the backup volume, ms.
     pub promote_ms: f64,
+    /// Writes the backup had received but dropped at promotion: they depended on writes of
+    /// another tier of the group that its backup never received (so no client saw them).
+    pub log_dropped: u64,
     /// From the failover's start until the guest at the backup site was ready, s.
     pub rto_s: f64,
     /// The lab's client site now reaches the VM through the backup site.
@@ -361,7 +371,8 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
         daemon::stop(&p.primary_dir());
     }
     let bdir = p.backup_dir();
-    ctl(&bdir, json!({"cmd": "promote", "force": true}))?;
+    let promoted = ctl(&bdir, json!({"cmd": "promote", "force": true}))?;
+    let log_dropped = promoted["log_dropped"].as_u64().unwrap_or(0);
     let promote_ms = t0.elapsed().as_secs_f64() * 1000.0;
     say("backup volume promoted");
     daemon::stop(&bdir);
@@ -413,6 +424,7 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
         rpo_writes,
         backup_volume: p.backup_volume.clone(),
         promote_ms,
+        log_dropped,
         rto_s,
         clients_rerouted,
     })

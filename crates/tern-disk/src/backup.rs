@@ -1,0 +1,426 @@
+//! The backup's write log and its applier (driver of `wal.rs`).
+//!
+//! A secondary keeps its log in `VOLUME.wal`. While its copy is consistent, every replicated
+//! change is appended there (and made durable before the ACK); the applier thread moves
+//! records into the volume as their dependencies on the group's other disks are met, and
+//! empties the log (after an fdatasync of the volume) whenever it has caught up. Peers'
+//! applied counters are read from their backups' counter pages (`--backup-peer MAC=PAGE`);
+//! this backup publishes its own in its counter page. See `docs/dr.md`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::counters::CounterPage;
+use crate::secondary::Op;
+use crate::wal::{self, Backlog, Mac, Record};
+
+/// At failover, how long the peers' applied counters must stay still before the records
+/// that still wait for them are dropped.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(1000);
+
+pub fn log_path(volume: &Path) -> PathBuf {
+    let mut p = volume.as_os_str().to_owned();
+    p.push(".wal");
+    PathBuf::from(p)
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogStatus {
+    /// Records logged and not yet applied, and their bytes.
+    pub records: usize,
+    pub bytes: u64,
+    /// The guest write the volume holds up to (published to the group's other backups).
+    pub applied_write: u64,
+    /// The peer write the first record waits for, as `MAC=count`.
+    pub waiting_for: Option<String>,
+    /// Records dropped at failover (they depended on writes a peer's backup never got).
+    pub discarded: u64,
+}
+
+pub(crate) struct Log {
+    file: File,
+    path: PathBuf,
+    end: u64,
+    backlog: Backlog,
+    /// Appending (a consistent copy) rather than writing into the volume.
+    pub(crate) logging: bool,
+    /// Appended since the last fdatasync of the log.
+    dirty: bool,
+    /// Appends so far: a checkpoint only empties the log if none came in meanwhile.
+    appends: u64,
+    /// Applied to the volume since the log was last emptied.
+    unsynced: bool,
+    peers: Vec<(Mac, PathBuf, Option<CounterPage>)>,
+}
+
+impl Log {
+    /// Opens (or creates) the log of `volume` and loads what it holds; a torn tail is cut.
+    pub(crate) fn open(
+        volume: &Path,
+        consistent: bool,
+        peers: &[(Mac, PathBuf)],
+    ) -> Result<Log, String> {
+        let path = log_path(volume);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let c = wal::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut backlog = Backlog::new(c.applied_write);
+        let n = c.records.len();
+        for r in c.records {
+            backlog.push(r);
+        }
+        if n > 0 {
+            eprintln!(
+                "tern disk: {}: {n} logged write(s) to apply",
+                path.display()
+            );
+        }
+        let mut log = Log {
+            file,
+            path,
+            end: c.valid as u64,
+            backlog,
+            logging: consistent,
+            dirty: false,
+            appends: 0,
+            unsynced: n > 0,
+            peers: peers.iter().map(|(m, p)| (*m, p.clone(), None)).collect(),
+        };
+        if c.valid == 0 {
+            log.reset()?;
+        } else if c.valid < bytes.len() {
+            log.file
+                .set_len(c.valid as u64)
+                .and_then(|()| log.file.sync_data())
+                .map_err(|e| format!("cut the torn tail of {}: {e}", log.path.display()))?;
+        }
+        Ok(log)
+    }
+
+    /// Empties the file: header only, with the applied write.
+    fn reset(&mut self) -> Result<(), String> {
+        let h = wal::header(self.backlog.applied_write());
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.write_all_at(&h, 0))
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| format!("reset {}: {e}", self.path.display()))?;
+        self.end = h.len() as u64;
+        self.dirty = false;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    pub(crate) fn status(&self) -> LogStatus {
+        LogStatus {
+            records: self.backlog.len(),
+            bytes: self.backlog.bytes(),
+            applied_write: self.backlog.applied_write(),
+            waiting_for: self.waiting_for().map(|(m, n)| format!("{}={n}", mac_text(&m))),
+            discarded: self.backlog.discarded,
+        }
+    }
+
+    /// Nothing waits to be applied.
+    pub(crate) fn is_caught_up(&self) -> bool {
+        self.backlog.is_empty()
+    }
+
+    pub(crate) fn applied_write(&self) -> u64 {
+        self.backlog.applied_write()
+    }
+
+    /// A completed sync: the volume holds every write up to `w`.
+    pub(crate) fn synced_to(&mut self, w: u64) {
+        self.backlog.set_applied_write(w);
+    }
+
+    fn peer_applied(&mut self) -> Vec<(Mac, u64)> {
+        self.peers
+            .iter_mut()
+            .map(|(mac, path, page)| {
+                if page.is_none() {
+                    *page = CounterPage::open(path).ok();
+                }
+                // A peer whose backup is not there yet has applied nothing.
+                (*mac, page.as_ref().map_or(0, CounterPage::applied))
+            })
+            .collect()
+    }
+
+    fn waiting_for(&self) -> Option<(Mac, u64)> {
+        let have: Vec<(Mac, u64)> = self
+            .peers
+            .iter()
+            .map(|(m, _, p)| (*m, p.as_ref().map_or(0, CounterPage::applied)))
+            .collect();
+        self.backlog.blocked_on(|m| lookup(&have, m))
+    }
+
+    /// Appends a change, resolving a COPY against what the copy holds once the backlog is
+    /// applied (so replaying the log is idempotent). Durable at the next [`Log::sync`].
+    pub(crate) fn append(
+        &mut self,
+        volume: &impl Fn(u64, &mut [u8]) -> io::Result<()>,
+        seq: u64,
+        write: u64,
+        deps: &[(Mac, u64)],
+        op: Op,
+    ) -> Result<(), String> {
+        let op = match op {
+            Op::Copy { offset, src, len } => {
+                let mut data = vec![0u8; len as usize];
+                volume(src, &mut data).map_err(|e| format!("read the volume at {src}: {e}"))?;
+                self.overlay(src, &mut data);
+                Op::Write { offset, data }
+            }
+            op => op,
+        };
+        let r = Record {
+            seq,
+            write,
+            deps: deps.to_vec(),
+            op,
+        };
+        let mut buf = Vec::with_capacity(r.bytes() as usize + 64);
+        wal::encode(&r, &mut buf);
+        self.file
+            .write_all_at(&buf, self.end)
+            .map_err(|e| format!("append to {}: {e}", self.path.display()))?;
+        self.end += buf.len() as u64;
+        self.dirty = true;
+        self.appends += 1;
+        self.backlog.push(r);
+        Ok(())
+    }
+
+    /// What the backlog changes in `[at, at + buf.len())`, applied in order over `buf`.
+    fn overlay(&self, at: u64, buf: &mut [u8]) {
+        let end = at + buf.len() as u64;
+        for r in self.backlog.iter() {
+            let (o, len) = match &r.op {
+                Op::Write { offset, data } => (*offset, data.len() as u64),
+                Op::Zero { offset, len } => (*offset, *len),
+                Op::Copy { .. } => unreachable!("logged copies are resolved"),
+            };
+            let (lo, hi) = (o.max(at), (o + len).min(end));
+            if lo >= hi {
+                continue;
+            }
+            let dst = &mut buf[(lo - at) as usize..(hi - at) as usize];
+            match &r.op {
+                Op::Write { offset, data } => {
+                    dst.copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+                }
+                _ => dst.fill(0),
+            }
+        }
+    }
+
+    /// fdatasync of what was appended.
+    pub(crate) fn sync(&mut self) -> Result<(), String> {
+        if self.dirty {
+            self.file
+                .sync_data()
+                .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+fn lookup(have: &[(Mac, u64)], m: &Mac) -> Option<u64> {
+    have.iter().find(|(p, _)| p == m).map(|(_, n)| *n)
+}
+
+fn mac_text(m: &Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The log, shared by the replication session (appends), the applier and the control
+/// socket (status, failover).
+pub(crate) struct Backup {
+    log: Mutex<Log>,
+    cond: Condvar,
+    page: Option<Arc<CounterPage>>,
+}
+
+impl Backup {
+    pub(crate) fn new(log: Log, page: Option<Arc<CounterPage>>) -> Backup {
+        if let Some(p) = &page {
+            p.publish_applied(log.applied_write());
+        }
+        Backup {
+            log: Mutex::new(log),
+            cond: Condvar::new(),
+            page,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn wake(&self) {
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn publish(&self, l: &Log) {
+        if let Some(p) = &self.page {
+            p.publish_applied(l.applied_write());
+        }
+    }
+
+    /// Applies every record whose dependencies are met (all of them with `force`);
+    /// returns how many. The replication session calls it right after each append, so a
+    /// write that waits for nothing is in the volume before its ACK leaves; the applier
+    /// thread takes care of the ones that wait.
+    pub(crate) fn apply_ready(
+        &self,
+        l: &mut Log,
+        force: bool,
+        apply: &impl Fn(&Op) -> io::Result<()>,
+    ) -> Result<u64, String> {
+        let have = if force { Vec::new() } else { l.peer_applied() };
+        let mut n = 0;
+        loop {
+            let r = if force {
+                l.backlog.pop()
+            } else {
+                l.backlog.pop_ready(|m| lookup(&have, m))
+            };
+            let Some(r) = r else { break };
+            apply(&r.op).map_err(|e| format!("apply logged write {}: {e}", r.seq))?;
+            l.unsynced = true;
+            n += 1;
+        }
+        if n > 0 {
+            self.publish(l);
+        }
+        Ok(n)
+    }
+
+    /// Once caught up: fdatasync the volume, then empty the log (unless something was
+    /// appended meanwhile).
+    fn checkpoint(
+        &self,
+        l: MutexGuard<'_, Log>,
+        flush: &impl Fn() -> io::Result<()>,
+    ) -> Result<(), String> {
+        if !l.backlog.is_empty() || !l.unsynced {
+            return Ok(());
+        }
+        let appends = l.appends;
+        drop(l);
+        flush().map_err(|e| format!("fdatasync the volume: {e}"))?;
+        let mut l = self.lock();
+        if l.backlog.is_empty() && l.appends == appends {
+            l.reset()?;
+        }
+        Ok(())
+    }
+
+    /// The applier thread's loop: runs until `stop` says so.
+    pub(crate) fn run(
+        &self,
+        stop: &impl Fn() -> bool,
+        apply: &impl Fn(&Op) -> io::Result<()>,
+        flush: &impl Fn() -> io::Result<()>,
+    ) {
+        while !stop() {
+            let mut l = self.lock();
+            if let Err(e) = self.apply_ready(&mut l, false, apply) {
+                eprintln!("tern disk: {e}");
+            }
+            let waiting = !l.backlog.is_empty();
+            let r = if waiting {
+                // Held on a peer's backup: look at its counter again shortly.
+                drop(
+                    self.cond
+                        .wait_timeout(l, Duration::from_millis(1))
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                Ok(())
+            } else {
+                let r = self.checkpoint(l, flush);
+                let l = self.lock();
+                if l.backlog.is_empty() {
+                    drop(
+                        self.cond
+                            .wait_timeout(l, Duration::from_millis(100))
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                }
+                r
+            };
+            if let Err(e) = r {
+                eprintln!("tern disk: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// A new replication session replaces the copy's contents: apply everything logged
+    /// (dependencies or not), make it durable, empty the log and write in place from now.
+    pub(crate) fn drain_for_resync(
+        &self,
+        apply: &impl Fn(&Op) -> io::Result<()>,
+        flush: &impl Fn() -> io::Result<()>,
+    ) -> Result<(), String> {
+        let mut l = self.lock();
+        self.apply_ready(&mut l, true, apply)?;
+        l.logging = false;
+        flush().map_err(|e| format!("fdatasync the volume: {e}"))?;
+        l.reset()
+    }
+
+    /// Failover: apply what becomes applicable while the group's other backups still
+    /// move, then drop what waits on writes that never arrived; leaves the volume durable
+    /// and the log empty. Returns (records applied here, records dropped).
+    pub(crate) fn settle(
+        &self,
+        apply: &impl Fn(&Op) -> io::Result<()>,
+        flush: &impl Fn() -> io::Result<()>,
+    ) -> Result<(u64, u64), String> {
+        let mut applied = 0;
+        let mut last: Option<Vec<(Mac, u64)>> = None;
+        let mut quiet_since = Instant::now();
+        let dropped = loop {
+            let mut l = self.lock();
+            applied += self.apply_ready(&mut l, false, apply)?;
+            if l.backlog.is_empty() {
+                break 0;
+            }
+            let now = l.peer_applied();
+            if last.as_ref() != Some(&now) {
+                last = Some(now);
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= SETTLE_QUIET {
+                break l.backlog.discard();
+            }
+            drop(l);
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut l = self.lock();
+        l.logging = false;
+        flush().map_err(|e| format!("fdatasync the volume: {e}"))?;
+        l.reset()?;
+        self.publish(&l);
+        Ok((applied, dropped))
+    }
+}
