@@ -53,11 +53,13 @@ pub enum DiskCmd {
     Serve(Box<ServeArgs>),
     /// Talk to a running server's control socket:
     /// `status`, `mode async|sync|auto`, `replicate NODE PEER TARGET [MODE]`,
-    /// `stop-replication`, `promote`, `shutdown`.
+    /// `stop-replication`, `promote [--force]` (force: cut a running session first; a
+    /// secondary's write log is applied, what waits on another tier's lost writes dropped),
+    /// `gate on|off`, `shutdown`.
     Ctl {
         /// The server's control socket.
         control: PathBuf,
-        #[arg(required = true, num_args = 1..)]
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
 }

@@ -827,7 +827,13 @@ fn real_disaster(d: &Path, setup: Setup, run_ms: u64) -> (usize, usize) {
     // deliver what it still buffers.
     std::thread::sleep(Duration::from_millis(500));
     // The failover's promotion: the backup's write log goes into the volume.
-    let promoted = json(&["disk", "ctl", &s(&bdir.join("ctl.sock")), "promote", "--force"]);
+    let promoted = json(&[
+        "disk",
+        "ctl",
+        &s(&bdir.join("ctl.sock")),
+        "promote",
+        "--force",
+    ]);
     assert_eq!(promoted["log_dropped"], 0, "{promoted}");
     let backup = std::fs::read(&b).unwrap();
     ok(&["lab", "set", "--loss", "0%"]);
@@ -1025,5 +1031,194 @@ fn protect_then_failover_boots_the_vm_at_the_backup_with_every_acknowledged_writ
     ok(&["protect", "stop", "dsk1"]);
     lab.0.clear();
     drop(lab);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// One hand-driven replication session to a secondary (the test speaks the primary's side
+/// of the protocol, so it can say exactly what each write depends on).
+struct Feed {
+    sock: std::os::unix::net::UnixStream,
+    reader: tern_disk::wire::Reader,
+    seq: u64,
+}
+
+impl Feed {
+    /// HELLO, the secondary's hashes, then SYNCED (an empty volume is in sync at once)
+    /// after a CLOCK saying it holds the guest's writes up to `write`.
+    fn open(repl: &Path, name: &str, write: u64, deps: Vec<([u8; 6], u64)>) -> Feed {
+        use tern_disk::wire::{self, Msg};
+        let sock = std::os::unix::net::UnixStream::connect(repl).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut f = Feed {
+            sock,
+            reader: wire::Reader::default(),
+            seq: 0,
+        };
+        f.send(&[Msg::Hello {
+            version: wire::VERSION,
+            size: 16 << 20,
+            block_shift: tern_disk::BLOCK_SHIFT,
+            name: name.into(),
+        }]);
+        f.expect(|m| matches!(m, Msg::HashesEnd { .. }));
+        f.seq += 1;
+        f.send(&[Msg::Clock { write, deps }, Msg::Synced { seq: f.seq }]);
+        let seq = f.seq;
+        f.expect(|m| matches!(m, Msg::Ack { seq: s } if *s >= seq));
+        f
+    }
+
+    fn send(&mut self, msgs: &[tern_disk::wire::Msg]) {
+        use std::io::Write;
+        let mut out = Vec::new();
+        for m in msgs {
+            m.encode(&mut out);
+        }
+        self.sock.write_all(&out).unwrap();
+    }
+
+    fn expect(&mut self, want: impl Fn(&tern_disk::wire::Msg) -> bool) {
+        use std::io::Read;
+        loop {
+            while let Some(m) = self.reader.next_msg().unwrap() {
+                assert!(!matches!(m, tern_disk::wire::Msg::Error(_)), "{m:?}");
+                if want(&m) {
+                    return;
+                }
+            }
+            let mut buf = [0u8; 65536];
+            let n = self.sock.read(&mut buf).unwrap();
+            assert!(n > 0, "the secondary closed the session");
+            self.reader.push(&buf[..n]);
+        }
+    }
+
+    /// Guest write number `write` (512 bytes of `fill` at `offset`), depending on `deps`;
+    /// returns once the secondary acknowledged it (durable in its log).
+    fn write(&mut self, write: u64, deps: Vec<([u8; 6], u64)>, offset: u64, fill: u8) {
+        use tern_disk::wire::{Compression, Msg};
+        self.seq += 1;
+        let seq = self.seq;
+        self.send(&[
+            Msg::Clock { write, deps },
+            Msg::Data {
+                seq,
+                offset,
+                raw_len: 512,
+                compression: Compression::None,
+                bytes: vec![fill; 512],
+            },
+            Msg::Flush { seq: seq + 1 },
+        ]);
+        self.seq += 1;
+        self.expect(|m| matches!(m, Msg::Ack { seq: s } if *s > seq));
+    }
+}
+
+/// Two tiers' backups (X and Y) at one site, each told where the other's counter page is.
+/// Y's writes that depend on X's are logged and acknowledged at once but reach Y's volume
+/// only once X's backup applied what they depend on: across a restart of Y's backup, and
+/// at failover, where what waits on a write X's backup never got is dropped, so the two
+/// volumes are always a consistent cut.
+#[test]
+fn a_backup_applies_writes_in_causal_order_across_disks_and_keeps_its_log_across_a_restart() {
+    let d = tmpdir("causal");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    const X: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const Y: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+    let mac = |m: &[u8; 6]| tern_disk::daemon::mac_text(m);
+    let start = |me: &str, peer: &str, peer_mac: &[u8; 6], log: &str| {
+        let dir = d.join(me);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("ctl.sock"));
+        let args = [
+            "--nbd".to_string(),
+            s(&dir.join("nbd.sock")),
+            "--control".into(),
+            s(&dir.join("ctl.sock")),
+            "--secondary".into(),
+            "--listen".into(),
+            s(&dir.join("repl.sock")),
+            "--counters".into(),
+            s(&dir.join("counters")),
+            "--backup-peer".into(),
+            format!("{}={}", mac(peer_mac), s(&d.join(peer).join("counters"))),
+            s(&d.join(format!("{me}.img"))),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = serve(&argv, &d.join(log));
+        wait_socket(&dir.join("ctl.sock"));
+        child
+    };
+    for v in ["x", "y"] {
+        ok(&[
+            "disk",
+            "create",
+            &s(&d.join(format!("{v}.img"))),
+            "--size",
+            "16M",
+        ]);
+    }
+    let mut servers = Servers(vec![
+        start("x", "y", &Y, "x.log"),
+        start("y", "x", &X, "y.log"),
+    ]);
+    let (xctl, yctl) = (d.join("x/ctl.sock"), d.join("y/ctl.sock"));
+    let log_of = |ctl: &Path| status(ctl)["backup_log"].clone();
+    let at = |v: &str, offset: usize| std::fs::read(d.join(format!("{v}.img"))).unwrap()[offset];
+
+    let mut x = Feed::open(&d.join("x/repl.sock"), "x", 0, vec![(Y, 0)]);
+    let mut y = Feed::open(&d.join("y/repl.sock"), "y", 0, vec![(X, 0)]);
+    x.write(1, vec![(Y, 0)], 0, 0x11);
+    y.write(1, vec![(X, 1)], 0, 0x21);
+    assert_eq!((at("x", 0), at("y", 0)), (0x11, 0x21));
+    // Y's writes 2 and 3 follow X's write 2, which has not reached X's backup yet.
+    y.write(2, vec![(X, 2)], 4096, 0x22);
+    y.write(3, vec![(X, 2)], 8192, 0x23);
+    let l = log_of(&yctl);
+    assert_eq!(l["records"], 2, "{l}");
+    assert_eq!(l["applied_write"], 1, "{l}");
+    assert_eq!(l["waiting_for"], format!("{}=2", mac(&X)), "{l}");
+    assert_eq!((at("y", 4096), at("y", 8192)), (0, 0));
+
+    // Y's backup dies and comes back: what it acknowledged is still in its log, still held.
+    drop(y);
+    let mut yserver = servers.0.pop().unwrap();
+    yserver.kill().unwrap();
+    yserver.wait().unwrap();
+    servers.0.push(start("y", "x", &X, "y2.log"));
+    let l = log_of(&yctl);
+    assert_eq!(
+        (l["records"].clone(), l["applied_write"].clone()),
+        (2.into(), 1.into()),
+        "{l}"
+    );
+    assert_eq!(at("y", 4096), 0);
+
+    // X's write 2 arrives: Y's two go in, in order.
+    x.write(2, vec![(Y, 1)], 4096, 0x12);
+    wait_for("Y's backup to apply", 10, || log_of(&yctl)["records"] == 0);
+    assert_eq!((at("y", 4096), at("y", 8192)), (0x22, 0x23));
+    assert_eq!(log_of(&yctl)["applied_write"], 3);
+
+    // Y's write 4 depends on X's write 3, which X's backup never gets: the disaster.
+    let mut y = Feed::open(&d.join("y/repl.sock"), "y", 3, vec![(X, 2)]);
+    y.write(4, vec![(X, 3)], 12288, 0x24);
+    assert_eq!(log_of(&yctl)["records"], 1);
+    drop((x, y));
+    let px = json(&["disk", "ctl", &s(&xctl), "promote", "--force"]);
+    assert_eq!(px["log_dropped"], 0, "{px}");
+    let py = json(&["disk", "ctl", &s(&yctl), "promote", "--force"]);
+    assert_eq!(py["log_dropped"], 1, "{py}");
+    assert_eq!(status(&yctl)["role"], "primary");
+    assert_eq!(log_of(&yctl)["records"], 0);
+    // A consistent cut: X holds writes 1-2, Y everything that depends on no more than that.
+    assert_eq!((at("x", 0), at("x", 4096)), (0x11, 0x12));
+    assert_eq!(
+        (at("y", 0), at("y", 4096), at("y", 8192), at("y", 12288)),
+        (0x21, 0x22, 0x23, 0)
+    );
+    drop(servers);
     std::fs::remove_dir_all(&d).unwrap();
 }

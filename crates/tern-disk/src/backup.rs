@@ -128,7 +128,9 @@ impl Log {
             records: self.backlog.len(),
             bytes: self.backlog.bytes(),
             applied_write: self.backlog.applied_write(),
-            waiting_for: self.waiting_for().map(|(m, n)| format!("{}={n}", mac_text(&m))),
+            waiting_for: self
+                .waiting_for()
+                .map(|(m, n)| format!("{}={n}", mac_text(&m))),
             discarded: self.backlog.discarded,
         }
     }

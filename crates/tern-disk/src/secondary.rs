@@ -30,9 +30,7 @@ pub enum Op {
 pub enum Event {
     /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
     /// volume's block hashes ([`crate::volume::block_hashes`]).
-    NeedHashes {
-        name: String,
-    },
+    NeedHashes { name: String },
     /// Apply `op`, the replication stream's message `seq` (in order).
     Apply { seq: u64, op: Op },
     /// The applies up to the next Clock carry the guest's writes up to number `write`,
@@ -43,15 +41,10 @@ pub enum Event {
     },
     /// Which of the block at `offset`'s chunks differ from `hashes`? Read the block (after
     /// every Apply before this event) and call [`Secondary::check_answer`].
-    Check {
-        offset: u64,
-        hashes: Vec<ChunkHash>,
-    },
+    Check { offset: u64, hashes: Vec<ChunkHash> },
     /// Make everything applied so far durable now and call [`Secondary::durable`] with
     /// `seq`: the events after this one are not applied yet, so the ACK must not cover them.
-    SyncNow {
-        seq: u64,
-    },
+    SyncNow { seq: u64 },
     /// The copy is consistent up to a completed sync: persist it.
     Consistent,
 }

@@ -724,13 +724,7 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                 Event::Apply { seq, op } => {
                     let mut l = backup.lock();
                     if l.logging {
-                        l.append(
-                            &|at, b| sh.file.read_at(at, b),
-                            seq,
-                            stamp.0,
-                            &stamp.1,
-                            op,
-                        )?;
+                        l.append(&|at, b| sh.file.read_at(at, b), seq, stamp.0, &stamp.1, op)?;
                         backup.apply_ready(&mut l, false, &|op| apply(sh, op, &mut Vec::new()))?;
                         if !l.is_caught_up() {
                             backup.wake();

@@ -256,7 +256,11 @@ impl Group {
 
     /// What our VM's next writes depend on: (peer MAC, highest write count of its disk).
     pub fn deps(&self) -> Vec<(Mac, u64)> {
-        self.peers.iter().copied().zip(self.deps.iter().copied()).collect()
+        self.peers
+            .iter()
+            .copied()
+            .zip(self.deps.iter().copied())
+            .collect()
     }
 
     /// Stamps a frame our VM sends to a peer with our clock (by MAC).
