@@ -371,7 +371,9 @@ impl QmpSession {
         let Value::Object(mut msg) = value else {
             return Err(unexpected("not a JSON object"));
         };
-        if self.phase == Phase::Greeting {
+        // QEMU can put an event on a freshly opened monitor before its greeting (seen:
+        // NETDEV_STREAM_CONNECTED while a stream netdev connects): keep it as an event.
+        if self.phase == Phase::Greeting && !msg.contains_key("event") {
             let greeting = msg
                 .get("QMP")
                 .and_then(parse_greeting)
@@ -704,6 +706,18 @@ mod tests {
             err.to_string().contains("expected the QMP greeting"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_event_before_the_greeting_is_kept() {
+        let mut s = QmpSession::new();
+        s.handle_input(
+            b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"NETDEV_STREAM_CONNECTED\", \"data\": {}}\n",
+        )
+        .unwrap();
+        s.handle_input(GREETING).unwrap();
+        assert!(s.greeting().is_some());
+        assert!(s.take_event("NETDEV_STREAM_CONNECTED").is_some());
     }
 
     #[test]
