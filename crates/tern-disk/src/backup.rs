@@ -23,6 +23,11 @@ use crate::wal::{self, Backlog, Mac, Record};
 /// At failover, how long the peers' applied counters must stay still before the records
 /// that still wait for them are dropped.
 pub const SETTLE_QUIET: Duration = Duration::from_millis(1000);
+/// The applier empties a caught-up log once it is this long, or once no change arrived for
+/// [`CHECKPOINT_IDLE`] (emptying costs an fdatasync of the volume and of the log, which a
+/// stream of synchronous writes should not wait behind).
+pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+pub const CHECKPOINT_IDLE: Duration = Duration::from_millis(500);
 
 pub fn log_path(volume: &Path) -> PathBuf {
     let mut p = volume.as_os_str().to_owned();
@@ -54,6 +59,7 @@ pub(crate) struct Log {
     dirty: bool,
     /// Appends so far: a checkpoint only empties the log if none came in meanwhile.
     appends: u64,
+    last_append: Instant,
     /// Applied to the volume since the log was last emptied.
     unsynced: bool,
     peers: Vec<(Mac, PathBuf, Option<CounterPage>)>,
@@ -95,6 +101,7 @@ impl Log {
             logging: consistent,
             dirty: false,
             appends: 0,
+            last_append: Instant::now(),
             unsynced: n > 0,
             peers: peers.iter().map(|(m, p)| (*m, p.clone(), None)).collect(),
         };
@@ -204,6 +211,7 @@ impl Log {
         self.end += buf.len() as u64;
         self.dirty = true;
         self.appends += 1;
+        self.last_append = Instant::now();
         self.backlog.push(r);
         Ok(())
     }
@@ -324,7 +332,8 @@ impl Backup {
         l: MutexGuard<'_, Log>,
         flush: &impl Fn() -> io::Result<()>,
     ) -> Result<(), String> {
-        if !l.backlog.is_empty() || !l.unsynced {
+        let due = l.end >= CHECKPOINT_BYTES || l.last_append.elapsed() >= CHECKPOINT_IDLE;
+        if !l.backlog.is_empty() || !l.unsynced || !due {
             return Ok(());
         }
         let appends = l.appends;
