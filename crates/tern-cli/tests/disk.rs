@@ -109,9 +109,14 @@ fn serve(args: &[&str], log: &Path) -> Child {
 /// Starts a secondary for `volume` with its sockets in `bdir` (under the far node's
 /// migration directory, so the relay can reach `bdir/repl.sock`); returns once it answers.
 fn start_secondary(bdir: &Path, volume: &Path, log: &Path) -> Child {
+    start_secondary_with(bdir, volume, log, &[])
+}
+
+/// [`start_secondary`] with more `tern disk serve` options.
+fn start_secondary_with(bdir: &Path, volume: &Path, log: &Path, more: &[String]) -> Child {
     std::fs::create_dir_all(bdir).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let args = [
+    let mut args = vec![
         "--nbd".to_string(),
         s(&bdir.join("nbd.sock")),
         "--control".into(),
@@ -119,8 +124,9 @@ fn start_secondary(bdir: &Path, volume: &Path, log: &Path) -> Child {
         "--secondary".into(),
         "--listen".into(),
         s(&bdir.join("repl.sock")),
-        s(volume),
     ];
+    args.extend_from_slice(more);
+    args.push(s(volume));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let _ = std::fs::remove_file(bdir.join("ctl.sock"));
     let child = serve(&argv, log);
@@ -1130,26 +1136,13 @@ fn a_backup_applies_writes_in_causal_order_across_disks_and_keeps_its_log_across
     let mac = |m: &[u8; 6]| tern_disk::daemon::mac_text(m);
     let start = |me: &str, peer: &str, peer_mac: &[u8; 6], log: &str| {
         let dir = d.join(me);
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = std::fs::remove_file(dir.join("ctl.sock"));
-        let args = [
-            "--nbd".to_string(),
-            s(&dir.join("nbd.sock")),
-            "--control".into(),
-            s(&dir.join("ctl.sock")),
-            "--secondary".into(),
-            "--listen".into(),
-            s(&dir.join("repl.sock")),
-            "--counters".into(),
+        let more = [
+            "--counters".to_string(),
             s(&dir.join("counters")),
             "--backup-peer".into(),
             format!("{}={}", mac(peer_mac), s(&d.join(peer).join("counters"))),
-            s(&d.join(format!("{me}.img"))),
         ];
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = serve(&argv, &d.join(log));
-        wait_socket(&dir.join("ctl.sock"));
-        child
+        start_secondary_with(&dir, &d.join(format!("{me}.img")), &d.join(log), &more)
     };
     for v in ["x", "y"] {
         ok(&[
