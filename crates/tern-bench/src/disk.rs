@@ -198,21 +198,9 @@ fn wait_path(p: &Path, timeout: Duration) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// IP bytes offered to the emulated link: (a to b, b to a).
-fn link_bytes() -> (u64, u64) {
-    tern_lab::stats()
-        .map(|s| {
-            (
-                s.a_to_b.stats.counters.offered_bytes,
-                s.b_to_a.stats.counters.offered_bytes,
-            )
-        })
-        .unwrap_or((0, 0))
-}
-
 /// Bytes on the link in both directions since `start`: (a to b, b to a).
 fn since(start: (u64, u64)) -> (u64, u64) {
-    let now = link_bytes();
+    let now = tern_lab::offered_bytes();
     (now.0 - start.0, now.1 - start.1)
 }
 
@@ -324,7 +312,7 @@ fn qemu_mirror(ctx: &mut Ctx<'_>, src: &Path) -> Result<Transfer, BenchError> {
                "server": {"type": "inet", "host": "198.18.2.1", "port": NBD_PORT.to_string()}}),
     )
     .map_err(qe)?;
-    let wire0 = link_bytes();
+    let wire0 = tern_lab::offered_bytes();
     let t0 = Instant::now();
     q.execute(
         "blockdev-mirror",
@@ -411,7 +399,7 @@ fn replicate(
     sv: &Servers,
     mode: &str,
 ) -> Result<(f64, (u64, u64), Value), BenchError> {
-    let wire0 = link_bytes();
+    let wire0 = tern_lab::offered_bytes();
     let t0 = Instant::now();
     ctx.ctl(
         &sv.prim_ctl,

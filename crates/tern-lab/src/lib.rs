@@ -917,6 +917,19 @@ pub fn stats() -> Result<StatsReply, LabError> {
     link_stats(&require_up()?.control_socket)
 }
 
+/// IP bytes offered to the emulated a-b link so far: (a to b, b to a); zeros when no lab
+/// is up.
+pub fn offered_bytes() -> (u64, u64) {
+    stats()
+        .map(|s| {
+            (
+                s.a_to_b.stats.counters.offered_bytes,
+                s.b_to_a.stats.counters.offered_bytes,
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
 /// The counters of the emulator behind `control`.
 fn link_stats(control: &Path) -> Result<StatsReply, LabError> {
     match tern_wan::request(control, &Request::Stats)? {

@@ -235,16 +235,8 @@ fn now_ms(t0: Instant) -> u64 {
 }
 
 fn link_bytes(from_site: &str) -> u64 {
-    tern_lab::stats()
-        .map(|s| {
-            let d = if from_site == "a" {
-                &s.a_to_b
-            } else {
-                &s.b_to_a
-            };
-            d.stats.counters.offered_bytes
-        })
-        .unwrap_or(0)
+    let (ab, ba) = tern_lab::offered_bytes();
+    if from_site == "a" { ab } else { ba }
 }
 
 fn set_cc(site: &str, cc: &str) -> Result<(), MigrateError> {
