@@ -47,10 +47,17 @@ python3 -c "print('tern is %.1fx faster' % ($t / $t2))"
 echo
 echo "== WAN acceleration of plain TCP across mpls"
 
+# Incompressible payload: pseudo-random bytes from a file (iperf3's own "random" payload is
+# one 128 KiB buffer repeated, which tern's per-stream zstd window would compress away).
+payload=/var/tmp/tern-demo-random.bin
+want=$((secs * 20 * 1024 * 1024))
+if [ "$(stat -c %s "$payload" 2>/dev/null || echo 0)" -lt "$want" ]; then
+  head -c "$want" /dev/urandom >"$payload.partial" && mv "$payload.partial" "$payload"
+fi
 run() {
   ip netns exec tern-b iperf3 -s -1 -B 198.18.2.1 -p 5201 >/dev/null 2>&1 &
   sleep 0.3
-  ip netns exec tern-a iperf3 -c 198.18.2.1 -p 5201 -t "$secs" -C "$1" -J \
+  ip netns exec tern-a iperf3 -c 198.18.2.1 -p 5201 -t "$secs" -C "$1" -F "$payload" -J \
     | python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))'
   wait
 }

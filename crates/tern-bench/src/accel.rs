@@ -2,7 +2,8 @@
 //!
 //! For each profile, side by side in one run, client in `tern-a`, server in `tern-b`:
 //!
-//! - goodput of one and of four parallel iperf3 flows (random payload) for `cubic` and `bbr`
+//! - goodput of one and of four parallel iperf3 flows (incompressible payload: `-F` of a
+//!   pseudo-random file, see `ensure_random_payload`) for `cubic` and `bbr`
 //!   (plain kernel TCP), `kcptun` (a TCP port forward over KCP/UDP; iperf3's control and data
 //!   connections all go through it) and `tern` (the lab brought up with `--accel`: the same
 //!   plain iperf3 command, intercepted by a tern node in each site);
@@ -68,6 +69,8 @@ const SERVER_SETTLE: Duration = Duration::from_millis(300);
 /// Largest corpus accepted (and the cap on `--corpus-mib`).
 pub const MAX_CORPUS_BYTES: u64 = 4 << 30;
 const WORK_DIR: &str = "/run/tern/bench-accel";
+/// The incompressible payload (see `ensure_random_payload`).
+const RANDOM_PAYLOAD: &str = "/var/tmp/tern-random-payload.bin";
 
 /// How the bytes cross the emulated WAN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -901,6 +904,50 @@ fn make_corpus(path: &Path, max_bytes: u64) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// The incompressible payload: pseudo-random bytes (splitmix64, fixed seed), at least
+/// `bytes` long, made once and reused. iperf3's own "random" payload is one 128 KiB buffer
+/// sent over and over, which any stream compressor with a window of 128 KiB or more (tern's
+/// zstd contexts, 2 MiB) turns into references: it is not incompressible data.
+fn ensure_random_payload(path: &Path, bytes: u64) -> Result<PathBuf, BenchError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= bytes) {
+        return Ok(path.to_path_buf());
+    }
+    eprintln!(
+        "making the incompressible payload: {} MiB of pseudo-random bytes in {}",
+        bytes >> 20,
+        path.display()
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    let tmp = path.with_extension("partial");
+    let mut out = std::fs::File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+    let mut state = 0x7465_726e_u64; // "tern"
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while written < bytes {
+        for word in buf.chunks_exact_mut(8) {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        std::io::Write::write_all(&mut out, &buf)
+            .map_err(io(format!("write {}", tmp.display())))?;
+        written += buf.len() as u64;
+    }
+    drop(out);
+    std::fs::rename(&tmp, path).map_err(io(format!("rename to {}", path.display())))?;
+    Ok(path.to_path_buf())
+}
+
+/// Size of the incompressible payload for runs of `secs`: 1.5 Gbit/s for the whole run, so
+/// iperf3 -F never reaches its end on these 1 Gbit/s links.
+fn random_payload_bytes(secs: u32) -> u64 {
+    (u64::from(secs) * 1_500_000_000 / 8).max(256 << 20)
+}
+
 /// Bytes of `program args < path` on stdout, bounded in time.
 fn compressed_size(program: &str, args: &[&str], path: &Path) -> Option<u64> {
     let input = std::fs::File::open(path).ok()?;
@@ -971,6 +1018,8 @@ struct Ctx<'a> {
     opts: &'a AccelBenchOptions,
     started: Instant,
     corpus: Option<&'a CorpusInfo>,
+    /// The incompressible payload file (`iperf3 -F`).
+    random: PathBuf,
     kcptun_ok: Result<(), String>,
 }
 
@@ -1235,7 +1284,8 @@ fn transport_run(
                     (1, &mut res.one_flow),
                     (PARALLEL_FLOWS, &mut res.four_flows),
                 ] {
-                    let r = iperf3_run(&iperf3_args(t, secs, flows, None), secs, &pids);
+                    let args = iperf3_args(t, secs, flows, Some(&ctx.random));
+                    let r = iperf3_run(&args, secs, &pids);
                     let r = r.and_then(|g| match pair.as_mut() {
                         Some(pp) => pp.check().map(|()| g),
                         None => Ok(g),
@@ -1519,10 +1569,15 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         est % 60
     );
     eprintln!("  (if interrupted: `tern lab down` removes the lab and every process in it)");
+    let random = ensure_random_payload(
+        Path::new(RANDOM_PAYLOAD),
+        random_payload_bytes(opts.duration_s),
+    )?;
     let ctx = Ctx {
         opts,
         started: Instant::now(),
         corpus: corpus.as_ref(),
+        random,
         kcptun_ok: kcptun_version.clone().map(|_| ()),
     };
     let mut results = Vec::new();
@@ -1563,7 +1618,7 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
     let mut commands = json!({
         "lab": "tern lab up --profile P   (tern: tern lab up --profile P --accel); tern lab down between configurations",
         "iperf3_server": format!("ip netns exec {SITE_B} iperf3 -s -1 -B 0.0.0.0 -p {IPERF_PORT} --rcv-timeout 15000"),
-        "iperf3_client": format!("ip netns exec {SITE_A} iperf3 -J --connect-timeout 10000 -c {ADDR_B} -p {IPERF_PORT} -t S [-P 4] -C cubic|bbr [-F corpus]  (kcptun: -c 127.0.0.1 -p {KCP_IPERF_LOCAL_PORT}, no -C)"),
+        "iperf3_client": format!("ip netns exec {SITE_A} iperf3 -J --connect-timeout 10000 -c {ADDR_B} -p {IPERF_PORT} -t S [-P 4] -C cubic|bbr -F {RANDOM_PAYLOAD}|corpus  (kcptun: -c 127.0.0.1 -p {KCP_IPERF_LOCAL_PORT}, no -C)"),
         "kcptun_server": kcp_server,
         "kcptun_client": kcp_client,
         "kcptun_notes": "shown for mpls; per profile --sndwnd/--rcvwnd = max(4096, 2 × BDP in 1350-byte packets rounded up to 1024), ≤ 32768, unless --kcptun-window; --nocomp dropped for the compressible corpus; rr uses a second pair on UDP port 29901 forwarding 127.0.0.1:17001 -> 127.0.0.1:7001",
@@ -1612,7 +1667,7 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
     );
     let _ = writeln!(
         md,
-        "Goodput: iperf3 from tern-a to 198.18.2.1 in tern-b, {} s per run, receiver-side Mbit/s, random payload, 1 flow / {PARALLEL_FLOWS} parallel flows (`-P {PARALLEL_FLOWS}`). `cubic`, `bbr`: plain kernel TCP, `-C` named. `kcptun`: iperf3 to a kcptun client on 127.0.0.1 in tern-a, KCP over UDP to the kcptun server on 198.18.2.1, which connects to the iperf3 server on 127.0.0.1 (control and data connections all tunnelled). `tern`: lab brought up with `--accel`, the plain iperf3 command with `-C bbr`. Compressible: one flow of `iperf3 -F` on the corpus (stops at the end of the file or after {} s; iperf3 counts original bytes). CPU s/GB: utime + stime of the kcptun pair or the tern nodes per GB delivered, random-payload runs. Ratios: tern goodput over the other transport's, 1 flow / 4 flows.\n",
+        "Goodput: iperf3 from tern-a to 198.18.2.1 in tern-b, {} s per run, receiver-side Mbit/s, incompressible payload (`-F {RANDOM_PAYLOAD}`, pseudo-random bytes: iperf3's own random payload is one 128 KiB buffer repeated, which tern's per-stream zstd window would remove), 1 flow / {PARALLEL_FLOWS} parallel flows (`-P {PARALLEL_FLOWS}`). `cubic`, `bbr`: plain kernel TCP, `-C` named. `kcptun`: iperf3 to a kcptun client on 127.0.0.1 in tern-a, KCP over UDP to the kcptun server on 198.18.2.1, which connects to the iperf3 server on 127.0.0.1 (control and data connections all tunnelled). `tern`: lab brought up with `--accel`, the plain iperf3 command with `-C bbr`. Compressible: one flow of `iperf3 -F` on the corpus (stops at the end of the file or after {} s; iperf3 counts original bytes). CPU s/GB: utime + stime of the kcptun pair or the tern nodes per GB delivered, random-payload runs. Ratios: tern goodput over the other transport's, 1 flow / 4 flows.\n",
         opts.duration_s, opts.duration_s
     );
     if let Some(c) = &corpus {

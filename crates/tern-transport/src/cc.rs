@@ -10,7 +10,8 @@
 //! controller's budget.
 //!
 //! ```text
-//!  Startup --(bw grew < 25 % for 3 rounds)--> Drain --(in flight <= BDP)--> ProbeBw
+//!  Startup --(bw grew < 25 % for 3 rounds, or a lossy round, or 8 RTT samples in a row
+//!            queued)--> Drain --(in flight <= BDP)--> ProbeBw
 //!  ProbeBw gain cycle per min-RTT: 1.25, 0.75, 1, 1, 1, 1, 1, 1
 //! ```
 
@@ -22,6 +23,14 @@ const BW_WINDOW_ROUNDS: usize = 10;
 const CAP_BY_AVERAGE: bool = false;
 const MIN_RTT_WINDOW_NS: u64 = 10_000_000_000;
 const INITIAL_WINDOW_PACKETS: u64 = 32;
+/// Startup ends after `STARTUP_QUEUED_SAMPLES` RTT samples in a row that exceed the path's
+/// minimum by this fraction of it (and by at least `STARTUP_QUEUE_MIN_NS`): a queue that
+/// persists means the path is full, and leaving then is before the queue overflows (with a
+/// one-BDP queue, waiting for the bandwidth plateau lost ~1.3 BDP of packets on `mpls`).
+/// Jitter makes single samples high, not eight in a row.
+const STARTUP_QUEUE_FRACTION: f64 = 0.25;
+const STARTUP_QUEUE_MIN_NS: u64 = 2_000_000;
+const STARTUP_QUEUED_SAMPLES: u32 = 8;
 
 /// Delivery state captured when a packet is sent (BBR's rate sample inputs).
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,6 +67,8 @@ pub struct RateController {
     round_start_delivered: u64,
     round_app_limited: bool,
     round_app_limited_seen: bool,
+    /// RTT samples in a row above the queueing threshold (Startup only).
+    queued_samples: u32,
     /// (time, delivered, app_limited) at the last round ends: the average delivery rate over
     /// them caps the max filter, which ACK compression can inflate.
     history: [(u64, u64, bool); BW_WINDOW_ROUNDS],
@@ -92,6 +103,7 @@ impl RateController {
             round_start_delivered: 0,
             round_app_limited: false,
             round_app_limited_seen: false,
+            queued_samples: 0,
             history: [(0, 0, true); BW_WINDOW_ROUNDS],
             bw_rounds: [0.0; BW_WINDOW_ROUNDS],
             btl_bw: 0.0,
@@ -224,6 +236,20 @@ impl RateController {
     }
 
     pub fn on_rtt_sample(&mut self, now_ns: u64, rtt_ns: u64) {
+        if self.mode == Mode::Startup
+            && let Some(min_rtt) = self.min_rtt_ns()
+        {
+            let queued =
+                ((min_rtt as f64 * STARTUP_QUEUE_FRACTION) as u64).max(STARTUP_QUEUE_MIN_NS);
+            if rtt_ns > min_rtt + queued {
+                self.queued_samples += 1;
+                if self.queued_samples >= STARTUP_QUEUED_SAMPLES {
+                    self.mode = Mode::Drain;
+                }
+            } else {
+                self.queued_samples = 0;
+            }
+        }
         if rtt_ns < self.min_rtt_ns
             || now_ns.saturating_sub(self.min_rtt_stamp_ns) > MIN_RTT_WINDOW_NS
         {
@@ -277,6 +303,7 @@ impl RateController {
             // Startup overfilled the queue: the rate it reached is the path's.
             self.mode = Mode::Drain;
         }
+
         if total >= 8 && loss > LOSS_THRESH {
             // One round at 85 % of what the congested round delivered; no ratchet, so a burst
             // of loss rounds cannot drive the rate into the ground.

@@ -231,6 +231,8 @@ pub struct Connection {
     repairs: VecDeque<RepairSymbol>,
     loss_window_sent: u64,
     loss_window_lost: u64,
+    /// Losses of packets numbered below this (sent in Startup or Drain) are not counted.
+    loss_window_first_pn: u64,
     peer_recovered_total: u64,
     recovered_total: u64,
     loss_estimate: f64,
@@ -307,6 +309,7 @@ impl Connection {
             repairs: VecDeque::new(),
             loss_window_sent: 0,
             loss_window_lost: 0,
+            loss_window_first_pn: 0,
             peer_recovered_total: 0,
             recovered_total: 0,
             loss_estimate: 0.0,
@@ -885,7 +888,9 @@ impl Connection {
             self.on_mtu_probe_lost(pn);
         } else if !p.repair {
             self.stats.packets_lost += 1;
-            self.loss_window_lost += 1;
+            if pn >= self.loss_window_first_pn {
+                self.loss_window_lost += 1;
+            }
             self.cc.on_lost(u64::from(p.size));
         }
         for f in p.frames {
@@ -1048,6 +1053,14 @@ impl Connection {
     }
 
     fn update_loss_estimate(&mut self) {
+        if self.cc.mode() != crate::cc::Mode::ProbeBw {
+            // Startup overfills the queue on purpose: those losses are congestion, not the
+            // path's background loss that FEC should cover. Windows start in ProbeBw.
+            self.loss_window_sent = 0;
+            self.loss_window_lost = 0;
+            self.loss_window_first_pn = self.next_pn;
+            return;
+        }
         if self.loss_window_sent >= 2000 {
             // The background (random) loss is the floor under congestion episodes: take the
             // minimum over the last windows.

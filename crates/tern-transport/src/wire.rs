@@ -24,7 +24,8 @@
 
 use thiserror::Error;
 
-pub const PROTOCOL_VERSION: u8 = 1;
+/// 2: zstd records of a stream share one context (see `record.rs`).
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
 pub const TYPE_DATA: u8 = 0x03;
