@@ -24,6 +24,9 @@ use crate::wire::{self, DATA_HEADER_LEN, Frame, MAX_ACK_RANGES, PnRange};
 /// full-size packet still fits in one datagram.
 const FEC_RESERVE: usize = 24;
 const TAG_LEN: usize = 16;
+/// Packets the pacer may send back to back to catch up after a late wake-up (at most 2 ms
+/// worth, at least 250 µs).
+const PACING_CATCH_UP_PACKETS: usize = 16;
 /// Loss-rate windows (of 2000 packets) whose minimum is the background loss estimate.
 const LOSS_SAMPLES: usize = 8;
 /// RESET code sent when the peer opens more streams than `max_streams`.
@@ -1082,10 +1085,13 @@ impl Connection {
         }
         let ack_due = self.ack_immediate
             || (self.ack_pending > 0 && self.ack_deadline_ns.is_some_and(|d| now_ns >= d));
-        // Pacing: allow a small catch-up burst to absorb timer lateness.
+        // Pacing: allow a small catch-up burst to absorb timer and scheduling lateness (the
+        // node shares 2 cores with the applications it serves; slots it missed while
+        // descheduled for a millisecond would otherwise be lost and read as a slower path).
         let interval_ns = |bytes: usize, rate: f64| (bytes as f64 * 1e9 / rate) as u64;
         let rate = self.cc.pacing_rate();
-        let burst_ns = interval_ns(2 * self.udp_payload, rate).max(250_000);
+        let burst_ns = interval_ns(PACING_CATCH_UP_PACKETS * self.udp_payload, rate)
+            .clamp(250_000, 2_000_000);
         let paced_ok = now_ns + 20_000 >= self.next_send_ns;
         if self.close_pending.is_some() {
             return self.send_close(now_ns, out);
