@@ -27,6 +27,11 @@ const TAG_LEN: usize = 16;
 /// Packets the pacer may send back to back to catch up after a late wake-up (at most 2 ms
 /// worth, at least 250 µs).
 const PACING_CATCH_UP_PACKETS: usize = 16;
+/// A packet whose pacing slot is this close is sent now, with the one that is due: at
+/// 1 Gbit/s about 8 packets leave per wake-up (one sendmmsg, one wake-up of the receiver)
+/// instead of one every 12 µs; at 100 Mbit/s packets still leave one by one. Linux TCP
+/// sends ~1 ms of its pacing rate per TSO burst; this stays well under that.
+const PACING_HORIZON_NS: u64 = 100_000;
 /// Loss-rate windows (of 2000 packets) whose minimum is the background loss estimate.
 const LOSS_SAMPLES: usize = 8;
 /// RESET code sent when the peer opens more streams than `max_streams`.
@@ -1092,7 +1097,7 @@ impl Connection {
         let rate = self.cc.pacing_rate();
         let burst_ns = interval_ns(PACING_CATCH_UP_PACKETS * self.udp_payload, rate)
             .clamp(250_000, 2_000_000);
-        let paced_ok = now_ns + 20_000 >= self.next_send_ns;
+        let paced_ok = now_ns + PACING_HORIZON_NS >= self.next_send_ns;
         if self.close_pending.is_some() {
             return self.send_close(now_ns, out);
         }
