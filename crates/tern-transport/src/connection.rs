@@ -1095,8 +1095,8 @@ impl Connection {
         // descheduled for a millisecond would otherwise be lost and read as a slower path).
         let interval_ns = |bytes: usize, rate: f64| (bytes as f64 * 1e9 / rate) as u64;
         let rate = self.cc.pacing_rate();
-        let burst_ns = interval_ns(PACING_CATCH_UP_PACKETS * self.udp_payload, rate)
-            .clamp(250_000, 2_000_000);
+        let burst_ns =
+            interval_ns(PACING_CATCH_UP_PACKETS * self.udp_payload, rate).clamp(250_000, 2_000_000);
         let paced_ok = now_ns + PACING_HORIZON_NS >= self.next_send_ns;
         if self.close_pending.is_some() {
             return self.send_close(now_ns, out);
