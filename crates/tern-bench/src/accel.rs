@@ -927,11 +927,7 @@ fn ensure_random_payload(path: &Path, bytes: u64) -> Result<PathBuf, BenchError>
     let mut written = 0;
     while written < bytes {
         for word in buf.chunks_exact_mut(8) {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            word.copy_from_slice(&crate::rr::splitmix64(&mut state).to_le_bytes());
         }
         std::io::Write::write_all(&mut out, &buf)
             .map_err(io(format!("write {}", tmp.display())))?;

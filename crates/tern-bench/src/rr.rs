@@ -37,7 +37,8 @@ pub const MAX_COUNT: u32 = 10_000;
 /// Seed of the payload stream.
 const PAYLOAD_SEED: u64 = 0x7465_726e_2d72_7231; // "tern-rr1"
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// One step of splitmix64 (also the accel bench's incompressible payload).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -922,32 +922,28 @@ impl Node {
             {
                 return false; // QEMU waits (in its setup phase) until the store summary is in
             }
-            let mut cap = conn.stream_capacity(flow.stream);
-            let mut min_read = 2048;
             // Back-pressure: the sender must see the WAN's drain rate, not a buffer's fill rate.
+            // Relayed TCP reads at least half a chunk: records of a few KiB (the room one sent
+            // packet frees) compress worse, zstd starts each with fresh entropy tables.
+            let (buffer_min, buffer_max, min_read) = if flow.kind == FlowKind::Migration {
+                (MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX, 2048)
+            } else {
+                (TCP_BUFFER_MIN, TCP_BUFFER_MAX, CHUNK / 2)
+            };
             let st = conn.stats();
             let bdp = st.pacing_rate_bps / 8 * st.srtt_us.max(1000) / 1_000_000;
-            if flow.kind != FlowKind::Migration {
-                let limit = (2 * bdp).clamp(TCP_BUFFER_MIN, TCP_BUFFER_MAX);
-                let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
-                cap = cap.min(room as usize);
-                // Records of a few KiB (the room one sent packet frees) compress worse: zstd
-                // starts a block with fresh entropy tables at every record.
-                min_read = CHUNK / 2;
-            } else {
-                let limit = (2 * bdp).clamp(MIGRATION_BUFFER_MIN, MIGRATION_BUFFER_MAX);
-                let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
-                if let Some(MigCodec::Source { enc, delivered, .. }) = flow.mig.as_deref()
-                    && enc.stats().input_bytes.saturating_sub(*delivered)
-                        >= MIGRATION_QEMU_INFLIGHT.max(3 * limit)
-                {
-                    // Deltas and store references shrink pages up to 240-fold: without this
-                    // bound QEMU could push the whole VM into the destination's receive
-                    // window, to be decoded and loaded after the switchover.
-                    return false;
-                }
-                cap = cap.min(room as usize);
+            let limit = (2 * bdp).clamp(buffer_min, buffer_max);
+            if let Some(MigCodec::Source { enc, delivered, .. }) = flow.mig.as_deref()
+                && enc.stats().input_bytes.saturating_sub(*delivered)
+                    >= MIGRATION_QEMU_INFLIGHT.max(3 * limit)
+            {
+                // Deltas and store references shrink pages up to 240-fold: without this
+                // bound QEMU could push the whole VM into the destination's receive
+                // window, to be decoded and loaded after the switchover.
+                return false;
             }
+            let room = limit.saturating_sub(conn.stream_unsent(flow.stream));
+            let cap = conn.stream_capacity(flow.stream).min(room as usize);
             if cap < min_read {
                 return false; // resumes on Writable, or on the next loop once acks free room
             }

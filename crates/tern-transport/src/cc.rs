@@ -303,7 +303,6 @@ impl RateController {
             // Startup overfilled the queue: the rate it reached is the path's.
             self.mode = Mode::Drain;
         }
-
         if total >= 8 && loss > LOSS_THRESH {
             // One round at 85 % of what the congested round delivered; no ratchet, so a burst
             // of loss rounds cannot drive the rate into the ground.

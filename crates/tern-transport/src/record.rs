@@ -337,9 +337,7 @@ impl RecordEncoder {
             }
         }
     }
-}
 
-impl RecordEncoder {
     /// Feeds `piece` to the stream's zstd context and flushes it into `out[body..]`.
     fn zstd_stream(
         &mut self,
