@@ -764,7 +764,9 @@ impl Connection {
                 self.srtt_ns = (7 * self.srtt_ns + rtt) / 8;
             }
         }
+        let mut acked = 0;
         for (pn, p) in newly {
+            acked += u64::from(p.size);
             self.bytes_in_flight -= u64::from(p.size);
             self.cc
                 .on_ack(now_ns, &p.snap, p.time_ns, u64::from(p.size));
@@ -775,6 +777,7 @@ impl Connection {
                 self.on_frame_acked(f);
             }
         }
+        self.cc.on_ack_event(now_ns, acked);
         self.pto_count = 0;
         self.detect_losses(now_ns);
         self.cc.update_mode(now_ns, self.bytes_in_flight);
