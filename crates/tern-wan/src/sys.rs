@@ -86,6 +86,16 @@ pub fn open_tun(netns: Option<&str>, dev: &str, vnet_hdr: bool) -> io::Result<Ow
         // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which outlives the call.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })
             .map_err(|e| io::Error::new(e.kind(), format!("attach to TUN device {dev:?}: {e}")))?;
+        if vnet_hdr {
+            // Checksum offload only (no TSO/USO, so reads stay single packets): senders skip
+            // computing checksums, packets arrive with NEEDS_CSUM and the partial sum, and the
+            // emulator passes that header on, as a veth pair would. UDP GSO senders need it.
+            // SAFETY: TUNSETOFFLOAD takes the flags by value.
+            cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::TUN_F_CSUM) })
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("checksum offload on {dev:?}: {e}"))
+                })?;
+        }
         set_nonblocking(fd.as_raw_fd())?;
         Ok(fd)
     })
