@@ -476,6 +476,15 @@ fn node(c: NodeCmd) -> Result<()> {
                     f.compress_in,
                     f.compress_out
                 );
+                let u = &s.udp;
+                println!(
+                    "  udp: gso {} ({} messages, {} datagrams), gro {} trains ({} datagrams)",
+                    if u.gso { "on" } else { "off" },
+                    u.gso_messages,
+                    u.gso_datagrams,
+                    u.gro_trains,
+                    u.gro_datagrams
+                );
                 let e = &s.endpoint;
                 println!(
                     "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",

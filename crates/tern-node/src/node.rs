@@ -33,7 +33,7 @@ use crate::config::{Compression, NodeConfig};
 use crate::open::OpenHeader;
 use crate::status::{FlowTotals, MigrationRecord, NodeStatus, OverlayStatus, PeerStatus};
 use crate::switch::{self, FrameDecoder, Port, Switch};
-use crate::sys::{self, Epoll, UdpBatch};
+use crate::sys::{self, Epoll, UdpBatch, UdpRecv};
 use crate::{NodeError, nft, open};
 
 const TOKEN_UDP: u64 = 0;
@@ -207,7 +207,7 @@ pub struct Node {
     totals: FlowTotals,
     codec: Codec,
     tx: UdpBatch,
-    rx: UdpBatch,
+    rx: UdpRecv,
     buf: Vec<u8>,
     enc_buf: Vec<u8>,
     udp_blocked: bool,
@@ -309,6 +309,7 @@ impl Node {
             .map_err(io("UDP non-blocking".into()))?;
         sys::set_buffers(&udp, 16 << 20);
         sys::set_dont_fragment(udp.as_raw_fd());
+        sys::enable_udp_gro(udp.as_raw_fd());
         if let Some(dir) = config.control.parent() {
             std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         }
@@ -492,7 +493,7 @@ impl Node {
             totals: FlowTotals::default(),
             codec,
             tx: UdpBatch::new(),
-            rx: UdpBatch::new(),
+            rx: UdpRecv::new(),
             buf: vec![0; CHUNK],
             enc_buf: Vec::with_capacity(CHUNK + 64),
             udp_blocked: false,
@@ -622,7 +623,7 @@ impl Node {
                 let (from, data) = self.rx.get(i);
                 self.ep.handle_datagram(now, from, data);
             }
-            if n < sys::BATCH {
+            if !self.rx.was_full() {
                 break;
             }
             // Let the transport answer (ACKs) between large batches.
@@ -1729,6 +1730,13 @@ impl Node {
                 .collect(),
             endpoint: self.ep.stats().clone(),
             flows: totals,
+            udp: crate::status::UdpStatus {
+                gso: self.tx.gso(),
+                gso_messages: self.tx.gso_messages,
+                gso_datagrams: self.tx.gso_datagrams,
+                gro_trains: self.rx.gro_trains,
+                gro_datagrams: self.rx.gro_datagrams,
+            },
             overlay: self.overlay.as_ref().map(|o| OverlayStatus {
                 ports: o.ports.len(),
                 switch: o.sw.stats(),

@@ -28,6 +28,20 @@ pub struct FlowTotals {
     pub migrations: u64,
 }
 
+/// The node's UDP socket: batching offloads in use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UdpStatus {
+    /// Runs of equal-size datagrams go out as one UDP GSO message (off after the kernel
+    /// refused one).
+    pub gso: bool,
+    /// GSO messages sent and the datagrams they carried.
+    pub gso_messages: u64,
+    pub gso_datagrams: u64,
+    /// Datagram trains received as one buffer (`UDP_GRO`) and the datagrams in them.
+    pub gro_trains: u64,
+    pub gro_datagrams: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OverlayStatus {
     /// VM NICs attached now.
@@ -59,6 +73,8 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     pub endpoint: EndpointStats,
     pub flows: FlowTotals,
+    #[serde(default)]
+    pub udp: UdpStatus,
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
     /// Pages in the content store, if the node has one.
@@ -119,6 +135,15 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("tcp_bytes_out_total", f.tcp_bytes_out),
         ("compress_input_bytes_total", f.compress_in),
         ("compress_output_bytes_total", f.compress_out),
+    ] {
+        metric(n, "", v as f64);
+    }
+    let u = &s.udp;
+    for (n, v) in [
+        ("udp_gso_messages_total", u.gso_messages),
+        ("udp_gso_datagrams_total", u.gso_datagrams),
+        ("udp_gro_trains_total", u.gro_trains),
+        ("udp_gro_datagrams_total", u.gro_datagrams),
     ] {
         metric(n, "", v as f64);
     }

@@ -277,14 +277,32 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 
 pub const BATCH: usize = 32;
 pub const DATAGRAM_MAX: usize = 2048;
+/// Receive buffer per message: room for a whole GRO train (the kernel caps one at 64 KiB).
+const GRO_BUFFER: usize = 65_536;
+/// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most payload bytes in one UDP GSO send (an IPv4 packet's 64 KiB less headers).
+const GSO_MAX_BYTES: usize = 65_000;
 
-/// Reusable buffers for recvmmsg/sendmmsg of IPv4 datagrams.
+/// Asks the kernel to hand over trains of same-flow datagrams as one buffer plus their
+/// segment size (`UDP_GRO`); false where the kernel lacks it.
+pub fn enable_udp_gro(fd: RawFd) -> bool {
+    setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok()
+}
+
+/// Reusable buffers for sendmmsg of IPv4 datagrams. Runs of equal-size datagrams to one
+/// address go out as one UDP GSO message (`UDP_SEGMENT`): one pass through the stack for
+/// the run; the device (or the kernel just before it) cuts it into the original datagrams.
 #[derive(Debug)]
 pub struct UdpBatch {
     bufs: Vec<[u8; DATAGRAM_MAX]>,
     lens: Vec<usize>,
     addrs: Vec<libc::sockaddr_in>,
     count: usize,
+    gso: bool,
+    /// GSO messages sent and the datagrams they carried.
+    pub gso_messages: u64,
+    pub gso_datagrams: u64,
 }
 
 impl Default for UdpBatch {
@@ -292,6 +310,21 @@ impl Default for UdpBatch {
         Self::new()
     }
 }
+
+fn sockaddr_v4(a: &libc::sockaddr_in) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+        u16::from_be(a.sin_port),
+    ))
+}
+
+fn same_addr(a: &libc::sockaddr_in, b: &libc::sockaddr_in) -> bool {
+    a.sin_addr.s_addr == b.sin_addr.s_addr && a.sin_port == b.sin_port
+}
+
+/// Control-message room for one `c_int` (`UDP_SEGMENT` wants a u16, `UDP_GRO` reports an
+/// int); u64 words keep `cmsghdr` aligned.
+const CMSG_WORDS: usize = 4;
 
 impl UdpBatch {
     pub fn new() -> Self {
@@ -302,9 +335,21 @@ impl UdpBatch {
             lens: vec![0; BATCH],
             addrs: vec![zero; BATCH],
             count: 0,
+            gso: true,
+            gso_messages: 0,
+            gso_datagrams: 0,
         }
     }
 
+    /// Sends every datagram on its own (no `UDP_SEGMENT`).
+    pub fn without_gso(mut self) -> Self {
+        self.gso = false;
+        self
+    }
+
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
     pub fn len(&self) -> usize {
         self.count
     }
@@ -319,12 +364,7 @@ impl UdpBatch {
     }
 
     pub fn get(&self, i: usize) -> (SocketAddr, &[u8]) {
-        let a = &self.addrs[i];
-        let addr = SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-            u16::from_be(a.sin_port),
-        );
-        (SocketAddr::V4(addr), &self.bufs[i][..self.lens[i]])
+        (sockaddr_v4(&self.addrs[i]), &self.bufs[i][..self.lens[i]])
     }
 
     /// Adds a datagram to send. IPv6 destinations are refused by the config, never reach here.
@@ -337,33 +377,200 @@ impl UdpBatch {
         self.count += 1;
     }
 
-    /// iovecs and message headers for the first `count` slots: receive (`full`) offers each
-    /// whole buffer, send offers the queued length. The headers point into `self` and into
-    /// the returned iovec Vec, whose heap buffer stays put while the caller holds it.
-    fn headers(&mut self, count: usize, full: bool) -> (Vec<libc::iovec>, Vec<libc::mmsghdr>) {
-        let mut iovs: Vec<libc::iovec> = self.bufs[..count]
+    /// Splits the queue into messages: runs of equal-size datagrams to one address (when
+    /// GSO is on), else single datagrams. Returns the run lengths.
+    fn runs(&self) -> Vec<usize> {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < self.count {
+            let mut j = i + 1;
+            if self.gso {
+                while j < self.count
+                    && j - i < GSO_MAX_SEGMENTS
+                    && (j - i + 1) * self.lens[i] <= GSO_MAX_BYTES
+                    && self.lens[j] == self.lens[i]
+                    && same_addr(&self.addrs[j], &self.addrs[i])
+                {
+                    j += 1;
+                }
+            }
+            runs.push(j - i);
+            i = j;
+        }
+        runs
+    }
+
+    /// Sends the queued datagrams; returns how many left (the rest stay queued at the front).
+    pub fn send(&mut self, fd: RawFd) -> io::Result<usize> {
+        if self.count == 0 {
+            return Ok(0);
+        }
+        let runs = self.runs();
+        let mut iovs: Vec<libc::iovec> = self.bufs[..self.count]
             .iter_mut()
             .zip(&self.lens)
             .map(|(b, &len)| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
-                iov_len: if full { DATAGRAM_MAX } else { len },
+                iov_len: len,
+            })
+            .collect();
+        let mut cmsgs = vec![[0u64; CMSG_WORDS]; runs.len()];
+        // SAFETY: zeroed mmsghdr is valid; fields are filled below.
+        let mut msgs: Vec<libc::mmsghdr> = (0..runs.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        let mut first = 0;
+        for ((m, &run), cmsg) in msgs.iter_mut().zip(&runs).zip(cmsgs.iter_mut()) {
+            let h = &mut m.msg_hdr;
+            h.msg_iov = &mut iovs[first];
+            h.msg_iovlen = run;
+            h.msg_name = (&mut self.addrs[first] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if run > 1 {
+                h.msg_control = cmsg.as_mut_ptr().cast();
+                // SAFETY: CMSG_* compute sizes and walk the buffer we just attached, which
+                // holds CMSG_WORDS u64s (>= CMSG_SPACE of a u16).
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::write_unaligned(
+                        libc::CMSG_DATA(c).cast::<u16>(),
+                        self.lens[first] as u16,
+                    );
+                }
+            }
+            first += run;
+        }
+        // SAFETY: pointers refer to our buffers, alive for the call.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(0);
+            }
+            if runs[0] > 1 && e.raw_os_error() == Some(libc::EIO) {
+                // The route's device cannot complete checksums, which UDP GSO needs: send
+                // datagrams one by one from now on.
+                eprintln!(
+                    "tern node: UDP GSO refused by the kernel ({e}); sending datagrams singly"
+                );
+                self.gso = false;
+                return Ok(0);
+            }
+            // A message the kernel refuses (e.g. EMSGSIZE for a probe over the path MTU) is
+            // dropped; the transport recovers.
+            self.drop_front(runs[0]);
+            return Err(e);
+        }
+        for &run in runs[..n as usize].iter().filter(|&&r| r > 1) {
+            self.gso_messages += 1;
+            self.gso_datagrams += run as u64;
+        }
+        let sent: usize = runs[..n as usize].iter().sum();
+        self.drop_front(sent);
+        Ok(sent)
+    }
+
+    fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.count);
+        for i in n..self.count {
+            self.bufs.swap(i - n, i);
+            self.lens[i - n] = self.lens[i];
+            self.addrs[i - n] = self.addrs[i];
+        }
+        self.count -= n;
+    }
+}
+
+/// Reusable buffers for recvmmsg of IPv4 datagrams, GRO trains included: a message the
+/// kernel reports with a `UDP_GRO` segment size holds several datagrams back to back, each
+/// that size but the last.
+#[derive(Debug)]
+pub struct UdpRecv {
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_in>,
+    cmsgs: Vec<[u64; CMSG_WORDS]>,
+    /// (message, offset, length) of every datagram received.
+    datagrams: Vec<(usize, usize, usize)>,
+    messages: usize,
+    /// Trains received as one buffer, and the datagrams in them.
+    pub gro_trains: u64,
+    pub gro_datagrams: u64,
+}
+
+impl Default for UdpRecv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UdpRecv {
+    pub fn new() -> Self {
+        // SAFETY: zeroed sockaddr_in is a valid value.
+        let zero: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        Self {
+            bufs: vec![0u8; BATCH * GRO_BUFFER],
+            addrs: vec![zero; BATCH],
+            cmsgs: vec![[0u64; CMSG_WORDS]; BATCH],
+            datagrams: Vec::with_capacity(BATCH),
+            messages: 0,
+            gro_trains: 0,
+            gro_datagrams: 0,
+        }
+    }
+
+    /// Datagrams received by the last `recv`.
+    pub fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
+    /// True when the last `recv` filled every message slot (more may wait).
+    pub fn was_full(&self) -> bool {
+        self.messages == BATCH
+    }
+
+    pub fn get(&self, i: usize) -> (SocketAddr, &[u8]) {
+        let (m, off, len) = self.datagrams[i];
+        let at = m * GRO_BUFFER + off;
+        (sockaddr_v4(&self.addrs[m]), &self.bufs[at..at + len])
+    }
+
+    /// Receives up to BATCH messages; Ok(0) when none is waiting. Returns datagrams.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.datagrams.clear();
+        self.messages = 0;
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .chunks_mut(GRO_BUFFER)
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: GRO_BUFFER,
             })
             .collect();
         // SAFETY: zeroed mmsghdr is valid; fields are filled below.
         let mut msgs: Vec<libc::mmsghdr> =
-            (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
+            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
         for (i, m) in msgs.iter_mut().enumerate() {
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let h = &mut m.msg_hdr;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+            h.msg_controllen = CMSG_WORDS * 8;
         }
-        (iovs, msgs)
-    }
-
-    /// Receives up to BATCH datagrams; Ok(0) when none is waiting.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let (_iovs, mut msgs) = self.headers(BATCH, true);
         // SAFETY: every pointer refers to buffers that live until the call returns.
         let n = unsafe {
             libc::recvmmsg(
@@ -376,57 +583,42 @@ impl UdpBatch {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            self.count = 0;
             return if e.kind() == io::ErrorKind::WouldBlock {
                 Ok(0)
             } else {
                 Err(e)
             };
         }
-        for (len, m) in self.lens.iter_mut().zip(&msgs).take(n as usize) {
-            *len = m.msg_len as usize;
-        }
-        self.count = n as usize;
-        Ok(self.count)
-    }
-
-    /// Sends the queued datagrams; returns how many left (the rest stay queued at the front).
-    pub fn send(&mut self, fd: RawFd) -> io::Result<usize> {
-        if self.count == 0 {
-            return Ok(0);
-        }
-        let (_iovs, mut msgs) = self.headers(self.count, false);
-        // SAFETY: pointers refer to our buffers, alive for the call.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                self.count as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(0);
+        self.messages = n as usize;
+        for (i, m) in msgs.iter().enumerate().take(self.messages) {
+            let len = m.msg_len as usize;
+            let mut seg = 0usize;
+            // SAFETY: the kernel filled msg_control/msg_controllen of this header; CMSG_*
+            // walk only within that length.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                        seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>())
+                            .max(0) as usize;
+                    }
+                    c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
+                }
             }
-            // A datagram the kernel refuses (e.g. EMSGSIZE) is dropped; the transport recovers.
-            self.drop_front(1);
-            return Err(e);
+            if seg == 0 || seg >= len {
+                self.datagrams.push((i, 0, len));
+                continue;
+            }
+            self.gro_trains += 1;
+            let mut off = 0;
+            while off < len {
+                let l = seg.min(len - off);
+                self.datagrams.push((i, off, l));
+                self.gro_datagrams += 1;
+                off += l;
+            }
         }
-        let n = n as usize;
-        self.drop_front(n);
-        Ok(n)
-    }
-
-    fn drop_front(&mut self, n: usize) {
-        let n = n.min(self.count);
-        for i in n..self.count {
-            self.bufs.swap(i - n, i);
-            self.lens[i - n] = self.lens[i];
-            self.addrs[i - n] = self.addrs[i];
-        }
-        self.count -= n;
+        Ok(self.datagrams.len())
     }
 }
 
