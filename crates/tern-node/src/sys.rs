@@ -377,8 +377,8 @@ impl UdpBatch {
         self.count += 1;
     }
 
-    /// Splits the queue into messages: runs of equal-size datagrams to one address (when
-    /// GSO is on), else single datagrams. Returns the run lengths.
+    /// Splits the queue into messages: runs of equal-size datagrams to one address, the last
+    /// possibly shorter (when GSO is on), else single datagrams. Returns the run lengths.
     fn runs(&self) -> Vec<usize> {
         let mut runs = Vec::new();
         let mut i = 0;
@@ -388,10 +388,14 @@ impl UdpBatch {
                 while j < self.count
                     && j - i < GSO_MAX_SEGMENTS
                     && (j - i + 1) * self.lens[i] <= GSO_MAX_BYTES
-                    && self.lens[j] == self.lens[i]
+                    && self.lens[j] <= self.lens[i]
+                    && self.lens[j] > 0
                     && same_addr(&self.addrs[j], &self.addrs[i])
                 {
                     j += 1;
+                    if self.lens[j - 1] < self.lens[i] {
+                        break; // a short datagram ends the run
+                    }
                 }
             }
             runs.push(j - i);
@@ -647,4 +651,80 @@ pub fn open_tap(name: &str) -> io::Result<std::fs::File> {
     cvt(unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) })
         .map_err(|e| io::Error::new(e.kind(), format!("create TAP device {name:?}: {e}")))?;
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    fn payload(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|k| (i * 31 + k * 7) as u8).collect()
+    }
+
+    /// Runs of equal-size datagrams (with a shorter last one) leave as GSO messages and
+    /// arrive, split from GRO trains, as the same datagrams in the same order.
+    #[test]
+    fn gso_sends_and_gro_receives_keep_every_datagram() {
+        let rx1 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_buffers(&rx1, 4 << 20);
+        assert!(enable_udp_gro(rx1.as_raw_fd()));
+        let (a1, a2) = (rx1.local_addr().unwrap(), rx2.local_addr().unwrap());
+        // 10 x 1200 + 500 to rx1, 3 x 800 to rx2, 5 x 1200 to rx1.
+        let mut plan: Vec<(SocketAddr, usize)> = vec![(a1, 1200); 10];
+        plan.push((a1, 500));
+        plan.extend([(a2, 800); 3]);
+        plan.extend([(a1, 1200); 5]);
+        let mut batch = UdpBatch::new();
+        for (i, &(to, len)) in plan.iter().enumerate() {
+            batch.push(to, &payload(i, len));
+        }
+        assert_eq!(batch.runs(), vec![11, 3, 5]);
+        let mut sent = 0;
+        while !batch.is_empty() {
+            sent += batch.send(tx.as_raw_fd()).unwrap();
+        }
+        assert_eq!(sent, plan.len());
+        assert_eq!((batch.gso_messages, batch.gso_datagrams), (3, 19));
+
+        let mut recv = UdpRecv::new();
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            if recv.recv(rx1.as_raw_fd()).unwrap() == 0 {
+                if got.len() == 16 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            for i in 0..recv.len() {
+                got.push(recv.get(i).1.to_vec());
+            }
+        }
+        let want: Vec<Vec<u8>> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, (to, _))| *to == a1)
+            .map(|(i, &(_, len))| payload(i, len))
+            .collect();
+        assert_eq!(got, want);
+        assert!(recv.gro_trains > 0 && recv.gro_datagrams == 16, "{recv:?}");
+        let mut buf = [0u8; 2000];
+        for i in 11..14 {
+            let n = rx2.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &payload(i, 800)[..]);
+        }
+    }
+
+    #[test]
+    fn without_gso_every_datagram_is_its_own_message() {
+        let mut batch = UdpBatch::new().without_gso();
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for _ in 0..4 {
+            batch.push(to, &[0; 100]);
+        }
+        assert_eq!(batch.runs(), vec![1, 1, 1, 1]);
+    }
 }
