@@ -296,7 +296,11 @@ impl RateController {
     }
 
     pub fn on_rtt_sample(&mut self, now_ns: u64, rtt_ns: u64) {
+        // An application-limited sender's queue is not its own (e.g. the ACK-only direction
+        // of a bulk transfer sees the bulk's queue): only a sender with data may leave
+        // Startup on queueing delay, as in BBR's full-bandwidth check.
         if self.mode == Mode::Startup
+            && self.app_limited_until == 0
             && let Some(min_rtt) = self.min_rtt_ns()
         {
             let queued =
@@ -406,7 +410,8 @@ impl RateController {
         if windowed > 0.0 {
             self.btl_bw = windowed;
         }
-        if self.mode == Mode::Startup && self.round_max_rate > 0.0 {
+        // Application-limited rounds say nothing about a plateau (BBR: `is_app_limited`).
+        if self.mode == Mode::Startup && self.round_max_rate > 0.0 && !self.round_app_limited_seen {
             if self.btl_bw >= self.full_bw * 1.25 {
                 self.full_bw = self.btl_bw;
                 self.full_bw_count = 0;
@@ -436,6 +441,30 @@ mod tests {
         let mut cc = RateController::new(10_000, 1400, Some(8_000_000));
         cc.btl_bw = 1e9;
         assert!(cc.pacing_rate() <= 1_000_000.0);
+    }
+
+    /// The ACK-only direction of a bulk transfer: app-limited rounds at a flat rate, RTT
+    /// samples inflated by the other direction's queue. It must stay in Startup, so that
+    /// data sent later (a response) ramps up at Startup's gain rather than from a tiny
+    /// ProbeBw estimate (that took 5 s for 1 MiB on `mpls`).
+    #[test]
+    fn an_application_limited_sender_stays_in_startup() {
+        let mut cc = RateController::new(30_000, 1400, None);
+        let mut now = 1_000_000;
+        cc.on_rtt_sample(now, 30_000_000);
+        let mut in_flight = 0;
+        for _ in 0..200 {
+            // One small packet per 2 ms, then nothing left to send.
+            let snap = cc.on_sent(now, in_flight);
+            in_flight += 100;
+            cc.on_app_limited(in_flight);
+            now += 2_000_000;
+            cc.on_rtt_sample(now, 60_000_000);
+            cc.on_ack(now, &snap, now - 2_000_000, 100);
+            in_flight -= 100;
+            cc.update_mode(now, in_flight);
+        }
+        assert_eq!(cc.mode(), Mode::Startup);
     }
 
     /// ACKs that arrive in bunches every 4 ms on a 0.2 ms path: the cap grows to cover a
