@@ -69,9 +69,9 @@ impl Default for Config {
         Self {
             max_udp_payload: 1472,
             min_udp_payload: 1232,
-            stream_window_bytes: 16 << 20,
+            stream_window_bytes: 32 << 20,
             conn_window_bytes: 64 << 20,
-            stream_send_buffer_bytes: 8 << 20,
+            stream_send_buffer_bytes: 32 << 20,
             max_streams: 1024,
             initial_rtt_us: 50_000,
             max_rate_bps: None,
@@ -1044,8 +1044,13 @@ impl Connection {
                 || (self.has_stream_data() && self.bytes_in_flight < self.cc.cwnd()))
     }
 
+    /// Plaintext room of a data packet. The FEC reserve is kept only while FEC protects
+    /// packets: a packet built while FEC is off is never protected (`protect` below reads the
+    /// same `fec_active()` in the same call), and on loss-free paths 24 bytes of each ~1.4 KB
+    /// packet are 1.7 % of the goodput.
     fn max_plain(&self) -> usize {
-        self.udp_payload - DATA_HEADER_LEN - TAG_LEN - FEC_RESERVE
+        let reserve = if self.fec_active() { FEC_RESERVE } else { 0 };
+        self.udp_payload - DATA_HEADER_LEN - TAG_LEN - reserve
     }
 
     fn finish_fec_block(&mut self) {
