@@ -289,6 +289,9 @@ fn cut_link_aborts_cleanly_and_the_retry_succeeds() {
     let _g = lock();
     let _lab = Lab::up("mpls");
     start_guest("mig3", "192");
+    // A slow link keeps the migration running past the cut (over the full 100 Mbit/s the
+    // codec can finish a 192 MiB guest in under 2.5 s).
+    ok(&["lab", "set", "--rate", "10mbit"]);
     let child = spawn_migrate("mig3", &["--stall-timeout", "4"]);
     // Cut the link once the stream is flowing.
     std::thread::sleep(Duration::from_millis(2500));
@@ -325,6 +328,7 @@ fn destination_crash_aborts_cleanly_and_the_retry_succeeds() {
     let _g = lock();
     let _lab = Lab::up("mpls");
     start_guest("mig1", "192");
+    ok(&["lab", "set", "--rate", "10mbit"]); // still streaming when the destination dies
     let child = spawn_migrate("mig1", &[]);
     // Kill the destination QEMU once the stream is flowing.
     std::thread::sleep(Duration::from_millis(2500));
@@ -340,6 +344,7 @@ fn destination_crash_aborts_cleanly_and_the_retry_succeeds() {
     // SAFETY: kill with a pid tern listed as the destination QEMU.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let out = child.wait_with_output().unwrap();
+    ok(&["lab", "set", "--profile", "mpls"]);
     assert!(
         !out.status.success(),
         "a migration to a dead peer must fail"
