@@ -375,6 +375,9 @@ impl RateController {
                 self.mode = Mode::ProbeBw;
                 self.cycle_index = 2;
                 self.cycle_stamp_ns = now_ns;
+                // Startup's overshoot is not a probe's: the first judgement starts clean.
+                self.probe_lost = 0;
+                self.probe_acked = 0;
             }
             Mode::ProbeBw
                 if now_ns.saturating_sub(self.cycle_stamp_ns) > self.rtt_ns()
