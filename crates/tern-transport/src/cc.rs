@@ -590,15 +590,21 @@ mod tests {
         cc.pacing_gain()
     }
 
-    #[test]
-    fn a_probe_that_overflows_the_queue_is_gentler_next_time() {
+    /// A controller in ProbeBw at 100 Mbit/s over 60 ms, in phase `phase` since 2 ms.
+    fn probing(phase: usize) -> RateController {
         let mut cc = RateController::new(60_000, 1400, None);
         cc.on_rtt_sample(1_000_000, 60_000_000);
         cc.btl_bw = 12.5e6;
         cc.mode = Mode::ProbeBw;
-        cc.cycle_index = 0;
+        cc.cycle_index = phase;
+        cc.cycle_stamp_ns = 2_000_000;
+        cc
+    }
+
+    #[test]
+    fn a_probe_that_overflows_the_queue_is_gentler_next_time() {
+        let mut cc = probing(0);
         let mut now = 2_000_000;
-        cc.cycle_stamp_ns = now;
         assert_eq!(cc.pacing_gain(), 1.25);
         // Probes that lose 8 % of their packets: the excess halves down to the minimum.
         let g1 = cycle(&mut cc, &mut now, 80);
@@ -617,12 +623,7 @@ mod tests {
 
     #[test]
     fn the_drain_phase_ends_when_the_queue_is_gone() {
-        let mut cc = RateController::new(60_000, 1400, None);
-        cc.on_rtt_sample(1_000_000, 60_000_000);
-        cc.btl_bw = 12.5e6;
-        cc.mode = Mode::ProbeBw;
-        cc.cycle_index = 1;
-        cc.cycle_stamp_ns = 2_000_000;
+        let mut cc = probing(1);
         cc.update_mode(3_000_000, cc.bdp_bytes() + 100_000);
         assert_eq!(cc.cycle_index, 1);
         cc.update_mode(4_000_000, cc.bdp_bytes());
