@@ -193,14 +193,14 @@ impl RateController {
     }
 
     fn bw(&self) -> f64 {
-        let initial = (INITIAL_WINDOW_PACKETS * self.mtu) as f64 * 1e9 / self.rtt_ns() as f64;
         let mut bw = self.btl_bw;
-        if bw <= 0.0 || (self.mode == Mode::Startup && bw < initial) {
+        if bw <= 0.0 || self.mode == Mode::Startup {
             // Startup never paces below the initial window per RTT (kernel BBR's pacing rate
             // only grows before the pipe is full): keepalives and ACKs of an idle connection
             // leave app-limited samples of a few KB/s, and pacing the first 32 packets of a
             // transfer at 2.885 x that took 0.7 s on a 60 ms path.
-            bw = initial;
+            let initial = (INITIAL_WINDOW_PACKETS * self.mtu) as f64 * 1e9 / self.rtt_ns() as f64;
+            bw = bw.max(initial);
         }
         if let Some(cap) = self.loss_cap {
             bw = bw.min(cap);
