@@ -518,11 +518,14 @@ impl Connection {
 
     // ------------------------------------------------------------------ receiving
 
-    /// An authenticated-looking data packet for this connection (header already parsed).
-    pub fn handle_packet(&mut self, now_ns: u64, pn: u64, ciphertext: &[u8]) {
+    /// An authenticated-looking data packet for this connection (header already parsed;
+    /// `truncated_pn` is the header's low 32 bits of the packet number).
+    pub fn handle_packet(&mut self, now_ns: u64, truncated_pn: u32, ciphertext: &[u8]) {
         if self.closed.is_some() {
             return;
         }
+        let expected = self.replay.highest().map_or(0, |h| h + 1);
+        let pn = wire::expand_packet_number(truncated_pn, expected);
         if !self.replay.check(pn) {
             self.stats.duplicates += 1;
             return;
@@ -1309,7 +1312,8 @@ impl Connection {
                 continue;
             };
             s.queued = false;
-            let hdr = wire::stream_header_len(id, s.send.sent, room);
+            // Offsets only grow, so the header of any range of this stream fits in `hdr`.
+            let hdr = wire::stream_end_header_len(id, s.send.sent);
             let max_len = room.saturating_sub(hdr) as u64;
             data.clear();
             let (offset, len, fin, new_bytes) = if let Some(r) =
@@ -1340,13 +1344,21 @@ impl Connection {
             }
             self.conn_sent += new_bytes;
             self.stats.stream_bytes_sent += len;
-            Frame::Stream {
-                id,
-                offset,
-                fin,
-                data: &data,
+            // A frame after which no other fits (24 bytes) ends the packet and needs no
+            // length; one whose length would not fit is a STREAM_END too.
+            let with_len = wire::stream_header_len(id, offset, data.len()) + data.len();
+            let ends_packet = room < with_len + 24;
+            if ends_packet {
+                wire::encode_stream_end(plain, id, offset, fin, &data);
+            } else {
+                Frame::Stream {
+                    id,
+                    offset,
+                    fin,
+                    data: &data,
+                }
+                .encode(plain);
             }
-            .encode(plain);
             frames.push(SentFrame::Stream {
                 id,
                 offset,
@@ -1357,6 +1369,9 @@ impl Connection {
             if s.send.has_pending() {
                 s.queued = true;
                 self.send_queue.push_back(id);
+            }
+            if ends_packet {
+                break;
             }
         }
         self.frame_buf = data;

@@ -245,7 +245,7 @@ impl Endpoint {
 
     fn on_data(&mut self, now_ns: u64, data: &[u8]) {
         let mut r = Reader::new(data);
-        let (Ok(_), Ok(index), Ok(pn)) = (r.u8(), r.u32(), r.u64()) else {
+        let (Ok(_), Ok(index), Ok(pn)) = (r.u8(), r.u32(), r.u32()) else {
             self.stats.dropped_malformed += 1;
             return;
         };

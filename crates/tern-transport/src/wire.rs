@@ -3,15 +3,21 @@
 //! ```text
 //! handshake init     [0x01][sender_index u32][noise IK message 1 (payload: version u8, timestamp u64)]
 //! handshake response [0x02][sender_index u32][receiver_index u32][noise IK message 2]
-//! data               [0x03][receiver_index u32][packet_number u64][AEAD(frames) + 16-byte tag]
+//! data               [0x03][receiver_index u32][packet_number u32][AEAD(frames) + 16-byte tag]
 //! ```
-//! The packet number is the AEAD nonce, so a changed header fails authentication.
+//! The data header carries the packet number's low 32 bits; the receiver expands them to the
+//! 64-bit number nearest the next one it expects (QUIC's rule, RFC 9000 appendix A.3), and the
+//! full number is the AEAD nonce, so a changed header or a wrong expansion fails
+//! authentication. A sender never has 2^31 packets outstanding.
 //! Frames inside a data packet (integers are varints unless noted):
 //! ```text
 //! 0x00 PADDING        (rest of the packet)
 //! 0x01 PING
 //! 0x02 ACK            largest, ack_delay_us, recovered_total, extra_ranges, first_range, (gap, len)*
 //! 0x04 STREAM         id, offset, len, data        (0x05 = STREAM with FIN)
+//! 0x0b STREAM_END     id, offset, data to the end of the packet (0x0c = with FIN)
+//! 0x0d STREAM_END48   id, offset u48, data to the end (0x0e = with FIN; offsets 2^30..2^48,
+//!                     where a varint takes 8 bytes)
 //! 0x06 RESET_STREAM   id, code, final_size
 //! 0x07 MAX_STREAM_DATA id, max_offset
 //! 0x08 MAX_DATA       max_bytes
@@ -25,12 +31,13 @@
 use thiserror::Error;
 
 /// 2: zstd records of a stream share one context (see `record.rs`).
-pub const PROTOCOL_VERSION: u8 = 2;
+/// 3: 32-bit packet numbers in the data header; STREAM_END frames.
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
 pub const TYPE_DATA: u8 = 0x03;
 /// Bytes before the ciphertext of a data packet.
-pub const DATA_HEADER_LEN: usize = 13;
+pub const DATA_HEADER_LEN: usize = 9;
 /// Largest number of ACK ranges encoded (older ones are dropped; the sender treats them as
 /// outstanding and its loss detection resolves them).
 pub const MAX_ACK_RANGES: usize = 32;
@@ -175,7 +182,58 @@ pub enum Frame<'a> {
 
 /// Bytes a STREAM frame header takes (excluding data).
 pub fn stream_header_len(id: u64, offset: u64, len: usize) -> usize {
-    1 + varint_len(id) + varint_len(offset) + varint_len(len as u64)
+    stream_end_header_len(id, offset) + varint_len(len as u64)
+}
+
+/// Bytes a STREAM_END frame header takes (excluding data).
+pub fn stream_end_header_len(id: u64, offset: u64) -> usize {
+    1 + varint_len(id) + offset_len(offset)
+}
+
+const OFFSET48_MIN: u64 = 1 << 30;
+const OFFSET48_END: u64 = 1 << 48;
+
+fn offset_len(offset: u64) -> usize {
+    if (OFFSET48_MIN..OFFSET48_END).contains(&offset) {
+        6
+    } else {
+        varint_len(offset)
+    }
+}
+
+/// Writes a STREAM_END frame: a STREAM frame without a length, whose data runs to the end of
+/// the packet, so it must be the packet's last frame (it saves the 2-byte length of a full
+/// packet's data).
+pub fn encode_stream_end(out: &mut Vec<u8>, id: u64, offset: u64, fin: bool, data: &[u8]) {
+    let wide = (OFFSET48_MIN..OFFSET48_END).contains(&offset);
+    out.push(match (wide, fin) {
+        (false, false) => 0x0b,
+        (false, true) => 0x0c,
+        (true, false) => 0x0d,
+        (true, true) => 0x0e,
+    });
+    put_varint(out, id);
+    if wide {
+        out.extend_from_slice(&offset.to_be_bytes()[2..]);
+    } else {
+        put_varint(out, offset);
+    }
+    out.extend_from_slice(data);
+}
+
+/// Expands the low 32 bits of a packet number to the full number nearest `expected` (the
+/// largest number received so far plus one).
+pub fn expand_packet_number(truncated: u32, expected: u64) -> u64 {
+    const WIN: u64 = 1 << 32;
+    const HALF: u64 = WIN / 2;
+    let candidate = (expected & !(WIN - 1)) | u64::from(truncated);
+    if candidate.saturating_add(HALF) <= expected {
+        candidate + WIN
+    } else if candidate > expected.saturating_add(HALF) && candidate >= WIN {
+        candidate - WIN
+    } else {
+        candidate
+    }
 }
 
 impl Frame<'_> {
@@ -308,6 +366,27 @@ impl Frame<'_> {
                     data,
                 }
             }
+            0x0b..=0x0e => {
+                let id = r.varint()?;
+                let offset = if kind >= 0x0d {
+                    let b = r.bytes(6)?;
+                    b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+                } else {
+                    r.varint()?
+                };
+                let data = r.rest();
+                if data.len() > MAX_FRAME_DATA
+                    || offset.saturating_add(data.len() as u64) > VARINT_MAX
+                {
+                    return Err(WireError::OutOfRange { offset: at });
+                }
+                Frame::Stream {
+                    id,
+                    offset,
+                    fin: kind == 0x0c || kind == 0x0e,
+                    data,
+                }
+            }
             0x06 => Frame::ResetStream {
                 id: r.varint()?,
                 code: r.varint()?,
@@ -347,7 +426,7 @@ pub fn decode_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, WireError> {
 pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u32, pn: u64) {
     out.push(TYPE_DATA);
     out.extend_from_slice(&receiver_index.to_be_bytes());
-    out.extend_from_slice(&pn.to_be_bytes());
+    out.extend_from_slice(&(pn as u32).to_be_bytes());
 }
 
 #[cfg(test)]
@@ -433,10 +512,110 @@ mod tests {
     }
 
     #[test]
+    fn stream_end_frame_golden_bytes_and_round_trip() {
+        let mut out = Vec::new();
+        encode_stream_end(&mut out, 2, 64, true, b"hi");
+        assert_eq!(out, [0x0c, 0x02, 0x40, 0x40, b'h', b'i']);
+        assert_eq!(out.len(), stream_end_header_len(2, 64) + 2);
+        // After other frames; the data runs to the end.
+        let mut packet = Vec::new();
+        Frame::Ping.encode(&mut packet);
+        encode_stream_end(&mut packet, 7, 1 << 31, false, &[9; 1400]);
+        let frames = decode_frames(&packet).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(
+            frames[1],
+            Frame::Stream {
+                id: 7,
+                offset: 1 << 31,
+                fin: false,
+                data: &[9; 1400],
+            }
+        );
+        // Offsets from 2^30 take 6 bytes, not an 8-byte varint.
+        for (offset, kind) in [
+            ((1u64 << 30) - 1, 0x0b),
+            (1 << 30, 0x0d),
+            ((1 << 48) - 1, 0x0d),
+            (1 << 48, 0x0b),
+        ] {
+            let mut out = Vec::new();
+            encode_stream_end(&mut out, 3, offset, false, b"xyz");
+            assert_eq!(out[0], kind);
+            assert_eq!(out.len(), stream_end_header_len(3, offset) + 3);
+            let frames = decode_frames(&out).unwrap();
+            assert_eq!(
+                frames,
+                [Frame::Stream {
+                    id: 3,
+                    offset,
+                    fin: false,
+                    data: b"xyz",
+                }]
+            );
+        }
+        let mut out = Vec::new();
+        encode_stream_end(&mut out, 1, 0x0102_0304_0506, true, b"");
+        assert_eq!(out, [0x0e, 0x01, 1, 2, 3, 4, 5, 6]);
+        // Empty data with FIN is a valid frame.
+        let frames = decode_frames(&[0x0c, 0x01, 0x05]).unwrap();
+        assert_eq!(
+            frames,
+            [Frame::Stream {
+                id: 1,
+                offset: 5,
+                fin: true,
+                data: &[],
+            }]
+        );
+    }
+
+    #[test]
+    fn data_header_golden_bytes() {
+        let mut out = Vec::new();
+        put_data_header(&mut out, 0x0102_0304, 0x0000_0007_0000_0009);
+        assert_eq!(out, [0x03, 1, 2, 3, 4, 0, 0, 0, 9]);
+        assert_eq!(out.len(), DATA_HEADER_LEN);
+    }
+
+    #[test]
+    fn packet_numbers_expand_to_the_nearest() {
+        // RFC 9000 A.3's example scaled to 32 bits: just past a wrap.
+        assert_eq!(expand_packet_number(5, 1 << 32), (1 << 32) + 5);
+        assert_eq!(
+            expand_packet_number(0xffff_fff0, (1 << 32) + 3),
+            0xffff_fff0
+        );
+        assert_eq!(expand_packet_number(0, 0), 0);
+        assert_eq!(expand_packet_number(17, 10), 17);
+        assert_eq!(expand_packet_number(0xffff_ffff, 0), 0xffff_ffff);
+        // Every number within 2^31 of the expected one comes back exactly.
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let expected = rng >> 20;
+            let delta = (rng % (1 << 31)) as i64 - (1 << 30);
+            let pn = expected.saturating_add_signed(delta);
+            assert_eq!(
+                expand_packet_number(pn as u32, expected),
+                pn,
+                "{pn} {expected}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_frames_are_errors() {
         assert!(matches!(
             decode_frames(&[0x77]),
             Err(WireError::UnknownFrame { kind: 0x77, .. })
+        ));
+        // STREAM_END48 cut inside its offset.
+        assert!(matches!(
+            decode_frames(&[0x0d, 0x01, 0x00, 0x01]),
+            Err(WireError::Truncated { .. })
         ));
         // STREAM claiming more data than present.
         assert!(matches!(
