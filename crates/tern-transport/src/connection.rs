@@ -20,6 +20,9 @@ use crate::rangeset::RangeSet;
 use crate::stream::{RecvStream, SendStream};
 use crate::wire::{self, DATA_HEADER_LEN, Frame, MAX_ACK_RANGES, PnRange};
 
+/// Path RTT below which FEC stays off (see `Connection::fec_active`).
+const FEC_MIN_RTT_NS: u64 = 4_000_000;
+
 /// Bytes of every data packet's plaintext kept free so a FEC repair symbol covering a
 /// full-size packet still fits in one datagram.
 const FEC_RESERVE: usize = 24;
@@ -846,8 +849,16 @@ impl Connection {
         }
     }
 
+    /// FEC runs only where it can beat a retransmission: a block is open for at least 2 ms
+    /// and loss detection waits two block durations for repairs, so below a 4 ms path RTT a
+    /// retransmission arrives before a repair would, and repairs only cost bandwidth.
     fn fec_active(&self) -> bool {
-        self.config.fec && self.loss_estimate > 1e-5
+        self.config.fec
+            && self.loss_estimate > 1e-5
+            && self
+                .cc
+                .min_rtt_ns()
+                .is_some_and(|rtt| rtt >= FEC_MIN_RTT_NS)
     }
 
     fn loss_delay_ns(&self) -> u64 {

@@ -107,6 +107,29 @@ fn fec_repairs_random_loss() {
     );
 }
 
+/// Below a 4 ms RTT a retransmission beats a repair: FEC stays off, and every byte still
+/// arrives.
+#[test]
+fn no_fec_on_short_paths() {
+    let link = LinkParams {
+        loss: 0.01,
+        rate_bps: 100_000_000,
+        delay_ns: 500_000,
+        ..LinkParams::default()
+    };
+    let mut sc = scenario(11, link);
+    sc.streams = 2;
+    sc.max_stream_bytes = 5_000_000;
+    let out = run(&sc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        out.stats_a.fec_repairs_sent + out.stats_b.fec_repairs_sent,
+        0,
+        "{:?}",
+        out.stats_a
+    );
+    assert!(out.dropped > 0);
+}
+
 /// Goodput of one long stream over an mpls-like link in virtual time (prints; for tuning).
 #[test]
 #[ignore]
