@@ -26,7 +26,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tern_codec::ContentStore as _;
 use tern_transport::connection::Config;
 use tern_transport::endpoint::{Endpoint, EndpointEvent, PeerConfig, PeerId};
-use tern_transport::record::{Codec, RecordDecoder, RecordEncoder};
+use tern_transport::record::{
+    Codec, RecordDecoder, RecordEncoder, ZSTD_SMALL_WINDOW_LOG, ZSTD_WINDOW_LOG,
+};
+
+/// Flows that may compress with the large zstd window (8 MiB, ~10 MiB of encoder state
+/// and 8 MiB at the far decoder each); later flows get 2 MiB while these are open.
+const LARGE_WINDOW_FLOWS: usize = 16;
 use tern_transport::{Event, StreamError};
 
 use crate::config::{Compression, NodeConfig};
@@ -745,6 +751,16 @@ impl Node {
     ) -> u64 {
         let id = self.next_flow;
         self.next_flow += 1;
+        let large_windows = self
+            .flows
+            .values()
+            .filter(|f| f.enc.codec() != Codec::Raw && f.enc.window_log() == ZSTD_WINDOW_LOG)
+            .count();
+        let window_log = if large_windows < LARGE_WINDOW_FLOWS {
+            ZSTD_WINDOW_LOG
+        } else {
+            ZSTD_SMALL_WINDOW_LOG
+        };
         if let Some(s) = &sock {
             let _ = self.epoll.add(
                 s.fd(),
@@ -764,7 +780,7 @@ impl Node {
                 state,
                 sock_readable: true,
                 read_eof: false,
-                enc: RecordEncoder::new(self.codec),
+                enc: RecordEncoder::with_window_log(self.codec, window_log),
                 header: Vec::new(),
                 dec: RecordDecoder::new(),
                 out: Vec::new(),
