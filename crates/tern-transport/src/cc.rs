@@ -41,12 +41,18 @@ const BW_WINDOW_ROUNDS: usize = 10;
 const CAP_BY_AVERAGE: bool = false;
 const SEND_BOUND: bool = true;
 const MIN_RTT_WINDOW_NS: u64 = 10_000_000_000;
-/// Initial window: 128 packets (~188 KB), paced. tern links two sites over a path it owns
-/// for long, and a 100 ms, 1 Gbit/s path needs 8 doublings from 32 packets; from 128 the
-/// first 6 s of one flow on `dr-100` delivered 867 Mbit/s instead of 816 (one flow, two
-/// alternating runs each). Paced at 2.885 x 128 packets per RTT it stays below 100 Mbit/s
-/// on paths of 45 ms and more, so the `thesis` pipe's 40-packet queue does not overflow.
+/// Initial window: 128 packets (~188 KB), paced, growing with the path's RTT beyond 50 ms up
+/// to 256 packets (so the initial rate stays ~30 Mbit/s x Startup's gain on long paths).
+/// tern links two sites over a path it owns for long, and a 100 ms, 1 Gbit/s path needs 8
+/// doublings from 32 packets. One 6 s flow on `dr-100`, two alternating runs each: 816
+/// Mbit/s from 32 packets, 867 from 128; one 8 s flow, three runs each: 897 from 128, 911
+/// from 256. 256 on every path cost `mpls` and `cloudnet-lab` (100 Mbit/s, 20-25 ms) 2 % in
+/// Startup's first overflow (95.7 -> 94.2 Mbit/s on `cloudnet-lab`); paced at 2.885 x 30
+/// Mbit/s, the `thesis` pipe's 40-packet queue (100 Mbit/s, 60 ms) does not overflow.
 const INITIAL_WINDOW_PACKETS: u64 = 128;
+const INITIAL_WINDOW_MAX_PACKETS: u64 = 256;
+/// RTT from which the initial window grows in proportion.
+const INITIAL_WINDOW_RTT_NS: u64 = 50_000_000;
 /// Startup ends after `STARTUP_QUEUED_SAMPLES` RTT samples in a row that exceed the path's
 /// minimum by this fraction of it (and by at least `STARTUP_QUEUE_MIN_NS`): a queue that
 /// persists means the path is full, and leaving then is before the queue overflows (with a
@@ -214,7 +220,7 @@ impl RateController {
             // only grows before the pipe is full): keepalives and ACKs of an idle connection
             // leave app-limited samples of a few KB/s, and pacing the first 32 packets of a
             // transfer at 2.885 x that took 0.7 s on a 60 ms path.
-            let initial = (INITIAL_WINDOW_PACKETS * self.mtu) as f64 * 1e9 / self.rtt_ns() as f64;
+            let initial = self.initial_window() as f64 * 1e9 / self.rtt_ns() as f64;
             bw = bw.max(initial);
         }
         if let Some(cap) = self.loss_cap {
@@ -248,12 +254,19 @@ impl RateController {
         (self.bw() * self.rtt_ns() as f64 / 1e9) as u64
     }
 
+    /// Initial window in bytes (see `INITIAL_WINDOW_PACKETS`).
+    fn initial_window(&self) -> u64 {
+        let packets = (INITIAL_WINDOW_PACKETS as u128 * u128::from(self.rtt_ns())
+            / u128::from(INITIAL_WINDOW_RTT_NS)) as u64;
+        packets.clamp(INITIAL_WINDOW_PACKETS, INITIAL_WINDOW_MAX_PACKETS) * self.mtu
+    }
+
     /// In-flight cap in bytes: 2 x BDP in every mode. Startup's 2.885 (BBRv1) let 2.9 BDP
     /// into a path whose queue holds one BDP: 4,700 packets lost on `dr-100` at the end of
     /// Startup, against ~850 with 2 (and the same rate reached as early).
     pub fn cwnd(&self) -> u64 {
         let bdp = (2.0 * self.bdp_bytes() as f64) as u64;
-        bdp.max(INITIAL_WINDOW_PACKETS * self.mtu) + 4 * self.mtu + self.aggregation_allowance()
+        bdp.max(self.initial_window()) + 4 * self.mtu + self.aggregation_allowance()
     }
 
     /// Extra in-flight allowance for ACK aggregation (0 in Startup, as in BBR).
@@ -592,7 +605,8 @@ mod tests {
         let mut cc = RateController::new(60_000, 1400, None);
         cc.on_rtt_sample(1_000_000, 60_000_000);
         cc.btl_bw = 3_000.0; // 24 kbit/s of keepalives
-        let floor = STARTUP_GAIN * (INITIAL_WINDOW_PACKETS * 1400) as f64 / 0.06;
+        // 60 ms: 128 x 60 / 50 = 153 packets.
+        let floor = STARTUP_GAIN * (153 * 1400) as f64 / 0.06;
         assert!(cc.pacing_rate() >= floor * 0.999, "{}", cc.pacing_rate());
         // Outside Startup the measured rate rules, however small.
         cc.mode = Mode::ProbeBw;
@@ -621,6 +635,23 @@ mod tests {
         let rate = cc.btl_bw * 8.0;
         assert!((90e6..110e6).contains(&rate), "{rate}");
         assert_eq!(cc.mode(), Mode::Startup);
+    }
+
+    /// The initial window: 128 packets up to a 50 ms RTT, then in proportion up to 256.
+    #[test]
+    fn initial_window_grows_with_long_paths() {
+        for (rtt_ms, packets) in [
+            (1, 128),
+            (25, 128),
+            (50, 128),
+            (60, 153),
+            (100, 256),
+            (600, 256),
+        ] {
+            let mut cc = RateController::new(rtt_ms * 1000, 1400, None);
+            cc.on_rtt_sample(1_000_000, rtt_ms * 1_000_000);
+            assert_eq!(cc.initial_window(), packets * 1400, "{rtt_ms} ms");
+        }
     }
 
     /// Startup's in-flight cap is 2 x BDP, so a path with a one-BDP queue does not overflow.

@@ -23,6 +23,10 @@
 //! payloads thus cost one probe per up to 32 records (2 MiB) instead of a compression per
 //! record, and compressible data after an incompressible stretch is found again quickly (a
 //! cap of 1024 records = 64 MiB kept the /usr corpus raw for long stretches on `mpls`).
+//! A back-off also ends at once at a record that looks compressible (order-0 entropy of a
+//! 4 KiB sample below 7.5 bits/byte, `looks_compressible`): the probe is made on that
+//! record. An early probe that does not pay starts a back-off without early probes, so a
+//! back-off costs at most one extra probe.
 //!
 //! # Wire format (integers big-endian)
 //!
