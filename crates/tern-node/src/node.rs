@@ -29,10 +29,6 @@ use tern_transport::endpoint::{Endpoint, EndpointEvent, PeerConfig, PeerId};
 use tern_transport::record::{
     Codec, RecordDecoder, RecordEncoder, ZSTD_SMALL_WINDOW_LOG, ZSTD_WINDOW_LOG,
 };
-
-/// Flows that may compress with the large zstd window (8 MiB, ~10 MiB of encoder state
-/// and 8 MiB at the far decoder each); later flows get 2 MiB while these are open.
-const LARGE_WINDOW_FLOWS: usize = 16;
 use tern_transport::{Event, StreamError};
 
 use crate::config::{Compression, NodeConfig};
@@ -41,6 +37,10 @@ use crate::status::{FlowTotals, MigrationRecord, NodeStatus, OverlayStatus, Peer
 use crate::switch::{self, FrameDecoder, Port, Switch};
 use crate::sys::{self, Epoll, UdpBatch, UdpRecv};
 use crate::{NodeError, nft, open};
+
+/// Flows that may compress with the large zstd window (8 MiB, ~10 MiB of encoder state
+/// and 8 MiB at the far decoder each); later flows get 2 MiB while these are open.
+const LARGE_WINDOW_FLOWS: usize = 16;
 
 const TOKEN_UDP: u64 = 0;
 const TOKEN_CONTROL: u64 = 1;
