@@ -180,9 +180,9 @@ pub enum Frame<'a> {
     },
 }
 
-/// Bytes a STREAM frame header takes (excluding data).
+/// Bytes a STREAM frame header takes (excluding data). Its offset is always a varint.
 pub fn stream_header_len(id: u64, offset: u64, len: usize) -> usize {
-    stream_end_header_len(id, offset) + varint_len(len as u64)
+    1 + varint_len(id) + varint_len(offset) + varint_len(len as u64)
 }
 
 /// Bytes a STREAM_END frame header takes (excluding data).
@@ -193,8 +193,13 @@ pub fn stream_end_header_len(id: u64, offset: u64) -> usize {
 const OFFSET48_MIN: u64 = 1 << 30;
 const OFFSET48_END: u64 = 1 << 48;
 
+/// Whether a STREAM_END frame carries `offset` as a u48 (where a varint would take 8 bytes).
+fn wide_offset(offset: u64) -> bool {
+    (OFFSET48_MIN..OFFSET48_END).contains(&offset)
+}
+
 fn offset_len(offset: u64) -> usize {
-    if (OFFSET48_MIN..OFFSET48_END).contains(&offset) {
+    if wide_offset(offset) {
         6
     } else {
         varint_len(offset)
@@ -205,7 +210,7 @@ fn offset_len(offset: u64) -> usize {
 /// the packet, so it must be the packet's last frame (it saves the 2-byte length of a full
 /// packet's data).
 pub fn encode_stream_end(out: &mut Vec<u8>, id: u64, offset: u64, fin: bool, data: &[u8]) {
-    let wide = (OFFSET48_MIN..OFFSET48_END).contains(&offset);
+    let wide = wide_offset(offset);
     out.push(match (wide, fin) {
         (false, false) => 0x0b,
         (false, true) => 0x0c,
@@ -553,6 +558,18 @@ mod tests {
                     data: b"xyz",
                 }]
             );
+        }
+        // The STREAM frame with a length keeps its varint offset (8 bytes past 1 GiB).
+        for offset in [64, (1u64 << 30) - 1, 1 << 30, 1 << 40] {
+            let mut out = Vec::new();
+            Frame::Stream {
+                id: 3,
+                offset,
+                fin: false,
+                data: b"xyz",
+            }
+            .encode(&mut out);
+            assert_eq!(out.len(), stream_header_len(3, offset, 3) + 3, "{offset}");
         }
         let mut out = Vec::new();
         encode_stream_end(&mut out, 1, 0x0102_0304_0506, true, b"");
