@@ -18,7 +18,7 @@ use crate::crypto::{PacketKeys, ReplayWindow};
 use crate::fec::{self, FecDecoder, FecEncoder, RepairSymbol};
 use crate::rangeset::RangeSet;
 use crate::stream::{RecvStream, SendStream};
-use crate::wire::{self, DATA_HEADER_LEN, Frame, MAX_ACK_RANGES, PnRange};
+use crate::wire::{self, Frame, MAX_ACK_RANGES, PnRange};
 
 /// Path RTT below which FEC stays off (see `Connection::fec_active`).
 const FEC_MIN_RTT_NS: u64 = 4_000_000;
@@ -186,7 +186,7 @@ pub struct Connection {
     config: Config,
     is_initiator: bool,
     keys: PacketKeys,
-    remote_index: u32,
+    remote_index: u16,
     confirmed: bool,
     closed: Option<u64>,
     close_pending: Option<u64>,
@@ -261,7 +261,7 @@ impl Connection {
     pub fn new(
         config: Config,
         keys: PacketKeys,
-        remote_index: u32,
+        remote_index: u16,
         is_initiator: bool,
         now_ns: u64,
     ) -> Self {
@@ -345,7 +345,7 @@ impl Connection {
         self.is_initiator
     }
 
-    pub fn remote_index(&self) -> u32 {
+    pub fn remote_index(&self) -> u16 {
         self.remote_index
     }
 
@@ -522,13 +522,19 @@ impl Connection {
     // ------------------------------------------------------------------ receiving
 
     /// An authenticated-looking data packet for this connection (header already parsed;
-    /// `truncated_pn` is the header's low 32 bits of the packet number).
-    pub fn handle_packet(&mut self, now_ns: u64, truncated_pn: u32, ciphertext: &[u8]) {
+    /// `truncated_pn` is the header's low `pn_len` bytes of the packet number).
+    pub fn handle_packet(
+        &mut self,
+        now_ns: u64,
+        truncated_pn: u64,
+        pn_len: usize,
+        ciphertext: &[u8],
+    ) {
         if self.closed.is_some() {
             return;
         }
         let expected = self.replay.highest().map_or(0, |h| h + 1);
-        let pn = wire::expand_packet_number(truncated_pn, expected);
+        let pn = wire::expand_packet_number(truncated_pn, pn_len, expected);
         if !self.replay.check(pn) {
             self.stats.duplicates += 1;
             return;
@@ -542,7 +548,7 @@ impl Connection {
         }
         self.replay.accept(pn);
         self.stats.packets_received += 1;
-        self.stats.bytes_received += (ciphertext.len() + DATA_HEADER_LEN) as u64;
+        self.stats.bytes_received += (ciphertext.len() + wire::data_header_len(pn_len)) as u64;
         self.last_received_ns = now_ns;
         self.confirmed = true;
         if self.process_payload(now_ns, pn, &plain, false) {
@@ -1064,7 +1070,14 @@ impl Connection {
     /// packet are 1.7 % of the goodput.
     fn max_plain(&self) -> usize {
         let reserve = if self.fec_active() { FEC_RESERVE } else { 0 };
-        self.udp_payload - DATA_HEADER_LEN - TAG_LEN - reserve
+        self.udp_payload - self.next_header_len() - TAG_LEN - reserve
+    }
+
+    /// Header length of the next packet: its packet number's length follows the largest
+    /// acknowledged one (FEC_RESERVE leaves 5 bytes to spare, so a repair whose packet number
+    /// is up to 3 bytes longer than its sources' still fits).
+    fn next_header_len(&self) -> usize {
+        wire::data_header_len(wire::packet_number_len(self.next_pn, self.largest_acked))
     }
 
     fn finish_fec_block(&mut self) {
@@ -1165,7 +1178,7 @@ impl Connection {
         plain.clear();
         let mut frames = Vec::new();
         let limit = if probe_ok && !data_ok {
-            self.config.max_udp_payload - DATA_HEADER_LEN - TAG_LEN
+            self.config.max_udp_payload - self.next_header_len() - TAG_LEN
         } else {
             self.max_plain()
         };
@@ -1424,7 +1437,8 @@ impl Connection {
         let pn = self.next_pn;
         self.next_pn += 1;
         let start = out.len();
-        wire::put_data_header(out, self.remote_index, pn);
+        let pn_len = wire::packet_number_len(pn, self.largest_acked);
+        wire::put_data_header(out, self.remote_index, pn, pn_len);
         self.keys
             .seal(pn, &plain, out)
             .expect("sealing with a valid key cannot fail");

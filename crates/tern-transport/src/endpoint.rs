@@ -6,7 +6,7 @@
 //!  Idle --connect--> InitSent --[0x01 init]-->  (peer key pinned? timestamp newer?)
 //!                    (retry every 1 s)          Established (unconfirmed until 1st data)
 //!  Established <--[0x02 response]--------------
-//!  --[0x03 data: PING]-->                       confirmed
+//!  --[data: PING]-->                            confirmed
 //! ```
 //! Simultaneous initiation: the side with the smaller static public key keeps its own
 //! initiation and ignores the other's. A newer valid initiation from a peer with an established
@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use crate::connection::{Config, Connection, Event};
 use crate::crypto::{self, InitiatorHandshake, StaticKeypair};
-use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
+use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_INIT, TYPE_RESPONSE};
 
 /// Handshake initiations processed per second at most (each costs Diffie-Hellman work).
 pub const MAX_INITS_PER_SECOND: u32 = 50;
@@ -57,7 +57,7 @@ pub struct EndpointStats {
 #[derive(Debug)]
 struct Pending {
     hs: InitiatorHandshake,
-    local_index: u32,
+    local_index: u16,
 }
 
 #[derive(Debug)]
@@ -65,7 +65,7 @@ struct Peer {
     config: PeerConfig,
     addr: Option<SocketAddr>,
     conn: Option<Connection>,
-    local_index: u32,
+    local_index: u16,
     pending: Option<Pending>,
     next_attempt_ns: u64,
     last_init_timestamp: u64,
@@ -76,7 +76,7 @@ pub struct Endpoint {
     identity: StaticKeypair,
     config: Config,
     peers: Vec<Peer>,
-    by_index: BTreeMap<u32, PeerId>,
+    by_index: BTreeMap<u16, PeerId>,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
@@ -138,9 +138,9 @@ impl Endpoint {
         z ^ (z >> 31)
     }
 
-    fn new_index(&mut self) -> u32 {
+    fn new_index(&mut self) -> u16 {
         loop {
-            let i = self.next_rand() as u32;
+            let i = self.next_rand() as u16;
             if i != 0 && !self.by_index.contains_key(&i) {
                 return i;
             }
@@ -236,7 +236,7 @@ impl Endpoint {
             return;
         };
         match kind {
-            TYPE_DATA => self.on_data(now_ns, data),
+            t if wire::is_data_type(t) => self.on_data(now_ns, data),
             TYPE_INIT => self.on_init(now_ns, from, data),
             TYPE_RESPONSE => self.on_response(now_ns, from, data),
             _ => self.stats.dropped_malformed += 1,
@@ -244,12 +244,11 @@ impl Endpoint {
     }
 
     fn on_data(&mut self, now_ns: u64, data: &[u8]) {
-        let mut r = Reader::new(data);
-        let (Ok(_), Ok(index), Ok(pn)) = (r.u8(), r.u32(), r.u32()) else {
+        let Some((index, pn, pn_len, header_len)) = wire::parse_data_header(data) else {
             self.stats.dropped_malformed += 1;
             return;
         };
-        let ct = r.rest();
+        let ct = &data[header_len..];
         if ct.len() < crypto::PacketKeys::TAG_LEN {
             self.stats.dropped_malformed += 1;
             return;
@@ -260,7 +259,7 @@ impl Endpoint {
         };
         let p = &mut self.peers[peer];
         match p.conn.as_mut() {
-            Some(c) if p.local_index == index => c.handle_packet(now_ns, pn, ct),
+            Some(c) if p.local_index == index => c.handle_packet(now_ns, pn, pn_len, ct),
             _ => self.stats.dropped_unknown_index += 1,
         }
     }
@@ -278,7 +277,7 @@ impl Endpoint {
     }
 
     fn on_init(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
-        if data.len() < 5 {
+        if data.len() < 3 {
             self.stats.dropped_malformed += 1;
             return;
         }
@@ -286,9 +285,9 @@ impl Endpoint {
             self.stats.handshakes_rate_limited += 1;
             return;
         }
-        let remote_index = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+        let remote_index = u16::from_be_bytes([data[1], data[2]]);
         let seed = self.deterministic.then(|| self.next_rand());
-        let Ok(accepted) = crypto::accept_initiation(&self.identity, &data[5..], seed) else {
+        let Ok(accepted) = crypto::accept_initiation(&self.identity, &data[3..], seed) else {
             self.stats.handshakes_rejected += 1;
             return;
         };
@@ -341,8 +340,8 @@ impl Endpoint {
         now_ns: u64,
         peer: PeerId,
         from: SocketAddr,
-        local_index: u32,
-        remote_index: u32,
+        local_index: u16,
+        remote_index: u16,
         keys: crypto::PacketKeys,
         is_initiator: bool,
     ) {
@@ -374,7 +373,7 @@ impl Endpoint {
 
     fn on_response(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
         let mut r = Reader::new(data);
-        let (Ok(_), Ok(remote_index), Ok(index)) = (r.u8(), r.u32(), r.u32()) else {
+        let (Ok(_), Ok(remote_index), Ok(index)) = (r.u8(), r.u16(), r.u16()) else {
             self.stats.dropped_malformed += 1;
             return;
         };
@@ -459,7 +458,7 @@ pub fn datagram_kind(data: &[u8]) -> &'static str {
     match data.first() {
         Some(&TYPE_INIT) => "init",
         Some(&TYPE_RESPONSE) => "response",
-        Some(&wire::TYPE_DATA) => "data",
+        Some(&t) if wire::is_data_type(t) => "data",
         _ => "unknown",
     }
 }

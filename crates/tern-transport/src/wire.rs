@@ -1,14 +1,18 @@
 //! Wire format: packet headers, QUIC-style variable-length integers and frames.
 //!
 //! ```text
-//! handshake init     [0x01][sender_index u32][noise IK message 1 (payload: version u8, timestamp u64)]
-//! handshake response [0x02][sender_index u32][receiver_index u32][noise IK message 2]
-//! data               [0x03][receiver_index u32][packet_number u32][AEAD(frames) + 16-byte tag]
+//! handshake init     [0x01][sender_index u16][noise IK message 1 (payload: version u8, timestamp u64)]
+//! handshake response [0x02][sender_index u16][receiver_index u16][noise IK message 2]
+//! data               [0x03 + n][receiver_index u16][packet_number: low n bytes][AEAD(frames) + 16-byte tag]
 //! ```
-//! The data header carries the packet number's low 32 bits; the receiver expands them to the
-//! 64-bit number nearest the next one it expects (QUIC's rule, RFC 9000 appendix A.3), and the
-//! full number is the AEAD nonce, so a changed header or a wrong expansion fails
-//! authentication. A sender never has 2^31 packets outstanding.
+//! Session indexes are chosen by the receiver, 1..=65535 (a node holds one session per peer,
+//! two while a handshake replaces one). The data header carries the packet number's low n
+//! bytes (n = 1..=4, in the type byte); the receiver expands them to the 64-bit number nearest
+//! the next one it expects (QUIC's rule, RFC 9000 appendix A.3), and the full number is the
+//! AEAD nonce, so a changed header or a wrong expansion fails authentication. The sender picks
+//! the shortest n that covers twice the distance from its largest acknowledged packet (RFC
+//! 9000 A.2): 2 bytes while fewer than 32,768 packets are unacknowledged, which covers 1 Gbit/s
+//! up to ~40 ms of RTT with its queue. A sender never has 2^31 packets outstanding.
 //! Frames inside a data packet (integers are varints unless noted):
 //! ```text
 //! 0x00 PADDING        (rest of the packet)
@@ -32,12 +36,14 @@ use thiserror::Error;
 
 /// 2: zstd records of a stream share one context (see `record.rs`).
 /// 3: 32-bit packet numbers in the data header; STREAM_END frames.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 4: 16-bit session indexes; 1- to 4-byte packet numbers.
+pub const PROTOCOL_VERSION: u8 = 4;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
+/// Data packets are types `TYPE_DATA + 1..=TYPE_DATA + 4`: the packet number's length.
 pub const TYPE_DATA: u8 = 0x03;
-/// Bytes before the ciphertext of a data packet.
-pub const DATA_HEADER_LEN: usize = 9;
+/// Longest header before the ciphertext of a data packet (4-byte packet number).
+pub const MAX_DATA_HEADER_LEN: usize = data_header_len(4);
 /// Largest number of ACK ranges encoded (older ones are dropped; the sender treats them as
 /// outstanding and its loss detection resolves them).
 pub const MAX_ACK_RANGES: usize = 32;
@@ -85,6 +91,10 @@ impl<'a> Reader<'a> {
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
+    }
+    pub fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
     }
     pub fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.bytes(4)?;
@@ -226,16 +236,29 @@ pub fn encode_stream_end(out: &mut Vec<u8>, id: u64, offset: u64, fin: bool, dat
     out.extend_from_slice(data);
 }
 
-/// Expands the low 32 bits of a packet number to the full number nearest `expected` (the
-/// largest number received so far plus one).
-pub fn expand_packet_number(truncated: u32, expected: u64) -> u64 {
-    const WIN: u64 = 1 << 32;
-    const HALF: u64 = WIN / 2;
-    let candidate = (expected & !(WIN - 1)) | u64::from(truncated);
-    if candidate.saturating_add(HALF) <= expected {
-        candidate + WIN
-    } else if candidate > expected.saturating_add(HALF) && candidate >= WIN {
-        candidate - WIN
+/// Bytes before the ciphertext of a data packet whose packet number takes `pn_len` bytes.
+pub const fn data_header_len(pn_len: usize) -> usize {
+    3 + pn_len
+}
+
+/// Bytes of the packet number `pn` in its data header, given the sender's largest
+/// acknowledged packet: the shortest that covers twice the unacknowledged range (RFC 9000
+/// A.2), at most 4.
+pub fn packet_number_len(pn: u64, largest_acked: Option<u64>) -> usize {
+    let range = largest_acked.map_or(pn + 1, |a| pn.saturating_sub(a));
+    (1..4).find(|&n| range < 1 << (8 * n - 1)).unwrap_or(4)
+}
+
+/// Expands the low `len` bytes of a packet number to the full number nearest `expected`
+/// (the largest number received so far plus one).
+pub fn expand_packet_number(truncated: u64, len: usize, expected: u64) -> u64 {
+    let win: u64 = 1 << (8 * len);
+    let half = win / 2;
+    let candidate = (expected & !(win - 1)) | (truncated & (win - 1));
+    if candidate.saturating_add(half) <= expected {
+        candidate + win
+    } else if candidate > expected.saturating_add(half) && candidate >= win {
+        candidate - win
     } else {
         candidate
     }
@@ -428,10 +451,32 @@ pub fn decode_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, WireError> {
 }
 
 /// Header of a data packet.
-pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u32, pn: u64) {
-    out.push(TYPE_DATA);
+/// Appends a data header carrying the low `pn_len` bytes (1..=4) of `pn`.
+pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u16, pn: u64, pn_len: usize) {
+    debug_assert!((1..=4).contains(&pn_len));
+    out.push(TYPE_DATA + pn_len as u8);
     out.extend_from_slice(&receiver_index.to_be_bytes());
-    out.extend_from_slice(&(pn as u32).to_be_bytes());
+    out.extend_from_slice(&pn.to_be_bytes()[8 - pn_len..]);
+}
+
+/// Parses a data header: (receiver index, truncated packet number, its length, header
+/// length). `None` for anything else or a truncated header.
+pub fn parse_data_header(data: &[u8]) -> Option<(u16, u64, usize, usize)> {
+    let t = *data.first()?;
+    if !(TYPE_DATA + 1..=TYPE_DATA + 4).contains(&t) {
+        return None;
+    }
+    let pn_len = usize::from(t - TYPE_DATA);
+    let len = data_header_len(pn_len);
+    let h = data.get(..len)?;
+    let index = u16::from_be_bytes([h[1], h[2]]);
+    let pn = h[3..].iter().fold(0u64, |v, &b| (v << 8) | u64::from(b));
+    Some((index, pn, pn_len, len))
+}
+
+/// Whether `t` is the type byte of a data packet.
+pub fn is_data_type(t: u8) -> bool {
+    (TYPE_DATA + 1..=TYPE_DATA + 4).contains(&t)
 }
 
 #[cfg(test)]
@@ -590,36 +635,73 @@ mod tests {
     #[test]
     fn data_header_golden_bytes() {
         let mut out = Vec::new();
-        put_data_header(&mut out, 0x0102_0304, 0x0000_0007_0000_0009);
-        assert_eq!(out, [0x03, 1, 2, 3, 4, 0, 0, 0, 9]);
-        assert_eq!(out.len(), DATA_HEADER_LEN);
+        put_data_header(&mut out, 0x0102, 0x0000_0007_0000_0009, 4);
+        assert_eq!(out, [0x07, 1, 2, 0, 0, 0, 9]);
+        assert_eq!(out.len(), MAX_DATA_HEADER_LEN);
+        assert_eq!(parse_data_header(&out), Some((0x0102, 9, 4, 7)));
+        out.clear();
+        put_data_header(&mut out, 0xfffe, 0x1_2345, 2);
+        assert_eq!(out, [0x05, 0xff, 0xfe, 0x23, 0x45]);
+        assert_eq!(parse_data_header(&out), Some((0xfffe, 0x2345, 2, 5)));
+        // Handshake types, unknown types and cut headers are not data headers.
+        for bad in [
+            &[0x01, 0, 1, 2][..],
+            &[0x03, 0, 1, 2],
+            &[0x08, 0, 1, 2, 3, 4, 5],
+            &[0x06, 0, 1, 2, 3],
+        ] {
+            assert_eq!(parse_data_header(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn packet_number_length_covers_twice_the_unacknowledged_range() {
+        assert_eq!(packet_number_len(0, None), 1);
+        assert_eq!(packet_number_len(127, Some(1)), 1);
+        assert_eq!(packet_number_len(128, Some(0)), 2);
+        assert_eq!(packet_number_len(1_000_000, Some(1_000_000 - 32_767)), 2);
+        assert_eq!(packet_number_len(1_000_000, Some(1_000_000 - 32_768)), 3);
+        assert_eq!(packet_number_len(1 << 40, Some((1 << 40) - (1 << 23))), 4);
+        // Nothing acknowledged yet (or ever, on an ACK-only direction): the range is the
+        // whole history, and 4 bytes is the most.
+        assert_eq!(packet_number_len(1 << 40, None), 4);
     }
 
     #[test]
     fn packet_numbers_expand_to_the_nearest() {
-        // RFC 9000 A.3's example scaled to 32 bits: just past a wrap.
-        assert_eq!(expand_packet_number(5, 1 << 32), (1 << 32) + 5);
+        // RFC 9000 A.3's example: 0xa82f9b32 with 2 bytes, expected 0xa82f30eb.
         assert_eq!(
-            expand_packet_number(0xffff_fff0, (1 << 32) + 3),
+            expand_packet_number(0x9b32, 2, 0xa82f_30ea + 1),
+            0xa82f_9b32
+        );
+        // Scaled to 32 bits: just past a wrap.
+        assert_eq!(expand_packet_number(5, 4, 1 << 32), (1 << 32) + 5);
+        assert_eq!(
+            expand_packet_number(0xffff_fff0, 4, (1 << 32) + 3),
             0xffff_fff0
         );
-        assert_eq!(expand_packet_number(0, 0), 0);
-        assert_eq!(expand_packet_number(17, 10), 17);
-        assert_eq!(expand_packet_number(0xffff_ffff, 0), 0xffff_ffff);
-        // Every number within 2^31 of the expected one comes back exactly.
+        assert_eq!(expand_packet_number(0, 1, 0), 0);
+        assert_eq!(expand_packet_number(17, 2, 10), 17);
+        assert_eq!(expand_packet_number(0xffff_ffff, 4, 0), 0xffff_ffff);
+        // Every number less than half the window below the expected one, or up to half the
+        // window above, comes back exactly, for every length.
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..10_000 {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let expected = rng >> 20;
-            let delta = (rng % (1 << 31)) as i64 - (1 << 30);
-            let pn = expected.saturating_add_signed(delta);
-            assert_eq!(
-                expand_packet_number(pn as u32, expected),
-                pn,
-                "{pn} {expected}"
-            );
+        for len in 1..=4usize {
+            let half = 1i64 << (8 * len - 1);
+            for _ in 0..10_000 {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let expected = rng >> 20;
+                let delta = (rng % (2 * half as u64 - 1)) as i64 - half + 1;
+                let pn = expected.saturating_add_signed(delta);
+                let truncated = pn & ((1 << (8 * len)) - 1);
+                assert_eq!(
+                    expand_packet_number(truncated, len, expected),
+                    pn,
+                    "{pn} {expected} {len}"
+                );
+            }
         }
     }
 
