@@ -1077,7 +1077,12 @@ impl Connection {
     /// acknowledged one (FEC_RESERVE leaves 5 bytes to spare, so a repair whose packet number
     /// is up to 3 bytes longer than its sources' still fits).
     fn next_header_len(&self) -> usize {
-        wire::data_header_len(wire::packet_number_len(self.next_pn, self.largest_acked))
+        wire::data_header_len(self.next_pn_len())
+    }
+
+    /// Bytes of the next packet number in its header (see `wire::packet_number_len`).
+    fn next_pn_len(&self) -> usize {
+        wire::packet_number_len(self.next_pn, self.largest_acked)
     }
 
     fn finish_fec_block(&mut self) {
@@ -1435,9 +1440,9 @@ impl Connection {
         out: &mut Vec<u8>,
     ) {
         let pn = self.next_pn;
+        let pn_len = self.next_pn_len();
         self.next_pn += 1;
         let start = out.len();
-        let pn_len = wire::packet_number_len(pn, self.largest_acked);
         wire::put_data_header(out, self.remote_index, pn, pn_len);
         self.keys
             .seal(pn, &plain, out)

@@ -42,8 +42,6 @@ pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
 /// Data packets are types `TYPE_DATA + 1..=TYPE_DATA + 4`: the packet number's length.
 pub const TYPE_DATA: u8 = 0x03;
-/// Longest header before the ciphertext of a data packet (4-byte packet number).
-pub const MAX_DATA_HEADER_LEN: usize = data_header_len(4);
 /// Largest number of ACK ranges encoded (older ones are dropped; the sender treats them as
 /// outstanding and its loss detection resolves them).
 pub const MAX_ACK_RANGES: usize = 32;
@@ -450,7 +448,6 @@ pub fn decode_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, WireError> {
     Ok(frames)
 }
 
-/// Header of a data packet.
 /// Appends a data header carrying the low `pn_len` bytes (1..=4) of `pn`.
 pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u16, pn: u64, pn_len: usize) {
     debug_assert!((1..=4).contains(&pn_len));
@@ -463,7 +460,7 @@ pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u16, pn: u64, pn_len: 
 /// length). `None` for anything else or a truncated header.
 pub fn parse_data_header(data: &[u8]) -> Option<(u16, u64, usize, usize)> {
     let t = *data.first()?;
-    if !(TYPE_DATA + 1..=TYPE_DATA + 4).contains(&t) {
+    if !is_data_type(t) {
         return None;
     }
     let pn_len = usize::from(t - TYPE_DATA);
@@ -637,7 +634,7 @@ mod tests {
         let mut out = Vec::new();
         put_data_header(&mut out, 0x0102, 0x0000_0007_0000_0009, 4);
         assert_eq!(out, [0x07, 1, 2, 0, 0, 0, 9]);
-        assert_eq!(out.len(), MAX_DATA_HEADER_LEN);
+        assert_eq!(out.len(), data_header_len(4));
         assert_eq!(parse_data_header(&out), Some((0x0102, 9, 4, 7)));
         out.clear();
         put_data_header(&mut out, 0xfffe, 0x1_2345, 2);

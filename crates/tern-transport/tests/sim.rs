@@ -2,7 +2,7 @@
 //! a seed replays to the same trace.
 
 use tern_transport::Config;
-use tern_transport::sim::{LinkParams, Scenario, run};
+use tern_transport::sim::{LinkParams, Outcome, Scenario, run};
 
 fn scenario(seed: u64, link: LinkParams) -> Scenario {
     Scenario {
@@ -84,18 +84,24 @@ fn resets_reach_the_peer_and_other_streams_continue() {
     assert_eq!(out.streams_completed, 6);
 }
 
-#[test]
-fn fec_repairs_random_loss() {
+/// Two streams of up to `max_stream_bytes` over 100 Mbit/s with 1 % random loss and a
+/// one-way delay of `delay_ns`.
+fn two_streams_over_1_percent_loss(delay_ns: u64, max_stream_bytes: usize) -> Outcome {
     let link = LinkParams {
         loss: 0.01,
         rate_bps: 100_000_000,
-        delay_ns: 12_000_000,
+        delay_ns,
         ..LinkParams::default()
     };
     let mut sc = scenario(11, link);
     sc.streams = 2;
-    sc.max_stream_bytes = 20_000_000;
-    let out = run(&sc).unwrap_or_else(|e| panic!("{e}"));
+    sc.max_stream_bytes = max_stream_bytes;
+    run(&sc).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn fec_repairs_random_loss() {
+    let out = two_streams_over_1_percent_loss(12_000_000, 20_000_000);
     let s = &out.stats_a;
     assert!(
         out.stats_a.fec_repairs_sent + out.stats_b.fec_repairs_sent > 0,
@@ -111,16 +117,7 @@ fn fec_repairs_random_loss() {
 /// arrives.
 #[test]
 fn no_fec_on_short_paths() {
-    let link = LinkParams {
-        loss: 0.01,
-        rate_bps: 100_000_000,
-        delay_ns: 500_000,
-        ..LinkParams::default()
-    };
-    let mut sc = scenario(11, link);
-    sc.streams = 2;
-    sc.max_stream_bytes = 5_000_000;
-    let out = run(&sc).unwrap_or_else(|e| panic!("{e}"));
+    let out = two_streams_over_1_percent_loss(500_000, 5_000_000);
     assert_eq!(
         out.stats_a.fec_repairs_sent + out.stats_b.fec_repairs_sent,
         0,
