@@ -489,7 +489,7 @@ fn node(c: NodeCmd) -> Result<()> {
                 println!(
                     "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",
                     e.dropped_malformed,
-                    e.dropped_unknown_index,
+                    e.dropped_unknown_session,
                     e.handshakes_rejected,
                     e.handshakes_unknown_key
                 );

@@ -220,7 +220,7 @@ for i in range(20000):
     let drops = |e: &Value| {
         [
             "dropped_malformed",
-            "dropped_unknown_index",
+            "dropped_unknown_session",
             "handshakes_rejected",
             "handshakes_rate_limited",
         ]

@@ -151,7 +151,7 @@ pub fn prometheus(s: &NodeStatus) -> String {
     for (n, v) in [
         ("datagrams_received_total", e.datagrams_received),
         ("dropped_malformed_total", e.dropped_malformed),
-        ("dropped_unknown_index_total", e.dropped_unknown_index),
+        ("dropped_unknown_session_total", e.dropped_unknown_session),
         ("handshakes_rejected_total", e.handshakes_rejected),
         ("handshakes_unknown_key_total", e.handshakes_unknown_key),
         ("handshakes_completed_total", e.handshakes_completed),

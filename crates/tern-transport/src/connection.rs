@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
 
 use crate::cc::{RateController, SendSnapshot};
-use crate::crypto::{PacketKeys, ReplayWindow};
+use crate::crypto::{PacketKeys, REPLAY_WINDOW, ReplayWindow};
 use crate::fec::{self, FecDecoder, FecEncoder, RepairSymbol};
 use crate::rangeset::RangeSet;
 use crate::stream::{RecvStream, SendStream};
-use crate::wire::{self, Frame, MAX_ACK_RANGES, PnRange};
+use crate::wire::{self, Frame, MAX_ACK_RANGES, MAX_FRAME_DATA, PnRange};
 
 /// Path RTT below which FEC stays off (see `Connection::fec_active`).
 const FEC_MIN_RTT_NS: u64 = 4_000_000;
@@ -186,7 +186,6 @@ pub struct Connection {
     config: Config,
     is_initiator: bool,
     keys: PacketKeys,
-    remote_index: u16,
     confirmed: bool,
     closed: Option<u64>,
     close_pending: Option<u64>,
@@ -209,6 +208,9 @@ pub struct Connection {
     udp_payload: usize,
     mtu_probe: Option<(u64, usize)>,
     mtu_probe_done: bool,
+    /// Most stream bytes the packets sent after one packet can deliver before the peer's
+    /// replay window refuses that packet: REPLAY_WINDOW datagrams of the largest size.
+    late_span: u64,
     // --- receiving
     replay: ReplayWindow,
     received: RangeSet,
@@ -258,19 +260,12 @@ pub struct Connection {
 impl Connection {
     /// A connection after a completed handshake. `initial_max_data` is the peer's stream window
     /// (both sides use the same configuration).
-    pub fn new(
-        config: Config,
-        keys: PacketKeys,
-        remote_index: u16,
-        is_initiator: bool,
-        now_ns: u64,
-    ) -> Self {
+    pub fn new(config: Config, keys: PacketKeys, is_initiator: bool, now_ns: u64) -> Self {
         let udp_payload = config.min_udp_payload.min(config.max_udp_payload);
         Self {
             cc: RateController::new(config.initial_rtt_us, udp_payload, config.max_rate_bps),
             is_initiator,
             keys,
-            remote_index,
             confirmed: is_initiator,
             closed: None,
             close_pending: None,
@@ -290,6 +285,7 @@ impl Connection {
             udp_payload,
             mtu_probe: None,
             mtu_probe_done: config.max_udp_payload <= udp_payload,
+            late_span: REPLAY_WINDOW * config.max_udp_payload.max(udp_payload) as u64,
             replay: ReplayWindow::new(),
             received: RangeSet::new(),
             largest_received: None,
@@ -343,10 +339,6 @@ impl Connection {
 
     pub fn is_initiator(&self) -> bool {
         self.is_initiator
-    }
-
-    pub fn remote_index(&self) -> u16 {
-        self.remote_index
     }
 
     pub fn stats(&self) -> ConnStats {
@@ -521,20 +513,24 @@ impl Connection {
 
     // ------------------------------------------------------------------ receiving
 
-    /// An authenticated-looking data packet for this connection (header already parsed;
-    /// `truncated_pn` is the header's low `pn_len` bytes of the packet number).
+    /// A data packet for this connection, not yet authenticated (header already parsed:
+    /// `truncated_pn` is the packet number's low bits from a header of `header_len` bytes).
     pub fn handle_packet(
         &mut self,
         now_ns: u64,
         truncated_pn: u64,
-        pn_len: usize,
+        header_len: usize,
         ciphertext: &[u8],
     ) {
         if self.closed.is_some() {
             return;
         }
         let expected = self.replay.highest().map_or(0, |h| h + 1);
-        let pn = wire::expand_packet_number(truncated_pn, pn_len, expected);
+        let pn = wire::expand_packet_number(
+            truncated_pn,
+            wire::packet_number_bits(header_len),
+            expected,
+        );
         if !self.replay.check(pn) {
             self.stats.duplicates += 1;
             return;
@@ -548,7 +544,7 @@ impl Connection {
         }
         self.replay.accept(pn);
         self.stats.packets_received += 1;
-        self.stats.bytes_received += (ciphertext.len() + wire::data_header_len(pn_len)) as u64;
+        self.stats.bytes_received += (ciphertext.len() + header_len) as u64;
         self.last_received_ns = now_ns;
         self.confirmed = true;
         if self.process_payload(now_ns, pn, &plain, false) {
@@ -592,7 +588,17 @@ impl Connection {
                     data,
                 } => {
                     ack_eliciting = true;
-                    self.on_stream_frame(id, offset, fin, data);
+                    self.on_stream_frame(id, offset, None, fin, data);
+                }
+                Frame::StreamEnd {
+                    id,
+                    offset,
+                    offset_len,
+                    fin,
+                    data,
+                } => {
+                    ack_eliciting = true;
+                    self.on_stream_frame(id, offset, Some(offset_len), fin, data);
                 }
                 Frame::ResetStream { id, code, .. } => {
                     ack_eliciting = true;
@@ -666,7 +672,16 @@ impl Connection {
         }
     }
 
-    fn on_stream_frame(&mut self, id: u64, offset: u64, fin: bool, data: &[u8]) {
+    /// `offset_len`: the frame carried only the offset's low bytes (STREAM_END), to expand
+    /// against the highest offset received on the stream.
+    fn on_stream_frame(
+        &mut self,
+        id: u64,
+        offset: u64,
+        offset_len: Option<usize>,
+        fin: bool,
+        data: &[u8],
+    ) {
         let local = (id & 1) == u64::from(!self.is_initiator);
         if !self.streams.contains_key(&id) {
             if local || id < self.next_remote_id {
@@ -678,7 +693,10 @@ impl Connection {
             }
         }
         let s = self.streams.get_mut(&id).expect("checked");
-        let end = offset + data.len() as u64;
+        let offset = offset_len.map_or(offset, |k| {
+            wire::expand_stream_offset(offset, k, s.recv.highest)
+        });
+        let end = offset.saturating_add(data.len() as u64);
         if end > s.recv.max_advertised {
             self.stats.malformed += 1;
             self.close(CLOSE_PROTOCOL);
@@ -1074,15 +1092,10 @@ impl Connection {
     }
 
     /// Header length of the next packet: its packet number's length follows the largest
-    /// acknowledged one (FEC_RESERVE leaves 5 bytes to spare, so a repair whose packet number
-    /// is up to 3 bytes longer than its sources' still fits).
+    /// acknowledged one (see `wire::data_header_len`; FEC_RESERVE leaves 5 bytes to spare, so
+    /// a repair whose header is up to 3 bytes longer than its sources' still fits).
     fn next_header_len(&self) -> usize {
-        wire::data_header_len(self.next_pn_len())
-    }
-
-    /// Bytes of the next packet number in its header (see `wire::packet_number_len`).
-    fn next_pn_len(&self) -> usize {
-        wire::packet_number_len(self.next_pn, self.largest_acked)
+        wire::data_header_len(self.next_pn, self.largest_acked)
     }
 
     fn finish_fec_block(&mut self) {
@@ -1341,8 +1354,17 @@ impl Connection {
                 continue;
             };
             s.queued = false;
-            // Offsets only grow, so the header of any range of this stream fits in `hdr`.
-            let hdr = wire::stream_end_header_len(id, s.send.sent);
+            // A STREAM_END's truncated offset must reach from the frame's offset (in
+            // [unacked_start, sent]) to the receiver's highest received offset when the frame
+            // arrives: at least unacked_start, at most sent plus what the packets sent after
+            // this one carry before the replay window refuses it (`late_span`). A span past
+            // 2^31 leaves only STREAM frames, whose header is no longer than `hdr` below.
+            let offset_len =
+                wire::stream_offset_len(s.send.sent - s.send.unacked_start() + self.late_span);
+            let hdr = match offset_len {
+                Some(k) => wire::stream_end_header_len(id, k),
+                None => wire::stream_header_len(id, s.send.written, MAX_FRAME_DATA),
+            };
             let max_len = room.saturating_sub(hdr) as u64;
             data.clear();
             let (offset, len, fin, new_bytes) = if let Some(r) =
@@ -1377,8 +1399,15 @@ impl Connection {
             // length; one whose length would not fit is a STREAM_END too.
             let with_len = wire::stream_header_len(id, offset, data.len()) + data.len();
             let ends_packet = room < with_len + 24;
-            if ends_packet {
-                wire::encode_stream_end(plain, id, offset, fin, &data);
+            if let (true, Some(offset_len)) = (ends_packet, offset_len) {
+                Frame::StreamEnd {
+                    id,
+                    offset,
+                    offset_len,
+                    fin,
+                    data: &data,
+                }
+                .encode(plain);
             } else {
                 Frame::Stream {
                     id,
@@ -1440,10 +1469,10 @@ impl Connection {
         out: &mut Vec<u8>,
     ) {
         let pn = self.next_pn;
-        let pn_len = self.next_pn_len();
+        let header_len = self.next_header_len();
         self.next_pn += 1;
         let start = out.len();
-        wire::put_data_header(out, self.remote_index, pn, pn_len);
+        wire::put_data_header(out, pn, header_len);
         self.keys
             .seal(pn, &plain, out)
             .expect("sealing with a valid key cannot fail");

@@ -46,7 +46,9 @@ pub enum EndpointEvent {
 pub struct EndpointStats {
     pub datagrams_received: u64,
     pub dropped_malformed: u64,
-    pub dropped_unknown_index: u64,
+    /// Data from an address with no session, or a handshake response that matches no
+    /// pending initiation.
+    pub dropped_unknown_session: u64,
     pub handshakes_rejected: u64,
     pub handshakes_unknown_key: u64,
     pub handshakes_replayed: u64,
@@ -65,7 +67,6 @@ struct Peer {
     config: PeerConfig,
     addr: Option<SocketAddr>,
     conn: Option<Connection>,
-    local_index: u16,
     pending: Option<Pending>,
     next_attempt_ns: u64,
     last_init_timestamp: u64,
@@ -106,7 +107,6 @@ impl Endpoint {
                 addr: c.addr,
                 config: c,
                 conn: None,
-                local_index: 0,
                 pending: None,
                 next_attempt_ns: 0,
                 last_init_timestamp: 0,
@@ -189,7 +189,6 @@ impl Endpoint {
                 if let Event::Closed { code } = event {
                     p.conn = None;
                     p.next_attempt_ns = 0;
-                    self.by_index.remove(&p.local_index);
                     return Some(EndpointEvent::Disconnected { peer: id, code });
                 }
                 return Some(EndpointEvent::Stream { peer: id, event });
@@ -236,15 +235,16 @@ impl Endpoint {
             return;
         };
         match kind {
-            t if wire::is_data_type(t) => self.on_data(now_ns, data),
+            t if wire::is_data_type(t) => self.on_data(now_ns, from, data),
             TYPE_INIT => self.on_init(now_ns, from, data),
             TYPE_RESPONSE => self.on_response(now_ns, from, data),
             _ => self.stats.dropped_malformed += 1,
         }
     }
 
-    fn on_data(&mut self, now_ns: u64, data: &[u8]) {
-        let Some((index, pn, pn_len, header_len)) = wire::parse_data_header(data) else {
+    /// A data packet: its session is the connection of the peer at `from`.
+    fn on_data(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
+        let Some((pn, header_len)) = wire::parse_data_header(data) else {
             self.stats.dropped_malformed += 1;
             return;
         };
@@ -253,14 +253,14 @@ impl Endpoint {
             self.stats.dropped_malformed += 1;
             return;
         }
-        let Some(&peer) = self.by_index.get(&index) else {
-            self.stats.dropped_unknown_index += 1;
-            return;
-        };
-        let p = &mut self.peers[peer];
-        match p.conn.as_mut() {
-            Some(c) if p.local_index == index => c.handle_packet(now_ns, pn, pn_len, ct),
-            _ => self.stats.dropped_unknown_index += 1,
+        let conn = self
+            .peers
+            .iter_mut()
+            .filter(|p| p.addr == Some(from))
+            .find_map(|p| p.conn.as_mut());
+        match conn {
+            Some(c) => c.handle_packet(now_ns, pn, header_len, ct),
+            None => self.stats.dropped_unknown_session += 1,
         }
     }
 
@@ -324,38 +324,25 @@ impl Endpoint {
             self.by_index.remove(&old.local_index);
         }
         self.drop_connection(peer);
-        let local_index = self.new_index();
         let mut pkt = vec![TYPE_RESPONSE];
-        pkt.extend_from_slice(&local_index.to_be_bytes());
         pkt.extend_from_slice(&remote_index.to_be_bytes());
         pkt.extend_from_slice(&msg2);
         self.transmits.push_back((from, pkt));
-        self.install(now_ns, peer, from, local_index, remote_index, keys, false);
+        self.install(now_ns, peer, from, keys, false);
     }
 
-    /// A finished handshake: the peer's new connection, reachable by `local_index`.
-    #[allow(clippy::too_many_arguments)]
+    /// A finished handshake: the peer's new connection, which data packets from `from` reach.
     fn install(
         &mut self,
         now_ns: u64,
         peer: PeerId,
         from: SocketAddr,
-        local_index: u16,
-        remote_index: u16,
         keys: crypto::PacketKeys,
         is_initiator: bool,
     ) {
-        let conn = Connection::new(
-            self.config.clone(),
-            keys,
-            remote_index,
-            is_initiator,
-            now_ns,
-        );
-        self.by_index.insert(local_index, peer);
+        let conn = Connection::new(self.config.clone(), keys, is_initiator, now_ns);
         let p = &mut self.peers[peer];
         p.addr = Some(from);
-        p.local_index = local_index;
         p.conn = Some(conn);
         self.stats.handshakes_completed += 1;
         self.events.push_back(EndpointEvent::Connected(peer));
@@ -363,7 +350,6 @@ impl Endpoint {
 
     fn drop_connection(&mut self, peer: PeerId) {
         if self.peers[peer].conn.take().is_some() {
-            self.by_index.remove(&self.peers[peer].local_index);
             self.events.push_back(EndpointEvent::Disconnected {
                 peer,
                 code: crate::connection::CLOSE_NORMAL,
@@ -373,32 +359,31 @@ impl Endpoint {
 
     fn on_response(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
         let mut r = Reader::new(data);
-        let (Ok(_), Ok(remote_index), Ok(index)) = (r.u8(), r.u16(), r.u16()) else {
+        let (Ok(_), Ok(index)) = (r.u8(), r.u16()) else {
             self.stats.dropped_malformed += 1;
             return;
         };
         let Some(&peer) = self.by_index.get(&index) else {
-            self.stats.dropped_unknown_index += 1;
+            self.stats.dropped_unknown_session += 1;
             return;
         };
         let p = &mut self.peers[peer];
         if p.pending.as_ref().map(|x| x.local_index) != Some(index) {
-            self.stats.dropped_unknown_index += 1;
+            self.stats.dropped_unknown_session += 1;
             return;
         }
         let pending = p.pending.take().expect("checked");
+        self.by_index.remove(&index);
         let Ok((payload, keys)) = pending.hs.finish(r.rest()) else {
             self.stats.handshakes_rejected += 1;
-            self.by_index.remove(&index);
             return;
         };
         if payload.first() != Some(&PROTOCOL_VERSION) {
             self.stats.handshakes_rejected += 1;
-            self.by_index.remove(&index);
             return;
         }
         self.drop_connection(peer);
-        self.install(now_ns, peer, from, index, remote_index, keys, true);
+        self.install(now_ns, peer, from, keys, true);
     }
 
     pub fn handle_timeout(&mut self, now_ns: u64) {
@@ -460,5 +445,83 @@ pub fn datagram_kind(data: &[u8]) -> &'static str {
         Some(&TYPE_RESPONSE) => "response",
         Some(&t) if wire::is_data_type(t) => "data",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Endpoint, Endpoint, SocketAddr, SocketAddr) {
+        let ka = StaticKeypair::from_seed(11);
+        let kb = StaticKeypair::from_seed(12);
+        let addr_a: SocketAddr = "198.18.1.1:7400".parse().unwrap();
+        let addr_b: SocketAddr = "198.18.2.1:7400".parse().unwrap();
+        let peer = |name: &str, public, addr| PeerConfig {
+            name: name.into(),
+            public,
+            addr,
+        };
+        let a = Endpoint::new(
+            ka.clone(),
+            vec![peer("b", kb.public, Some(addr_b))],
+            Config::default(),
+            1,
+            true,
+            1 << 40,
+        );
+        let b = Endpoint::new(
+            kb,
+            vec![peer("a", ka.public, None)],
+            Config::default(),
+            2,
+            true,
+            1 << 40,
+        );
+        (a, b, addr_a, addr_b)
+    }
+
+    /// Moves every datagram `from` has queued to `to`, arriving from `src`; returns them.
+    fn deliver(from: &mut Endpoint, to: &mut Endpoint, src: SocketAddr, now: u64) -> Vec<Vec<u8>> {
+        let mut sent = Vec::new();
+        let mut out = Vec::new();
+        while from.poll_transmit(now, &mut out).is_some() {
+            to.handle_datagram(now, src, &out);
+            sent.push(std::mem::take(&mut out));
+        }
+        sent
+    }
+
+    #[test]
+    fn data_reaches_the_session_of_its_source_address_only() {
+        let (mut a, mut b, addr_a, _) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0); // init
+        deliver(&mut b, &mut a, "198.18.2.1:7400".parse().unwrap(), 1); // response
+        assert!(a.is_connected(0) && b.is_connected(0));
+        let id = a.connection(0).unwrap().open_stream().unwrap();
+        a.connection(0).unwrap().stream_write(id, b"hello").unwrap();
+        // The same data packets from any other address reach no session.
+        let stranger: SocketAddr = "198.18.1.9:7400".parse().unwrap();
+        let packets = deliver(&mut a, &mut b, stranger, 2);
+        assert!(!packets.is_empty());
+        assert!(packets.iter().all(|p| wire::is_data_type(p[0])));
+        assert_eq!(b.stats().dropped_unknown_session, packets.len() as u64);
+        assert_eq!(b.connection_ref(0).unwrap().stats().packets_received, 0);
+        // From the peer's address they are authenticated and delivered.
+        for p in &packets {
+            b.handle_datagram(3, addr_a, p);
+        }
+        let received = b.connection_ref(0).unwrap().stats().packets_received;
+        assert_eq!(received, packets.len() as u64);
+        // A flipped packet-number bit in the header fails authentication.
+        let mut bad = packets[0].clone();
+        bad[0] ^= 0x01;
+        b.handle_datagram(4, addr_a, &bad);
+        assert_eq!(b.connection_ref(0).unwrap().stats().auth_failures, 1);
+        assert_eq!(
+            b.connection_ref(0).unwrap().stats().packets_received,
+            received
+        );
     }
 }

@@ -50,6 +50,11 @@ impl SendStream {
         }
     }
 
+    /// Offset of the first byte not yet acknowledged: the peer has received everything below.
+    pub fn unacked_start(&self) -> u64 {
+        self.base
+    }
+
     /// Bytes buffered (unacknowledged or unsent).
     pub fn buffered(&self) -> u64 {
         self.written - self.base

@@ -2,32 +2,38 @@
 //!
 //! ```text
 //! handshake init     [0x01][sender_index u16][noise IK message 1 (payload: version u8, timestamp u64)]
-//! handshake response [0x02][sender_index u16][receiver_index u16][noise IK message 2]
-//! data               [0x03 + n][receiver_index u16][packet_number: low n bytes][AEAD(frames) + 16-byte tag]
+//! handshake response [0x02][receiver_index u16][noise IK message 2]
+//! data               [1 L L p p p p p][packet number: L more bytes][AEAD(frames) + 16-byte tag]
 //! ```
-//! Session indexes are chosen by the receiver, 1..=65535 (a node holds one session per peer,
-//! two while a handshake replaces one). The data header carries the packet number's low n
-//! bytes (n = 1..=4, in the type byte); the receiver expands them to the 64-bit number nearest
-//! the next one it expects (QUIC's rule, RFC 9000 appendix A.3), and the full number is the
-//! AEAD nonce, so a changed header or a wrong expansion fails authentication. The sender picks
-//! the shortest n that covers twice the distance from its largest acknowledged packet (RFC
-//! 9000 A.2): 2 bytes while fewer than 32,768 packets are unacknowledged, which covers 1 Gbit/s
-//! up to ~40 ms of RTT with its queue. A sender never has 2^31 packets outstanding.
+//! The initiator's session index (1..=65535) pairs a handshake response with its initiation. A data packet carries no session index: the receiver finds the session by
+//! the sender's address (a node holds one session per peer, and a peer is at one address), as
+//! QUIC does with zero-length connection IDs. The data header is 1 + L bytes (L = 0..=3, in
+//! bits 6-5 of the first byte); it carries the packet number's low 5 + 8L bits, the top 5 of
+//! them in the first byte. The receiver expands them to the 64-bit number nearest the next one
+//! it expects (QUIC's rule, RFC 9000 appendix A.3), and the full number is the AEAD nonce, so
+//! a changed header or a wrong expansion fails authentication. The sender picks the shortest
+//! header that covers twice the distance from its largest acknowledged packet (RFC 9000
+//! A.2): 2 bytes while fewer than 4,096 packets are unacknowledged, which covers 1 Gbit/s up
+//! to ~45 ms of RTT with its queue. A sender never has 2^28 packets outstanding.
 //! Frames inside a data packet (integers are varints unless noted):
 //! ```text
 //! 0x00 PADDING        (rest of the packet)
 //! 0x01 PING
 //! 0x02 ACK            largest, ack_delay_us, recovered_total, extra_ranges, first_range, (gap, len)*
 //! 0x04 STREAM         id, offset, len, data        (0x05 = STREAM with FIN)
-//! 0x0b STREAM_END     id, offset, data to the end of the packet (0x0c = with FIN)
-//! 0x0d STREAM_END48   id, offset u48, data to the end (0x0e = with FIN; offsets 2^30..2^48,
-//!                     where a varint takes 8 bytes)
+//! 0x10 STREAM_END     id, offset's low k bytes, data to the end of the packet (type
+//!                     0x10 | (k-1) << 1 | FIN, k = 1..=4; see below)
 //! 0x06 RESET_STREAM   id, code, final_size
 //! 0x07 MAX_STREAM_DATA id, max_offset
 //! 0x08 MAX_DATA       max_bytes
 //! 0x09 REPAIR         len, FEC repair symbol (see fec.rs)
 //! 0x0a CLOSE          code
 //! ```
+//! STREAM_END ends the packet, so it needs no length, and its offset is truncated like a packet
+//! number: the receiver expands it to the offset nearest the highest it has received on the
+//! stream. The sender picks k so that 2^(8k-1) exceeds the stream's unacknowledged span plus
+//! the stream bytes that packets sent after this one could have delivered before it arrives
+//! (the replay window bounds how late a packet is still accepted; see `stream_offset_len`).
 //! Version policy: the init payload carries `PROTOCOL_VERSION`; a node refuses other versions.
 //! New frame types get new type bytes; unknown frame types make a packet invalid (it is dropped
 //! and counted), so both sites must run the same version.
@@ -37,11 +43,13 @@ use thiserror::Error;
 /// 2: zstd records of a stream share one context (see `record.rs`).
 /// 3: 32-bit packet numbers in the data header; STREAM_END frames.
 /// 4: 16-bit session indexes; 1- to 4-byte packet numbers.
-pub const PROTOCOL_VERSION: u8 = 4;
+/// 5: no session index in data packets; the packet number's length and top bits in the
+///    first byte; STREAM_END offsets truncated.
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
-/// Data packets are types `TYPE_DATA + 1..=TYPE_DATA + 4`: the packet number's length.
-pub const TYPE_DATA: u8 = 0x03;
+/// Set in the first byte of every data packet (handshake types are below it).
+pub const DATA_FLAG: u8 = 0x80;
 /// Largest number of ACK ranges encoded (older ones are dropped; the sender treats them as
 /// outstanding and its loss detection resolves them).
 pub const MAX_ACK_RANGES: usize = 32;
@@ -168,6 +176,15 @@ pub enum Frame<'a> {
         fin: bool,
         data: &'a [u8],
     },
+    /// A STREAM frame that ends its packet: `offset` holds only the offset's low
+    /// `offset_len` bytes (1..=4); the receiver expands them (`expand_stream_offset`).
+    StreamEnd {
+        id: u64,
+        offset: u64,
+        offset_len: usize,
+        fin: bool,
+        data: &'a [u8],
+    },
     ResetStream {
         id: u64,
         code: u64,
@@ -194,63 +211,41 @@ pub fn stream_header_len(id: u64, offset: u64, len: usize) -> usize {
 }
 
 /// Bytes a STREAM_END frame header takes (excluding data).
-pub fn stream_end_header_len(id: u64, offset: u64) -> usize {
-    1 + varint_len(id) + offset_len(offset)
+pub fn stream_end_header_len(id: u64, offset_len: usize) -> usize {
+    1 + varint_len(id) + offset_len
 }
 
-const OFFSET48_MIN: u64 = 1 << 30;
-const OFFSET48_END: u64 = 1 << 48;
-
-/// Whether a STREAM_END frame carries `offset` as a u48 (where a varint would take 8 bytes).
-fn wide_offset(offset: u64) -> bool {
-    (OFFSET48_MIN..OFFSET48_END).contains(&offset)
+/// Bytes of a STREAM_END frame's truncated offset, if any length up to 4 serves: the shortest
+/// whose half-window exceeds `span`, the farthest the receiver's highest received offset can
+/// be from the frame's offset when the frame arrives. None from 2^31 on (use STREAM).
+pub fn stream_offset_len(span: u64) -> Option<usize> {
+    (1..=4).find(|&k| span < 1 << (8 * k - 1))
 }
 
-fn offset_len(offset: u64) -> usize {
-    if wide_offset(offset) {
-        6
-    } else {
-        varint_len(offset)
-    }
+/// Expands a STREAM_END frame's truncated offset to the offset nearest `highest`, the end of
+/// the highest data received on the stream.
+pub fn expand_stream_offset(truncated: u64, offset_len: usize, highest: u64) -> u64 {
+    expand_packet_number(truncated, 8 * offset_len as u32, highest)
 }
 
-/// Writes a STREAM_END frame: a STREAM frame without a length, whose data runs to the end of
-/// the packet, so it must be the packet's last frame (it saves the 2-byte length of a full
-/// packet's data).
-pub fn encode_stream_end(out: &mut Vec<u8>, id: u64, offset: u64, fin: bool, data: &[u8]) {
-    let wide = wide_offset(offset);
-    out.push(match (wide, fin) {
-        (false, false) => 0x0b,
-        (false, true) => 0x0c,
-        (true, false) => 0x0d,
-        (true, true) => 0x0e,
-    });
-    put_varint(out, id);
-    if wide {
-        out.extend_from_slice(&offset.to_be_bytes()[2..]);
-    } else {
-        put_varint(out, offset);
-    }
-    out.extend_from_slice(data);
+/// Bits of the packet number a data header of `header_len` bytes (1..=4) carries.
+pub const fn packet_number_bits(header_len: usize) -> u32 {
+    8 * header_len as u32 - 3
 }
 
-/// Bytes before the ciphertext of a data packet whose packet number takes `pn_len` bytes.
-pub const fn data_header_len(pn_len: usize) -> usize {
-    3 + pn_len
-}
-
-/// Bytes of the packet number `pn` in its data header, given the sender's largest
-/// acknowledged packet: the shortest that covers twice the unacknowledged range (RFC 9000
-/// A.2), at most 4.
-pub fn packet_number_len(pn: u64, largest_acked: Option<u64>) -> usize {
+/// Bytes of the data header for packet number `pn`, given the sender's largest acknowledged
+/// packet: the shortest that covers twice the unacknowledged range (RFC 9000 A.2), at most 4.
+pub fn data_header_len(pn: u64, largest_acked: Option<u64>) -> usize {
     let range = largest_acked.map_or(pn + 1, |a| pn.saturating_sub(a));
-    (1..4).find(|&n| range < 1 << (8 * n - 1)).unwrap_or(4)
+    (1..4)
+        .find(|&n| range < 1 << (packet_number_bits(n) - 1))
+        .unwrap_or(4)
 }
 
-/// Expands the low `len` bytes of a packet number to the full number nearest `expected`
+/// Expands the low `bits` bits of a packet number to the full number nearest `expected`
 /// (the largest number received so far plus one).
-pub fn expand_packet_number(truncated: u64, len: usize, expected: u64) -> u64 {
-    let win: u64 = 1 << (8 * len);
+pub fn expand_packet_number(truncated: u64, bits: u32, expected: u64) -> u64 {
+    let win: u64 = 1 << bits;
     let half = win / 2;
     let candidate = (expected & !(win - 1)) | (truncated & (win - 1));
     if candidate.saturating_add(half) <= expected {
@@ -298,6 +293,19 @@ impl Frame<'_> {
                 put_varint(out, *id);
                 put_varint(out, *offset);
                 put_varint(out, data.len() as u64);
+                out.extend_from_slice(data);
+            }
+            Frame::StreamEnd {
+                id,
+                offset,
+                offset_len,
+                fin,
+                data,
+            } => {
+                debug_assert!((1..=4).contains(offset_len));
+                out.push(0x10 | ((*offset_len as u8 - 1) << 1) | u8::from(*fin));
+                put_varint(out, *id);
+                out.extend_from_slice(&offset.to_be_bytes()[8 - offset_len..]);
                 out.extend_from_slice(data);
             }
             Frame::ResetStream {
@@ -392,24 +400,22 @@ impl Frame<'_> {
                     data,
                 }
             }
-            0x0b..=0x0e => {
+            0x10..=0x17 => {
                 let id = r.varint()?;
-                let offset = if kind >= 0x0d {
-                    let b = r.bytes(6)?;
-                    b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
-                } else {
-                    r.varint()?
-                };
+                let offset_len = 1 + usize::from((kind >> 1) & 0x03);
+                let offset = r
+                    .bytes(offset_len)?
+                    .iter()
+                    .fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
                 let data = r.rest();
-                if data.len() > MAX_FRAME_DATA
-                    || offset.saturating_add(data.len() as u64) > VARINT_MAX
-                {
+                if data.len() > MAX_FRAME_DATA {
                     return Err(WireError::OutOfRange { offset: at });
                 }
-                Frame::Stream {
+                Frame::StreamEnd {
                     id,
                     offset,
-                    fin: kind == 0x0c || kind == 0x0e,
+                    offset_len,
+                    fin: kind & 1 == 1,
                     data,
                 }
             }
@@ -448,32 +454,33 @@ pub fn decode_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, WireError> {
     Ok(frames)
 }
 
-/// Appends a data header carrying the low `pn_len` bytes (1..=4) of `pn`.
-pub fn put_data_header(out: &mut Vec<u8>, receiver_index: u16, pn: u64, pn_len: usize) {
-    debug_assert!((1..=4).contains(&pn_len));
-    out.push(TYPE_DATA + pn_len as u8);
-    out.extend_from_slice(&receiver_index.to_be_bytes());
-    out.extend_from_slice(&pn.to_be_bytes()[8 - pn_len..]);
+/// Appends a data header of `header_len` bytes (1..=4) for packet number `pn`.
+pub fn put_data_header(out: &mut Vec<u8>, pn: u64, header_len: usize) {
+    debug_assert!((1..=4).contains(&header_len));
+    let low = pn & ((1 << packet_number_bits(header_len)) - 1);
+    let rest = header_len - 1;
+    out.push(DATA_FLAG | (rest as u8) << 5 | (low >> (8 * rest)) as u8);
+    out.extend_from_slice(&low.to_be_bytes()[8 - rest..]);
 }
 
-/// Parses a data header: (receiver index, truncated packet number, its length, header
-/// length). `None` for anything else or a truncated header.
-pub fn parse_data_header(data: &[u8]) -> Option<(u16, u64, usize, usize)> {
+/// Parses a data header: (truncated packet number, header length). `None` for anything else
+/// or a truncated header.
+pub fn parse_data_header(data: &[u8]) -> Option<(u64, usize)> {
     let t = *data.first()?;
     if !is_data_type(t) {
         return None;
     }
-    let pn_len = usize::from(t - TYPE_DATA);
-    let len = data_header_len(pn_len);
+    let len = 1 + usize::from((t >> 5) & 0x03);
     let h = data.get(..len)?;
-    let index = u16::from_be_bytes([h[1], h[2]]);
-    let pn = h[3..].iter().fold(0u64, |v, &b| (v << 8) | u64::from(b));
-    Some((index, pn, pn_len, len))
+    let pn = h[1..]
+        .iter()
+        .fold(u64::from(t & 0x1f), |v, &b| (v << 8) | u64::from(b));
+    Some((pn, len))
 }
 
-/// Whether `t` is the type byte of a data packet.
+/// Whether `t` is the first byte of a data packet.
 pub fn is_data_type(t: u8) -> bool {
-    (TYPE_DATA + 1..=TYPE_DATA + 4).contains(&t)
+    t & DATA_FLAG != 0
 }
 
 #[cfg(test)]
@@ -561,46 +568,67 @@ mod tests {
     #[test]
     fn stream_end_frame_golden_bytes_and_round_trip() {
         let mut out = Vec::new();
-        encode_stream_end(&mut out, 2, 64, true, b"hi");
-        assert_eq!(out, [0x0c, 0x02, 0x40, 0x40, b'h', b'i']);
-        assert_eq!(out.len(), stream_end_header_len(2, 64) + 2);
+        Frame::StreamEnd {
+            id: 2,
+            offset: 0x0304_0506,
+            offset_len: 3,
+            fin: true,
+            data: b"hi",
+        }
+        .encode(&mut out);
+        // Only the offset's low 3 bytes go on the wire.
+        assert_eq!(out, [0x15, 0x02, 0x04, 0x05, 0x06, b'h', b'i']);
+        assert_eq!(out.len(), stream_end_header_len(2, 3) + 2);
         // After other frames; the data runs to the end.
         let mut packet = Vec::new();
         Frame::Ping.encode(&mut packet);
-        encode_stream_end(&mut packet, 7, 1 << 31, false, &[9; 1400]);
+        Frame::StreamEnd {
+            id: 7,
+            offset: 0x1234,
+            offset_len: 4,
+            fin: false,
+            data: &[9; 1400],
+        }
+        .encode(&mut packet);
         let frames = decode_frames(&packet).unwrap();
         assert_eq!(frames.len(), 2);
         assert_eq!(
             frames[1],
-            Frame::Stream {
+            Frame::StreamEnd {
                 id: 7,
-                offset: 1 << 31,
+                offset: 0x1234,
+                offset_len: 4,
                 fin: false,
                 data: &[9; 1400],
             }
         );
-        // Offsets from 2^30 take 6 bytes, not an 8-byte varint.
-        for (offset, kind) in [
-            ((1u64 << 30) - 1, 0x0b),
-            (1 << 30, 0x0d),
-            ((1 << 48) - 1, 0x0d),
-            (1 << 48, 0x0b),
-        ] {
+        // Every length round-trips with and without FIN.
+        for (offset_len, fin, kind) in [(1, false, 0x10), (2, true, 0x13), (4, true, 0x17)] {
             let mut out = Vec::new();
-            encode_stream_end(&mut out, 3, offset, false, b"xyz");
+            let f = Frame::StreamEnd {
+                id: 3,
+                offset: 0x42,
+                offset_len,
+                fin,
+                data: b"xyz",
+            };
+            f.encode(&mut out);
             assert_eq!(out[0], kind);
-            assert_eq!(out.len(), stream_end_header_len(3, offset) + 3);
-            let frames = decode_frames(&out).unwrap();
-            assert_eq!(
-                frames,
-                [Frame::Stream {
-                    id: 3,
-                    offset,
-                    fin: false,
-                    data: b"xyz",
-                }]
-            );
+            assert_eq!(out.len(), stream_end_header_len(3, offset_len) + 3);
+            assert_eq!(decode_frames(&out).unwrap(), [f]);
         }
+        // Empty data with FIN is a valid frame.
+        let frames = decode_frames(&[0x11, 0x01, 0x05]).unwrap();
+        assert_eq!(
+            frames,
+            [Frame::StreamEnd {
+                id: 1,
+                offset: 5,
+                offset_len: 1,
+                fin: true,
+                data: &[],
+            }]
+        );
         // The STREAM frame with a length keeps its varint offset (8 bytes past 1 GiB).
         for offset in [64, (1u64 << 30) - 1, 1 << 30, 1 << 40] {
             let mut out = Vec::new();
@@ -613,78 +641,127 @@ mod tests {
             .encode(&mut out);
             assert_eq!(out.len(), stream_header_len(3, offset, 3) + 3, "{offset}");
         }
-        let mut out = Vec::new();
-        encode_stream_end(&mut out, 1, 0x0102_0304_0506, true, b"");
-        assert_eq!(out, [0x0e, 0x01, 1, 2, 3, 4, 5, 6]);
-        // Empty data with FIN is a valid frame.
-        let frames = decode_frames(&[0x0c, 0x01, 0x05]).unwrap();
-        assert_eq!(
-            frames,
-            [Frame::Stream {
-                id: 1,
-                offset: 5,
-                fin: true,
-                data: &[],
-            }]
-        );
+    }
+
+    #[test]
+    fn stream_offsets_expand_within_their_span() {
+        assert_eq!(stream_offset_len(0), Some(1));
+        assert_eq!(stream_offset_len(127), Some(1));
+        assert_eq!(stream_offset_len(128), Some(2));
+        assert_eq!(stream_offset_len((1 << 23) - 1), Some(3));
+        assert_eq!(stream_offset_len(1 << 23), Some(4));
+        assert_eq!(stream_offset_len((1 << 31) - 1), Some(4));
+        assert_eq!(stream_offset_len(1 << 31), None);
+        // Any offset and highest-received pair within the span comes back exactly, past
+        // 2^32 and 2^48 too (where a varint takes 8 bytes).
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for base in [0u64, 1 << 30, (1 << 32) - 5000, 1 << 48] {
+            for _ in 0..5_000 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let span = rng % (1 << 24);
+                let k = stream_offset_len(span).unwrap();
+                let offset = base + (rng >> 40) % (span + 1);
+                let highest = if rng & 1 == 0 {
+                    offset.saturating_sub(span)
+                } else {
+                    offset + span
+                };
+                let mut out = Vec::new();
+                Frame::StreamEnd {
+                    id: 1,
+                    offset,
+                    offset_len: k,
+                    fin: false,
+                    data: b"",
+                }
+                .encode(&mut out);
+                let [
+                    Frame::StreamEnd {
+                        offset: t,
+                        offset_len,
+                        ..
+                    },
+                ] = decode_frames(&out).unwrap()[..]
+                else {
+                    panic!("not a STREAM_END");
+                };
+                assert_eq!(offset_len, k);
+                assert_eq!(
+                    expand_stream_offset(t, k, highest),
+                    offset,
+                    "{offset} {highest} {k}"
+                );
+            }
+        }
     }
 
     #[test]
     fn data_header_golden_bytes() {
         let mut out = Vec::new();
-        put_data_header(&mut out, 0x0102, 0x0000_0007_0000_0009, 4);
-        assert_eq!(out, [0x07, 1, 2, 0, 0, 0, 9]);
-        assert_eq!(out.len(), data_header_len(4));
-        assert_eq!(parse_data_header(&out), Some((0x0102, 9, 4, 7)));
+        // 4 bytes: 29 bits of the packet number.
+        put_data_header(&mut out, 0x0000_0007_1234_5679, 4);
+        assert_eq!(out, [0xe0 | 0x12, 0x34, 0x56, 0x79]);
+        assert_eq!(parse_data_header(&out), Some((0x1234_5679, 4)));
         out.clear();
-        put_data_header(&mut out, 0xfffe, 0x1_2345, 2);
-        assert_eq!(out, [0x05, 0xff, 0xfe, 0x23, 0x45]);
-        assert_eq!(parse_data_header(&out), Some((0xfffe, 0x2345, 2, 5)));
-        // Handshake types, unknown types and cut headers are not data headers.
+        put_data_header(&mut out, 0x1_2345, 2);
+        assert_eq!(out, [0xa3, 0x45]);
+        assert_eq!(parse_data_header(&out), Some((0x0345, 2)));
+        out.clear();
+        put_data_header(&mut out, 0x3f, 1);
+        assert_eq!(out, [0x9f]);
+        assert_eq!(parse_data_header(&out), Some((0x1f, 1)));
+        // Trailing bytes are the ciphertext's.
+        assert_eq!(parse_data_header(&[0xc1, 2, 3, 4, 5]), Some((0x1_0203, 3)));
+        // Handshake types, other types and cut headers are not data headers.
         for bad in [
             &[0x01, 0, 1, 2][..],
-            &[0x03, 0, 1, 2],
-            &[0x08, 0, 1, 2, 3, 4, 5],
-            &[0x06, 0, 1, 2, 3],
+            &[0x7f, 0, 1],
+            &[0xe0, 0, 1],
+            &[0xa0],
+            &[],
         ] {
             assert_eq!(parse_data_header(bad), None, "{bad:?}");
         }
     }
 
     #[test]
-    fn packet_number_length_covers_twice_the_unacknowledged_range() {
-        assert_eq!(packet_number_len(0, None), 1);
-        assert_eq!(packet_number_len(127, Some(1)), 1);
-        assert_eq!(packet_number_len(128, Some(0)), 2);
-        assert_eq!(packet_number_len(1_000_000, Some(1_000_000 - 32_767)), 2);
-        assert_eq!(packet_number_len(1_000_000, Some(1_000_000 - 32_768)), 3);
-        assert_eq!(packet_number_len(1 << 40, Some((1 << 40) - (1 << 23))), 4);
+    fn header_length_covers_twice_the_unacknowledged_range() {
+        assert_eq!(data_header_len(0, None), 1);
+        assert_eq!(data_header_len(15, Some(0)), 1);
+        assert_eq!(data_header_len(16, Some(0)), 2);
+        assert_eq!(data_header_len(1_000_000, Some(1_000_000 - 4_095)), 2);
+        assert_eq!(data_header_len(1_000_000, Some(1_000_000 - 4_096)), 3);
+        assert_eq!(data_header_len(1 << 40, Some((1 << 40) - (1 << 19))), 3);
+        assert_eq!(data_header_len(1 << 40, Some((1 << 40) - (1 << 20))), 4);
         // Nothing acknowledged yet (or ever, on an ACK-only direction): the range is the
         // whole history, and 4 bytes is the most.
-        assert_eq!(packet_number_len(1 << 40, None), 4);
+        assert_eq!(data_header_len(1 << 40, None), 4);
     }
 
     #[test]
     fn packet_numbers_expand_to_the_nearest() {
-        // RFC 9000 A.3's example: 0xa82f9b32 with 2 bytes, expected 0xa82f30eb.
+        // RFC 9000 A.3's example: 0xa82f9b32 with 16 bits, expected 0xa82f30eb.
         assert_eq!(
-            expand_packet_number(0x9b32, 2, 0xa82f_30ea + 1),
+            expand_packet_number(0x9b32, 16, 0xa82f_30ea + 1),
             0xa82f_9b32
         );
-        // Scaled to 32 bits: just past a wrap.
-        assert_eq!(expand_packet_number(5, 4, 1 << 32), (1 << 32) + 5);
+        // Just past a wrap of 29 bits.
+        assert_eq!(expand_packet_number(5, 29, 1 << 29), (1 << 29) + 5);
         assert_eq!(
-            expand_packet_number(0xffff_fff0, 4, (1 << 32) + 3),
-            0xffff_fff0
+            expand_packet_number(0x1fff_fff0, 29, (1 << 29) + 3),
+            0x1fff_fff0
         );
-        assert_eq!(expand_packet_number(0, 1, 0), 0);
-        assert_eq!(expand_packet_number(17, 2, 10), 17);
-        assert_eq!(expand_packet_number(0xffff_ffff, 4, 0), 0xffff_ffff);
+        assert_eq!(expand_packet_number(0, 5, 0), 0);
+        assert_eq!(expand_packet_number(17, 13, 10), 17);
+        assert_eq!(expand_packet_number(0x1fff_ffff, 29, 0), 0x1fff_ffff);
         // Every number less than half the window below the expected one, or up to half the
-        // window above, comes back exactly, for every length.
+        // window above, comes back exactly, for every header length, also through the header.
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for len in 1..=4usize {
-            let half = 1i64 << (8 * len - 1);
+            let bits = packet_number_bits(len);
+            let half = 1i64 << (bits - 1);
             for _ in 0..10_000 {
                 rng = rng
                     .wrapping_mul(6364136223846793005)
@@ -692,9 +769,12 @@ mod tests {
                 let expected = rng >> 20;
                 let delta = (rng % (2 * half as u64 - 1)) as i64 - half + 1;
                 let pn = expected.saturating_add_signed(delta);
-                let truncated = pn & ((1 << (8 * len)) - 1);
+                let mut out = Vec::new();
+                put_data_header(&mut out, pn, len);
+                let (truncated, parsed_len) = parse_data_header(&out).unwrap();
+                assert_eq!(parsed_len, len);
                 assert_eq!(
-                    expand_packet_number(truncated, len, expected),
+                    expand_packet_number(truncated, bits, expected),
                     pn,
                     "{pn} {expected} {len}"
                 );
@@ -708,9 +788,9 @@ mod tests {
             decode_frames(&[0x77]),
             Err(WireError::UnknownFrame { kind: 0x77, .. })
         ));
-        // STREAM_END48 cut inside its offset.
+        // STREAM_END cut inside its 4-byte offset.
         assert!(matches!(
-            decode_frames(&[0x0d, 0x01, 0x00, 0x01]),
+            decode_frames(&[0x16, 0x01, 0x00, 0x01]),
             Err(WireError::Truncated { .. })
         ));
         // STREAM claiming more data than present.

@@ -84,6 +84,29 @@ fn resets_reach_the_peer_and_other_streams_continue() {
     assert_eq!(out.streams_completed, 6);
 }
 
+/// Streams far past 2^24 bytes, over a reordering, duplicating, lossy link: STREAM_END
+/// frames carry 3-byte offsets here, which wrap several times and must expand to the right
+/// offset every time (the receiver checks every byte).
+#[test]
+fn long_streams_wrap_truncated_offsets() {
+    let link = LinkParams {
+        delay_ns: 4_000_000,
+        jitter_ns: 3_000_000,
+        reorder: true,
+        loss: 0.005,
+        duplicate: 0.01,
+        rate_bps: 400_000_000,
+        queue_bytes: 1_000_000,
+        partitions: Vec::new(),
+    };
+    let mut sc = scenario(21, link);
+    sc.streams = 2;
+    sc.max_stream_bytes = 120_000_000;
+    let out = run(&sc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.streams_completed, 4);
+    assert!(out.bytes_delivered > 3 << 24, "{}", out.bytes_delivered);
+}
+
 /// Two streams of up to `max_stream_bytes` over 100 Mbit/s with 1 % random loss and a
 /// one-way delay of `delay_ns`.
 fn two_streams_over_1_percent_loss(delay_ns: u64, max_stream_bytes: usize) -> Outcome {
