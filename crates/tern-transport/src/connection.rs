@@ -1359,8 +1359,9 @@ impl Connection {
             // arrives: at least unacked_start, at most sent plus what the packets sent after
             // this one carry before the replay window refuses it (`late_span`). A span past
             // 2^31 leaves only STREAM frames, whose header is no longer than `hdr` below.
-            let offset_len =
-                wire::stream_offset_len(s.send.sent - s.send.unacked_start() + self.late_span);
+            let offset_len = wire::stream_offset_len(
+                s.send.sent.saturating_sub(s.send.unacked_start()) + self.late_span,
+            );
             let hdr = match offset_len {
                 Some(k) => wire::stream_end_header_len(id, k),
                 None => wire::stream_header_len(id, s.send.written, MAX_FRAME_DATA),
