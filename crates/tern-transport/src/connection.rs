@@ -213,9 +213,6 @@ pub struct Connection {
     udp_payload: usize,
     mtu_probe: Option<(u64, usize)>,
     mtu_probe_done: bool,
-    /// Most stream bytes the packets sent after one packet can deliver before the peer's
-    /// replay window refuses that packet: REPLAY_WINDOW datagrams of the largest size.
-    late_span: u64,
     // --- receiving
     replay: ReplayWindow,
     received: RangeSet,
@@ -290,7 +287,6 @@ impl Connection {
             udp_payload,
             mtu_probe: None,
             mtu_probe_done: config.max_udp_payload <= udp_payload,
-            late_span: REPLAY_WINDOW * config.max_udp_payload.max(udp_payload) as u64,
             replay: ReplayWindow::new(),
             received: RangeSet::new(),
             largest_received: None,
@@ -1103,6 +1099,13 @@ impl Connection {
         wire::data_header_len(self.next_pn, self.largest_acked)
     }
 
+    /// Most stream bytes the packets sent after one packet can deliver before the peer's
+    /// replay window refuses that packet: REPLAY_WINDOW datagrams of the largest size this
+    /// connection can still send (the path-MTU probe only ever lowers that size).
+    fn late_span(&self) -> u64 {
+        REPLAY_WINDOW * self.config.max_udp_payload.max(self.udp_payload) as u64
+    }
+
     fn finish_fec_block(&mut self) {
         let k = self.fec_enc.open_len();
         let r = if self.fec_active() {
@@ -1347,6 +1350,7 @@ impl Connection {
         limit: usize,
     ) -> bool {
         let mut any = false;
+        let late_span = self.late_span();
         let mut data = std::mem::take(&mut self.frame_buf);
         while let Some(&id) = self.send_queue.front() {
             let room = limit.saturating_sub(plain.len());
@@ -1365,7 +1369,7 @@ impl Connection {
             // this one carry before the replay window refuses it (`late_span`). A span past
             // 2^31 leaves only STREAM frames, whose header is no longer than `hdr` below.
             let offset_len = wire::stream_offset_len(
-                s.send.sent.saturating_sub(s.send.unacked_start()) + self.late_span,
+                s.send.sent.saturating_sub(s.send.unacked_start()) + late_span,
             );
             let hdr = match offset_len {
                 Some(k) => wire::stream_end_header_len(id, k),

@@ -5,9 +5,10 @@
 //! handshake response [0x02][receiver_index u16][noise IK message 2]
 //! data               [1 L L p p p p p][packet number: L more bytes][AEAD(frames) + 16-byte tag]
 //! ```
-//! The initiator's session index (1..=65535) pairs a handshake response with its initiation. A data packet carries no session index: the receiver finds the session by
-//! the sender's address (a node holds one session per peer, and a peer is at one address), as
-//! QUIC does with zero-length connection IDs. The data header is 1 + L bytes (L = 0..=3, in
+//! The initiator's session index (1..=65535) pairs a handshake response with its initiation.
+//! A data packet carries no session index: the receiver finds the session by the sender's
+//! address (a node holds one session per peer, and a peer is at one address), as QUIC does
+//! with zero-length connection IDs. The data header is 1 + L bytes (L = 0..=3, in
 //! bits 6-5 of the first byte); it carries the packet number's low 5 + 8L bits, the top 5 of
 //! them in the first byte. The receiver expands them to the 64-bit number nearest the next one
 //! it expects (QUIC's rule, RFC 9000 appendix A.3), and the full number is the AEAD nonce, so
