@@ -11,11 +11,13 @@
 //!
 //! ```text
 //!  Startup --(bw grew < 25 % for 3 rounds, or > 5 % of a round's packets lost (checked on
-//!            every loss, at least 8), or 8 RTT samples in a row queued)--> Drain
+//!            every loss, at least 8), or 8 RTT samples in a row queued over at least a
+//!            quarter of the min RTT)--> Drain
 //!  Drain --(in flight <= BDP)--> ProbeBw
 //!  ProbeBw gain cycle per min-RTT: g, 0.75 (ends early once in flight <= BDP), 1, 1, 1, 1, 1, 1
 //!          g adapts in [1.04, 1.25]: halved excess after a probe that lost > 1 %, x1.5 after
-//!          a clean one
+//!          a clean one; until a probe grows the estimate < 5 %, rounds also count BBR's
+//!          per-packet samples (`FILL_GROWTH`)
 //! ```
 //!
 //! Startup paces at no less than 2.885 x the initial window (128 packets) per min RTT, tracks
@@ -35,6 +37,14 @@ const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 /// the same rate without the loss. After a clean probe the gain is back at 1.25 within four
 /// cycles, so new capacity is still found quickly.
 const PROBE_GAIN_MIN: f64 = 1.04;
+/// After Startup, until the first probe that grows the estimate by less than this factor
+/// (the pipe is full), a round's rate is also the largest per-packet sample over at least one
+/// min RTT — what BBR's max filter takes. The round average (bounded by the samples) lags
+/// a probe: a probe at 1.25 for one round trip moves it by ~7 %, so a Startup that left at
+/// 700 of 965 Mbit/s (on `ll-metro-5ms`, the delay signal comes while the rate estimate still
+/// lags by a round trip) took ~200 ms of probes to reach the link. Later the round average
+/// alone rules: the larger samples kept for good put ~1 % of packets over the queue there.
+const FILL_GROWTH: f64 = 1.05;
 const PROBE_LOSS_FRACTION: f64 = 0.01;
 const PROBE_LOSS_EVENTS: u64 = 4;
 const BW_WINDOW_ROUNDS: usize = 10;
@@ -61,6 +71,14 @@ const INITIAL_WINDOW_RTT_NS: u64 = 50_000_000;
 const STARTUP_QUEUE_FRACTION: f64 = 0.25;
 const STARTUP_QUEUE_MIN_NS: u64 = 2_000_000;
 const STARTUP_QUEUED_SAMPLES: u32 = 8;
+/// ... and the run of queued samples must span a quarter of the min RTT (at least 1 ms)
+/// of ACK arrivals. A node that was not scheduled for 2 ms (a loaded 2-core host) finds a
+/// batch of ACKs in its socket and reads eight or more RTT samples, all inflated by that
+/// stall, at one instant; on `ll-metro-5ms` that ended Startup at 150-650 of 965 Mbit/s in
+/// about one run in three, and ProbeBw took 200-300 ms to find the link. A real queue is
+/// still there a quarter of a round trip later.
+const STARTUP_QUEUED_SPAN_DIVISOR: u64 = 4;
+const STARTUP_QUEUED_SPAN_MIN_NS: u64 = 1_000_000;
 /// Startup's ACK-train samples span at least a quarter of the min RTT and 2 ms of ACKs
 /// (ACKs come in bunches at sub-millisecond timescales).
 const TRAIN_SPAN_DIVISOR: u64 = 4;
@@ -114,12 +132,18 @@ pub struct RateController {
     /// longer of the send and ACK intervals since the packet's snapshot), app-limited ones
     /// excepted. It cannot exceed the rate the packets were sent at.
     round_max_sample: f64,
+    /// The largest of those samples over at least one min RTT (BBR's own filter input).
+    round_max_full_sample: f64,
+    /// ProbeBw has not yet seen a probe that found nothing more (see `FILL_GROWTH`).
+    filling: bool,
     round_start_ns: u64,
     round_start_delivered: u64,
     round_app_limited: bool,
     round_app_limited_seen: bool,
     /// RTT samples in a row above the queueing threshold (Startup only).
     queued_samples: u32,
+    /// When the current run of queued samples began.
+    queued_since_ns: u64,
     /// Start of the current ACK train (Startup only): (ACK time, delivered after it, send
     /// time of the packet it acknowledged).
     train: Option<(u64, u64, u64)>,
@@ -137,6 +161,8 @@ pub struct RateController {
     cycle_index: usize,
     cycle_stamp_ns: u64,
     probe_gain: f64,
+    /// The estimate when the current probe began.
+    probe_base_bw: f64,
     /// Lost and acknowledged packets since the current probe began (until it is judged).
     probe_lost: u64,
     probe_acked: u64,
@@ -164,11 +190,14 @@ impl RateController {
             round_acked: 0,
             round_max_rate: 0.0,
             round_max_sample: 0.0,
+            round_max_full_sample: 0.0,
+            filling: true,
             round_start_ns: 0,
             round_start_delivered: 0,
             round_app_limited: false,
             round_app_limited_seen: false,
             queued_samples: 0,
+            queued_since_ns: 0,
             train: None,
             history: [(0, 0, true); BW_WINDOW_ROUNDS],
             bw_rounds: [0.0; BW_WINDOW_ROUNDS],
@@ -182,6 +211,7 @@ impl RateController {
             cycle_index: 0,
             cycle_stamp_ns: 0,
             probe_gain: CYCLE[0],
+            probe_base_bw: 0.0,
             probe_lost: 0,
             probe_acked: 0,
             ack_epoch_start_ns: 0,
@@ -344,6 +374,9 @@ impl RateController {
             let rate = (self.delivered - snap.delivered) as f64 * 1e9 / interval as f64;
             if !snap.app_limited {
                 self.round_max_sample = self.round_max_sample.max(rate);
+                if interval >= self.rtt_ns() {
+                    self.round_max_full_sample = self.round_max_full_sample.max(rate);
+                }
             }
             // An application-limited sample still counts where it beats the estimate (as in
             // BBR): the first flight after idle is marked application-limited, and ignoring
@@ -393,8 +426,14 @@ impl RateController {
             let queued =
                 ((min_rtt as f64 * STARTUP_QUEUE_FRACTION) as u64).max(STARTUP_QUEUE_MIN_NS);
             if rtt_ns > min_rtt + queued {
+                if self.queued_samples == 0 {
+                    self.queued_since_ns = now_ns;
+                }
                 self.queued_samples += 1;
-                if self.queued_samples >= STARTUP_QUEUED_SAMPLES {
+                let span = (min_rtt / STARTUP_QUEUED_SPAN_DIVISOR).max(STARTUP_QUEUED_SPAN_MIN_NS);
+                if self.queued_samples >= STARTUP_QUEUED_SAMPLES
+                    && now_ns.saturating_sub(self.queued_since_ns) >= span
+                {
                     self.mode = Mode::Drain;
                 }
             } else {
@@ -447,6 +486,7 @@ impl RateController {
                     0 => {
                         self.probe_lost = 0;
                         self.probe_acked = 0;
+                        self.probe_base_bw = self.btl_bw;
                     }
                     3 => self.judge_probe(),
                     _ => {}
@@ -458,6 +498,9 @@ impl RateController {
 
     /// After a probe, its drain and one more phase: did the probe overflow the queue?
     fn judge_probe(&mut self) {
+        if self.probe_base_bw > 0.0 && self.btl_bw < FILL_GROWTH * self.probe_base_bw {
+            self.filling = false;
+        }
         let total = self.probe_lost + self.probe_acked;
         let excess = self.probe_gain - 1.0;
         self.probe_gain = if self.probe_lost >= PROBE_LOSS_EVENTS
@@ -486,6 +529,10 @@ impl RateController {
                 // ACKs that arrive in bunches make a round's average overshoot the path when
                 // rounds are short; the per-packet samples are bounded by the send rate.
                 rate = rate.min(self.round_max_sample);
+            }
+            if self.mode != Mode::Startup && self.filling {
+                // Until the pipe is known full (`FILL_GROWTH`).
+                rate = rate.max(self.round_max_full_sample);
             }
             if !self.round_app_limited || rate > self.btl_bw {
                 self.round_max_rate = rate;
@@ -518,6 +565,7 @@ impl RateController {
             self.round_lost = 0;
             self.round_acked = 0;
             self.round_max_sample = 0.0;
+            self.round_max_full_sample = 0.0;
             return;
         }
         // Windowed max over the last rounds.
@@ -557,6 +605,7 @@ impl RateController {
         self.round_acked = 0;
         self.round_max_rate = 0.0;
         self.round_max_sample = 0.0;
+        self.round_max_full_sample = 0.0;
     }
 }
 
@@ -682,6 +731,61 @@ mod tests {
             cc.on_lost(1400);
         }
         assert_eq!(cc.mode(), Mode::Drain);
+    }
+
+    /// A stalled node reads a batch of ACKs, all late by the stall, at one instant: that is
+    /// not a queue. The same delay over a quarter of the min RTT of ACKs is.
+    #[test]
+    fn startup_leaves_on_a_queue_not_on_a_stalled_batch_of_acks() {
+        let mut cc = RateController::new(5_000, 1400, None);
+        let mut now = 1_000_000_000;
+        cc.on_rtt_sample(now, 5_000_000);
+        now += 10_000_000;
+        for _ in 0..20 {
+            cc.on_rtt_sample(now, 8_000_000);
+        }
+        assert_eq!(cc.mode(), Mode::Startup);
+        // Back to normal, then a queue: 8 ms samples every 100 us.
+        cc.on_rtt_sample(now + 100_000, 5_200_000);
+        let start = now + 200_000;
+        let mut left = None;
+        for i in 0..20 {
+            cc.on_rtt_sample(start + i * 100_000, 8_000_000);
+            if left.is_none() && cc.mode() == Mode::Drain {
+                left = Some(i * 100_000);
+            }
+        }
+        // The span is 5 ms / 4 = 1.25 ms.
+        assert_eq!(left, Some(1_300_000));
+    }
+
+    /// While ProbeBw fills the pipe, a round's rate is its largest sample over a min RTT;
+    /// after a probe that found less than `FILL_GROWTH` more, the round average rules.
+    #[test]
+    fn probe_bw_counts_full_round_trip_samples_until_the_pipe_is_full() {
+        let end = |cc: &mut RateController, now: &mut u64, avg_bytes: u64, sample: f64| {
+            *now += 60_000_000;
+            cc.round_start_ns = *now - 60_000_000;
+            cc.round_start_delivered = cc.delivered;
+            cc.delivered += avg_bytes;
+            cc.round_max_sample = sample;
+            cc.round_max_full_sample = sample;
+            cc.end_round(*now);
+        };
+        let mut cc = probing(2);
+        let mut now = 2_000_000;
+        cc.bw_rounds = [12.5e6; BW_WINDOW_ROUNDS];
+        // 100 Mbit/s on average, a 120 Mbit/s sample over a round trip.
+        end(&mut cc, &mut now, 750_000, 15e6);
+        assert_eq!(cc.btl_bw, 15e6);
+        // A probe that finds nothing more: the pipe is full.
+        cc.cycle_index = 0;
+        cc.probe_base_bw = cc.btl_bw;
+        cc.judge_probe();
+        assert!(!cc.filling);
+        cc.bw_rounds = [12.5e6; BW_WINDOW_ROUNDS];
+        end(&mut cc, &mut now, 750_000, 15e6);
+        assert_eq!(cc.btl_bw, 12.5e6);
     }
 
     /// Walks one ProbeBw cycle (8 phases of one min RTT) with `lost` losses among 1000 acked
