@@ -16,8 +16,8 @@
 //!  Drain --(in flight <= BDP)--> ProbeBw
 //!  ProbeBw gain cycle per min-RTT: g, 0.75 (ends early once in flight <= BDP), 1, 1, 1, 1, 1, 1
 //!          g adapts in [1.04, 1.25]: halved excess after a probe that lost > 1 %, x1.5 after
-//!          a clean one; until a probe grows the estimate < 5 %, rounds also count BBR's
-//!          per-packet samples (`FILL_GROWTH`)
+//!          a clean one; until a probe grows the estimate < 5 % (filling), rounds also
+//!          count BBR's per-packet samples and the cycle is g, 0.75, 1 (`FILL_GROWTH`)
 //! ```
 //!
 //! Startup paces at no less than 2.885 x the initial window (128 packets) per min RTT, tracks
@@ -44,6 +44,8 @@ const PROBE_GAIN_MIN: f64 = 1.04;
 /// 700 of 965 Mbit/s (on `ll-metro-5ms`, the delay signal comes while the rate estimate still
 /// lags by a round trip) took ~200 ms of probes to reach the link. Later the round average
 /// alone rules: the larger samples kept for good put ~1 % of packets over the queue there.
+/// While filling, a probe follows the last one's judgement at once (every ~3 round trips,
+/// not 8).
 const FILL_GROWTH: f64 = 1.05;
 const PROBE_LOSS_FRACTION: f64 = 0.01;
 const PROBE_LOSS_EVENTS: u64 = 4;
@@ -467,11 +469,15 @@ impl RateController {
         match self.mode {
             Mode::Drain if bytes_in_flight <= self.bdp_bytes() => {
                 self.mode = Mode::ProbeBw;
-                self.cycle_index = 2;
                 self.cycle_stamp_ns = now_ns;
                 // Startup's overshoot is not a probe's: the first judgement starts clean.
                 self.probe_lost = 0;
                 self.probe_acked = 0;
+                if self.filling {
+                    self.start_probe();
+                } else {
+                    self.cycle_index = 2;
+                }
             }
             Mode::ProbeBw
                 if now_ns.saturating_sub(self.cycle_stamp_ns) > self.rtt_ns()
@@ -483,17 +489,26 @@ impl RateController {
                 self.cycle_index = (self.cycle_index + 1) % CYCLE.len();
                 self.cycle_stamp_ns = now_ns;
                 match self.cycle_index {
-                    0 => {
-                        self.probe_lost = 0;
-                        self.probe_acked = 0;
-                        self.probe_base_bw = self.btl_bw;
+                    0 => self.start_probe(),
+                    3 => {
+                        self.judge_probe();
+                        if self.filling {
+                            // Still filling: probe again rather than cruise 5 round trips.
+                            self.start_probe();
+                        }
                     }
-                    3 => self.judge_probe(),
                     _ => {}
                 }
             }
             _ => {}
         }
+    }
+
+    fn start_probe(&mut self) {
+        self.cycle_index = 0;
+        self.probe_lost = 0;
+        self.probe_acked = 0;
+        self.probe_base_bw = self.btl_bw;
     }
 
     /// After a probe, its drain and one more phase: did the probe overflow the queue?
@@ -773,6 +788,7 @@ mod tests {
             cc.end_round(*now);
         };
         let mut cc = probing(2);
+        cc.filling = true;
         let mut now = 2_000_000;
         cc.bw_rounds = [12.5e6; BW_WINDOW_ROUNDS];
         // 100 Mbit/s on average, a 120 Mbit/s sample over a round trip.
@@ -786,6 +802,35 @@ mod tests {
         cc.bw_rounds = [12.5e6; BW_WINDOW_ROUNDS];
         end(&mut cc, &mut now, 750_000, 15e6);
         assert_eq!(cc.btl_bw, 12.5e6);
+    }
+
+    /// While filling, Drain leads straight to a probe and a probe that grew the estimate to
+    /// the next one after its drain and one cruise phase; once full, the 8-phase cycle.
+    #[test]
+    fn filling_probes_every_third_phase() {
+        let mut cc = RateController::new(60_000, 1400, None);
+        cc.on_rtt_sample(1_000_000, 60_000_000);
+        cc.btl_bw = 12.5e6;
+        cc.mode = Mode::Drain;
+        let rtt = 60_000_000;
+        let mut now = 2_000_000;
+        cc.update_mode(now, 0);
+        assert_eq!((cc.mode(), cc.cycle_index), (Mode::ProbeBw, 0));
+        for grow in [true, true, false] {
+            for phase in 1..=3 {
+                now += rtt + 1;
+                if phase == 3 && grow {
+                    cc.btl_bw *= 1.2;
+                }
+                cc.update_mode(now, 2 * cc.bdp_bytes());
+            }
+            let expect = if grow { 0 } else { 3 };
+            assert_eq!(cc.cycle_index, expect, "grow {grow}");
+            assert_eq!(cc.filling, grow);
+        }
+        now += rtt + 1;
+        cc.update_mode(now, 2 * cc.bdp_bytes());
+        assert_eq!(cc.cycle_index, 4);
     }
 
     /// Walks one ProbeBw cycle (8 phases of one min RTT) with `lost` losses among 1000 acked
@@ -813,6 +858,7 @@ mod tests {
         cc.mode = Mode::ProbeBw;
         cc.cycle_index = phase;
         cc.cycle_stamp_ns = 2_000_000;
+        cc.filling = false;
         cc
     }
 
