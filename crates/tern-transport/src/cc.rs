@@ -470,14 +470,9 @@ impl RateController {
             Mode::Drain if bytes_in_flight <= self.bdp_bytes() => {
                 self.mode = Mode::ProbeBw;
                 self.cycle_stamp_ns = now_ns;
+                // Drain follows Startup only, so the pipe is still filling: probe at once.
                 // Startup's overshoot is not a probe's: the first judgement starts clean.
-                self.probe_lost = 0;
-                self.probe_acked = 0;
-                if self.filling {
-                    self.start_probe();
-                } else {
-                    self.cycle_index = 2;
-                }
+                self.start_probe();
             }
             Mode::ProbeBw
                 if now_ns.saturating_sub(self.cycle_stamp_ns) > self.rtt_ns()
@@ -513,7 +508,7 @@ impl RateController {
 
     /// After a probe, its drain and one more phase: did the probe overflow the queue?
     fn judge_probe(&mut self) {
-        if self.probe_base_bw > 0.0 && self.btl_bw < FILL_GROWTH * self.probe_base_bw {
+        if self.btl_bw < FILL_GROWTH * self.probe_base_bw {
             self.filling = false;
         }
         let total = self.probe_lost + self.probe_acked;
