@@ -894,6 +894,7 @@ impl Node {
         let mut more = false;
         for f in ready {
             more |= self.pump_tcp(f);
+            let _ = self.flush_udp();
         }
         more
     }
@@ -1019,6 +1020,9 @@ impl Node {
                     if budget == 0 {
                         return true;
                     }
+                    // Packets fall due while a chunk is read and encoded: send them before
+                    // the next chunk, so reading never idles the link.
+                    let _ = self.flush_udp();
                 }
                 Err(e) if would_block(&e) => {
                     flow.sock_readable = false;
