@@ -928,7 +928,6 @@ mod tests {
         assert_eq!(enc.stats().early_probes, 1);
         assert_eq!(enc.stats().records_compressed, stats.records_compressed + 1);
         assert_eq!(enc.backoff_records, INITIAL_BACKOFF_RECORDS);
-        drop(feed);
         let mut out = Vec::new();
         RecordDecoder::new().push(&stream, &mut out).unwrap();
         assert_eq!(out, original);
