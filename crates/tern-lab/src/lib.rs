@@ -741,6 +741,8 @@ fn start_nodes(
     accel: bool,
 ) -> Result<Vec<NodeInfo>, LabError> {
     use tern_transport::crypto::{StaticKeypair, encode_key};
+    /// SCHED_FIFO priority of a node's loop while it sends (tern-node `realtime_priority`).
+    const LAB_REALTIME_PRIORITY: u8 = 10;
     let keys = [
         StaticKeypair::generate().map_err(|e| LabError::Refused(e.to_string()))?,
         StaticKeypair::generate().map_err(|e| LabError::Refused(e.to_string()))?,
@@ -765,7 +767,8 @@ fn start_nodes(
             "# Written by `tern lab up`.\n\
              [node]\nname = \"site-{me_name}\"\nprivate_key_file = \"{key}\"\n\
              listen = \"{me_addr}:{port}\"\ncontrol = \"{control}\"\n\
-             metrics = \"127.0.0.1:9464\"\nbypass_ports = \"{bp0}-{bp1}\"\n\n\
+             metrics = \"127.0.0.1:9464\"\nbypass_ports = \"{bp0}-{bp1}\"\n\
+             realtime_priority = {LAB_REALTIME_PRIORITY}\n\n\
              [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
              address = \"{peer_addr}:{port}\"\n\n\
              [overlay]\nsocket = \"{switch}\"\ntap = \"{OVERLAY_TAP}\"\n\

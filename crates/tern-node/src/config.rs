@@ -11,6 +11,7 @@
 //! fec = true                                  # adaptive forward error correction
 //! compression = "zstd"                        # zstd | lz4 | none
 //! compression_level = 3                       # zstd level of relayed streams (1..=19)
+//! realtime_priority = 10                      # optional SCHED_FIFO priority while sending (1..=99)
 //!
 //! [[peer]]
 //! name = "site-b"
@@ -111,6 +112,7 @@ struct RawNode {
     fec: Option<bool>,
     compression: Option<String>,
     compression_level: Option<i32>,
+    realtime_priority: Option<i32>,
     /// Local port of the transparent listener (REDIRECT target).
     intercept_port: Option<u16>,
     /// Destination ports never intercepted, "A-B" or "A".
@@ -239,6 +241,8 @@ pub struct NodeConfig {
     pub accelerate: Vec<Accelerate>,
     pub forward: Vec<Forward>,
     pub bypass_ports: Option<(u16, u16)>,
+    /// SCHED_FIFO priority of the node's loop while it mostly sends (see `Node::run`).
+    pub realtime_priority: Option<u8>,
     pub overlay: Option<Overlay>,
     pub migration: Option<Migration>,
 }
@@ -379,6 +383,16 @@ impl NodeConfig {
                 target: addr(&format!("{field}.target"), &f.target)?,
             });
         }
+        let realtime_priority = match raw.node.realtime_priority {
+            Some(p) if (1..=99).contains(&p) => Some(p as u8),
+            Some(p) => {
+                return Err(invalid(
+                    "node.realtime_priority",
+                    format!("{p} is not a SCHED_FIFO priority in 1..=99"),
+                ));
+            }
+            None => None,
+        };
         let bypass_ports = match &raw.node.bypass_ports {
             Some(r) => {
                 let bad = || {
@@ -484,6 +498,7 @@ impl NodeConfig {
         };
         Ok(NodeConfig {
             bypass_ports,
+            realtime_priority,
             overlay,
             migration,
             name: raw.node.name,
@@ -614,6 +629,16 @@ target_dir = "/run/tern/vm"
                 "max_rate = \"100mbit\"",
                 "compression_level = 20",
                 "node.compression_level",
+            ),
+            (
+                "max_rate = \"100mbit\"",
+                "realtime_priority = 100",
+                "node.realtime_priority",
+            ),
+            (
+                "max_rate = \"100mbit\"",
+                "realtime_priority = 0",
+                "node.realtime_priority",
             ),
             (
                 "max_rate = \"100mbit\"",

@@ -83,6 +83,12 @@ pub struct NodeStatus {
     /// The last re-encoded (tern-codec) migration streams that ended, oldest first.
     #[serde(default)]
     pub migration_log: Vec<MigrationRecord>,
+    /// The loop runs under SCHED_FIFO now (`realtime_priority`, while the node sends).
+    #[serde(default)]
+    pub realtime: bool,
+    /// Times the loop changed its scheduling policy.
+    #[serde(default)]
+    pub realtime_switches: u64,
 }
 
 /// One re-encoded migration stream, as one node saw it.

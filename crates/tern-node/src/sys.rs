@@ -31,6 +31,20 @@ pub fn set_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
 }
 
+/// Puts the calling thread under SCHED_FIFO at `priority` (1..=99), or back under the
+/// normal time-sharing policy with `None`. Needs CAP_SYS_NICE to raise.
+pub fn set_realtime(priority: Option<u8>) -> io::Result<()> {
+    let (policy, prio) = match priority {
+        Some(p) => (libc::SCHED_FIFO, libc::c_int::from(p)),
+        None => (libc::SCHED_OTHER, 0),
+    };
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    cvt(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(drop)
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -657,6 +671,25 @@ pub fn open_tap(name: &str) -> io::Result<std::fs::File> {
 mod tests {
     use super::*;
     use std::net::UdpSocket;
+
+    /// The calling thread enters SCHED_FIFO and leaves it again (or, without
+    /// CAP_SYS_NICE, the kernel refuses and nothing changes).
+    #[test]
+    fn realtime_policy_is_set_and_cleared() {
+        // SAFETY: querying the calling thread's policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        match set_realtime(Some(1)) {
+            Ok(()) => {
+                assert_eq!(policy(), libc::SCHED_FIFO);
+                set_realtime(None).unwrap();
+                assert_eq!(policy(), libc::SCHED_OTHER);
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+                assert_eq!(policy(), libc::SCHED_OTHER);
+            }
+        }
+    }
 
     fn payload(i: usize, len: usize) -> Vec<u8> {
         (0..len).map(|k| (i * 31 + k * 7) as u8).collect()
