@@ -150,6 +150,8 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("udp_gso_datagrams_total", u.gso_datagrams),
         ("udp_gro_trains_total", u.gro_trains),
         ("udp_gro_datagrams_total", u.gro_datagrams),
+        ("realtime", u64::from(s.realtime)),
+        ("realtime_switches_total", s.realtime_switches),
     ] {
         metric(n, "", v as f64);
     }
@@ -184,4 +186,41 @@ pub fn prometheus(s: &NodeStatus) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_one_sample_per_line_with_the_node_label() {
+        let s = NodeStatus {
+            name: "site-a".into(),
+            realtime: true,
+            realtime_switches: 3,
+            peers: vec![PeerStatus {
+                name: "site-b".into(),
+                connected: true,
+                ..PeerStatus::default()
+            }],
+            ..NodeStatus::default()
+        };
+        let text = prometheus(&s);
+        for want in [
+            "tern_realtime{node=\"site-a\"} 1",
+            "tern_realtime_switches_total{node=\"site-a\"} 3",
+            "tern_peer_connected{node=\"site-a\",peer=\"site-b\"} 1",
+            "tern_flows_active{node=\"site-a\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "{want} missing in:\n{text}"
+            );
+        }
+        for line in text.lines() {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("tern_") && name.ends_with('}'), "{line}");
+            value.parse::<f64>().unwrap();
+        }
+    }
 }
