@@ -241,7 +241,7 @@ pub struct NodeConfig {
     pub accelerate: Vec<Accelerate>,
     pub forward: Vec<Forward>,
     pub bypass_ports: Option<(u16, u16)>,
-    /// SCHED_FIFO priority of the node's loop while it mostly sends (see `Node::run`).
+    /// SCHED_FIFO priority of the node's loop while it mostly sends (see `Node::update_realtime`).
     pub realtime_priority: Option<u8>,
     pub overlay: Option<Overlay>,
     pub migration: Option<Migration>,
