@@ -133,7 +133,12 @@ pub struct AccelBenchOptions {
     /// Profiles whose request/response times are measured.
     pub rr_profiles: Vec<String>,
     pub transports: Vec<Transport>,
+    /// Seconds per one-flow run on the incompressible payload: the runs the goodput targets
+    /// are read from, long enough that loss-driven steady state, not the first seconds of
+    /// slow start, decides them.
     pub duration_s: u32,
+    /// Seconds per 4-flow and compressible run.
+    pub short_duration_s: u32,
     pub compressible: bool,
     pub rr_count: u32,
     pub corpus_path: PathBuf,
@@ -377,8 +382,9 @@ pub fn parse_goodput(report: &Value) -> Result<(f64, u64, f64, Option<u64>), Ben
 /// on short runs here: ~1 s per iperf3 run beyond its `-t` (server start, connect, result
 /// exchange), ~2 s per lab up + down, ~0.6 s per kcptun pair.
 pub fn estimate_s(opts: &AccelBenchOptions) -> u64 {
-    let per_run = f64::from(opts.duration_s) + 1.0;
-    let runs_per_transport = 2.0 + if opts.compressible { 1.0 } else { 0.0 };
+    let short_runs = 1.0 + if opts.compressible { 1.0 } else { 0.0 };
+    let per_transport =
+        f64::from(opts.duration_s) + 1.0 + short_runs * (f64::from(opts.short_duration_s) + 1.0);
     let plain = opts.transports.iter().any(|t| *t != Transport::Tern);
     let tern = opts.transports.contains(&Transport::Tern);
     let configs = f64::from(u8::from(plain) + u8::from(tern));
@@ -392,7 +398,7 @@ pub fn estimate_s(opts: &AccelBenchOptions) -> u64 {
         let Ok(p) = Profile::find(name) else { continue };
         total += configs * 2.0;
         if opts.profiles.contains(name) {
-            total += opts.transports.len() as f64 * runs_per_transport * per_run;
+            total += opts.transports.len() as f64 * per_transport;
         }
         if opts.rr_profiles.contains(name) {
             let rtt_s = p.rtt_us as f64 / 1e6;
@@ -1235,7 +1241,8 @@ fn transport_run(
     goodput: bool,
     rr: bool,
 ) -> TransportResult {
-    let secs = ctx.opts.duration_s;
+    let long = ctx.opts.duration_s;
+    let short = ctx.opts.short_duration_s;
     let mut res = TransportResult {
         transport: t,
         one_flow: None,
@@ -1280,6 +1287,7 @@ fn transport_run(
                     (1, &mut res.one_flow),
                     (PARALLEL_FLOWS, &mut res.four_flows),
                 ] {
+                    let secs = if flows == 1 { long } else { short };
                     let args = iperf3_args(t, secs, flows, Some(&ctx.random));
                     let r = iperf3_run(&args, secs, &pids);
                     let r = r.and_then(|g| match pair.as_mut() {
@@ -1337,8 +1345,8 @@ fn transport_run(
                         .map(KcptunPair::pids)
                         .unwrap_or_else(|| cpu_pids.clone());
                     Cell::from_result(iperf3_run(
-                        &iperf3_args(t, secs, 1, Some(&corpus.path)),
-                        secs,
+                        &iperf3_args(t, short, 1, Some(&corpus.path)),
+                        short,
                         &pids,
                     ))
                 }
@@ -1553,7 +1561,7 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
     }
     let est = estimate_s(opts);
     eprintln!(
-        "tern bench accel: {} profile(s), transports {}, {} s per run; estimated {} min {} s",
+        "tern bench accel: {} profile(s), transports {}, {} s per one-flow run, {} s per other run; estimated {} min {} s",
         visit.len(),
         opts.transports
             .iter()
@@ -1561,13 +1569,14 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
             .collect::<Vec<_>>()
             .join(","),
         opts.duration_s,
+        opts.short_duration_s,
         est / 60,
         est % 60
     );
     eprintln!("  (if interrupted: `tern lab down` removes the lab and every process in it)");
     let random = ensure_random_payload(
         Path::new(RANDOM_PAYLOAD),
-        random_payload_bytes(opts.duration_s),
+        random_payload_bytes(opts.duration_s.max(opts.short_duration_s)),
     )?;
     let ctx = Ctx {
         opts,
@@ -1635,6 +1644,7 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
         "machine": m,
         "tools": { "iperf3": iperf3_version, "kcptun": kcptun_version.clone().unwrap_or_else(|e| format!("unavailable: {e}")) },
         "duration_s": opts.duration_s,
+        "short_duration_s": opts.short_duration_s,
         "transports": opts.transports,
         "rr_count": opts.rr_count,
         "rr_response_bytes": RESPONSE_BYTES,
@@ -1663,8 +1673,8 @@ pub fn run(opts: &AccelBenchOptions) -> Result<Value, BenchError> {
     );
     let _ = writeln!(
         md,
-        "Goodput: iperf3 from tern-a to 198.18.2.1 in tern-b, {} s per run, receiver-side Mbit/s, incompressible payload (`-F {RANDOM_PAYLOAD}`, pseudo-random bytes: iperf3's own random payload is one 128 KiB buffer repeated, which tern's per-stream zstd window would remove), 1 flow / {PARALLEL_FLOWS} parallel flows (`-P {PARALLEL_FLOWS}`). `cubic`, `bbr`: plain kernel TCP, `-C` named. `kcptun`: iperf3 to a kcptun client on 127.0.0.1 in tern-a, KCP over UDP to the kcptun server on 198.18.2.1, which connects to the iperf3 server on 127.0.0.1 (control and data connections all tunnelled). `tern`: lab brought up with `--accel`, the plain iperf3 command with `-C bbr`. Compressible: one flow of `iperf3 -F` on the corpus (stops at the end of the file or after {} s; iperf3 counts original bytes). CPU s/GB: utime + stime of the kcptun pair or the tern nodes per GB delivered, random-payload runs. Ratios: tern goodput over the other transport's, 1 flow / 4 flows.\n",
-        opts.duration_s, opts.duration_s
+        "Goodput: iperf3 from tern-a to 198.18.2.1 in tern-b, receiver-side Mbit/s, {} s per one-flow run and {} s per 4-flow run (one-flow runs are the long ones: a migration over these links lasts minutes, and over a few seconds cubic's initial slow start, not its loss-driven steady state, decides its average), incompressible payload (`-F {RANDOM_PAYLOAD}`, pseudo-random bytes: iperf3's own random payload is one 128 KiB buffer repeated, which tern's per-stream zstd window would remove), 1 flow / {PARALLEL_FLOWS} parallel flows (`-P {PARALLEL_FLOWS}`). `cubic`, `bbr`: plain kernel TCP, `-C` named. `kcptun`: iperf3 to a kcptun client on 127.0.0.1 in tern-a, KCP over UDP to the kcptun server on 198.18.2.1, which connects to the iperf3 server on 127.0.0.1 (control and data connections all tunnelled). `tern`: lab brought up with `--accel`, the plain iperf3 command with `-C bbr`. Compressible: one flow of `iperf3 -F` on the corpus (stops at the end of the file or after {} s; iperf3 counts original bytes). CPU s/GB: utime + stime of the kcptun pair or the tern nodes per GB delivered, random-payload runs. Ratios: tern goodput over the other transport's, 1 flow / 4 flows.\n",
+        opts.duration_s, opts.short_duration_s, opts.short_duration_s
     );
     if let Some(c) = &corpus {
         let _ = writeln!(
@@ -2043,8 +2053,8 @@ mod tests {
     }
 
     #[test]
-    fn estimate_of_the_default_run_is_under_25_minutes() {
-        // 11 profiles × 4 transports × 3 runs × 9 s, labs, kcptun, rr on mpls: ~21 min.
+    fn estimate_of_the_default_run_is_under_45_minutes() {
+        // 11 profiles × 4 transports × (31 s + 2 × 9 s), labs, kcptun, rr on mpls: ~39 min.
         let all: Vec<String> = tern_link::PROFILES
             .iter()
             .map(|p| p.name.to_string())
@@ -2053,7 +2063,8 @@ mod tests {
             profiles: all,
             rr_profiles: vec!["mpls".into()],
             transports: Transport::ALL.to_vec(),
-            duration_s: 8,
+            duration_s: 30,
+            short_duration_s: 8,
             compressible: true,
             rr_count: 20,
             corpus_path: PathBuf::from("/nonexistent"),
@@ -2065,6 +2076,6 @@ mod tests {
             command: String::new(),
         };
         let s = estimate_s(&opts);
-        assert!((900..=1500).contains(&s), "{s}");
+        assert!((2000..=2700).contains(&s), "{s}");
     }
 }

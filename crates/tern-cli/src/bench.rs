@@ -54,9 +54,14 @@ pub struct AccelBenchArgs {
     /// Transports: cubic, bbr (kernel TCP), kcptun, tern (lab up --accel).
     #[arg(long, value_delimiter = ',', default_value = "cubic,bbr,kcptun,tern")]
     transports: Vec<String>,
-    /// Seconds per iperf3 run.
-    #[arg(long, default_value_t = 8)]
+    /// Seconds per one-flow run on the incompressible payload, the runs the goodput targets
+    /// are judged on: long, as a migration over these links is, so that loss-driven steady
+    /// state and not the first seconds of slow start decides them.
+    #[arg(long, default_value_t = 30)]
     seconds: u32,
+    /// Seconds per 4-flow run and per compressible-corpus run.
+    #[arg(long, default_value_t = 8)]
+    short_seconds: u32,
     /// Skip the compressible-corpus runs.
     #[arg(long)]
     no_compressible: bool,
@@ -104,6 +109,9 @@ pub fn accel(a: AccelBenchArgs) -> Result<()> {
     if a.seconds == 0 || a.seconds > 600 {
         anyhow::bail!("--seconds must be 1..=600");
     }
+    if a.short_seconds == 0 || a.short_seconds > 600 {
+        anyhow::bail!("--short-seconds must be 1..=600");
+    }
     if a.rr_count == 0 || a.rr_count > tern_bench::rr::MAX_COUNT {
         anyhow::bail!("--rr-count must be 1..={}", tern_bench::rr::MAX_COUNT);
     }
@@ -134,6 +142,7 @@ pub fn accel(a: AccelBenchArgs) -> Result<()> {
         rr_profiles,
         transports,
         duration_s: a.seconds,
+        short_duration_s: a.short_seconds,
         compressible: !a.no_compressible,
         rr_count: a.rr_count,
         corpus_path: a.corpus,
