@@ -25,8 +25,9 @@ const SPIN_MAX_HELD: usize = 8;
 /// Under load (more than [`SPIN_MAX_HELD`] packets held) the thread wakes on this tick
 /// rather than on every arriving packet or every release deadline: at 1 Gbit/s packets
 /// arrive and leave every 12 µs, and a wake-up per packet (timer programming, a VM exit
-/// each here) took a third of a core. Input waits in the TUN queue for at most a tick and
-/// is stamped when read; releases are late by at most a tick.
+/// each here) took a third of a core. Input waits in the TUN queue for at most a tick (its
+/// arrival time is estimated, see [`DirLoop::read_batch`]); releases are late by at most a
+/// tick.
 const LOAD_TICK_NS: u64 = 50_000;
 /// Longest stretch over which the arrival times of packets read after a load tick are
 /// spread (a tick plus the timer's p99 overshoot here); see [`DirLoop::read_batch`].
