@@ -345,6 +345,12 @@ impl Connection {
         self.is_initiator
     }
 
+    /// The congestion controller's bottleneck-rate estimate, bits per second (0 before the
+    /// first sample).
+    pub fn btl_bw_bps(&self) -> u64 {
+        (self.cc.btl_bw_bytes_per_s() * 8.0) as u64
+    }
+
     pub fn stats(&self) -> ConnStats {
         let mut s = self.stats.clone();
         s.srtt_us = self.srtt_ns / 1000;
