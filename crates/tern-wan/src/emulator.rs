@@ -270,6 +270,16 @@ impl Drop for Emulator {
     }
 }
 
+/// The arrival stamp of the `i`-th of `count` packets read (the `i`-th at `read_ns`, the last
+/// at `last_ns`) after a sleep that began at `since_ns`: arrivals are spread evenly over
+/// `since_ns`..=`last_ns`, at most [`BLIND_MAX_NS`] back, the last one at its read time and
+/// none later than its read.
+fn spread_arrival(since_ns: u64, last_ns: u64, count: usize, i: usize, read_ns: u64) -> u64 {
+    let since = since_ns.max(last_ns.saturating_sub(BLIND_MAX_NS));
+    let span = last_ns.saturating_sub(since);
+    read_ns.min(since + span * (i as u64 + 1) / count.max(1) as u64)
+}
+
 struct DirLoop {
     direction: Direction,
     link: Link<Vec<u8>>,
@@ -412,12 +422,10 @@ impl DirLoop {
                 }
             }
         }
-        let count = inbox.len() as u64;
         if let (Some(since), Some(&(_, _, last))) = (self.blind_since_ns.take(), inbox.last()) {
-            let since = since.max(last.saturating_sub(BLIND_MAX_NS));
-            let span = last.saturating_sub(since);
+            let count = inbox.len();
             for (i, item) in inbox.iter_mut().enumerate() {
-                item.2 = item.2.min(since + span * (i as u64 + 1) / count);
+                item.2 = spread_arrival(since, last, count, i, item.2);
             }
         }
         for (buf, len, at) in inbox.drain(..) {
@@ -510,5 +518,35 @@ impl DirLoop {
             let _ = i.flush();
             let _ = e.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spread(since: u64, reads: &[u64]) -> Vec<u64> {
+        let last = reads.last().copied().unwrap_or(0);
+        let n = reads.len();
+        (0..n)
+            .map(|i| spread_arrival(since, last, n, i, reads[i]))
+            .collect()
+    }
+
+    #[test]
+    fn arrivals_after_a_tick_are_spread_over_the_sleep() {
+        // Four packets read at 1000..=1003 after a sleep from 800: a quarter of 203 ns apart.
+        assert_eq!(
+            spread(800, &[1000, 1001, 1002, 1003]),
+            [850, 901, 952, 1003]
+        );
+        // Never later than the read.
+        assert_eq!(spread(0, &[10, 10]), [5, 10]);
+        // A long sleep is spread over BLIND_MAX_NS at most.
+        let last = 10 * BLIND_MAX_NS;
+        assert_eq!(spread(0, &[last, last]), [last - BLIND_MAX_NS / 2, last]);
+        // One packet keeps its read time; nothing read, nothing to do.
+        assert_eq!(spread(5, &[42]), [42]);
+        assert!(spread(5, &[]).is_empty());
     }
 }
