@@ -67,7 +67,8 @@ const PUMP_BUDGET: usize = 4 * CHUNK;
 /// incompressible input then costs zstd-3 ≤ 31 MB/s × 0.6 ms/MB ≈ 2 % of a core, and the
 /// complete window finds repeats the back-off would send raw (/usr corpus 2.21x → 2.37x).
 /// At 1 Gbit/s it would cost 7–10 % of the sending node's CPU, which a 2-core host pays in
-/// goodput.
+/// goodput. A new connection's estimate starts low (Startup), so its first round trips
+/// compress every record on any link.
 const COMPRESS_ALL_BELOW_BPS: u64 = 250_000_000;
 /// Decoded bytes waiting for a slow TCP receiver before the stream stops being read.
 const OUT_LIMIT: usize = 4 << 20;

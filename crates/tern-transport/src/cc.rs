@@ -232,7 +232,8 @@ impl RateController {
         self.mtu = mtu as u64;
     }
 
-    /// Estimated bottleneck rate in bytes per second (0 before the first sample).
+    /// Estimated bottleneck rate in bytes per second: in Startup at least the initial window
+    /// per RTT, never above `max_rate_bps`.
     pub fn btl_bw_bytes_per_s(&self) -> f64 {
         self.bw()
     }

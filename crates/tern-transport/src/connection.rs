@@ -345,8 +345,8 @@ impl Connection {
         self.is_initiator
     }
 
-    /// The congestion controller's bottleneck-rate estimate, bits per second (0 before the
-    /// first sample).
+    /// The congestion controller's bottleneck-rate estimate, bits per second: in Startup at
+    /// least the initial window per RTT, never above `max_rate`.
     pub fn btl_bw_bps(&self) -> u64 {
         (self.cc.btl_bw_bytes_per_s() * 8.0) as u64
     }
