@@ -763,6 +763,12 @@ fn start_nodes(
         } else {
             String::new()
         };
+        // The peer's accelerated TCP ends at this site's subnet, and nowhere else.
+        let tcp_targets = if accel {
+            format!("tcp_targets = [\"{}\"]\n", me.subnet)
+        } else {
+            String::new()
+        };
         let config = format!(
             "# Written by `tern lab up`.\n\
              [node]\nname = \"site-{me_name}\"\nprivate_key_file = \"{key}\"\n\
@@ -770,7 +776,8 @@ fn start_nodes(
              metrics = \"127.0.0.1:9464\"\nbypass_ports = \"{bp0}-{bp1}\"\n\
              realtime_priority = {LAB_REALTIME_PRIORITY}\n\n\
              [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
-             address = \"{peer_addr}:{port}\"\n\n\
+             address = \"{peer_addr}:{port}\"\n\
+             allow = [\"overlay\", \"migration\", \"replication\"]\n{tcp_targets}\n\
              [overlay]\nsocket = \"{switch}\"\ntap = \"{OVERLAY_TAP}\"\n\
              tap_address = \"{OVERLAY_PREFIX}.{index}/24\"\n\n\
              [migration]\nsocket = \"{migrate}\"\ntarget_dir = \"{VM_DIR}\"\n\

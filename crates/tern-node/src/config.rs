@@ -17,6 +17,9 @@
 //! name = "site-b"
 //! public_key = "base64 key printed by tern keygen"
 //! address = "198.18.2.1:7400"                 # omit to only accept connections
+//! allow = ["overlay", "migration", "replication"]  # what it may open here (this default)
+//! tcp_targets = ["198.18.1.0/24"]             # TCP it may have this node connect to
+//!                                             # (subnet[:port[-port]]; default none)
 //!
 //! [[accelerate]]                              # transparent interception (nftables REDIRECT)
 //! subnet = "198.18.2.0/24"
@@ -46,6 +49,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use crate::grants::{Grants, Purpose, TcpTarget};
 use serde::Deserialize;
 use tern_transport::crypto::{self, StaticKeypair};
 use thiserror::Error;
@@ -125,6 +129,11 @@ struct RawPeer {
     name: String,
     public_key: String,
     address: Option<String>,
+    /// Purposes this peer may open streams for (`grants.rs`).
+    allow: Option<Vec<String>>,
+    /// TCP destinations this node connects to on the peer's behalf.
+    #[serde(default)]
+    tcp_targets: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +203,8 @@ pub struct Peer {
     pub name: String,
     pub public: [u8; 32],
     pub address: Option<SocketAddr>,
+    /// What this peer may open here.
+    pub grants: Grants,
 }
 
 #[derive(Debug, Clone)]
@@ -348,10 +359,42 @@ impl NodeConfig {
                 Some(a) => Some(addr(&format!("{field}.address"), a)?),
                 None => None,
             };
+            let mut purposes = Vec::new();
+            for (j, a) in p.allow.iter().flatten().enumerate() {
+                match Purpose::parse(a) {
+                    Some(Purpose::Tcp) => {
+                        return Err(invalid(
+                            &format!("{field}.allow[{j}]"),
+                            "TCP is granted by tcp_targets, not allow".into(),
+                        ));
+                    }
+                    Some(purpose) => purposes.push(purpose),
+                    None => {
+                        return Err(invalid(
+                            &format!("{field}.allow[{j}]"),
+                            format!("{a:?}: expected overlay, migration or replication"),
+                        ));
+                    }
+                }
+            }
+            let mut tcp_targets = Vec::new();
+            for (j, t) in p.tcp_targets.iter().enumerate() {
+                tcp_targets.push(TcpTarget::parse(t).ok_or_else(|| {
+                    invalid(
+                        &format!("{field}.tcp_targets[{j}]"),
+                        format!("{t:?} is not a target like 198.18.2.0/24 or 10.0.0.5/32:22"),
+                    )
+                })?);
+            }
+            let grants = match &p.allow {
+                Some(_) => Grants::new(&purposes, tcp_targets),
+                None => Grants::new(&Grants::default().purposes(), tcp_targets),
+            };
             peers.push(Peer {
                 name: p.name.clone(),
                 public,
                 address,
+                grants,
             });
         }
         let find_peer = |field: &str, name: &str| {
@@ -572,6 +615,18 @@ target_dir = "/run/tern/vm"
             Some(("198.18.100.1".parse().unwrap(), 24))
         );
         assert!(c.migration.is_some());
+        assert_eq!(c.peers[0].grants, crate::grants::Grants::default());
+        let granted = good.replacen(
+            "address = \"198.18.2.1:7400\"",
+            "address = \"198.18.2.1:7400\"\nallow = [\"overlay\"]\ntcp_targets = [\"198.18.1.0/24:5201\"]",
+            1,
+        );
+        let g = &NodeConfig::parse(Path::new("x.toml"), &granted)
+            .unwrap()
+            .peers[0]
+            .grants;
+        assert_eq!(g.purposes(), [Purpose::Tcp, Purpose::Overlay]);
+        assert_eq!(g.tcp_targets[0].to_string(), "198.18.1.0/24:5201");
         assert_eq!(
             c.compression,
             Compression::Zstd {
@@ -648,6 +703,21 @@ target_dir = "/run/tern/vm"
             ("tap = \"ternov0\"", "tap = \"a b\"", "overlay.tap"),
             ("100.1/24", "100.1", "overlay.tap_address"),
             ("\"/run/tern/vm\"", "\"vm\"", "migration.target_dir"),
+            (
+                "address = \"198.18.2.1:7400\"",
+                "address = \"198.18.2.1:7400\"\nallow = [\"qmp\"]",
+                "peer[0].allow[0]",
+            ),
+            (
+                "address = \"198.18.2.1:7400\"",
+                "address = \"198.18.2.1:7400\"\nallow = [\"tcp\"]",
+                "granted by tcp_targets",
+            ),
+            (
+                "address = \"198.18.2.1:7400\"",
+                "address = \"198.18.2.1:7400\"\ntcp_targets = [\"127.0.0.1\"]",
+                "peer[0].tcp_targets[0]",
+            ),
         ] {
             let bad = good.replacen(from, to, 1);
             let err = NodeConfig::parse(Path::new("x.toml"), &bad)

@@ -8,6 +8,8 @@
 //! RST; datagrams that fail authentication only move drop counters.
 
 pub mod config;
+pub mod grants;
+pub mod mgmt;
 pub mod nft;
 pub mod node;
 pub mod open;

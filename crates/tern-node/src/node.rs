@@ -43,8 +43,8 @@ use crate::{NodeError, nft, open};
 const LARGE_WINDOW_FLOWS: usize = 16;
 
 const TOKEN_UDP: u64 = 0;
-const TOKEN_CONTROL: u64 = 1;
-const TOKEN_METRICS: u64 = 2;
+/// The management thread wants a status snapshot (`mgmt.rs`).
+const TOKEN_MGMT: u64 = 1;
 const TOKEN_INTERCEPT: u64 = 3;
 const TOKEN_OVERLAY: u64 = 4;
 const TOKEN_MIGRATE: u64 = 5;
@@ -101,6 +101,8 @@ pub const RESET_TCP_RST: u64 = 1;
 pub const RESET_CONNECT_FAILED: u64 = 2;
 pub const RESET_BAD_HEADER: u64 = 3;
 pub const RESET_BAD_RECORD: u64 = 4;
+/// The stream's target is not granted to the peer that opened it (`grants.rs`).
+pub const RESET_REFUSED: u64 = 5;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -211,8 +213,7 @@ pub struct Node {
     ep: Endpoint,
     epoll: Epoll,
     udp: UdpSocket,
-    control: UnixListener,
-    metrics: Option<TcpListener>,
+    mgmt: crate::mgmt::Mgmt,
     intercept: Option<TcpListener>,
     forwards: Vec<TcpListener>,
     flows: HashMap<u64, Flow>,
@@ -321,6 +322,16 @@ fn flow_out_limit(kind: FlowKind) -> usize {
     }
 }
 
+/// A relay target must be a socket itself, not a symlink to one elsewhere.
+fn is_socket_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path)?.file_type().is_socket() {
+        Ok(())
+    } else {
+        Err(io::Error::other("not a socket"))
+    }
+}
+
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -350,26 +361,17 @@ impl Node {
         sys::set_buffers(&udp, 16 << 20);
         sys::set_dont_fragment(udp.as_raw_fd());
         sys::enable_udp_gro(udp.as_raw_fd());
-        if let Some(dir) = config.control.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        }
-        let _ = std::fs::remove_file(&config.control);
-        let control = UnixListener::bind(&config.control).map_err(io(format!(
+        let control = sys::bind_unix_private(&config.control, 0o600).map_err(io(format!(
             "bind control socket {}",
             config.control.display()
         )))?;
-        control
-            .set_nonblocking(true)
-            .map_err(io("control non-blocking".into()))?;
         let metrics = match config.metrics {
-            Some(a) => {
-                let l = TcpListener::bind(a).map_err(io(format!("bind metrics {a}")))?;
-                l.set_nonblocking(true)
-                    .map_err(io("metrics non-blocking".into()))?;
-                Some(l)
-            }
+            Some(a) => Some(TcpListener::bind(a).map_err(io(format!("bind metrics {a}")))?),
             None => None,
         };
+        // Control and metrics are served from their own thread (`mgmt.rs`).
+        let mgmt = crate::mgmt::Mgmt::spawn(control, metrics)
+            .map_err(io("start the management thread".into()))?;
         let intercept = if config.accelerate.is_empty() {
             None
         } else {
@@ -396,13 +398,8 @@ impl Node {
             )
             .map_err(io("epoll add".into()))?;
         epoll
-            .add(control.as_raw_fd(), TOKEN_CONTROL, sys::READ)
+            .add(mgmt.wake_fd(), TOKEN_MGMT, sys::READ)
             .map_err(io("epoll add".into()))?;
-        if let Some(m) = &metrics {
-            epoll
-                .add(m.as_raw_fd(), TOKEN_METRICS, sys::READ)
-                .map_err(io("epoll add".into()))?;
-        }
         if let Some(l) = &intercept {
             epoll
                 .add(l.as_raw_fd(), TOKEN_INTERCEPT, sys::READ)
@@ -523,8 +520,7 @@ impl Node {
             ep,
             epoll,
             udp,
-            control,
-            metrics,
+            mgmt,
             intercept,
             forwards,
             flows: HashMap::new(),
@@ -687,8 +683,7 @@ impl Node {
                     self.recv_udp();
                 }
             }
-            TOKEN_CONTROL => self.serve_control(),
-            TOKEN_METRICS => self.serve_metrics(),
+            TOKEN_MGMT => self.mgmt.serve(|| self.status()),
             TOKEN_INTERCEPT => self.accept(None),
             TOKEN_OVERLAY => self.accept_ports(),
             TOKEN_MIGRATE => self.accept_migrations(),
@@ -1166,6 +1161,19 @@ impl Node {
                     }
                 };
                 data = &data[used - before..];
+                // The peer is authenticated, not trusted: only what its grants allow.
+                let verdict = match self.config.peers.get(flow.peer) {
+                    Some(p) => p.grants.check(&header).map(|_| ()),
+                    None => Err(crate::grants::Refusal::UnixTarget(String::new())),
+                };
+                if let Err(r) = verdict {
+                    self.totals.refused_by_policy += 1;
+                    let name = self.config.peers.get(flow.peer).map_or("?", |p| &p.name);
+                    eprintln!("tern node: refused a stream from peer {name}: {r}");
+                    let _ = conn.stream_reset(flow.stream, RESET_REFUSED);
+                    self.drop_flow(f);
+                    return;
+                }
                 let opened = match header {
                     OpenHeader::Tcp(target) => sys::connect_nonblocking(SocketAddr::V4(target))
                         .map(|sock| {
@@ -1175,46 +1183,49 @@ impl Node {
                     OpenHeader::Unix { path: rel, codec } => match &self.config.migration {
                         Some(m) => {
                             let path = m.target_dir.join(&rel);
-                            UnixStream::connect(&path).and_then(|sock| {
-                                sock.set_nonblocking(true)?;
-                                flow.state = FlowState::Open;
-                                flow.kind = FlowKind::Migration;
-                                self.totals.migrations += 1;
-                                if let Some(opts) =
-                                    tern_codec::Options::from_byte(codec).filter(|o| o.any())
-                                {
-                                    let record = MigrationRecord::new("destination", &rel, opts);
-                                    let mut pinned = false;
-                                    if opts.store {
-                                        // Tell the source what this site holds; keep it held.
-                                        let summary = match &mut self.store {
-                                            Some(s) => {
-                                                s.pin();
-                                                pinned = true;
-                                                tern_codec::ContentStore::summary(s)
-                                            }
-                                            None => tern_codec::Summary::default(),
-                                        };
-                                        let mut p = Vec::new();
-                                        summary.encode(&mut p);
-                                        let mut frame = Vec::new();
-                                        tern_codec::wire::put_reverse(
-                                            &mut frame,
-                                            tern_codec::wire::REV_SUMMARY,
-                                            &p,
-                                        );
-                                        flow.enc.encode(&frame, &mut flow.spill);
+                            is_socket_file(&path)
+                                .and_then(|()| UnixStream::connect(&path))
+                                .and_then(|sock| {
+                                    sock.set_nonblocking(true)?;
+                                    flow.state = FlowState::Open;
+                                    flow.kind = FlowKind::Migration;
+                                    self.totals.migrations += 1;
+                                    if let Some(opts) =
+                                        tern_codec::Options::from_byte(codec).filter(|o| o.any())
+                                    {
+                                        let record =
+                                            MigrationRecord::new("destination", &rel, opts);
+                                        let mut pinned = false;
+                                        if opts.store {
+                                            // Tell the source what this site holds; keep it held.
+                                            let summary = match &mut self.store {
+                                                Some(s) => {
+                                                    s.pin();
+                                                    pinned = true;
+                                                    tern_codec::ContentStore::summary(s)
+                                                }
+                                                None => tern_codec::Summary::default(),
+                                            };
+                                            let mut p = Vec::new();
+                                            summary.encode(&mut p);
+                                            let mut frame = Vec::new();
+                                            tern_codec::wire::put_reverse(
+                                                &mut frame,
+                                                tern_codec::wire::REV_SUMMARY,
+                                                &p,
+                                            );
+                                            flow.enc.encode(&frame, &mut flow.spill);
+                                        }
+                                        flow.mig = Some(Box::new(MigCodec::Destination {
+                                            dec: tern_codec::Decoder::new(opts),
+                                            pinned,
+                                            delivered: 0,
+                                            reported: 0,
+                                            record,
+                                        }));
                                     }
-                                    flow.mig = Some(Box::new(MigCodec::Destination {
-                                        dec: tern_codec::Decoder::new(opts),
-                                        pinned,
-                                        delivered: 0,
-                                        reported: 0,
-                                        record,
-                                    }));
-                                }
-                                Ok(Sock::Unix(sock))
-                            })
+                                    Ok(Sock::Unix(sock))
+                                })
                         }
                         None => Err(io::Error::other("no [migration] section")),
                     },
@@ -1855,40 +1866,7 @@ impl Node {
             migration_log: self.mig_log.iter().cloned().collect(),
             realtime: self.rt.active,
             realtime_switches: self.rt.switches,
-        }
-    }
-
-    fn serve_control(&mut self) {
-        while let Ok((mut s, _)) = self.control.accept() {
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(200)));
-            let mut req = [0u8; 64];
-            let n = s.read(&mut req).unwrap_or(0);
-            let req = String::from_utf8_lossy(&req[..n]);
-            let reply = if req.trim() == "status" {
-                serde_json::to_string(&self.status()).unwrap_or_default()
-            } else {
-                "{\"error\":\"unknown request; send \\\"status\\\"\"}".to_string()
-            };
-            let _ = s.write_all(reply.as_bytes());
-            let _ = s.write_all(b"\n");
-        }
-    }
-
-    fn serve_metrics(&mut self) {
-        let Some(l) = &self.metrics else { return };
-        while let Ok((mut s, _)) = l.accept() {
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(200)));
-            let mut req = [0u8; 1024];
-            let _ = s.read(&mut req);
-            let body = crate::status::prometheus(&self.status());
-            let _ = write!(
-                s,
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{}",
-                body.len(),
-                body
-            );
+            mgmt: self.mgmt.stats(),
         }
     }
 }

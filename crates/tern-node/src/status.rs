@@ -16,6 +16,9 @@ pub struct FlowTotals {
     pub reset_by_peer: u64,
     pub bad_header: u64,
     pub bad_record: u64,
+    /// Streams whose target the opening peer is not granted (`grants.rs`).
+    #[serde(default)]
+    pub refused_by_policy: u64,
     /// Bytes read from / written to terminated TCP connections.
     pub tcp_bytes_in: u64,
     pub tcp_bytes_out: u64,
@@ -89,6 +92,9 @@ pub struct NodeStatus {
     /// Times the loop changed its scheduling policy.
     #[serde(default)]
     pub realtime_switches: u64,
+    /// The control and metrics surfaces (`mgmt.rs`).
+    #[serde(default)]
+    pub mgmt: crate::mgmt::MgmtStats,
 }
 
 /// One re-encoded migration stream, as one node saw it.
@@ -137,6 +143,7 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("flows_completed_total", f.completed),
         ("flows_refused_total", f.refused),
         ("flows_connect_failed_total", f.connect_failed),
+        ("flows_refused_by_policy_total", f.refused_by_policy),
         ("tcp_bytes_in_total", f.tcp_bytes_in),
         ("tcp_bytes_out_total", f.tcp_bytes_out),
         ("compress_input_bytes_total", f.compress_in),
@@ -152,6 +159,12 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("udp_gro_datagrams_total", u.gro_datagrams),
         ("realtime", u64::from(s.realtime)),
         ("realtime_switches_total", s.realtime_switches),
+        ("mgmt_connections_accepted_total", s.mgmt.accepted),
+        ("mgmt_requests_served_total", s.mgmt.served),
+        ("mgmt_connections_evicted_total", s.mgmt.evicted),
+        ("mgmt_connections_timed_out_total", s.mgmt.timed_out),
+        ("mgmt_connections_refused_peer_total", s.mgmt.refused_peer),
+        ("mgmt_bad_requests_total", s.mgmt.bad_requests),
     ] {
         metric(n, "", v as f64);
     }
