@@ -470,3 +470,51 @@ pub fn dr(a: DrBenchArgs) -> Result<()> {
     tern_bench::dr::run(&opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct MgmtBenchArgs {
+    /// Link profile of the lab.
+    #[arg(long, default_value = "sonet")]
+    profile: String,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Pairs of runs (alone, with idle clients), alternating which goes first.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Idle connections to each of the metrics port and the control socket.
+    #[arg(long, default_value_t = 200)]
+    idle: u32,
+    /// Seconds into the flow at which the idle clients connect.
+    #[arg(long, default_value_t = 2.5)]
+    open_after: f64,
+    /// Directory for mgmt.json and mgmt.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn mgmt(a: MgmtBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    tern_link::Profile::find(&a.profile)?;
+    if !(3..=120).contains(&a.seconds) || !(1..=10).contains(&a.rounds) {
+        anyhow::bail!("--seconds takes 3 to 120, --rounds 1 to 10");
+    }
+    if !(1..=1000).contains(&a.idle) || !(0.0..a.seconds as f64).contains(&a.open_after) {
+        anyhow::bail!("--idle takes 1 to 1000; --open-after must fall inside the run");
+    }
+    let opts = tern_bench::mgmt::MgmtBenchOptions {
+        profile: a.profile,
+        seconds: a.seconds,
+        rounds: a.rounds,
+        idle: a.idle,
+        open_after_s: a.open_after,
+        out_dir: a.out,
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::mgmt::run(&opts)?;
+    Ok(())
+}

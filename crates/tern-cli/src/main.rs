@@ -166,6 +166,9 @@ enum BenchCmd {
     /// Disaster recovery: the guest's key-value service under async, sync and pipelined
     /// (async + PipeCloud's gate) replication; throughput and response times.
     Dr(bench::DrBenchArgs),
+    /// Idle clients of node A's metrics port and control socket during an accelerated
+    /// iperf3 flow: goodput with them against without, side by side.
+    Mgmt(bench::MgmtBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -301,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Cloudnet(a)) => bench::cloudnet(a),
         Cmd::Bench(BenchCmd::Disk(a)) => bench::disk(a),
         Cmd::Bench(BenchCmd::Dr(a)) => bench::dr(a),
+        Cmd::Bench(BenchCmd::Mgmt(a)) => bench::mgmt(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
@@ -379,10 +383,16 @@ fn node(c: NodeCmd) -> Result<()> {
     match c {
         NodeCmd::Run { config } => {
             let cfg = tern_node::NodeConfig::load(&config)?;
+            for w in &cfg.warnings {
+                eprintln!("tern node: warning: {w}");
+            }
             tern_node::Node::new(cfg)?.run()?;
         }
         NodeCmd::Check { config } => {
             let cfg = tern_node::NodeConfig::load(&config)?;
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "node {}: UDP {}, public key {}",
                 cfg.name,
@@ -394,6 +404,24 @@ fn node(c: NodeCmd) -> Result<()> {
                     "  peer {} at {}",
                     p.name,
                     p.address.map_or("(accepts only)".into(), |a| a.to_string())
+                );
+                let purposes: Vec<&str> = p
+                    .grants
+                    .purposes()
+                    .iter()
+                    .filter(|&&x| x != tern_node::grants::Purpose::Tcp)
+                    .map(|x| x.name())
+                    .collect();
+                println!("    may open: {}", purposes.join(", "));
+                let targets: Vec<String> =
+                    p.grants.tcp_targets.iter().map(|t| t.to_string()).collect();
+                println!(
+                    "    may have TCP connected to: {}",
+                    if targets.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        targets.join(", ")
+                    }
                 );
             }
             for a in &cfg.accelerate {

@@ -239,6 +239,9 @@ pub struct Migration {
 
 #[derive(Debug)]
 pub struct NodeConfig {
+    /// What is allowed but unwise (a private key others can read); `tern node check` and
+    /// `tern node run` print these.
+    pub warnings: Vec<String>,
     pub name: String,
     pub identity: StaticKeypair,
     pub listen: SocketAddr,
@@ -256,6 +259,19 @@ pub struct NodeConfig {
     pub realtime_priority: Option<u8>,
     pub overlay: Option<Overlay>,
     pub migration: Option<Migration>,
+}
+
+/// A warning when a private key file may be read by anyone but its owner (as `wg` warns).
+pub fn key_file_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "private key file {} is accessible by group or others (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 impl NodeConfig {
@@ -287,6 +303,10 @@ impl NodeConfig {
                 source,
             }
         })?;
+        let mut warnings = Vec::new();
+        if let Some(w) = key_file_warning(&raw.node.private_key_file) {
+            warnings.push(w);
+        }
         let private = crypto::decode_key(key_text.trim()).map_err(|e| {
             invalid(
                 "node.private_key_file",
@@ -540,6 +560,7 @@ impl NodeConfig {
             None => None,
         };
         Ok(NodeConfig {
+            warnings,
             bypass_ports,
             realtime_priority,
             overlay,
@@ -568,6 +589,10 @@ mod tests {
         let k = StaticKeypair::from_seed(seed);
         let p = dir.join(format!("k{seed}"));
         std::fs::write(&p, crypto::encode_key(&k.private)).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         (p, k)
     }
 
@@ -609,6 +634,18 @@ target_dir = "/run/tern/vm"
             crypto::encode_key(&peer.public)
         );
         let c = NodeConfig::parse(Path::new("x.toml"), &good).unwrap();
+        assert_eq!(c.warnings, Vec::<String>::new(), "the key file is 0600");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let loose = NodeConfig::parse(Path::new("x.toml"), &good).unwrap();
+            assert!(
+                loose.warnings[0].contains("chmod 600"),
+                "{:?}",
+                loose.warnings
+            );
+            std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert_eq!(c.max_rate_bps, Some(100_000_000));
         assert_eq!(
             c.overlay.as_ref().unwrap().tap_address,

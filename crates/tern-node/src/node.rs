@@ -50,6 +50,8 @@ const TOKEN_OVERLAY: u64 = 4;
 const TOKEN_MIGRATE: u64 = 5;
 const TOKEN_TAP: u64 = 6;
 const TOKEN_FORWARD: u64 = 16;
+/// Local relay requests being read (`accept_migrations`); forwards end below.
+const TOKEN_REQUEST: u64 = 1 << 30;
 const TOKEN_PORT: u64 = 1 << 31;
 const TOKEN_FLOW: u64 = 1 << 32;
 /// Bytes read from a TCP socket per record.
@@ -94,6 +96,10 @@ const DELIVERED_REPORT: u64 = 256 << 10;
 const MIGRATION_OUT_LIMIT: usize = 1 << 20;
 /// How long a source waits for the destination's store summary before sending without it.
 const SUMMARY_WAIT_NS: u64 = 3_000_000_000;
+/// Local relay requests being read at once; the oldest is refused for a new one.
+const MAX_PENDING_REQUESTS: usize = 16;
+/// Time a local client has to send its whole relay request.
+const REQUEST_TIMEOUT_NS: u64 = 2_000_000_000;
 /// Finished migrations kept in the status.
 const MIGRATION_LOG: usize = 32;
 /// Stream reset codes.
@@ -235,6 +241,16 @@ pub struct Node {
     mig_log: VecDeque<MigrationRecord>,
     mig_buf: Vec<u8>,
     rt: Realtime,
+    requests: BTreeMap<u64, PendingRequest>,
+    next_request: u64,
+}
+
+/// A local relay request whose bytes are still arriving.
+#[derive(Debug)]
+struct PendingRequest {
+    sock: UnixStream,
+    buf: Vec<u8>,
+    deadline_ns: u64,
 }
 
 /// Scheduling policy of the node's loop under `realtime_priority` (see [`Node::update_realtime`]).
@@ -336,16 +352,11 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// Binds a non-blocking unix listener, replacing a stale socket file (mode 0600).
+/// Binds a non-blocking unix listener, replacing a stale socket file: mode 0600 from the
+/// start (`sys::bind_unix_private`); accepted clients are checked with [`sys::peer_is_trusted`].
 fn bind_unix(path: &Path) -> Result<UnixListener, NodeError> {
-    use std::os::unix::fs::PermissionsExt;
     let io = |what: String| move |source| NodeError::Io { what, source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-    }
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    let l = sys::bind_unix_private(path, 0o600).map_err(io(format!("bind {}", path.display())))?;
     l.set_nonblocking(true)
         .map_err(io("listener non-blocking".into()))?;
     Ok(l)
@@ -542,6 +553,8 @@ impl Node {
             mig_log: VecDeque::new(),
             rt: Realtime::default(),
             mig_buf: Vec::with_capacity(2 * CHUNK),
+            requests: BTreeMap::new(),
+            next_request: 0,
             config,
         })
     }
@@ -688,7 +701,8 @@ impl Node {
             TOKEN_OVERLAY => self.accept_ports(),
             TOKEN_MIGRATE => self.accept_migrations(),
             TOKEN_TAP => self.read_tap(),
-            t if (TOKEN_FORWARD..TOKEN_PORT).contains(&t) => {
+            t if (TOKEN_REQUEST..TOKEN_PORT).contains(&t) => self.read_request(t - TOKEN_REQUEST),
+            t if (TOKEN_FORWARD..TOKEN_REQUEST).contains(&t) => {
                 self.accept(Some((t - TOKEN_FORWARD) as usize))
             }
             t if (TOKEN_PORT..TOKEN_FLOW).contains(&t) => self.on_port_ready(t - TOKEN_PORT),
@@ -1565,7 +1579,10 @@ impl Node {
                     return;
                 }
             };
-            if o.ports.len() >= MAX_PORTS || sock.set_nonblocking(true).is_err() {
+            if o.ports.len() >= MAX_PORTS
+                || !sys::peer_is_trusted(sock.as_raw_fd())
+                || sock.set_nonblocking(true).is_err()
+            {
                 o.status.ports_refused += 1;
                 continue;
             }
@@ -1739,12 +1756,14 @@ impl Node {
 
     // ------------------------------------------------------------------ migration relay
 
-    /// A local request (`tern migrate`, format in `open.rs`), answered with one byte, 0 = stream open (then the socket is the migration stream),
-    /// otherwise an error line follows and the socket closes.
+    /// A local request (`tern migrate`, format in `open.rs`), answered with one byte, 0 =
+    /// stream open (then the socket is the migration stream), otherwise an error line follows
+    /// and the socket closes. Requests are read without blocking the loop
+    /// ([`Node::read_request`]); at most [`MAX_PENDING_REQUESTS`] wait at once.
     fn accept_migrations(&mut self) {
         loop {
             let Some(l) = &self.migrate else { return };
-            let mut sock = match l.accept() {
+            let sock = match l.accept() {
                 Ok((s, _)) => s,
                 Err(e) if would_block(&e) => return,
                 Err(e) => {
@@ -1752,48 +1771,130 @@ impl Node {
                     return;
                 }
             };
-            match self.open_migration(&mut sock) {
-                Ok((peer, stream, mig)) => {
-                    let _ = sock.write_all(&[0]);
-                    let _ = sock.set_nonblocking(true);
-                    self.totals.migrations += 1;
-                    let f = self.new_flow(
-                        Some(Sock::Unix(sock)),
-                        FlowKind::Migration,
-                        peer,
-                        stream,
-                        FlowState::Open,
-                    );
-                    if let Some(flow) = self.flows.get_mut(&f) {
-                        if let Some(MigCodec::Source { enc, .. }) = &mig
-                            && enc.options().zstd
-                        {
-                            // Already one zstd stream: records would only add a probe.
-                            flow.enc = RecordEncoder::new(Codec::Raw);
-                        }
-                        flow.mig = mig.map(Box::new);
+            if !sys::peer_is_trusted(sock.as_raw_fd()) || sock.set_nonblocking(true).is_err() {
+                self.totals.refused += 1;
+                continue;
+            }
+            let now = self.now();
+            self.expire_requests(now);
+            if self.requests.len() >= MAX_PENDING_REQUESTS
+                && let Some((&old, _)) = self.requests.iter().next()
+            {
+                self.totals.refused += 1;
+                self.drop_request(old);
+            }
+            let id = self.next_request;
+            self.next_request += 1;
+            if self
+                .epoll
+                .add(sock.as_raw_fd(), TOKEN_REQUEST + id, sys::READ | sys::HUP)
+                .is_err()
+            {
+                continue;
+            }
+            self.requests.insert(
+                id,
+                PendingRequest {
+                    sock,
+                    buf: Vec::new(),
+                    deadline_ns: now + REQUEST_TIMEOUT_NS,
+                },
+            );
+            self.read_request(id);
+        }
+    }
+
+    fn drop_request(&mut self, id: u64) -> Option<PendingRequest> {
+        let r = self.requests.remove(&id)?;
+        self.epoll.delete(r.sock.as_raw_fd());
+        Some(r)
+    }
+
+    fn expire_requests(&mut self, now: u64) {
+        let late: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.deadline_ns <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            self.totals.refused += 1;
+            self.drop_request(id);
+        }
+    }
+
+    /// Reads what a pending request's client sent; opens the stream once it is whole.
+    fn read_request(&mut self, id: u64) {
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let mut chunk = [0u8; 512];
+        let decoded = loop {
+            match r.sock.read(&mut chunk) {
+                Ok(0) => break Err("the request ended early".to_string()),
+                Ok(n) => {
+                    r.buf.extend_from_slice(&chunk[..n]);
+                    match open::decode_migration_request(&r.buf) {
+                        Ok(Some((req, _))) => break Ok(req),
+                        Ok(None) if r.buf.len() < open::MAX_MIGRATION_REQUEST => {}
+                        Ok(None) => break Err("request too long".to_string()),
+                        Err(e) => break Err(e),
                     }
-                    self.pump_tcp(f);
                 }
-                Err(msg) => {
-                    self.totals.refused += 1;
-                    let _ = sock.write_all(format!("\x01{msg}\n").as_bytes());
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        let Some(PendingRequest { mut sock, .. }) = self.drop_request(id) else {
+            return;
+        };
+        match decoded.and_then(|req| self.open_migration(req)) {
+            Ok((peer, stream, mig)) => {
+                let _ = sock.write_all(&[0]);
+                self.totals.migrations += 1;
+                let f = self.new_flow(
+                    Some(Sock::Unix(sock)),
+                    FlowKind::Migration,
+                    peer,
+                    stream,
+                    FlowState::Open,
+                );
+                if let Some(flow) = self.flows.get_mut(&f) {
+                    if let Some(MigCodec::Source { enc, .. }) = &mig
+                        && enc.options().zstd
+                    {
+                        // Already one zstd stream: records would only add a probe.
+                        flow.enc = RecordEncoder::new(Codec::Raw);
+                    }
+                    flow.mig = mig.map(Box::new);
                 }
+                self.pump_tcp(f);
+            }
+            Err(msg) => {
+                self.totals.refused += 1;
+                let _ = sock.write_all(format!("\x01{msg}\n").as_bytes());
             }
         }
     }
 
     fn open_migration(
         &mut self,
-        sock: &mut UnixStream,
+        req: open::MigrationRequest,
     ) -> Result<(PeerId, u64, Option<MigCodec>), String> {
-        let _ = sock.set_nonblocking(false);
-        let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(2)));
         let open::MigrationRequest {
             peer: peer_name,
             path,
             codec,
-        } = open::read_migration_request(sock)?;
+        } = req;
+        if crate::grants::unix_purpose(&path).is_none() {
+            return Err(format!(
+                "relay target {path:?} is neither a migration socket ({}) nor a replication \
+                 socket ({})",
+                crate::grants::MIGRATION_SOCKETS.join(", "),
+                crate::grants::REPLICATION_SOCKETS.join(", ")
+            ));
+        }
         let peer = (0..self.ep.peer_count())
             .find(|&p| self.ep.peer_name(p) == peer_name)
             .ok_or_else(|| format!("no peer named {peer_name:?}"))?;

@@ -176,6 +176,52 @@ pub struct MigrationRequest {
     pub codec: u8,
 }
 
+/// Longest migration request: magic, version, codec, two length-prefixed fields.
+pub const MAX_MIGRATION_REQUEST: usize = 3 + 2 * 256;
+
+/// Decodes a migration request from the start of `buf`: `Ok(Some((request, consumed)))`, or
+/// `Ok(None)` while incomplete (the node reads requests without blocking).
+pub fn decode_migration_request(buf: &[u8]) -> Result<Option<(MigrationRequest, usize)>, String> {
+    let Some(&magic) = buf.first() else {
+        return Ok(None);
+    };
+    if magic != b'M' {
+        return Err("bad request magic (expected 'M')".into());
+    }
+    let Some(&version) = buf.get(1) else {
+        return Ok(None);
+    };
+    let (codec, mut at) = match version {
+        1 => (0, 2),
+        2 => match buf.get(2) {
+            Some(&c) => (c, 3),
+            None => return Ok(None),
+        },
+        v => return Err(format!("unknown request version {v}")),
+    };
+    if tern_codec::Options::from_byte(codec).is_none() {
+        return Err(format!("unknown codec options {codec:#04x}"));
+    }
+    let mut fields = Vec::with_capacity(2);
+    for what in ["peer name", "path"] {
+        let Some(&len) = buf.get(at) else {
+            return Ok(None);
+        };
+        let end = at + 1 + len as usize;
+        let Some(v) = buf.get(at + 1..end) else {
+            return Ok(None);
+        };
+        fields.push(String::from_utf8(v.to_vec()).map_err(|_| format!("{what} is not UTF-8"))?);
+        at = end;
+    }
+    let path = fields.pop().expect("two fields");
+    let peer = fields.pop().expect("two fields");
+    if !safe_relative_path(&path) {
+        return Err(format!("unsafe target path {path:?}"));
+    }
+    Ok(Some((MigrationRequest { peer, path, codec }, at)))
+}
+
 /// Reads a migration request.
 pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<MigrationRequest, String> {
     let byte = |r: &mut dyn std::io::Read, what: &str| -> Result<u8, String> {
@@ -213,6 +259,20 @@ pub fn read_migration_request(r: &mut impl std::io::Read) -> Result<MigrationReq
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_request_decodes_incrementally_like_the_blocking_reader() {
+        let req = encode_migration_request("site-b", "vm1/b/incoming.sock", 7);
+        for cut in 0..req.len() {
+            assert_eq!(decode_migration_request(&req[..cut]), Ok(None), "cut {cut}");
+        }
+        let (r, used) = decode_migration_request(&req).unwrap().unwrap();
+        assert_eq!(used, req.len());
+        assert_eq!(r, read_migration_request(&mut &req[..]).unwrap());
+        assert!(decode_migration_request(b"X").is_err());
+        assert!(decode_migration_request(b"M\x09").is_err());
+        assert!(decode_migration_request(b"M\x02\x07\x01b\x05../xx").is_err());
+    }
 
     #[test]
     fn golden_bytes() {
