@@ -247,3 +247,119 @@ for i in range(20000):
     assert_eq!(client, server);
     ok(&["lab", "down"]);
 }
+
+/// A peer with a valid key is still only granted what B's config allows: site A's node,
+/// restarted with port forwards of its own choosing, cannot reach B's loopback (B's metrics
+/// port) through B's relay, while a target inside B's `tcp_targets` still works; and A's own
+/// relay refuses a target that is not a migration or replication socket (QMP).
+#[test]
+fn a_peer_reaches_only_what_it_is_granted() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    ok(&["lab", "up", "--rate", "100mbit", "--rtt", "10ms", "--accel"]);
+    let st: Value = serde_json::from_str(&ok(&["lab", "status", "--json"])).unwrap();
+    let a_pid = st["nodes"][0]["pid"].as_u64().unwrap() as i32;
+    // SAFETY: a plain kill(2) of the lab's node A, which the lab started.
+    unsafe { libc::kill(a_pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(500));
+    let cfg = std::fs::read_to_string("/run/tern/lab/node-a.toml").unwrap();
+    let hostile = format!(
+        "{cfg}\n[[forward]]\nlisten = \"127.0.0.1:9000\"\npeer = \"site-b\"\ntarget = \"127.0.0.1:9464\"\n\
+         \n[[forward]]\nlisten = \"127.0.0.1:9001\"\npeer = \"site-b\"\ntarget = \"198.18.2.1:5300\"\n"
+    );
+    let path = "/run/tern/lab/node-a-hostile.toml";
+    std::fs::write(path, hostile).unwrap();
+    let mut node = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-a",
+            env!("CARGO_BIN_EXE_tern"),
+            "node",
+            "run",
+            "--config",
+            path,
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let connected = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        node_status("a")["peers"][0]["connected"] == true
+    });
+    assert!(connected, "node A did not reconnect to B");
+    let before = node_status("b")["flows"]["refused_by_policy"]
+        .as_u64()
+        .unwrap();
+
+    // B's loopback metrics port through B's relay: reset, no HTTP reply.
+    let probe = python_in(
+        "tern-a",
+        r#"
+import socket
+c = socket.create_connection(("127.0.0.1", 9000), timeout=10)
+try:
+    c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    r = c.recv(100)
+    print("data" if r else "eof")
+except (ConnectionResetError, BrokenPipeError):
+    print("reset")
+"#,
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+    assert!(
+        said == "reset" || said == "eof",
+        "B's relay answered: {said}"
+    );
+    let after = node_status("b")["flows"]["refused_by_policy"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after > before,
+        "B did not count a refusal ({before} -> {after})"
+    );
+
+    // A granted target still works through the same peer.
+    let server = python_in(
+        "tern-b",
+        r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.18.2.1", 5300)); s.listen(1); c, _ = s.accept(); c.sendall(c.recv(100)); c.close()
+"#,
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let echo = python_in(
+        "tern-a",
+        r#"
+import socket
+c = socket.create_connection(("127.0.0.1", 9001), timeout=10); c.sendall(b"granted")
+print(c.recv(100).decode())
+"#,
+    )
+    .output()
+    .unwrap();
+    let _ = server.wait_with_output();
+    assert_eq!(String::from_utf8_lossy(&echo.stdout).trim(), "granted");
+
+    // A's relay (a local request, as `tern migrate` sends) refuses a QMP socket as a target.
+    let err = tern_node::open::connect_relay(
+        std::path::Path::new("/run/tern/lab/migrate-a.sock"),
+        "site-b",
+        "vm1/b/qmp.sock",
+        0,
+    )
+    .unwrap_err();
+    assert!(err.contains("neither a migration socket"), "{err}");
+
+    let _ = node.kill();
+    let _ = node.wait();
+    ok(&["lab", "down"]);
+}

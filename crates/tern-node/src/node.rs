@@ -41,6 +41,10 @@ use crate::{NodeError, nft, open};
 /// Flows that may compress with the large zstd window (8 MiB, ~10 MiB of encoder state
 /// and 8 MiB at the far decoder each); later flows get 2 MiB while these are open.
 const LARGE_WINDOW_FLOWS: usize = 16;
+/// Flows that may compress with zstd at all: 16 × 8 MiB + 240 × 2 MiB of windows at the far
+/// decoder (and ~1.2x that here) at most, instead of one zstd context per flow up to
+/// [`MAX_FLOWS`] (8 GiB); later flows compress with lz4 while these are open.
+const ZSTD_FLOWS: usize = 256;
 
 const TOKEN_UDP: u64 = 0;
 /// The management thread wants a status snapshot (`mgmt.rs`).
@@ -846,15 +850,24 @@ impl Node {
     ) -> u64 {
         let id = self.next_flow;
         self.next_flow += 1;
+        let zstd = |f: &&Flow| matches!(f.enc.codec(), Codec::Zstd { .. });
         let large_windows = self
             .flows
             .values()
-            .filter(|f| f.enc.codec() != Codec::Raw && f.enc.window_log() == ZSTD_WINDOW_LOG)
+            .filter(zstd)
+            .filter(|f| f.enc.window_log() == ZSTD_WINDOW_LOG)
             .count();
         let window_log = if large_windows < LARGE_WINDOW_FLOWS {
             ZSTD_WINDOW_LOG
         } else {
             ZSTD_SMALL_WINDOW_LOG
+        };
+        // Past ZSTD_FLOWS, lz4 (a few KiB of state a side) instead of another zstd context.
+        let codec = match self.codec {
+            Codec::Zstd { .. } if self.flows.values().filter(zstd).count() >= ZSTD_FLOWS => {
+                Codec::Lz4
+            }
+            c => c,
         };
         if let Some(s) = &sock {
             let _ = self.epoll.add(
@@ -875,7 +888,7 @@ impl Node {
                 state,
                 sock_readable: true,
                 read_eof: false,
-                enc: RecordEncoder::with_window_log(self.codec, window_log),
+                enc: RecordEncoder::with_window_log(codec, window_log),
                 header: Vec::new(),
                 dec: RecordDecoder::new(),
                 out: Vec::new(),
