@@ -70,7 +70,7 @@ const SERVER_SETTLE: Duration = Duration::from_millis(300);
 pub const MAX_CORPUS_BYTES: u64 = 4 << 30;
 const WORK_DIR: &str = "/run/tern/bench-accel";
 /// The incompressible payload (see `ensure_random_payload`).
-const RANDOM_PAYLOAD: &str = "/var/tmp/tern-random-payload.bin";
+pub const RANDOM_PAYLOAD: &str = "/var/tmp/tern-random-payload.bin";
 
 /// How the bytes cross the emulated WAN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -914,7 +914,7 @@ fn make_corpus(path: &Path, max_bytes: u64) -> Result<(), BenchError> {
 /// `bytes` long, made once and reused. iperf3's own "random" payload is one 128 KiB buffer
 /// sent over and over, which any stream compressor with a window of 128 KiB or more (tern's
 /// zstd contexts, 2 MiB) turns into references: it is not incompressible data.
-fn ensure_random_payload(path: &Path, bytes: u64) -> Result<PathBuf, BenchError> {
+pub fn ensure_random_payload(path: &Path, bytes: u64) -> Result<PathBuf, BenchError> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() >= bytes) {
         return Ok(path.to_path_buf());
     }
@@ -946,7 +946,7 @@ fn ensure_random_payload(path: &Path, bytes: u64) -> Result<PathBuf, BenchError>
 
 /// Size of the incompressible payload for runs of `secs`: 1.5 Gbit/s for the whole run, so
 /// iperf3 -F never reaches its end on these 1 Gbit/s links.
-fn random_payload_bytes(secs: u32) -> u64 {
+pub fn random_payload_bytes(secs: u32) -> u64 {
     (u64::from(secs) * 1_500_000_000 / 8).max(256 << 20)
 }
 

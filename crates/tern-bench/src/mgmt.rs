@@ -149,7 +149,9 @@ fn one_run(o: &MgmtBenchOptions, crowd: bool) -> Result<Value, BenchError> {
             "-t",
             &secs,
             "-C",
-            "cubic",
+            "bbr",
+            "-F",
+            crate::accel::RANDOM_PAYLOAD,
             "--connect-timeout",
             "10000",
         ],
@@ -187,6 +189,11 @@ fn one_run(o: &MgmtBenchOptions, crowd: bool) -> Result<Value, BenchError> {
 
 pub fn run(o: &MgmtBenchOptions) -> Result<Value, BenchError> {
     let exe = o.tern_exe.as_path();
+    // iperf3's own payload is one 128 KiB buffer repeated, which tern's zstd would remove.
+    crate::accel::ensure_random_payload(
+        Path::new(crate::accel::RANDOM_PAYLOAD),
+        crate::accel::random_payload_bytes(o.seconds),
+    )?;
     let _ = run_tern(exe, &["lab", "down"]);
     run_tern(exe, &["lab", "up", "--profile", &o.profile, "--accel"])?;
     let result = (|| {
@@ -275,13 +282,15 @@ pub fn run(o: &MgmtBenchOptions) -> Result<Value, BenchError> {
     let md = format!(
         "# Idle management connections during an accelerated flow\n\n\
          `{}`\n\n\
-         One iperf3 flow (cubic at the ends, tern in between) on `{}` for {} s; with idle \
+         One iperf3 flow of incompressible bytes (`-C bbr -F {}`, as `tern bench accel` runs \
+         tern) on `{}` for {} s; with idle \
          clients, {} idle TCP connections to node A's metrics port and {} to its control \
          socket open {:.1} s into the flow and stay to its end.\n\n\
          | run | goodput per round (Mbit/s) | mean |\n|---|---|---|\n{}{}\n\
          **with idle / alone = {:.3}** (target ≥ 0.95: {}). Slowest metrics fetch behind the \
          idle connections {:.3} s, slowest `status` {:.3} s; every request answered: {}.\n",
         o.command,
+        crate::accel::RANDOM_PAYLOAD,
         o.profile,
         o.seconds,
         o.idle,

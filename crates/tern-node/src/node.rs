@@ -100,6 +100,9 @@ const DELIVERED_REPORT: u64 = 256 << 10;
 const MIGRATION_OUT_LIMIT: usize = 1 << 20;
 /// How long a source waits for the destination's store summary before sending without it.
 const SUMMARY_WAIT_NS: u64 = 3_000_000_000;
+/// UDP receive batches (of up to `sys::BATCH` datagrams) per loop turn, so that timers and
+/// TCP are never starved by a flood: 16 × 32 datagrams ≈ 6 ms of a 1 Gbit/s link.
+const UDP_BATCHES_PER_TURN: usize = 16;
 /// Local relay requests being read at once; the oldest is refused for a new one.
 const MAX_PENDING_REQUESTS: usize = 16;
 /// Time a local client has to send its whole relay request.
@@ -247,6 +250,8 @@ pub struct Node {
     rt: Realtime,
     requests: BTreeMap<u64, PendingRequest>,
     next_request: u64,
+    /// The UDP socket had more to read when `recv_udp` stopped at its budget.
+    udp_more: bool,
 }
 
 /// A local relay request whose bytes are still arriving.
@@ -559,6 +564,7 @@ impl Node {
             mig_buf: Vec::with_capacity(2 * CHUNK),
             requests: BTreeMap::new(),
             next_request: 0,
+            udp_more: false,
             config,
         })
     }
@@ -592,6 +598,9 @@ impl Node {
             let now = self.now();
             self.update_realtime(now);
             self.ep.handle_timeout(now);
+            if self.udp_more {
+                self.recv_udp();
+            }
             self.handle_events();
             let more = self.pump_all_tcp();
             self.rt.read_bound += u64::from(more);
@@ -600,7 +609,7 @@ impl Node {
                 eprintln!("tern node: UDP send: {e}");
             }
             let timeout = self.ep.poll_timeout().map(|t| t.saturating_sub(self.now()));
-            let timeout = if (self.tx.is_empty() || self.udp_blocked) && !more {
+            let timeout = if (self.tx.is_empty() || self.udp_blocked) && !more && !self.udp_more {
                 timeout
             } else {
                 Some(0)
@@ -714,8 +723,11 @@ impl Node {
         }
     }
 
+    /// Reads up to [`UDP_BATCHES_PER_TURN`] batches; with more waiting, `udp_more` makes the
+    /// loop come back to it after its timers and TCP (the socket is edge-triggered).
     fn recv_udp(&mut self) {
-        loop {
+        self.udp_more = false;
+        for _ in 0..UDP_BATCHES_PER_TURN {
             let n = match self.rx.recv(self.udp.as_raw_fd()) {
                 Ok(n) => n,
                 Err(e) => {
@@ -729,12 +741,13 @@ impl Node {
                 self.ep.handle_datagram(now, from, data);
             }
             if !self.rx.was_full() {
-                break;
+                return;
             }
             // Let the transport answer (ACKs) between large batches.
             self.handle_events();
             let _ = self.flush_udp();
         }
+        self.udp_more = true;
     }
 
     fn flush_udp(&mut self) -> io::Result<()> {
