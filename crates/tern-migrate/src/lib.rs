@@ -22,6 +22,7 @@ pub mod monitor;
 pub mod protect;
 pub mod relay;
 pub mod run;
+pub mod settle;
 pub mod smartstop;
 
 pub use run::{MigrateError, MigrateOptions, MigrateReport, Route, migrate};
