@@ -390,24 +390,39 @@ mod tests {
 
     #[test]
     fn qemu_states_classify() {
-        assert_eq!(source_from(Some("running"), Some("active")), Source::Running);
+        assert_eq!(
+            source_from(Some("running"), Some("active")),
+            Source::Running
+        );
         assert_eq!(source_from(Some("postmigrate"), None), Source::Migrated);
         assert_eq!(
             source_from(Some("paused"), Some("completed")),
             Source::Migrated
         );
-        assert_eq!(source_from(Some("paused"), Some("cancelled")), Source::Paused);
+        assert_eq!(
+            source_from(Some("paused"), Some("cancelled")),
+            Source::Paused
+        );
         assert_eq!(source_from(None, None), Source::Unavailable);
         assert_eq!(dest_from(false, None, None), Dest::Gone);
-        assert_eq!(dest_from(true, Some("running"), Some("paused")), Dest::Running);
+        assert_eq!(
+            dest_from(true, Some("running"), Some("paused")),
+            Dest::Running
+        );
         assert_eq!(
             dest_from(true, Some("inmigrate"), Some("inmigrate")),
             Dest::Loading
         );
         // It finished loading (and started) between the two queries: counted as loaded,
         // never as loading.
-        assert_eq!(dest_from(true, Some("inmigrate"), Some("paused")), Dest::Loaded);
-        assert_eq!(dest_from(true, Some("prelaunch"), Some("prelaunch")), Dest::Loaded);
+        assert_eq!(
+            dest_from(true, Some("inmigrate"), Some("paused")),
+            Dest::Loaded
+        );
+        assert_eq!(
+            dest_from(true, Some("prelaunch"), Some("prelaunch")),
+            Dest::Loaded
+        );
         assert_eq!(dest_from(true, None, None), Dest::Unresponsive);
     }
 
