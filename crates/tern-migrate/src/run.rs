@@ -430,22 +430,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
                 MigrateError::Aborted { reason, .. } => reason.clone(),
                 other => format!("failed: {}", error_chain(other)),
             };
-            // Stop QEMU's part first: cancel, and wait until it leaves the active states.
-            let _ = sq.execute("migrate_cancel", Value::Null);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let st = sq
-                    .execute("query-migrate", Value::Null)
-                    .map(|v| v["status"].as_str().unwrap_or("none").to_string())
-                    .unwrap_or_default();
-                if !matches!(st.as_str(), "active" | "cancelling" | "setup" | "device")
-                    || Instant::now() > deadline
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            // Then settle by the point-of-no-return rule (settle.rs): back only while the
+            // Settle by the point-of-no-return rule (settle.rs): back only while the
             // destination cannot have run.
             Err(
                 match settle_migration(&host, &pending, &record, Some(&mut sq), true) {
@@ -483,6 +468,29 @@ pub enum Settled {
     /// Nothing was done (the record stays).
     Stuck(settle::Stuck),
 }
+
+/// Stops QEMU's part of a migration still under way: cancel, and wait (bounded) until it
+/// leaves the active states (a completed one stays completed).
+fn cancel(sq: &mut QmpClient) {
+    let _ = sq.execute("migrate_cancel", Value::Null);
+    let deadline = Instant::now() + CANCEL_WAIT;
+    loop {
+        let st = sq
+            .execute("query-migrate", Value::Null)
+            .map(|v| v["status"].as_str().unwrap_or("none").to_string())
+            .unwrap_or_default();
+        if !matches!(st.as_str(), "active" | "cancelling" | "setup" | "device")
+            || Instant::now() > deadline
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a cancelled migration may take to leave QEMU's active states; after it the
+/// source is judged as it then is.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 fn status_of(q: &mut QmpClient) -> Option<String> {
     q.execute("query-status", Value::Null)
@@ -522,6 +530,7 @@ pub fn settle_migration(
     };
     let source = match sq {
         Some(q) => {
+            cancel(q);
             let st = status_of(q);
             let mig = q
                 .execute("query-migrate", Value::Null)
