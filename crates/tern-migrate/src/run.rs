@@ -397,6 +397,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         source_was_running: src_was_running(&status),
         phase: Phase::Streaming,
         started_unix_ms: unix_ms(),
+        driver_pid: std::process::id(),
     };
     let record = settle::record_path(host.root(), &opts.name);
     let dest = if dest_paused_start {
@@ -639,6 +640,12 @@ pub fn recover(name: &str) -> Result<Settled, MigrateError> {
         .ok_or_else(|| {
             MigrateError::Refused(format!("{name} has no unfinished migration to recover"))
         })?;
+    if settle::driver_alive(&pending) {
+        return Err(MigrateError::Refused(format!(
+            "the tern migrate of {name} (pid {}) still runs: it settles the migration itself",
+            pending.driver_pid
+        )));
+    }
     Ok(settle_migration(&host, &pending, &record, None, false))
 }
 

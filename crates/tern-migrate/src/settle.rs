@@ -43,6 +43,17 @@ pub struct PendingMigration {
     pub source_was_running: bool,
     pub phase: Phase,
     pub started_unix_ms: u64,
+    /// The `tern migrate` process driving it: `--recover` refuses while it lives.
+    #[serde(default)]
+    pub driver_pid: u32,
+}
+
+/// Whether the process that wrote `rec` still runs (and is a tern: a recycled pid is not).
+pub fn driver_alive(rec: &PendingMigration) -> bool {
+    rec.driver_pid != 0
+        && rec.driver_pid != std::process::id()
+        && std::fs::read(format!("/proc/{}/cmdline", rec.driver_pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("tern"))
 }
 
 /// The source QEMU as queried.
@@ -440,7 +451,9 @@ mod tests {
             source_was_running: true,
             phase: Phase::Streaming,
             started_unix_ms: 7,
+            driver_pid: std::process::id(),
         };
+        assert!(!driver_alive(&rec), "our own process does not count");
         write_record(&path, &rec).unwrap();
         rec.phase = Phase::Committed;
         write_record(&path, &rec).unwrap();
