@@ -40,6 +40,9 @@ pub const MAX_VM_PORT_MACS: usize = 1;
 /// A learned (unbound) entry not refreshed by a frame for this long is forgotten (300 s, the
 /// Linux bridge default ageing time).
 pub const AGEING_NS: u64 = 300_000_000_000;
+/// Least time between two scans of a full table for aged entries (a source flood must not
+/// make every frame walk the table).
+pub const AGE_SCAN_NS: u64 = 1_000_000_000;
 /// Bit 31 of a VM port's length prefix: a tern mark ([`FrameDecoder::next_marked`]).
 pub const MARK: u32 = 1 << 31;
 /// Ethertype of a gate's hello frame (IEEE local experimental); its source is the gated VM's
@@ -114,6 +117,8 @@ pub struct Switch {
     macs: BTreeMap<Mac, Entry>,
     vms: BTreeMap<u64, VmState>,
     stats: SwitchStats,
+    /// When a full table was last scanned for aged entries.
+    last_age_ns: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -211,24 +216,25 @@ impl Switch {
             Some(e) if e.port != ingress => self.stats.moves += 1,
             Some(_) => {}
             None if self.macs.len() >= MAX_MACS => {
-                self.age(now_ns);
+                if now_ns.saturating_sub(self.last_age_ns) >= AGE_SCAN_NS {
+                    self.last_age_ns = now_ns;
+                    self.age(now_ns);
+                }
                 if self.macs.len() >= MAX_MACS {
                     self.stats.table_full += 1;
-                    // A VM's own MAC is bound anyway; evict the stalest learned entry.
                     if !bound {
                         return true;
                     }
+                    // A VM's own MAC is bound anyway (bound entries are bounded by the VM
+                    // ports): the stalest learned entry makes room, if there is one.
                     let stalest = self
                         .macs
                         .iter()
                         .filter(|(_, e)| !e.bound)
                         .min_by_key(|(_, e)| e.seen_ns)
                         .map(|(m, _)| *m);
-                    match stalest {
-                        Some(m) => {
-                            self.macs.remove(&m);
-                        }
-                        None => return true,
+                    if let Some(m) = stalest {
+                        self.macs.remove(&m);
                     }
                 }
             }
