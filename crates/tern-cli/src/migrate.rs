@@ -10,8 +10,13 @@ pub struct MigrateArgs {
     /// The VM to move (see `tern vm list`).
     name: String,
     /// Destination site.
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "recover")]
+    to: Option<String>,
+    /// Settle a migration whose `tern migrate` died (from the record it left): if the
+    /// destination runs, or finished loading, it goes on and the source is quit; if it
+    /// never finished loading, it is killed and the source resumes (docs/migration.md).
+    #[arg(long, conflicts_with = "to")]
+    recover: bool,
     /// Plain kernel TCP from QEMU to QEMU through the emulated link (the "no accel" row)
     /// instead of tern's transport.
     #[arg(long)]
@@ -96,6 +101,10 @@ fn parse_param(p: &str) -> Result<(String, serde_json::Value)> {
 }
 
 pub fn run(a: MigrateArgs) -> Result<()> {
+    if a.recover {
+        return recover(&a.name, a.json);
+    }
+    let to = a.to.clone().unwrap_or_default();
     if a.cc != "cubic" && !a.direct {
         bail!("--cc applies to --direct only (tern's transport has its own rate control)");
     }
@@ -105,7 +114,7 @@ pub fn run(a: MigrateArgs) -> Result<()> {
              cannot take them as file descriptors)"
         );
     }
-    let mut o = MigrateOptions::new(&a.name, &a.to);
+    let mut o = MigrateOptions::new(&a.name, &to);
     o.route = if a.direct { Route::Direct } else { Route::Tern };
     o.cc = a.cc;
     o.check_memory = a.check_memory;
@@ -227,4 +236,26 @@ pub fn run(a: MigrateArgs) -> Result<()> {
             Err(e.into())
         }
     }
+}
+
+fn recover(name: &str, json: bool) -> Result<()> {
+    use tern_migrate::run::Settled;
+    let settled = tern_migrate::run::recover(name)?;
+    let (outcome, site, state) = match &settled {
+        Settled::Forward { site } => ("forward", site.as_str(), "running"),
+        Settled::Rollback { site, state } => ("rollback", site.as_str(), state.as_str()),
+        Settled::Stuck(why) => bail!(
+            "{name}: not settled: {why}; both instances were left as they are (inspect them \
+             with `tern vm list`, then try again)"
+        ),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "outcome": outcome, "site": site, "state": state})
+        );
+    } else {
+        println!("{name}: settled ({outcome}): it is {state} at site {site}");
+    }
+    Ok(())
 }

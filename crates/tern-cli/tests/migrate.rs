@@ -365,3 +365,113 @@ fn destination_crash_aborts_cleanly_and_the_retry_succeeds() {
     let r = migrate(&["mig1", "--to", "b"]);
     assert_eq!(vm_info("mig1")["site"], "b", "{r}");
 }
+
+fn record_path(name: &str) -> std::path::PathBuf {
+    Path::new("/run/tern/vm").join(name).join("migration.json")
+}
+
+/// `tern migrate` dies past the point of no return (QEMU completed, the destination is
+/// loaded and paused for --check-memory's comparison): the source must not come back.
+/// `--recover` resumes the destination and quits the source.
+#[test]
+fn killed_past_completion_recover_moves_the_vm_forward() {
+    if !is_root() || !have_image() {
+        return;
+    }
+    let _g = lock();
+    let _lab = Lab::up("mpls");
+    start_guest("mig2", "192");
+    let mut child = spawn_migrate("mig2", &["--check-memory"]);
+    // The RAM dumps start only after QEMU reported completion.
+    let dump = Path::new("/run/tern/vm/mig2/b/mem-source.bin");
+    let end = Instant::now() + Duration::from_secs(120);
+    while !dump.exists() {
+        assert!(Instant::now() < end, "the migration never completed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "tern migrate ended early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(record_path("mig2").exists(), "no pending-migration record");
+    // Nothing else may start a migration of it until it is settled.
+    let again = tern(&["migrate", "mig2", "--to", "b", "--quiet"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--recover"),
+        "{again:?}"
+    );
+    let r = json(&["migrate", "mig2", "--recover", "--json"]);
+    assert_eq!(
+        (r["outcome"].as_str(), r["site"].as_str()),
+        (Some("forward"), Some("b")),
+        "{r}"
+    );
+    let list = json(&["vm", "list", "--json"]);
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "the source is gone: {list}"
+    );
+    let info = vm_info("mig2");
+    assert_eq!(
+        (info["site"].as_str(), info["state"].as_str()),
+        (Some("b"), Some("running"))
+    );
+    let before = verify_oks(&serial("mig2"));
+    wait_log(
+        "mig2",
+        |l| verify_oks(l) > before,
+        "verification at the destination",
+    );
+    assert!(!record_path("mig2").exists());
+}
+
+/// `tern migrate` dies while the stream is still flowing: the destination never finished
+/// loading, so `--recover` kills it and the source keeps running.
+#[test]
+fn killed_mid_stream_recover_keeps_the_source() {
+    if !is_root() || !have_image() {
+        return;
+    }
+    let _g = lock();
+    let _lab = Lab::up("mpls");
+    start_guest("mig4", "192");
+    ok(&["lab", "set", "--rate", "10mbit"]); // still streaming when tern migrate dies
+    let mut child = spawn_migrate("mig4", &["--check-memory"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "tern migrate ended early"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    let r = json(&["migrate", "mig4", "--recover", "--json"]);
+    ok(&["lab", "set", "--profile", "mpls"]);
+    assert_eq!(
+        (
+            r["outcome"].as_str(),
+            r["site"].as_str(),
+            r["state"].as_str()
+        ),
+        (Some("rollback"), Some("a"), Some("running")),
+        "{r}"
+    );
+    let list = json(&["vm", "list", "--json"]);
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "no destination left: {list}"
+    );
+    let before = verify_oks(&serial("mig4"));
+    wait_log(
+        "mig4",
+        |l| verify_oks(l) > before,
+        "verification after the recovery",
+    );
+    assert!(!record_path("mig4").exists());
+    let r = migrate(&["mig4", "--to", "b"]);
+    assert_eq!(vm_info("mig4")["site"], "b", "{r}");
+}

@@ -13,6 +13,13 @@
 //! stripped and taken in before the guest sees them; frames leaving the group wait for our
 //! disk and for every peer disk they depend on, whose committed counters the peer servers
 //! publish in their counter pages (`counters.rs`).
+//!
+//! A MAC proves nothing, so with peers the gate's switch connection is a *gated* port
+//! (`tern_node::switch`, port security): it opens with a marked hello naming the VM's MAC
+//! (the only MAC the port may source); frames to peers go marked, so the switch delivers them
+//! only to the gated port bound to that peer (never flooded: they passed unheld); and the
+//! switch marks the frames it delivers here whose source is the gated port bound to the
+//! source MAC. Only those trailers are taken in.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tern_gate::Outcome;
-use tern_node::switch::{FrameDecoder, encode_frame};
+use tern_node::switch::{FrameDecoder, encode_frame, encode_marked, hello_frame};
 
 use crate::counters::CounterPage;
 use crate::server::Shared;
@@ -53,8 +60,18 @@ pub(crate) fn serve(sh: Arc<Shared>, listener: UnixListener, switch: PathBuf) {
     }
 }
 
-fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<()> {
+fn bridge(sh: &Arc<Shared>, vm: UnixStream, mut sw: UnixStream) -> std::io::Result<()> {
     let t0 = Instant::now();
+    let hello = {
+        let g = sh.lock();
+        g.group.as_ref().map(|group| group.me())
+    };
+    if let Some(mac) = hello {
+        // First on the connection, before any frame of the VM.
+        let mut h = Vec::new();
+        encode_marked(&hello_frame(mac), true, &mut h);
+        sw.write_all(&h)?;
+    }
     let now_ns = move || t0.elapsed().as_nanos() as u64;
     // Switch -> VM: bytes as they come; with peers, frame by frame (their clocks).
     let (mut from_sw, mut to_vm) = (sw.try_clone()?, vm.try_clone()?);
@@ -145,7 +162,8 @@ fn bridge(sh: &Arc<Shared>, vm: UnixStream, sw: UnixStream) -> std::io::Result<(
                         Some(group) if group.is_peer(&dst_of(&frame)) => {
                             // Inside the group: not held, but carries what it depends on.
                             group.stamp(&mut frame, writes);
-                            encode_frame(&frame, &mut g.gate_ready);
+                            // Marked: the switch hands it only to that peer's gated port.
+                            encode_marked(&frame, true, &mut g.gate_ready);
                             continue;
                         }
                         _ if !g.gate_enforce => vec![0],
@@ -184,7 +202,8 @@ fn dst_of(frame: &[u8]) -> tern_gate::Mac {
 }
 
 /// Switch -> VM for a VM with peers: a peer's clock is taken in (and its trailer removed)
-/// before the frame reaches the guest.
+/// before the frame reaches the guest, when the switch marked the frame as coming from the
+/// peer's own gated port.
 fn inbound_grouped(
     sh: &Shared,
     from_sw: &mut UnixStream,
@@ -201,13 +220,13 @@ fn inbound_grouped(
         dec.push(&buf[..n]);
         {
             let mut g = sh.lock();
-            while let Some(f) = dec
-                .next_frame()
+            while let Some((from_owner, f)) = dec
+                .next_marked()
                 .map_err(|_| std::io::Error::other("frame longer than the switch takes"))?
             {
                 let mut frame = f.to_vec();
                 if let Some(group) = g.group.as_mut() {
-                    group.receive(&mut frame);
+                    group.receive(&mut frame, from_owner);
                 }
                 encode_frame(&frame, &mut out);
             }

@@ -612,7 +612,10 @@ fn two_tier_trial(seed: u64, clocks: bool) -> (usize, usize) {
         while i < wire.len() {
             if wire[i].0 <= step && w.rng.chance(500) {
                 let (_, mut f) = wire.swap_remove(i);
-                assert!(fe.receive(&mut f), "a stamped frame from the database");
+                assert!(
+                    fe.receive(&mut f, true),
+                    "a stamped frame from the database"
+                );
                 assert_eq!(f.len(), 60, "the trailer is gone before the guest sees it");
                 let req = id_of(&f) / CALLS;
                 acks[req] += 1;

@@ -237,6 +237,11 @@ impl Group {
         Group { me, peers, deps }
     }
 
+    /// Our VM's MAC.
+    pub fn me(&self) -> Mac {
+        self.me
+    }
+
     pub fn peers(&self) -> &[Mac] {
         &self.peers
     }
@@ -270,10 +275,20 @@ impl Group {
         append_clock(frame, &e);
     }
 
-    /// A frame arriving for our VM: if a peer sent it, strips its trailer and takes the
-    /// clock in (entries for our own disk are ours already). Call before the VM sees it.
-    pub fn receive(&mut self, frame: &mut Vec<u8>) -> bool {
-        if frame.len() < 14 || !self.peers.iter().any(|p| frame[6..12] == p[..]) {
+    /// A frame arriving for our VM: if a peer sent it to us, strips its trailer and takes
+    /// the clock in (entries for our own disk are ours already). Call before the VM sees it.
+    ///
+    /// `from_owner`: the switch vouches that the frame entered through the gated port bound
+    /// to its source MAC (`tern_node::switch::Switch::trusted_source`, the mark on the
+    /// gate's switch socket). A source MAC alone proves nothing (any port can send any
+    /// bytes), so without it the frame is left untouched and its clock ignored: a forged
+    /// trailer could otherwise raise a dependency so far that the gate never opens.
+    pub fn receive(&mut self, frame: &mut Vec<u8>, from_owner: bool) -> bool {
+        if !from_owner
+            || frame.len() < 14
+            || frame[..6] != self.me[..]
+            || !self.peers.iter().any(|p| frame[6..12] == p[..])
+        {
             return false;
         }
         let Some(entries) = strip_clock(frame) else {
@@ -465,13 +480,13 @@ mod tests {
         // The database wrote 5 times, then replies to the front end.
         let mut reply = frame(fe, db);
         db_g.stamp(&mut reply, 5);
-        assert!(fe_g.receive(&mut reply));
+        assert!(fe_g.receive(&mut reply, true));
         assert_eq!(reply, frame(fe, db), "the guest sees the frame unchanged");
         // A frame from a non-member keeps its bytes, trailer-looking or not.
         let mut other = frame(fe, client);
         append_clock(&mut other, &[(db, 99)]);
         let copy = other.clone();
-        assert!(!fe_g.receive(&mut other));
+        assert!(!fe_g.receive(&mut other, true));
         assert_eq!(other, copy);
         let tag = fe_g.clock(0);
         assert_eq!(tag, vec![0, 5]);
@@ -489,7 +504,39 @@ mod tests {
         // Counts only grow: an older stamp does not lower the dependency.
         let mut old = frame(fe, db);
         db_g.stamp(&mut old, 2);
-        fe_g.receive(&mut old);
+        fe_g.receive(&mut old, true);
         assert_eq!(fe_g.clock(1), vec![1, 5]);
+    }
+
+    /// Another VM (or the TAP) sends the front end a frame with the database's MAC as
+    /// source and a trailer claiming a huge database count. It did not come through the
+    /// database's gated port, so it is not taken in and the front end's reply to the client
+    /// is released once the writes it really depends on are committed.
+    #[test]
+    fn a_spoofed_trailer_is_not_taken_in() {
+        let (fe, db, client) = ([0xfe; 6], [0xdb; 6], [0xc1; 6]);
+        let mut fe_g = Group::new(fe, vec![db]);
+        let db_g = Group::new(db, vec![fe]);
+        let mut real = frame(fe, db);
+        db_g.stamp(&mut real, 3);
+        assert!(fe_g.receive(&mut real, true));
+        let mut spoof = frame(fe, db);
+        append_clock(&mut spoof, &[(db, u64::MAX)]);
+        let copy = spoof.clone();
+        assert!(!fe_g.receive(&mut spoof, false));
+        assert_eq!(spoof, copy, "left untouched");
+        // Not addressed to our VM (a broadcast): a gate only stamps frames to a peer.
+        let mut bcast = frame([0xff; 6], db);
+        db_g.stamp(&mut bcast, 1 << 40);
+        assert!(!fe_g.receive(&mut bcast, true));
+        assert_eq!(fe_g.clock(0), vec![0, 3]);
+        let mut gate = Gate::new(1 << 20);
+        let tag = fe_g.clock(0);
+        assert_eq!(
+            gate.outbound_clock(0, tag, frame(client, fe)),
+            Outcome::Held
+        );
+        gate.commit_member(1, 3);
+        assert_eq!(gate.poll_release(1), Some(frame(client, fe)));
     }
 }

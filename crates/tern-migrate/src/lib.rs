@@ -12,9 +12,12 @@
 //!   source QEMU --TCP (kernel cubic/bbr, through the emulated link)--> dest QEMU -incoming tcp:
 //! ```
 //! Guarantees: the source VM keeps running until QEMU's own switchover; on failure, stall or
-//! a cut link the migration is cancelled, the destination QEMU is killed and the source is
-//! left running (resumed if QEMU had paused it). With `check_memory`, the destination is
-//! started paused (`-S`) and both guests' RAM is compared byte for byte before it resumes.
+//! a cut link before the destination may have run, the migration is cancelled, the
+//! destination QEMU is killed and the source is left running (resumed if QEMU had paused
+//! it). Once the destination may have run the source is never resumed (`settle`); a
+//! migration whose `tern migrate` died is settled by `tern migrate NAME --recover`. With
+//! `check_memory`, the destination is started paused (`-S`) and both guests' RAM is
+//! compared byte for byte before it resumes.
 
 pub mod disk;
 pub mod memcmp;
@@ -22,6 +25,7 @@ pub mod monitor;
 pub mod protect;
 pub mod relay;
 pub mod run;
+pub mod settle;
 pub mod smartstop;
 
 pub use run::{MigrateError, MigrateOptions, MigrateReport, Route, migrate};

@@ -12,6 +12,7 @@ use tern_vm::{QmpClient, VmHost, VmSpec};
 
 use crate::memcmp::{self, MemCompare};
 use crate::monitor::{Monitor, Progress, Sample, Verdict, progress_line};
+use crate::settle::{self, Action, Dest, Facts, PendingMigration, Phase, Source};
 use crate::smartstop::{self, Decision, SmartStop};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,19 @@ pub enum MigrateError {
         what: String,
         #[source]
         source: std::io::Error,
+    },
+    /// Something failed after the destination could run: it was kept and the source quit.
+    #[error("{reason}; the VM had reached site {site} and runs there now (the source was quit)")]
+    Moved { reason: String, site: String },
+    /// Neither way is safe: both instances were left as they were, and the record kept.
+    #[error(
+        "{reason}; not settled: {why}. Both instances were left as they are: inspect them, \
+         then `tern migrate {name} --recover`"
+    )]
+    Unsettled {
+        reason: String,
+        why: settle::Stuck,
+        name: String,
     },
 }
 
@@ -295,6 +309,13 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
             "no lab is up: run `tern lab up` first".into(),
         ));
     }
+    if let Ok(Some(p)) = settle::read_record(&settle::record_path(host.root(), &opts.name)) {
+        return Err(MigrateError::Refused(format!(
+            "{} has an unfinished migration from site {} to site {}: run `tern migrate {} \
+             --recover` first",
+            opts.name, p.from, p.to, opts.name
+        )));
+    }
     let src = host.record(&opts.name, None)?;
     let from = src.site.clone();
     if from == opts.to_site {
@@ -366,76 +387,266 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
         set_cc(&from, &opts.cc)?;
         set_cc(&opts.to_site, &opts.cc)?;
     }
-    let dest = if opts.check_memory || disk_plan.is_some() {
+    let dest_paused_start = opts.check_memory || disk_plan.is_some();
+    let mut pending = PendingMigration {
+        name: opts.name.clone(),
+        from: from.clone(),
+        to: opts.to_site.clone(),
+        dest_paused_start,
+        with_disk: disk_plan.is_some(),
+        source_was_running: src_was_running(&status),
+        phase: Phase::Streaming,
+        started_unix_ms: unix_ms(),
+        driver_pid: std::process::id(),
+    };
+    let record = settle::record_path(host.root(), &opts.name);
+    let dest = if dest_paused_start {
         host.start_incoming_paused(&spec, &opts.to_site, &uri)?
     } else {
         host.start_incoming(&spec, &opts.to_site, &uri)?
     };
-    let result = run(
-        opts,
-        &host,
-        &mut sq,
-        &from,
-        &dest,
-        &incoming_sock,
-        &uri,
-        disk_plan.as_ref(),
-    );
+    // Before `migrate` is sent: recovery needs it from then on.
+    let result = settle::write_record(&record, &pending)
+        .map_err(|source| MigrateError::Io {
+            what: format!("write {}", record.display()),
+            source,
+        })
+        .and_then(|()| {
+            run(
+                opts,
+                &host,
+                &mut sq,
+                &from,
+                &dest,
+                &incoming_sock,
+                &uri,
+                disk_plan.as_ref(),
+                (&mut pending, &record),
+            )
+        });
     match result {
         Ok(report) => Ok(report),
         Err(e) => {
-            // Leave the source as it was: cancel, resume if QEMU stopped it, drop the dest.
-            let _ = sq.execute("migrate_cancel", Value::Null);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let st = sq
-                    .execute("query-migrate", Value::Null)
-                    .map(|v| v["status"].as_str().unwrap_or("none").to_string())
-                    .unwrap_or_default();
-                if !matches!(st.as_str(), "active" | "cancelling" | "setup" | "device")
-                    || Instant::now() > deadline
-                {
-                    break;
+            let reason = match &e {
+                MigrateError::Aborted { reason, .. } => reason.clone(),
+                other => format!("failed: {}", error_chain(other)),
+            };
+            // Settle by the point-of-no-return rule (settle.rs): back only while the
+            // destination cannot have run.
+            Err(
+                match settle_migration(&host, &pending, &record, Some(&mut sq), true) {
+                    Settled::Forward { site } => MigrateError::Moved { reason, site },
+                    Settled::Rollback { site, state } => MigrateError::Aborted {
+                        reason,
+                        site,
+                        state,
+                    },
+                    Settled::Stuck(why) => MigrateError::Unsettled {
+                        reason,
+                        why,
+                        name: opts.name.clone(),
+                    },
+                },
+            )
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a migration was settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The destination runs at `site`; the source was quit.
+    Forward { site: String },
+    /// The destination was killed; the source at `site` is `state`.
+    Rollback { site: String, state: String },
+    /// Nothing was done (the record stays).
+    Stuck(settle::Stuck),
+}
+
+/// Stops QEMU's part of a migration still under way: cancel, and wait (bounded) until it
+/// leaves the active states (a completed one stays completed).
+fn cancel(sq: &mut QmpClient) {
+    let _ = sq.execute("migrate_cancel", Value::Null);
+    let deadline = Instant::now() + CANCEL_WAIT;
+    loop {
+        let st = sq
+            .execute("query-migrate", Value::Null)
+            .map(|v| v["status"].as_str().unwrap_or("none").to_string())
+            .unwrap_or_default();
+        if !matches!(st.as_str(), "active" | "cancelling" | "setup" | "device")
+            || Instant::now() > deadline
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a cancelled migration may take to leave QEMU's active states; after it the
+/// source is judged as it then is.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+fn status_of(q: &mut QmpClient) -> Option<String> {
+    q.execute("query-status", Value::Null)
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_string))
+}
+
+/// QEMU's announce-self (RARP from the VM's MAC, 5 rounds from 50 ms): once the source's
+/// switch port is gone, this moves the MAC at every switch (docs/migration.md).
+fn announce(dq: &mut QmpClient) {
+    let _ = dq.execute(
+        "announce-self",
+        json!({"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+    );
+}
+
+/// Queries both QEMUs, decides by `settle::decide` and acts: forward (resume the
+/// destination if paused, quit the source, promote), rollback (kill the destination first,
+/// then resume the source if it ran before) or nothing. `sq`: the source's QMP connection if
+/// the caller holds it (QEMU serves one at a time). `reject_dest`: the caller found the
+/// migration failed (go back if still safe); false for `--recover`.
+pub fn settle_migration(
+    host: &VmHost,
+    pending: &PendingMigration,
+    record: &Path,
+    sq: Option<&mut QmpClient>,
+    reject_dest: bool,
+) -> Settled {
+    let (name, from, to) = (&pending.name, &pending.from, &pending.to);
+    let mut own_sq: Option<QmpClient>;
+    let sq = match sq {
+        Some(q) => Some(q),
+        None => {
+            own_sq = host.qmp(name, Some(from)).ok();
+            own_sq.as_mut()
+        }
+    };
+    let source = match sq {
+        Some(q) => {
+            cancel(q);
+            let st = status_of(q);
+            let mig = q
+                .execute("query-migrate", Value::Null)
+                .ok()
+                .and_then(|v| v["status"].as_str().map(str::to_string));
+            (settle::source_from(st.as_deref(), mig.as_deref()), Some(q))
+        }
+        None => (Source::Unavailable, None),
+    };
+    let (source, sq) = source;
+    let alive = host
+        .record(name, Some(to))
+        .is_ok_and(|r| tern_vm::vm::pid_alive(r.pid, &r.paths.qmp_socket));
+    let mut dq = if alive {
+        host.qmp(name, Some(to)).ok()
+    } else {
+        None
+    };
+    let dest = match &mut dq {
+        Some(q) => {
+            let before = status_of(q);
+            let after = if before.as_deref() == Some("running") {
+                before.clone()
+            } else {
+                // Clears autostart while it still loads: it cannot start behind our back.
+                let _ = q.execute("stop", Value::Null);
+                status_of(q)
+            };
+            settle::dest_from(true, before.as_deref(), after.as_deref())
+        }
+        None if alive => Dest::Unresponsive,
+        None => Dest::Gone,
+    };
+    let facts = Facts {
+        source,
+        dest,
+        phase: pending.phase,
+        dest_paused_start: pending.dest_paused_start,
+        with_disk: pending.with_disk,
+        reject_dest,
+    };
+    match settle::decide(facts) {
+        Action::Forward { resume_dest } => {
+            let dq = dq.as_mut().expect("forward only with a live destination");
+            if resume_dest {
+                let committed = PendingMigration {
+                    phase: Phase::Committed,
+                    ..pending.clone()
+                };
+                if settle::write_record(record, &committed).is_err() {
+                    return Settled::Stuck(settle::Stuck::DestUnresponsive);
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                if dq.execute("cont", Value::Null).is_err() {
+                    return Settled::Stuck(settle::Stuck::DestUnresponsive);
+                }
             }
-            if let Some(d) = &disk_plan {
+            if host.promote(name, to).is_err() {
+                // Whatever failed, the source must not run again: kill it.
+                let _ = host.stop_instance(name, from);
+            }
+            announce(dq);
+            settle::remove_record(record);
+            Settled::Forward { site: to.clone() }
+        }
+        Action::Rollback { resume_source } => {
+            drop(dq);
+            // The destination goes first: once it is dead it can never run.
+            let _ = host.stop_instance(name, to);
+            if pending.with_disk {
                 // The source's volume stays primary; the destination's copy is dropped
                 // with its instance (and stays inconsistent on disk).
                 let _ = tern_disk::server::request(
-                    &tern_disk::daemon::DiskPaths::in_dir(&d.src_dir).control,
+                    &tern_disk::daemon::DiskPaths::in_dir(&host.paths(name, from).dir).control,
                     &json!({"cmd": "stop-replication"}),
                 );
             }
-            let _ = host.stop_instance(&opts.name, &opts.to_site);
-            let state = sq
-                .execute("query-status", Value::Null)
-                .ok()
-                .and_then(|v| v["status"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "?".into());
-            let state = if state != "running" && src_was_running(&status) {
-                let _ = sq.execute("cont", Value::Null);
-                sq.execute("query-status", Value::Null)
-                    .ok()
-                    .and_then(|v| v["status"].as_str().map(str::to_string))
-                    .unwrap_or(state)
-            } else {
-                state
+            let state = match sq {
+                Some(q) => {
+                    if resume_source && pending.source_was_running {
+                        let _ = q.execute("cont", Value::Null);
+                    }
+                    status_of(q).unwrap_or_else(|| "?".into())
+                }
+                None => "?".into(),
             };
-            match e {
-                MigrateError::Aborted { reason, .. } => Err(MigrateError::Aborted {
-                    reason,
-                    site: from,
-                    state,
-                }),
-                other => Err(MigrateError::Aborted {
-                    reason: format!("failed: {}", error_chain(&other)),
-                    site: from,
-                    state,
-                }),
+            settle::remove_record(record);
+            Settled::Rollback {
+                site: from.clone(),
+                state,
             }
         }
+        Action::Stuck(why) => Settled::Stuck(why),
     }
+}
+
+/// `tern migrate NAME --recover`: settles a migration whose `tern migrate` died, from its
+/// record (`settle.rs`).
+pub fn recover(name: &str) -> Result<Settled, MigrateError> {
+    let host = VmHost::lab();
+    let record = settle::record_path(host.root(), name);
+    let pending = settle::read_record(&record)
+        .map_err(|source| MigrateError::Io {
+            what: format!("read {}", record.display()),
+            source,
+        })?
+        .ok_or_else(|| {
+            MigrateError::Refused(format!("{name} has no unfinished migration to recover"))
+        })?;
+    if settle::driver_alive(&pending) {
+        return Err(MigrateError::Refused(format!(
+            "the tern migrate of {name} (pid {}) still runs: it settles the migration itself",
+            pending.driver_pid
+        )));
+    }
+    Ok(settle_migration(&host, &pending, &record, None, false))
 }
 
 fn src_was_running(status: &Value) -> bool {
@@ -508,6 +719,7 @@ fn run(
     incoming_sock: &Path,
     uri: &str,
     disk: Option<&DiskPlan>,
+    (pending, record): (&mut PendingMigration, &Path),
 ) -> Result<MigrateReport, MigrateError> {
     let mut dq = host.qmp(&opts.name, Some(&opts.to_site))?;
     dq.execute(
@@ -708,6 +920,12 @@ fn run(
             }
             disk_report = Some(r);
         }
+        // The point of no return for a paused destination: from here on it may run.
+        pending.phase = Phase::Committed;
+        settle::write_record(record, pending).map_err(|source| MigrateError::Io {
+            what: format!("write {}", record.display()),
+            source,
+        })?;
         dq.execute("cont", Value::Null)
             .map_err(qmp_err("resume the destination"))?;
         done
@@ -722,6 +940,9 @@ fn run(
     let downtime_ms =
         (end_event.timestamp_us.saturating_sub(stop.timestamp_us)) as f64 / 1000.0 + switchover_ms;
     host.promote(&opts.name, &opts.to_site)?;
+    // The source's switch port is gone with it: the announce now moves the MAC.
+    announce(&mut dq);
+    settle::remove_record(record);
 
     let guest_verify = if opts.guest_verify_passes > 0 && dest.workload.is_some() {
         Some(wait_guest_verify(

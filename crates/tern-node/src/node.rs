@@ -1575,7 +1575,7 @@ impl Node {
                         o.frame.clear();
                         o.frame.extend_from_slice(fr);
                         o.status.remote_frames_in += 1;
-                        self.switch_frame(Port::Remote(peer));
+                        self.switch_frame(Port::Remote(peer), false);
                     }
                     Ok(None) => break,
                     Err(_) => {
@@ -1655,11 +1655,11 @@ impl Node {
                 let Some(p) = o.ports.get_mut(&id) else {
                     return;
                 };
-                match p.dec.next_frame() {
-                    Ok(Some(fr)) => {
+                match p.dec.next_marked() {
+                    Ok(Some((marked, fr))) => {
                         o.frame.clear();
                         o.frame.extend_from_slice(fr);
-                        self.switch_frame(Port::Vm(id));
+                        self.switch_frame(Port::Vm(id), marked);
                     }
                     Ok(None) => break,
                     Err(_) => {
@@ -1714,7 +1714,7 @@ impl Node {
             match tap.read(&mut o.frame) {
                 Ok(n) if n <= switch::MAX_FRAME => {
                     o.frame.truncate(n);
-                    self.switch_frame(Port::Tap);
+                    self.switch_frame(Port::Tap, false);
                 }
                 Ok(_) => o.status.bad_frames += 1,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1723,10 +1723,18 @@ impl Node {
         }
     }
 
-    /// Switches the frame in `overlay.frame` that entered at `ingress`.
-    fn switch_frame(&mut self, ingress: Port) {
+    /// Switches the frame in `overlay.frame` that entered at `ingress` (`marked`: its
+    /// length carried the switch's mark, see `switch.rs`).
+    fn switch_frame(&mut self, ingress: Port, marked: bool) {
+        let now_ns = self.now();
         let Some(o) = &mut self.overlay else { return };
-        let targets: Vec<Port> = match o.sw.handle_frame(ingress, &o.frame) {
+        let forward = if marked {
+            o.sw.handle_marked(ingress, &o.frame, now_ns)
+        } else {
+            o.sw.handle_frame(ingress, &o.frame, now_ns)
+        };
+        let trusted = o.sw.trusted_source(ingress, &o.frame);
+        let targets: Vec<Port> = match forward {
             switch::Forward::One(p) => vec![p],
             switch::Forward::Drop => return,
             switch::Forward::Flood => {
@@ -1750,7 +1758,8 @@ impl Node {
                         o.status.frames_dropped += 1;
                         continue;
                     }
-                    switch::encode_frame(&o.frame, &mut p.out);
+                    let mark = trusted && o.sw.is_gated(port);
+                    switch::encode_marked(&o.frame, mark, &mut p.out);
                     self.flush_port(id);
                 }
                 Port::Tap => {
