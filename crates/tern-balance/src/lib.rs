@@ -21,13 +21,24 @@
 //! ```
 
 pub mod config;
+pub mod detect;
+pub mod model;
 pub mod profile;
 
 pub use config::BalanceConfig;
+pub use model::{AppSample, HostSpec, Pool, PoolState, VmSample, VmSpec, VmState};
 
 /// Errors of the controller core.
 #[derive(Debug, thiserror::Error)]
 pub enum BalanceError {
     #[error("bad balance config: {detail}")]
     Config { detail: String },
+    #[error("too many {what} (limit {limit})")]
+    Limit { what: &'static str, limit: usize },
+    #[error("duplicate {what} name {name:?}")]
+    Duplicate { what: &'static str, name: String },
+    #[error("unknown {what} {name:?}")]
+    Unknown { what: &'static str, name: String },
+    #[error("{name}: {detail}")]
+    Invalid { name: String, detail: String },
 }
