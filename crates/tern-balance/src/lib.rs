@@ -24,6 +24,7 @@ pub mod config;
 pub mod detect;
 pub mod model;
 pub mod profile;
+pub mod provision;
 
 pub use config::BalanceConfig;
 pub use model::{AppSample, HostSpec, Pool, PoolState, VmSample, VmSpec, VmState};
