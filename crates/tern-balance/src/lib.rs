@@ -22,12 +22,107 @@
 
 pub mod config;
 pub mod detect;
+pub mod explain;
 pub mod model;
+pub mod plan;
 pub mod profile;
 pub mod provision;
 
 pub use config::BalanceConfig;
 pub use model::{AppSample, HostSpec, Pool, PoolState, VmSample, VmSpec, VmState};
+pub use plan::{Action, CostModel, Executor, LinkCost, Plan, Step};
+
+use model::{HostId, VmId};
+
+/// The controller: the pool model plus a migration cost model. A driver feeds it samples
+/// each interval, asks for a plan, runs the plan's steps (through an [`Executor`]) and
+/// reports each finished step with [`Controller::apply`].
+#[derive(Debug)]
+pub struct Controller {
+    pool: Pool,
+    cost: Box<dyn CostModel>,
+}
+
+impl Controller {
+    pub fn new(cfg: BalanceConfig) -> Result<Self, BalanceError> {
+        Ok(Self {
+            pool: Pool::new(cfg)?,
+            cost: Box::new(LinkCost::default()),
+        })
+    }
+
+    pub fn from_state(state: &PoolState) -> Result<Self, BalanceError> {
+        Ok(Self {
+            pool: Pool::from_state(state)?,
+            cost: Box::new(LinkCost::default()),
+        })
+    }
+
+    /// Replaces the migration cost model.
+    pub fn with_cost(mut self, cost: Box<dyn CostModel>) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn cost(&self) -> &dyn CostModel {
+        self.cost.as_ref()
+    }
+
+    pub fn add_host(&mut self, spec: HostSpec) -> Result<HostId, BalanceError> {
+        self.pool.add_host(spec)
+    }
+
+    pub fn add_vm(&mut self, spec: VmSpec) -> Result<VmId, BalanceError> {
+        self.pool.add_vm(spec)
+    }
+
+    pub fn observe_vm(&mut self, vm: VmId, sample: VmSample) {
+        self.pool.observe_vm(vm, sample);
+    }
+
+    pub fn observe_host_overhead(&mut self, host: HostId, cpu_cores: f64, net_mbps: f64) {
+        self.pool.observe_host_overhead(host, cpu_cores, net_mbps);
+    }
+
+    /// Ends a measurement interval at `now_s`.
+    pub fn close_interval(&mut self, now_s: f64) {
+        self.pool.close_interval(now_s);
+    }
+
+    pub fn detect(&self) -> Vec<detect::Hotspot> {
+        detect::detect(&self.pool)
+    }
+
+    /// Detects and plans in full; nothing moves.
+    pub fn plan(&self, now_s: f64) -> Plan {
+        plan::plan(&self.pool, self.cost.as_ref(), now_s)
+    }
+
+    /// Records a finished step: a VM moved or was resized.
+    pub fn apply(&mut self, action: &Action) -> Result<(), BalanceError> {
+        match action {
+            Action::Resize {
+                vm,
+                vcpus_to,
+                mem_mb_to,
+                ..
+            } => {
+                let v = self.pool.vm_id(vm)?;
+                self.pool.resize_vm(v, *vcpus_to, *mem_mb_to);
+            }
+            Action::Migrate { vm, to, .. } => {
+                let v = self.pool.vm_id(vm)?;
+                let h = self.pool.host_id(to)?;
+                self.pool.move_vm(v, h);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Errors of the controller core.
 #[derive(Debug, thiserror::Error)]

@@ -249,10 +249,8 @@ impl Pool {
                 name: spec.name,
             });
         }
-        let bad = !(spec.cpu_cores > 0.0 && spec.net_mbps > 0.0 && spec.mem_mb > 0.0)
-            || !(spec.cpu_cores.is_finite()
-                && spec.net_mbps.is_finite()
-                && spec.mem_mb.is_finite());
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let bad = !(positive(spec.cpu_cores) && positive(spec.net_mbps) && positive(spec.mem_mb));
         if bad {
             return Err(BalanceError::Invalid {
                 name: spec.name,
