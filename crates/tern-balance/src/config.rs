@@ -56,6 +56,9 @@ pub struct BalanceConfig {
     /// Try multi-way moves (evict low-VSR VMs from the destination to third hosts) when
     /// neither migrations nor swaps fit.
     pub multi_way: bool,
+    /// Beyond Sandpiper: a hot host first sheds the smallest VM whose departure alone
+    /// cools it (Sandpiper: always the highest VSR), saving spare capacity for others.
+    pub best_fit: bool,
     /// Resize in place (vCPU hot-add, memory grow) before migrating.
     pub resize_first: bool,
     /// Keep the moves of hot hosts that were resolved when others were not (Sandpiper's
@@ -96,6 +99,7 @@ impl Default for BalanceConfig {
             trend_aware: true,
             swaps: true,
             multi_way: true,
+            best_fit: false,
             resize_first: true,
             partial_plans: true,
             max_concurrent_migrations: 4,

@@ -27,6 +27,7 @@ pub mod model;
 pub mod plan;
 pub mod profile;
 pub mod provision;
+pub mod sim;
 
 pub use config::BalanceConfig;
 pub use model::{AppSample, HostSpec, Pool, PoolState, VmSample, VmSpec, VmState};

@@ -542,10 +542,33 @@ impl<'a> Planner<'a> {
         });
     }
 
+    /// The order VMs leave a hot host: decreasing VSR (Sandpiper); with `best_fit`, the
+    /// VMs whose departure alone cools the host come first, smallest first, so the pool's
+    /// spare capacity is not spent on more load than the hotspot needs moved.
+    fn leave_order(&self, h: HostId) -> Vec<VmId> {
+        let vsr = self.by_vsr(h, true);
+        if !self.pool.cfg.best_fit {
+            return vsr;
+        }
+        let lim = self.limit(h);
+        let size = |v: VmId| {
+            let n = self.need[v];
+            n[CPU] / lim[CPU] + n[NET] / lim[NET]
+        };
+        let alone = |v: VmId| {
+            let n = self.need[v];
+            (0..3).all(|d| self.load[h][d] - n[d] <= lim[d] + TOL)
+        };
+        let mut first: Vec<VmId> = vsr.iter().copied().filter(|v| alone(*v)).collect();
+        first.sort_by(|a, b| size(*a).total_cmp(&size(*b)).then(a.cmp(b)));
+        first.extend(vsr.into_iter().filter(|v| !alone(*v)));
+        first
+    }
+
     fn migrate_phase(&mut self, h: HostId, last_rejected: &mut Vec<Rejection>) {
         while self.violates(h) {
             let mut done = false;
-            for v in self.by_vsr(h, true) {
+            for v in self.leave_order(h) {
                 if !self.helps(h, v, &self.load[h], &[0.0; 3]) {
                     continue;
                 }
@@ -603,7 +626,7 @@ impl<'a> Planner<'a> {
         while self.violates(h) {
             let cands = self.candidates(h);
             let mut done = false;
-            'outer: for v in self.by_vsr(h, true) {
+            'outer: for v in self.leave_order(h) {
                 if !self.helps(h, v, &self.load[h], &[0.0; 3]) {
                     continue;
                 }
@@ -852,7 +875,7 @@ impl<'a> Planner<'a> {
         while self.violates(h) {
             let cands = self.candidates(h);
             let mut done = false;
-            'outer: for v in self.by_vsr(h, true) {
+            'outer: for v in self.leave_order(h) {
                 if !self.helps(h, v, &self.load[h], &[0.0; 3]) {
                     continue;
                 }
@@ -928,7 +951,6 @@ pub fn plan(pool: &Pool, cost: &dyn CostModel, now_s: f64) -> Plan {
             host: hs.host.clone(),
             triggers: hs.triggers.clone(),
         });
-        p.excluded[hs.host_id] = true;
         for &v in &pool.hosts[hs.host_id].vms {
             p.decisions.push(Decision::Need(p.needs[v].clone()));
         }

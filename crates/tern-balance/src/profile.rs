@@ -31,7 +31,7 @@ impl Window {
         let capacity = capacity.clamp(1, MAX_WINDOW_SAMPLES);
         Self {
             capacity,
-            samples: VecDeque::with_capacity(capacity.min(256)),
+            samples: VecDeque::new(),
             dropped: 0,
         }
     }
