@@ -398,3 +398,15 @@ fn executor_honours_dependencies_cap_and_failures() {
     assert_eq!(ex.state(2), Some(StepState::Cancelled));
     assert!(ex.is_finished());
 }
+
+/// The snapshot format `tern balance plan --state` reads (testdata/swap.json: Fig. 5.5).
+#[test]
+fn snapshot_file_plans_a_swap() {
+    let text = include_str!("../testdata/swap.json");
+    let state: tern_balance::PoolState = serde_json::from_str(text).unwrap();
+    let c = Controller::from_state(&state).unwrap();
+    assert_eq!(c.pool().now_s, 70.0);
+    let p = c.plan(c.pool().now_s);
+    assert_eq!(p.swaps, 1, "{}", tern_balance::explain::render(&p));
+    assert_eq!(p.steps.len(), 3);
+}

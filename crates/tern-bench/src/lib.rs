@@ -10,6 +10,7 @@ pub mod cloudnet;
 pub mod disk;
 pub mod dr;
 pub mod rr;
+pub mod sandpiper;
 pub mod tools;
 pub mod vmotion;
 pub mod wan;
