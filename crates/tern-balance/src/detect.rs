@@ -86,12 +86,13 @@ pub struct Hotspot {
     pub triggers: Vec<Trigger>,
 }
 
-/// Runs detection over every host not settling after a migration, in host order.
+/// Runs detection over every host not settling after a migration nor busy with a plan,
+/// in host order.
 pub fn detect(pool: &Pool) -> Vec<Hotspot> {
     let cfg = &pool.cfg;
     let mut out = Vec::new();
     for (h, host) in pool.hosts.iter().enumerate() {
-        if host.spec.scratch || pool.interval < host.settle_until_interval {
+        if host.spec.scratch || host.busy_plans > 0 || pool.interval < host.settle_until_interval {
             continue;
         }
         let mut triggers = Vec::new();

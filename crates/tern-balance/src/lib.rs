@@ -103,6 +103,37 @@ impl Controller {
         plan::plan(&self.pool, self.cost.as_ref(), now_s)
     }
 
+    /// Marks every host a plan touches busy until [`Self::release_plan`]: a driver that
+    /// plans again while a plan executes keeps the new plan off those hosts.
+    pub fn hold_plan(&mut self, plan: &Plan) {
+        for h in self.plan_hosts(plan) {
+            self.pool.hosts[h].busy_plans += 1;
+        }
+    }
+
+    pub fn release_plan(&mut self, plan: &Plan) {
+        for h in self.plan_hosts(plan) {
+            let b = &mut self.pool.hosts[h].busy_plans;
+            *b = b.saturating_sub(1);
+        }
+    }
+
+    fn plan_hosts(&self, plan: &Plan) -> std::collections::BTreeSet<HostId> {
+        let mut hs = std::collections::BTreeSet::new();
+        for s in &plan.steps {
+            let names: Vec<&String> = match &s.action {
+                Action::Resize { host, .. } => vec![host],
+                Action::Migrate { from, to, .. } => vec![from, to],
+            };
+            for n in names {
+                if let Ok(h) = self.pool.host_id(n) {
+                    hs.insert(h);
+                }
+            }
+        }
+        hs
+    }
+
     /// Records a finished step: a VM moved or was resized.
     pub fn apply(&mut self, action: &Action) -> Result<(), BalanceError> {
         match action {

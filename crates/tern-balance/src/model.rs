@@ -175,6 +175,9 @@ pub struct Host {
     pub vms: Vec<VmId>,
     /// Interval until which the host sits out of detection (after a migration).
     pub settle_until_interval: u64,
+    /// Plans under execution that touch this host: while > 0 it is neither detected nor
+    /// a destination.
+    pub busy_plans: u32,
     pending_overhead: (f64, f64),
 }
 
@@ -264,6 +267,7 @@ impl Pool {
             profile: HostProfile::new(self.cfg.window_samples),
             vms: Vec::new(),
             settle_until_interval: 0,
+            busy_plans: 0,
             pending_overhead: (0.0, 0.0),
         });
         Ok(id)

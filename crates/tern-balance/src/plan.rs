@@ -254,7 +254,11 @@ impl<'a> Planner<'a> {
             outgoing: vec![Vec::new(); nh],
             swapping,
             rise,
-            excluded: pool.hosts.iter().map(|h| h.spec.scratch).collect(),
+            excluded: pool
+                .hosts
+                .iter()
+                .map(|h| h.spec.scratch || h.busy_plans > 0)
+                .collect(),
             moved: vec![false; pool.vms.len()],
             moves: Vec::new(),
             undo: Vec::new(),

@@ -214,6 +214,9 @@ pub struct SimReport {
     pub resizes: usize,
     pub first_detection_s: Option<f64>,
     pub last_migration_end_s: Option<f64>,
+    /// Per hotspot (host, detection time): seconds from detection until the host's
+    /// demanded load was first back below its thresholds (Fig. 5.4: < 20 s).
+    pub hotspot_resolution_s: Vec<(String, f64, f64)>,
     /// Per interval: time and each host's demanded CPU utilization (incl. overhead).
     pub cpu_util: Vec<Vec<f64>>,
     pub net_util: Vec<Vec<f64>>,
@@ -221,6 +224,7 @@ pub struct SimReport {
 }
 
 struct Running {
+    plan: usize,
     step: usize,
     vm: usize,
     from: usize,
@@ -260,15 +264,20 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
         resizes: 0,
         first_detection_s: None,
         last_migration_end_s: None,
+        hotspot_resolution_s: Vec::new(),
         cpu_util: Vec::new(),
         net_util: Vec::new(),
         events: Vec::new(),
     };
-    let mut exec: Option<(Executor, Plan)> = None;
+    // Plans under execution (several may run: a new hotspot is planned for while an
+    // earlier plan's hosts are busy); None once finished.
+    let mut execs: Vec<Option<(Executor, Plan)>> = Vec::new();
     let mut running: Vec<Running> = Vec::new();
     // (start, end, from, to) of every migration, for overhead accounting.
     let mut spans: Vec<(f64, f64, usize, usize)> = Vec::new();
     let name = |h: usize| sc.hosts[h].name.clone();
+    // Open hotspots: host -> detection time.
+    let mut open: std::collections::BTreeMap<usize, f64> = std::collections::BTreeMap::new();
     for i in 0..intervals {
         let t = i as f64 * it;
         // Finish migrations that ended by t (in time order), starting dependents at once.
@@ -298,13 +307,14 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
                 to,
             });
             report.last_migration_end_s = Some(r.end_s);
-            if let Some((ex, _)) = exec.as_mut() {
+            if let Some((ex, _)) = execs[r.plan].as_mut() {
                 ex.complete(r.step);
             }
             start_steps(
                 sc,
                 &mut ctl,
-                &mut exec,
+                &mut execs,
+                r.plan,
                 &mut running,
                 &mut spans,
                 &mut vcpus,
@@ -312,8 +322,14 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
                 r.end_s,
             )?;
         }
-        if exec.as_ref().is_some_and(|(ex, _)| ex.is_finished()) && running.is_empty() {
-            exec = None;
+        for (k, slot) in execs.iter_mut().enumerate() {
+            let done = slot.as_ref().is_some_and(|(ex, _)| ex.is_finished())
+                && !running.iter().any(|r| r.plan == k);
+            if done {
+                if let Some((_, plan)) = slot.take() {
+                    ctl.release_plan(&plan);
+                }
+            }
         }
         // Demand, allocation and samples for (t - I, t].
         let mut overhead = vec![0.0f64; nh];
@@ -348,6 +364,8 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
             if !spec.scratch && (c > sc.cfg.cpu_threshold || n > sc.cfg.net_threshold) {
                 report.overloaded_host_intervals += 1;
                 over_now += 1;
+            } else if let Some(d) = open.remove(&h) {
+                report.hotspot_resolution_s.push((name(h), d, t - d));
             }
             cu.push(c);
             nu.push(n);
@@ -381,9 +399,12 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
             );
         }
         ctl.close_interval(t);
-        if exec.is_none() {
+        {
             let plan = ctl.plan(t);
             for hs in &plan.hotspots {
+                if hs.host_level {
+                    open.entry(hs.host_id).or_insert(t);
+                }
                 report.events.push(Event::Detect {
                     t_s: t,
                     host: hs.host.clone(),
@@ -396,11 +417,14 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
                 report.swaps += plan.swaps;
                 report.multi_way += plan.multi_way;
                 report.resizes += plan.resizes;
-                exec = Some((Executor::new(&plan), plan));
+                ctl.hold_plan(&plan);
+                execs.push(Some((Executor::new(&plan), plan)));
+                let k = execs.len() - 1;
                 start_steps(
                     sc,
                     &mut ctl,
-                    &mut exec,
+                    &mut execs,
+                    k,
                     &mut running,
                     &mut spans,
                     &mut vcpus,
@@ -417,14 +441,15 @@ pub fn simulate(sc: &Scenario, mode: Mode) -> Result<SimReport, crate::BalanceEr
 fn start_steps(
     sc: &Scenario,
     ctl: &mut Controller,
-    exec: &mut Option<(Executor, Plan)>,
+    execs: &mut [Option<(Executor, Plan)>],
+    plan: usize,
     running: &mut Vec<Running>,
     spans: &mut Vec<(f64, f64, usize, usize)>,
     vcpus: &mut [f64],
     report: &mut SimReport,
     t: f64,
 ) -> Result<(), crate::BalanceError> {
-    let Some((ex, _)) = exec.as_mut() else {
+    let Some((ex, _)) = execs.get_mut(plan).and_then(|x| x.as_mut()) else {
         return Ok(());
     };
     while let Some(step) = ex.poll_start() {
@@ -457,6 +482,7 @@ fn start_steps(
                     &sc.hosts[d],
                 );
                 running.push(Running {
+                    plan,
                     step: step.id,
                     vm: v,
                     from: f,

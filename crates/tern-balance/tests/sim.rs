@@ -51,3 +51,36 @@ fn stress_multi_way_resolves_at_least_sandpiper() {
     assert!(ours[1].all_resolved_fraction >= 0.03, "{ours:?}");
     assert!(ours[2].mean_resolved >= 22.0, "{ours:?}");
 }
+
+/// A hotspot that appears while an earlier plan executes is detected and planned for at
+/// once, on the hosts that plan does not hold (regression: the loop used to wait for the
+/// running plan to finish, which delayed four of the six hotspots by 60 s).
+#[test]
+fn hotspots_are_planned_while_a_plan_runs() {
+    let sc = datacenter_16x35(1);
+    let r = simulate(&sc, Mode::Controller).unwrap();
+    let it = sc.cfg.interval_s;
+    // The six hosts the scenario overloads (others only cross briefly while migrations run).
+    for (h, host) in sc.hosts.iter().enumerate().take(6) {
+        let first_over = r
+            .cpu_util
+            .iter()
+            .zip(&r.net_util)
+            .position(|(c, n)| c[h] > sc.cfg.cpu_threshold || n[h] > sc.cfg.net_threshold);
+        let Some(first_over) = first_over else {
+            continue;
+        };
+        let detected = r.events.iter().find_map(|e| match e {
+            tern_balance::sim::Event::Detect { t_s, host: x } if *x == host.name => Some(*t_s),
+            _ => None,
+        });
+        let delay = detected.expect("every overloaded host is detected") - first_over as f64 * it;
+        eprintln!(
+            "{} over at {} detected after {delay} s",
+            host.name,
+            first_over as f64 * it
+        );
+        assert!(delay <= 6.0 * it, "{}: {delay} s", host.name);
+    }
+    assert!(r.plans >= 2);
+}
