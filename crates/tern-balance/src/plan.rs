@@ -1013,6 +1013,9 @@ pub fn plan(pool: &Pool, cost: &dyn CostModel, now_s: f64) -> Plan {
                 .map(|h| pool.hosts[*h].spec.name.clone())
                 .collect(),
         });
+        // Nothing moves, so no hot host is resolved.
+        unresolved.append(&mut resolved);
+        unresolved.sort_unstable();
     }
     // Resizes: VMs on hotspot hosts whose need exceeds their allocation.
     let mut steps = Vec::new();

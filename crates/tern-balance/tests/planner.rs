@@ -339,6 +339,8 @@ fn partial_plans_off_gives_up_everything() {
     };
     let p = controller(cfg, &hosts, &vms, 10).plan(100.0);
     assert!(p.gave_up && p.steps.is_empty());
+    assert!(p.resolved.is_empty());
+    assert_eq!(p.unresolved.len(), 2);
 }
 
 #[test]
