@@ -14,7 +14,7 @@
 //!
 //! One control interval (a driver's loop):
 //! ```text
-//!   observe_vm(vm, sample)*  ->  end_interval(now_s)  ->  plan(now_s) -> Plan
+//!   observe_vm(vm, sample)*  ->  close_interval(now_s)  ->  plan(now_s) -> Plan
 //!        ^                                                   |
 //!        |            Executor::poll_start / complete        v
 //!        +--------- apply(step.action) <--- driver runs the step (QMP, cgroups, migrate)
