@@ -16,6 +16,9 @@
 //! 4. a host still hot has its tentative moves rolled back (a partial move is a wasted
 //!    migration); `partial_plans = false` drops the whole plan instead.
 //!
+//! Steps 1–2 run for every hot host first; step 3 runs in a second pass over the hosts
+//! they left hot, so multi-way moves only use capacity Sandpiper's moves did not.
+//!
 //! VMs whose need exceeds their allocation are resized in place first when their host
 //! (after the plan) has room, or on their destination after migrating. Nothing moves
 //! before the whole plan is computed; the [`Executor`] runs it with a concurrency cap.
@@ -978,6 +981,8 @@ pub fn plan(pool: &Pool, cost: &dyn CostModel, now_s: f64) -> Plan {
     hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut resolved = Vec::new();
     let mut unresolved = Vec::new();
+    // Pass 1 (Sandpiper): migrations, then swaps, host by host.
+    let mut first_unresolved = Vec::new();
     for &(_, h) in &hot {
         let cp = p.checkpoint();
         let mut rejected = Vec::new();
@@ -985,7 +990,22 @@ pub fn plan(pool: &Pool, cost: &dyn CostModel, now_s: f64) -> Plan {
         if cfg.swaps {
             p.swap_phase(h, &mut rejected);
         }
+        if p.violates(h) {
+            p.rollback(cp);
+            first_unresolved.push((h, rejected));
+        } else {
+            resolved.push(h);
+        }
+    }
+    // Pass 2 (multi-way): only the hosts pass 1 left, with the capacity it left, so
+    // multi-way moves never take room a Sandpiper move would have used.
+    for (h, mut rejected) in first_unresolved {
+        let cp = p.checkpoint();
         if cfg.multi_way {
+            p.migrate_phase(h, &mut rejected);
+            if cfg.swaps {
+                p.swap_phase(h, &mut rejected);
+            }
             p.multi_way_phase(h, &mut rejected);
         }
         if p.violates(h) {
