@@ -55,7 +55,10 @@ pub fn run(o: &SandpiperBenchOptions) -> Result<Value, BenchError> {
     for kind in [StressKind::CpuOnly, StressKind::Mixed] {
         for (name, cfg) in [
             ("sandpiper", BalanceConfig::sandpiper()),
-            ("tern (2nd pass + multi-way, trend)", BalanceConfig::default()),
+            (
+                "tern (2nd pass + multi-way, trend)",
+                BalanceConfig::default(),
+            ),
         ] {
             let rows =
                 stress_experiment(&STRESS_LEVELS, o.trials, o.seed, kind, &cfg).map_err(err)?;
