@@ -108,3 +108,99 @@ fn multi_way_never_resolves_fewer_than_sandpiper() {
         }
     }
 }
+
+/// Fig. 5.4 / Table 5.1 in the simulator: 3 hosts of one core, 5 VMs, a CPU cost of 3 ms
+/// per request, three phases of 30 intervals. Phase 1: PM1 is hot and VM1 (highest VSR)
+/// moves to PM3. Phase 2: VM3 fits nowhere, so VM4 moves from PM2 to PM1. Phase 3: VM1
+/// and VM5 load PM3 equally and VM5, with half the memory, moves.
+#[test]
+fn table_5_1_three_phases_move_the_seeds_vms() {
+    use tern_balance::sim::{Event, Scenario, SimVm, Trace};
+    use tern_balance::{HostSpec, LinkCost, VmSpec};
+    let c = 0.003; // cores per request/s
+    let spike = |base: f64, peak: f64, start: u64| Trace::Spike {
+        base: base * c,
+        peak: peak * c,
+        start,
+        len: 30,
+        noise: 0.02,
+    };
+    let vms = [
+        ("vm1", "pm1", 256.0, spike(130.0, 200.0, 0)),
+        ("vm2", "pm1", 256.0, spike(90.0, 90.0, 0)),
+        ("vm3", "pm2", 256.0, spike(60.0, 200.0, 30)),
+        ("vm4", "pm2", 256.0, spike(90.0, 60.0, 0)),
+        ("vm5", "pm3", 128.0, spike(10.0, 130.0, 60)),
+    ];
+    let sc = Scenario {
+        name: "table-5.1".into(),
+        hosts: (1..=3)
+            .map(|i| HostSpec {
+                name: format!("pm{i}"),
+                site: "a".into(),
+                cpu_cores: 1.0,
+                net_mbps: 1000.0,
+                mem_mb: 1024.0,
+                scratch: false,
+            })
+            .collect(),
+        vms: vms
+            .iter()
+            .enumerate()
+            .map(|(i, (n, h, mem, cpu))| SimVm {
+                spec: VmSpec {
+                    name: (*n).into(),
+                    host: (*h).into(),
+                    mem_mb: *mem,
+                    vcpus: 1.0,
+                    max_vcpus: None,
+                    sla_response_s: None,
+                },
+                cpu: cpu.clone(),
+                net: Trace::Steady {
+                    level: 5.0,
+                    noise: 0.0,
+                },
+                seed: i as u64 + 1,
+            })
+            .collect(),
+        intervals: 90,
+        // A profile window of 10 intervals (100 s), so a phase's peaks have left it when
+        // the next phase's hotspot is planned (with 12, phase 2's peak of VM3 still
+        // counts and VM5 swaps with VM4 instead of moving to PM2).
+        cfg: BalanceConfig {
+            window_samples: 10,
+            ..BalanceConfig::default()
+        },
+        cost: LinkCost::default(),
+        migration_cpu_cores: 0.1,
+    };
+    let r = simulate(&sc, Mode::Controller).unwrap();
+    let moves: Vec<(u64, String, String, String)> = r
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::MigrateStart { t_s, vm, from, to } => Some((
+                (*t_s / 10.0) as u64 / 30,
+                vm.clone(),
+                from.clone(),
+                to.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let m = |p: u64, vm: &str, f: &str, t: &str| (p, vm.to_string(), f.to_string(), t.to_string());
+    assert_eq!(
+        moves,
+        vec![
+            m(0, "vm1", "pm1", "pm3"),
+            m(1, "vm4", "pm2", "pm1"),
+            m(2, "vm5", "pm3", "pm2")
+        ],
+        "{:?}",
+        r.events
+    );
+    assert_eq!(r.overloaded_at_end, 0);
+    let st = simulate(&sc, Mode::Static).unwrap();
+    assert!(r.overloaded_host_intervals * 3 < st.overloaded_host_intervals);
+}
