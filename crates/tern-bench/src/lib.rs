@@ -11,6 +11,7 @@ pub mod disk;
 pub mod dr;
 pub mod mgmt;
 pub mod rr;
+pub mod sandpiper;
 pub mod tools;
 pub mod vmotion;
 pub mod wan;

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
+mod balance;
 mod bench;
 mod disk;
 mod migrate;
@@ -55,6 +56,9 @@ enum Cmd {
     /// Declare a protected VM's primary site lost: promote the backup volume and boot the
     /// VM at the backup site; prints RPO and RTO.
     Failover(protect::FailoverArgs),
+    /// Sandpiper's hotspot controller on a pool snapshot: `plan --dry-run`, `explain`.
+    #[command(subcommand)]
+    Balance(balance::BalanceCmd),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -169,6 +173,9 @@ enum BenchCmd {
     /// Idle clients of node A's metrics port and control socket during an accelerated
     /// iperf3 flow: goodput with them against without, side by side.
     Mgmt(bench::MgmtBenchArgs),
+    /// Sandpiper's simulated experiments (`--sim`): 16 hosts / 35 VMs vs static, the
+    /// 50-host stress test, planner time for 500 / 5,000 / 50,000 VMs.
+    Sandpiper(balance::SandpiperBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -305,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Disk(a)) => bench::disk(a),
         Cmd::Bench(BenchCmd::Dr(a)) => bench::dr(a),
         Cmd::Bench(BenchCmd::Mgmt(a)) => bench::mgmt(a),
+        Cmd::Bench(BenchCmd::Sandpiper(a)) => balance::bench(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
@@ -313,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Protect(a) => protect::run(a),
         Cmd::Failover(a) => protect::failover(a),
         Cmd::Disk(c) => disk::run(c),
+        Cmd::Balance(c) => balance::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }
 }
