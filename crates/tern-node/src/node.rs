@@ -43,7 +43,9 @@ use crate::{NodeError, nft, open};
 const LARGE_WINDOW_FLOWS: usize = 16;
 /// Flows that may compress with zstd at all: 16 × 8 MiB + 240 × 2 MiB of windows at the far
 /// decoder (and ~1.2x that here) at most, instead of one zstd context per flow up to
-/// [`MAX_FLOWS`] (8 GiB); later flows compress with lz4 while these are open.
+/// [`MAX_FLOWS`] (8 GiB); later flows compress with lz4 while these are open. A peer's
+/// streams get zstd decoders here with the same bounds doubled, per peer (`new_flow`), so a
+/// peer that ignores them holds at most 32 × 8 MiB + 480 × 2 MiB of our memory in windows.
 const ZSTD_FLOWS: usize = 256;
 
 const TOKEN_UDP: u64 = 0;
@@ -214,6 +216,8 @@ struct Flow {
     enc: RecordEncoder,
     header: Vec<u8>,
     dec: RecordDecoder,
+    /// The zstd window its decoder may hold (`None`: no zstd), see `new_flow`.
+    dec_window_log: Option<u32>,
     out: Vec<u8>,
     out_pos: usize,
     stream_fin: bool,
@@ -882,6 +886,23 @@ impl Node {
             }
             c => c,
         };
+        // What this peer's streams may make us hold: twice what a tern sender uses (its
+        // counts and ours differ while flows close), per peer.
+        let (mut large_caps, mut zstd_caps) = (0, 0);
+        for f in self.flows.values().filter(|f| f.peer == peer) {
+            match f.dec_window_log {
+                Some(ZSTD_WINDOW_LOG) => (large_caps, zstd_caps) = (large_caps + 1, zstd_caps + 1),
+                Some(_) => zstd_caps += 1,
+                None => {}
+            }
+        }
+        let dec_window_log = if zstd_caps >= 2 * ZSTD_FLOWS {
+            None
+        } else if large_caps < 2 * LARGE_WINDOW_FLOWS {
+            Some(ZSTD_WINDOW_LOG)
+        } else {
+            Some(ZSTD_SMALL_WINDOW_LOG)
+        };
         if let Some(s) = &sock {
             let _ = self.epoll.add(
                 s.fd(),
@@ -903,7 +924,8 @@ impl Node {
                 read_eof: false,
                 enc: RecordEncoder::with_window_log(codec, window_log),
                 header: Vec::new(),
-                dec: RecordDecoder::new(),
+                dec: RecordDecoder::with_window_log_max(dec_window_log),
+                dec_window_log,
                 out: Vec::new(),
                 out_pos: 0,
                 stream_fin: false,

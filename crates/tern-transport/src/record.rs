@@ -578,6 +578,9 @@ pub struct RecordDecoder {
     partial: Vec<u8>,
     /// The stream's zstd context, made at its first zstd record.
     zstd: Option<ZstdDecoder<'static>>,
+    /// Largest zstd window this stream may use (its context's memory); `None`: zstd records
+    /// are refused (the receiver's budget of zstd contexts is spent).
+    window_log_max: Option<u32>,
     /// Stream offset of the next record header.
     offset: u64,
     failed: bool,
@@ -608,8 +611,14 @@ impl RecordDecoder {
         let zstd = match &mut self.zstd {
             Some(z) => z,
             None => {
+                let Some(log) = self.window_log_max else {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::OutOfMemory,
+                        "no zstd context for this stream: the receiver's budget is spent",
+                    ));
+                };
                 let mut z = ZstdDecoder::new()?;
-                z.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG))?;
+                z.set_parameter(DParameter::WindowLogMax(log))?;
                 self.zstd.insert(z)
             }
         };
@@ -632,9 +641,17 @@ impl RecordDecoder {
         Ok(output.pos())
     }
 
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a stream (zstd windows up to [`ZSTD_WINDOW_LOG`]).
     pub fn new() -> Self {
+        Self::with_window_log_max(Some(ZSTD_WINDOW_LOG))
+    }
+
+    /// A decoder whose zstd context may hold a window of at most 2^`log` bytes (a frame that
+    /// needs more is an error), or that refuses zstd records (`None`): a receiver bounds the
+    /// memory a peer's streams can make it hold.
+    pub fn with_window_log_max(log: Option<u32>) -> Self {
         RecordDecoder {
+            window_log_max: log.map(|l| l.min(ZSTD_WINDOW_LOG)),
             partial: Vec::new(),
             zstd: None,
             offset: 0,
@@ -1335,5 +1352,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_decoder_holds_no_larger_window_than_it_is_given() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut large = Vec::new();
+        RecordEncoder::with_window_log(Codec::Zstd { level: 1 }, ZSTD_WINDOW_LOG)
+            .encode(&data, &mut large);
+        let mut small = Vec::new();
+        RecordEncoder::with_window_log(Codec::Zstd { level: 1 }, ZSTD_SMALL_WINDOW_LOG)
+            .encode(&data, &mut small);
+        let decode = |max: Option<u32>, wire: &[u8]| {
+            let mut out = Vec::new();
+            RecordDecoder::with_window_log_max(max)
+                .push(wire, &mut out)
+                .map(|()| out)
+        };
+        assert_eq!(decode(Some(ZSTD_WINDOW_LOG), &large).unwrap(), data);
+        assert_eq!(decode(Some(ZSTD_SMALL_WINDOW_LOG), &small).unwrap(), data);
+        // A peer that ignores the small window it was meant to use is refused, not obeyed.
+        assert!(decode(Some(ZSTD_SMALL_WINDOW_LOG), &large).is_err());
+        // Without a budget: no zstd context at all; raw records still pass.
+        assert!(decode(None, &small).is_err());
+        let mut raw = Vec::new();
+        RecordEncoder::new(Codec::Raw).encode(&data, &mut raw);
+        assert_eq!(decode(None, &raw).unwrap(), data);
     }
 }
