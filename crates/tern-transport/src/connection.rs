@@ -17,7 +17,7 @@ use crate::cc::{RateController, SendSnapshot};
 use crate::crypto::{PacketKeys, REPLAY_WINDOW, ReplayWindow};
 use crate::fec::{self, FecDecoder, FecEncoder, RepairSymbol};
 use crate::rangeset::RangeSet;
-use crate::stream::{RecvStream, SendStream};
+use crate::stream::{RecvError, RecvStream, SendStream};
 use crate::wire::{self, Frame, MAX_ACK_RANGES, MAX_FRAME_DATA, PnRange};
 
 /// Path RTT below which FEC stays off (see `Connection::fec_active`).
@@ -45,6 +45,13 @@ const PACING_HORIZON_NS: u64 = 100_000;
 const PACING_HORIZON_PACKETS: u64 = 2;
 /// Loss-rate windows (of 2000 packets) whose minimum is the background loss estimate.
 const LOSS_SAMPLES: usize = 8;
+/// Most out-of-order segments all streams of one connection hold together (each stream holds
+/// at most `stream::MAX_RECV_SEGMENTS`; bytes are bounded by the connection window). A frame
+/// that would add one beyond it closes the connection with [`CLOSE_PROTOCOL`].
+pub const MAX_CONN_RECV_SEGMENTS: usize = 65_536;
+/// Most RESET_STREAM frames queued to send; a peer that makes us refuse more streams than this
+/// before they drain breaks the protocol (the connection closes with [`CLOSE_PROTOCOL`]).
+pub const MAX_PENDING_RESETS: usize = 4096;
 /// RESET code sent when the peer opens more streams than `max_streams`.
 pub const RESET_REFUSED: u64 = 0x100;
 /// Close codes.
@@ -149,6 +156,12 @@ pub struct ConnStats {
     pub loss_estimate: f64,
     pub udp_payload: usize,
     pub streams_open: usize,
+    /// Times the peer broke the protocol (each closes the connection with `CLOSE_PROTOCOL`).
+    pub protocol_errors: u64,
+    /// Frames naming a peer stream id beyond the stream limit.
+    pub stream_id_violations: u64,
+    /// Stream data refused because the out-of-order buffer bound was reached.
+    pub reassembly_limit_hits: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +254,8 @@ pub struct Connection {
     peer_max_data: u64,
     conn_sent: u64,
     conn_buffered: u64,
+    /// Out-of-order segments held by all receive streams (≤ [`MAX_CONN_RECV_SEGMENTS`]).
+    recv_segments: usize,
     events: VecDeque<Event>,
     // --- FEC
     fec_enc: FecEncoder,
@@ -313,6 +328,7 @@ impl Connection {
             peer_max_data: config.conn_window_bytes,
             conn_sent: 0,
             conn_buffered: 0,
+            recv_segments: 0,
             events: VecDeque::new(),
             fec_enc: FecEncoder::new(),
             fec_dec: FecDecoder::new(),
@@ -456,6 +472,7 @@ impl Connection {
     pub fn stream_reset(&mut self, id: u64, code: u64) -> Result<(), StreamError> {
         let s = self.streams.remove(&id).ok_or(StreamError::Unknown(id))?;
         self.conn_buffered -= s.send.buffered();
+        self.recv_segments -= s.recv.pending_segments();
         self.pending_resets.push_back((id, code, s.send.written));
         Ok(())
     }
@@ -500,6 +517,7 @@ impl Connection {
             && s.send.is_done()
             && (s.recv.is_finished() || s.recv.reset.is_some())
         {
+            self.recv_segments -= s.recv.pending_segments();
             self.streams.remove(&id);
         }
     }
@@ -532,7 +550,7 @@ impl Connection {
         header_len: usize,
         ciphertext: &[u8],
     ) {
-        if self.closed.is_some() {
+        if self.closed.is_some() || self.close_pending.is_some() {
             return;
         }
         let expected = self.replay.highest().map_or(0, |h| h + 1);
@@ -645,6 +663,10 @@ impl Connection {
             if self.closed.is_some() {
                 return true;
             }
+            if self.close_pending.is_some() {
+                // A protocol error: nothing after it in the packet is processed.
+                return false;
+            }
         }
         let is_new_gap = self.largest_received.is_some_and(|l| pn > l + 1);
         let is_late = self.largest_received.is_some_and(|l| pn < l);
@@ -697,8 +719,7 @@ impl Connection {
             if local || id < self.next_remote_id {
                 return; // closed stream: late or duplicate data
             }
-            self.open_remote_up_to(id);
-            if !self.streams.contains_key(&id) {
+            if !self.open_remote_up_to(id) || !self.streams.contains_key(&id) {
                 return;
             }
         }
@@ -713,47 +734,85 @@ impl Connection {
             return;
         }
         let before = s.recv.highest;
+        let segments_before = s.recv.pending_segments();
         match s.recv.on_data(offset, data, fin) {
             Ok(readable) => {
                 self.conn_received += s.recv.highest - before;
+                self.recv_segments =
+                    self.recv_segments + s.recv.pending_segments() - segments_before;
+                if self.recv_segments > MAX_CONN_RECV_SEGMENTS {
+                    // One frame past the bound: the connection closes before another arrives.
+                    self.stats.reassembly_limit_hits += 1;
+                    self.protocol_error();
+                    return;
+                }
                 if readable && !s.readable_signalled {
                     s.readable_signalled = true;
                     self.events.push_back(Event::Readable(id));
                 }
             }
-            Err(_) => {
+            Err(RecvError::TooManySegments) => {
+                self.stats.reassembly_limit_hits += 1;
+                self.protocol_error();
+            }
+            Err(RecvError::FinalSize) => {
                 self.stats.malformed += 1;
-                self.close(CLOSE_PROTOCOL);
+                self.protocol_error();
             }
         }
         if self.conn_received > self.conn_max_advertised {
-            self.close(CLOSE_PROTOCOL);
+            self.protocol_error();
         }
     }
 
     /// Opens every peer stream id up to `id` (lower ones may still arrive); refuses beyond
     /// the stream limit.
-    fn open_remote_up_to(&mut self, id: u64) {
+    ///
+    /// The peer never has more than `max_streams` streams open, so a frame naming an id more
+    /// than `max_streams` unopened ids ahead is a protocol violation: the connection is closed
+    /// with [`CLOSE_PROTOCOL`] and false returned, before any per-id work (an id of 2^61
+    /// would otherwise loop 2^60 times).
+    fn open_remote_up_to(&mut self, id: u64) -> bool {
+        let new_ids = id.saturating_sub(self.next_remote_id) / 2 + 1;
+        if new_ids > self.config.max_streams as u64 {
+            self.stats.stream_id_violations += 1;
+            self.protocol_error();
+            return false;
+        }
         while self.next_remote_id <= id {
             let nid = self.next_remote_id;
             self.next_remote_id += 2;
             if self.streams.len() >= self.config.max_streams {
+                if self.pending_resets.len() >= MAX_PENDING_RESETS {
+                    self.protocol_error();
+                    return false;
+                }
                 self.pending_resets.push_back((nid, RESET_REFUSED, 0));
                 continue;
             }
             self.streams.insert(nid, self.new_stream());
             self.events.push_back(Event::StreamOpened(nid));
         }
+        true
+    }
+
+    /// Closes the connection because the peer broke the protocol.
+    fn protocol_error(&mut self) {
+        self.stats.protocol_errors += 1;
+        self.close(CLOSE_PROTOCOL);
     }
 
     fn on_reset_frame(&mut self, id: u64, code: u64) {
         let local = (id & 1) == u64::from(!self.is_initiator);
         if !local && id >= self.next_remote_id {
             // Reset of a stream whose data never arrived: open it (and lower ids), then reset.
-            self.open_remote_up_to(id);
+            if !self.open_remote_up_to(id) {
+                return;
+            }
         }
         if let Some(s) = self.streams.remove(&id) {
             self.conn_buffered -= s.send.buffered();
+            self.recv_segments -= s.recv.pending_segments();
             self.events.push_back(Event::StreamReset { id, code });
         }
     }
@@ -1533,5 +1592,196 @@ impl Connection {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{self, InitiatorHandshake, StaticKeypair};
+
+    /// Keys of both ends of one session: (initiator's, responder's).
+    fn session_keys() -> (PacketKeys, PacketKeys) {
+        let ka = StaticKeypair::from_seed(1);
+        let kb = StaticKeypair::from_seed(2);
+        let (hs, m1) = InitiatorHandshake::start(&ka, &kb.public, b"", Some(3)).unwrap();
+        let accepted = crypto::accept_initiation(&kb, &m1, Some(4)).unwrap();
+        let (m2, keys_b) = accepted.respond(b"").unwrap();
+        let (_, keys_a) = hs.finish(&m2).unwrap();
+        (keys_a, keys_b)
+    }
+
+    /// A responder-side connection and the initiator's keys, to forge packets the responder
+    /// authenticates (an authenticated but hostile peer).
+    struct Harness {
+        conn: Connection,
+        peer_keys: PacketKeys,
+        next_pn: u64,
+    }
+
+    impl Harness {
+        fn new(config: Config) -> Self {
+            let (keys_a, keys_b) = session_keys();
+            Harness {
+                conn: Connection::new(config, keys_b, false, 0),
+                peer_keys: keys_a,
+                next_pn: 0,
+            }
+        }
+
+        fn send_frames(&mut self, now_ns: u64, frames: &[Frame<'_>]) {
+            let mut plain = Vec::new();
+            for f in frames {
+                f.encode(&mut plain);
+            }
+            let pn = self.next_pn;
+            self.next_pn += 1;
+            let mut ct = Vec::new();
+            self.peer_keys.seal(pn, &plain, &mut ct).unwrap();
+            // 4-byte header: 29 bits of packet number.
+            self.conn.handle_packet(now_ns, pn & ((1 << 29) - 1), 4, &ct);
+        }
+
+        /// Drives transmits until the connection reports its close; returns the code.
+        fn closed_code(&mut self, now_ns: u64) -> Option<u64> {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                out.clear();
+                if !self.conn.poll_transmit(now_ns, &mut out) {
+                    break;
+                }
+            }
+            std::iter::from_fn(|| self.conn.poll_event()).find_map(|e| match e {
+                Event::Closed { code } => Some(code),
+                _ => None,
+            })
+        }
+    }
+
+    /// Regression (issue 25, defect 9): a STREAM frame with id 2^61 made the receiver open
+    /// every id below it one by one (2^60 iterations: the node hung). It is now a protocol
+    /// error, found before any per-id work.
+    #[test]
+    fn stream_id_far_beyond_the_limit_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(
+            1,
+            &[Frame::Stream {
+                id: 1 << 61,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.conn.stats().streams_open, 0);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
+    }
+
+    /// The same through RESET_STREAM, which also opens the ids below it.
+    #[test]
+    fn reset_of_a_far_stream_id_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(
+            1,
+            &[Frame::ResetStream {
+                id: 1 << 61,
+                code: 0,
+                final_size: 0,
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Ids up to the limit still open (zero-RTT opens may arrive out of order).
+    #[test]
+    fn stream_ids_within_the_limit_open_lower_ids() {
+        let config = Config {
+            max_streams: 8,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let id = 2 * 7; // the 8th initiator stream
+        h.send_frames(
+            1,
+            &[Frame::Stream {
+                id,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().streams_open, 8);
+        assert_eq!(h.conn.stats().protocol_errors, 0);
+        // One more unopened id than the limit allows is refused.
+        h.send_frames(
+            2,
+            &[Frame::Stream {
+                id: id + 2 + 2 * 8,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.closed_code(3), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Regression (issue 25, defect 12): overlapping out-of-order segments inside the window
+    /// were each stored whole. 2,000 frames of 60,000 bytes, each one byte further, now hold
+    /// the 61,999 bytes they cover (before: 120 MB), and the connection stays open.
+    #[test]
+    fn overlapping_segments_hold_only_the_bytes_they_cover() {
+        let mut h = Harness::new(Config::default());
+        let data = vec![7u8; 60_000];
+        for i in 0..2000u64 {
+            h.send_frames(
+                1 + i,
+                &[Frame::Stream {
+                    id: 0,
+                    offset: 1 + i,
+                    fin: false,
+                    data: &data,
+                }],
+            );
+        }
+        let s = h.conn.streams.get(&0).expect("open");
+        assert_eq!(s.recv.pending_bytes(), 61_999);
+        assert_eq!(h.conn.recv_segments, 1);
+        assert_eq!(h.conn.stats().protocol_errors, 0);
+    }
+
+    /// Many tiny disjoint segments across streams hit the per-connection segment bound and
+    /// close the connection instead of growing without limit.
+    #[test]
+    fn connection_segment_bound_closes_the_connection() {
+        let config = Config {
+            max_streams: 16,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let per_stream = crate::stream::MAX_RECV_SEGMENTS as u64;
+        let mut sent = 0u64;
+        'outer: for stream in 0..16u64 {
+            for i in 0..per_stream {
+                h.send_frames(
+                    1,
+                    &[Frame::Stream {
+                        id: 2 * stream,
+                        offset: 2 + 2 * i,
+                        fin: false,
+                        data: b"x",
+                    }],
+                );
+                sent += 1;
+                if h.conn.stats().protocol_errors > 0 {
+                    break 'outer;
+                }
+            }
+        }
+        assert_eq!(sent, MAX_CONN_RECV_SEGMENTS as u64 + 1);
+        assert_eq!(h.conn.stats().reassembly_limit_hits, 1);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
     }
 }
