@@ -543,15 +543,16 @@ impl Connection {
 
     /// A data packet for this connection, not yet authenticated (header already parsed:
     /// `truncated_pn` is the packet number's low bits from a header of `header_len` bytes).
+    /// Returns true if it authenticated under this connection's keys.
     pub fn handle_packet(
         &mut self,
         now_ns: u64,
         truncated_pn: u64,
         header_len: usize,
         ciphertext: &[u8],
-    ) {
+    ) -> bool {
         if self.closed.is_some() || self.close_pending.is_some() {
-            return;
+            return false;
         }
         let expected = self.replay.highest().map_or(0, |h| h + 1);
         let pn = wire::expand_packet_number(
@@ -561,14 +562,14 @@ impl Connection {
         );
         if !self.replay.check(pn) {
             self.stats.duplicates += 1;
-            return;
+            return false;
         }
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
         if self.keys.open(pn, ciphertext, &mut plain).is_err() {
             self.stats.auth_failures += 1;
             self.plain = plain;
-            return;
+            return false;
         }
         self.replay.accept(pn);
         self.stats.packets_received += 1;
@@ -583,6 +584,7 @@ impl Connection {
             }
         }
         self.plain = plain;
+        true
     }
 
     /// Returns true if the payload was valid.
@@ -1639,7 +1641,8 @@ mod tests {
             let mut ct = Vec::new();
             self.peer_keys.seal(pn, &plain, &mut ct).unwrap();
             // 4-byte header: 29 bits of packet number.
-            self.conn.handle_packet(now_ns, pn & ((1 << 29) - 1), 4, &ct);
+            self.conn
+                .handle_packet(now_ns, pn & ((1 << 29) - 1), 4, &ct);
         }
 
         /// Drives transmits until the connection reports its close; returns the code.

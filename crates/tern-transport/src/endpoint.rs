@@ -23,6 +23,9 @@ use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_INIT, TYPE_RESPONSE};
 /// Handshake initiations processed per second at most (each costs Diffie-Hellman work).
 pub const MAX_INITS_PER_SECOND: u32 = 50;
 const HANDSHAKE_RETRY_NS: u64 = 1_000_000_000;
+/// How long a responder keeps a session whose initiator has not sent a packet under its keys
+/// yet (the initiator sends its first packet at once and retransmits it on loss).
+pub const NEXT_SESSION_TIMEOUT_NS: u64 = 10_000_000_000;
 
 pub type PeerId = usize;
 
@@ -53,7 +56,13 @@ pub struct EndpointStats {
     pub handshakes_unknown_key: u64,
     pub handshakes_replayed: u64,
     pub handshakes_rate_limited: u64,
+    /// Handshakes whose keys this side holds (as initiator: response accepted; as responder:
+    /// response sent, session still unconfirmed).
     pub handshakes_completed: u64,
+    /// Responder sessions confirmed by a packet under their keys (each replaces the current).
+    pub sessions_confirmed: u64,
+    /// Responder sessions dropped because no packet under their keys came in time (replays).
+    pub sessions_expired_unconfirmed: u64,
 }
 
 #[derive(Debug)]
@@ -62,11 +71,24 @@ struct Pending {
     local_index: u16,
 }
 
+/// A session a valid initiation created, not yet confirmed: it becomes the peer's connection
+/// only when a data packet from `addr` authenticates under its keys, which a replayed
+/// initiation cannot produce (its sender lacks the initiator's ephemeral secret).
+#[derive(Debug)]
+struct NextSession {
+    conn: Connection,
+    addr: SocketAddr,
+    /// Dropped unconfirmed at this time ([`NEXT_SESSION_TIMEOUT_NS`] after the initiation).
+    expires_ns: u64,
+}
+
 #[derive(Debug)]
 struct Peer {
     config: PeerConfig,
     addr: Option<SocketAddr>,
     conn: Option<Connection>,
+    /// At most one unconfirmed responder session; a newer valid initiation replaces it.
+    next: Option<NextSession>,
     pending: Option<Pending>,
     next_attempt_ns: u64,
     last_init_timestamp: u64,
@@ -107,6 +129,7 @@ impl Endpoint {
                 addr: c.addr,
                 config: c,
                 conn: None,
+                next: None,
                 pending: None,
                 next_attempt_ns: 0,
                 last_init_timestamp: 0,
@@ -253,15 +276,47 @@ impl Endpoint {
             self.stats.dropped_malformed += 1;
             return;
         }
-        let conn = self
-            .peers
-            .iter_mut()
-            .filter(|p| p.addr == Some(from))
-            .find_map(|p| p.conn.as_mut());
-        match conn {
-            Some(c) => c.handle_packet(now_ns, pn, header_len, ct),
-            None => self.stats.dropped_unknown_session += 1,
+        let mut reached = false;
+        for peer in 0..self.peers.len() {
+            let p = &mut self.peers[peer];
+            if p.addr == Some(from)
+                && let Some(c) = p.conn.as_mut()
+            {
+                reached = true;
+                if c.handle_packet(now_ns, pn, header_len, ct) {
+                    return;
+                }
+            }
+            if let Some(next) = p.next.as_mut()
+                && next.addr == from
+            {
+                reached = true;
+                if next.conn.handle_packet(now_ns, pn, header_len, ct) {
+                    self.promote(peer);
+                    return;
+                }
+            }
         }
+        if !reached {
+            self.stats.dropped_unknown_session += 1;
+        }
+    }
+
+    /// The initiator of `peer`'s next session proved it holds the session keys: that session
+    /// replaces the current one, and the peer's address becomes the one it came from.
+    fn promote(&mut self, peer: PeerId) {
+        let Some(next) = self.peers[peer].next.take() else {
+            return;
+        };
+        if let Some(old) = self.peers[peer].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        self.drop_connection(peer);
+        let p = &mut self.peers[peer];
+        p.addr = Some(next.addr);
+        p.conn = Some(next.conn);
+        self.stats.sessions_confirmed += 1;
+        self.events.push_back(EndpointEvent::Connected(peer));
     }
 
     fn take_init_token(&mut self, now_ns: u64) -> bool {
@@ -311,6 +366,9 @@ impl Endpoint {
             self.stats.handshakes_replayed += 1;
             return;
         }
+        // Every authenticated initiation moves the freshness mark, also one this side ignores
+        // below, so none can be replayed later.
+        self.peers[peer].last_init_timestamp = ts;
         // Simultaneous open: the smaller key's own initiation wins.
         if self.peers[peer].pending.is_some() && self.identity.public < accepted.remote_public {
             return;
@@ -319,16 +377,19 @@ impl Endpoint {
             self.stats.handshakes_rejected += 1;
             return;
         };
-        self.peers[peer].last_init_timestamp = ts;
-        if let Some(old) = self.peers[peer].pending.take() {
-            self.by_index.remove(&old.local_index);
-        }
-        self.drop_connection(peer);
         let mut pkt = vec![TYPE_RESPONSE];
         pkt.extend_from_slice(&remote_index.to_be_bytes());
         pkt.extend_from_slice(&msg2);
         self.transmits.push_back((from, pkt));
-        self.install(now_ns, peer, from, keys, false);
+        // The current session, the peer's address and our own pending initiation stay as they
+        // are until the initiator proves the new keys (a replayed init cannot).
+        let conn = Connection::new(self.config.clone(), keys, false, now_ns);
+        self.peers[peer].next = Some(NextSession {
+            conn,
+            addr: from,
+            expires_ns: now_ns + NEXT_SESSION_TIMEOUT_NS,
+        });
+        self.stats.handshakes_completed += 1;
     }
 
     /// A finished handshake: the peer's new connection, which data packets from `from` reach.
@@ -387,6 +448,12 @@ impl Endpoint {
     }
 
     pub fn handle_timeout(&mut self, now_ns: u64) {
+        for p in &mut self.peers {
+            if p.next.as_ref().is_some_and(|n| now_ns >= n.expires_ns) {
+                p.next = None;
+                self.stats.sessions_expired_unconfirmed += 1;
+            }
+        }
         for peer in 0..self.peers.len() {
             if let Some(c) = self.peers[peer].conn.as_mut() {
                 c.handle_timeout(now_ns);
@@ -404,6 +471,9 @@ impl Endpoint {
             min(0);
         }
         for p in &self.peers {
+            if let Some(n) = &p.next {
+                min(n.expires_ns);
+            }
             match &p.conn {
                 Some(c) => {
                     if let Some(x) = c.poll_timeout() {
@@ -498,7 +568,10 @@ mod tests {
         a.handle_timeout(0);
         deliver(&mut a, &mut b, addr_a, 0); // init
         deliver(&mut b, &mut a, "198.18.2.1:7400".parse().unwrap(), 1); // response
-        assert!(a.is_connected(0) && b.is_connected(0));
+        assert!(a.is_connected(0) && !b.is_connected(0));
+        deliver(&mut a, &mut b, addr_a, 1); // PING: confirms b's session
+        assert!(b.is_connected(0));
+        let base = b.connection_ref(0).unwrap().stats().packets_received;
         let id = a.connection(0).unwrap().open_stream().unwrap();
         a.connection(0).unwrap().stream_write(id, b"hello").unwrap();
         // The same data packets from any other address reach no session.
@@ -507,21 +580,142 @@ mod tests {
         assert!(!packets.is_empty());
         assert!(packets.iter().all(|p| wire::is_data_type(p[0])));
         assert_eq!(b.stats().dropped_unknown_session, packets.len() as u64);
-        assert_eq!(b.connection_ref(0).unwrap().stats().packets_received, 0);
+        assert_eq!(b.connection_ref(0).unwrap().stats().packets_received, base);
         // From the peer's address they are authenticated and delivered.
         for p in &packets {
             b.handle_datagram(3, addr_a, p);
         }
         let received = b.connection_ref(0).unwrap().stats().packets_received;
-        assert_eq!(received, packets.len() as u64);
+        assert_eq!(received, base + packets.len() as u64);
         // A flipped packet-number bit in the header fails authentication.
         let mut bad = packets[0].clone();
-        bad[0] ^= 0x01;
+        bad[0] ^= 0x10;
         b.handle_datagram(4, addr_a, &bad);
         assert_eq!(b.connection_ref(0).unwrap().stats().auth_failures, 1);
         assert_eq!(
             b.connection_ref(0).unwrap().stats().packets_received,
             received
         );
+    }
+
+    /// Sends `msg` on a new stream of `from`'s connection and checks `to` reads it.
+    fn stream_round_trip(
+        from: &mut Endpoint,
+        to: &mut Endpoint,
+        from_addr: SocketAddr,
+        now: u64,
+        msg: &[u8],
+    ) {
+        let c = from.connection(0).expect("connected");
+        let id = c.open_stream().unwrap();
+        c.stream_write(id, msg).unwrap();
+        c.stream_finish(id).unwrap();
+        assert!(!deliver(from, to, from_addr, now).is_empty());
+        let mut buf = vec![0u8; 4096];
+        let (n, fin) = to
+            .connection(0)
+            .expect("connected")
+            .stream_read(id, &mut buf)
+            .unwrap();
+        assert_eq!((&buf[..n], fin), (msg, true));
+    }
+
+    fn drain_events(ep: &mut Endpoint) -> Vec<EndpointEvent> {
+        std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    /// Regression (issue 25, defect 1): an initiation captured before a restart was accepted
+    /// by a node whose live session it had initiated itself (its freshness mark for the peer
+    /// was still 0); the node dropped that session and re-pointed the peer's address to the
+    /// sender. Now the replay only creates an unconfirmed session, which never confirms.
+    #[test]
+    fn replayed_init_leaves_the_live_session_and_address_alone() {
+        let kx = StaticKeypair::from_seed(21);
+        let ky = StaticKeypair::from_seed(22);
+        let addr_x: SocketAddr = "198.18.1.1:7400".parse().unwrap();
+        let addr_y: SocketAddr = "198.18.2.1:7400".parse().unwrap();
+        let attacker: SocketAddr = "198.18.3.3:7400".parse().unwrap();
+        let peer = |name: &str, public, addr| PeerConfig {
+            name: name.into(),
+            public,
+            addr,
+        };
+        // y, before a restart, initiates to x; the attacker captures that init.
+        let mut y_old = Endpoint::new(
+            ky.clone(),
+            vec![peer("x", kx.public, Some(addr_x))],
+            Config::default(),
+            5,
+            true,
+            1 << 40,
+        );
+        y_old.handle_timeout(0);
+        let mut captured = Vec::new();
+        assert!(y_old.poll_transmit(0, &mut captured).is_some());
+        assert_eq!(captured[0], TYPE_INIT);
+        // y restarted and waits; x connects to it.
+        let mut y = Endpoint::new(
+            ky,
+            vec![peer("x", kx.public, None)],
+            Config::default(),
+            6,
+            true,
+            2 << 40,
+        );
+        let mut x = Endpoint::new(
+            kx,
+            vec![peer("y", ky_public(&y), Some(addr_y))],
+            Config::default(),
+            7,
+            true,
+            2 << 40,
+        );
+        let t = 1_000_000_000;
+        x.handle_timeout(t);
+        deliver(&mut x, &mut y, addr_x, t);
+        deliver(&mut y, &mut x, addr_y, t);
+        deliver(&mut x, &mut y, addr_x, t);
+        assert!(x.is_connected(0) && y.is_connected(0));
+        drain_events(&mut x);
+        drain_events(&mut y);
+        stream_round_trip(&mut x, &mut y, addr_x, t + 1, b"before");
+
+        // The replay reaches x from the attacker's address.
+        x.handle_datagram(t + 2, attacker, &captured);
+        assert!(x.is_connected(0));
+        assert_eq!(x.peer_addr(0), Some(addr_y));
+        assert!(
+            !drain_events(&mut x).iter().any(|e| matches!(
+                e,
+                EndpointEvent::Disconnected { .. } | EndpointEvent::Connected(_)
+            )),
+            "the replay must not replace the session"
+        );
+        let mut out = Vec::new();
+        let mut to_attacker = 0;
+        while let Some(dst) = x.poll_transmit(t + 2, &mut out) {
+            assert_eq!(
+                dst, attacker,
+                "only the handshake response goes to the sender"
+            );
+            assert_eq!(out[0], TYPE_RESPONSE);
+            to_attacker += 1;
+            out.clear();
+        }
+        assert_eq!(to_attacker, 1);
+        // The session keeps working both ways, at the same address.
+        stream_round_trip(&mut x, &mut y, addr_x, t + 3, b"after, x to y");
+        stream_round_trip(&mut y, &mut x, addr_y, t + 4, b"after, y to x");
+        assert_eq!(x.peer_addr(0), Some(addr_y));
+        // The unconfirmed session expires; the same init replayed again is refused as stale.
+        x.handle_timeout(t + 2 + NEXT_SESSION_TIMEOUT_NS);
+        assert_eq!(x.stats().sessions_expired_unconfirmed, 1);
+        x.handle_datagram(t + 3 + NEXT_SESSION_TIMEOUT_NS, attacker, &captured);
+        assert_eq!(x.stats().handshakes_replayed, 1);
+        assert!(x.is_connected(0));
+    }
+
+    fn ky_public(y: &Endpoint) -> [u8; 32] {
+        y.identity.public
     }
 }

@@ -413,10 +413,7 @@ mod tests {
         }
         assert_eq!(r.pending_segments(), MAX_RECV_SEGMENTS);
         let far = 2 + 2 * MAX_RECV_SEGMENTS as u64;
-        assert_eq!(
-            r.on_data(far, b"y", false),
-            Err(RecvError::TooManySegments)
-        );
+        assert_eq!(r.on_data(far, b"y", false), Err(RecvError::TooManySegments));
         assert_eq!(r.pending_segments(), MAX_RECV_SEGMENTS);
         // Filling a hole (or extending a segment) still works at the bound.
         assert_eq!(r.on_data(0, b"ab", false), Ok(true));
