@@ -506,6 +506,107 @@ impl PacketKeys {
     }
 }
 
+/// Length of the MACs that end a handshake initiation (mac1, mac2) and of a cookie.
+pub const MAC_LEN: usize = 16;
+
+/// Size of a sealed cookie: the cookie and its AEAD tag.
+pub const SEALED_COOKIE_LEN: usize = MAC_LEN + PacketKeys::TAG_LEN;
+
+/// Length of the random salt that keys each cookie reply's AEAD.
+pub const COOKIE_SALT_LEN: usize = 16;
+
+fn primitives() -> FallbackResolver {
+    FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver))
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // Both resolvers provide SHA-256 (snow's default features, kept by ring-accelerated).
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.reset();
+        for p in parts {
+            h.input(p);
+        }
+        h.result(&mut out);
+    }
+    out
+}
+
+/// HMAC-SHA-256 of `data` under `key`, truncated to [`MAC_LEN`] bytes.
+pub fn mac(key: &[u8], data: &[u8]) -> [u8; MAC_LEN] {
+    let mut full = [0u8; 32];
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.hmac(key, data, &mut full);
+    }
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(&full[..MAC_LEN]);
+    out
+}
+
+/// Compares two MACs in time independent of where they differ.
+pub fn mac_eq(a: &[u8; MAC_LEN], b: &[u8]) -> bool {
+    b.len() == MAC_LEN && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The key of an initiation's mac1: a hash of the responder's static public key, so only a
+/// sender that knows that key can make an initiation the responder spends work on.
+pub fn mac1_key(responder_public: &[u8; KEY_LEN]) -> [u8; 32] {
+    sha256(&[b"tern-transport mac1", responder_public])
+}
+
+fn cookie_cipher(responder_public: &[u8; KEY_LEN], salt: &[u8]) -> Option<Box<dyn Cipher>> {
+    let key = sha256(&[b"tern-transport cookie", responder_public, salt]);
+    let mut c = primitives().resolve_cipher(&CipherChoice::AESGCM)?;
+    c.set(&key);
+    Some(c)
+}
+
+/// Encrypts `cookie` for the initiator whose initiation carried `mac1` (bound as associated
+/// data). Every reply has its own `salt`, hence its own key, so nonce 0 is never reused.
+pub fn seal_cookie(
+    responder_public: &[u8; KEY_LEN],
+    salt: &[u8; COOKIE_SALT_LEN],
+    mac1: &[u8],
+    cookie: &[u8; MAC_LEN],
+) -> [u8; SEALED_COOKIE_LEN] {
+    let mut out = [0u8; SEALED_COOKIE_LEN];
+    if let Some(c) = cookie_cipher(responder_public, salt) {
+        c.encrypt(0, mac1, cookie, &mut out);
+    }
+    out
+}
+
+/// Decrypts a cookie reply to an initiation that carried `mac1`; None if it fails.
+pub fn open_cookie(
+    responder_public: &[u8; KEY_LEN],
+    salt: &[u8],
+    mac1: &[u8],
+    sealed: &[u8],
+) -> Option<[u8; MAC_LEN]> {
+    if sealed.len() != SEALED_COOKIE_LEN {
+        return None;
+    }
+    let c = cookie_cipher(responder_public, salt)?;
+    let mut out = [0u8; SEALED_COOKIE_LEN];
+    let n = c.decrypt(0, mac1, sealed, &mut out).ok()?;
+    let mut cookie = [0u8; MAC_LEN];
+    cookie.copy_from_slice(out.get(..MAC_LEN).filter(|_| n == MAC_LEN)?);
+    Some(cookie)
+}
+
+/// A secret for cookies, from the node's private key (so it is unpredictable whatever the
+/// seed) and a rotation counter and nonce.
+pub fn cookie_secret(local: &StaticKeypair, counter: u64, nonce: u64) -> [u8; 32] {
+    let mut data = [0u8; 16];
+    data[..8].copy_from_slice(&counter.to_be_bytes());
+    data[8..].copy_from_slice(&nonce.to_be_bytes());
+    let mut out = [0u8; 32];
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.hmac(&local.private, &data, &mut out);
+    }
+    out
+}
+
 /// Number of packets the replay window remembers behind the highest one received.
 pub const REPLAY_WINDOW: u64 = 4096;
 

@@ -14,14 +14,40 @@
 //! dropped and counted; nothing a remote sends can make this code panic.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::connection::{Config, Connection, Event};
-use crate::crypto::{self, InitiatorHandshake, StaticKeypair};
-use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_INIT, TYPE_RESPONSE};
+use crate::crypto::{self, COOKIE_SALT_LEN, InitiatorHandshake, MAC_LEN, StaticKeypair};
+use crate::wire::{self, PROTOCOL_VERSION, Reader, TYPE_COOKIE, TYPE_INIT, TYPE_RESPONSE};
 
 /// Handshake initiations processed per second at most (each costs Diffie-Hellman work).
+/// Only initiations with a valid mac1 (and, under load, a valid mac2) draw on it.
 pub const MAX_INITS_PER_SECOND: u32 = 50;
+/// Below this many of the second's [`MAX_INITS_PER_SECOND`] left the responder is under
+/// load for [`UNDER_LOAD_NS`]: it then processes only initiations whose mac2 proves their
+/// source address, and answers the others with a cookie reply.
+pub const UNDER_LOAD_TOKENS: u32 = MAX_INITS_PER_SECOND / 2;
+/// How long the responder stays under load after the budget ran low.
+pub const UNDER_LOAD_NS: u64 = 1_000_000_000;
+/// Initiations one source IP address may have processed: a burst of this many, refilled at
+/// this many per second. More are dropped and counted (`handshakes_source_limited`).
+pub const PER_SOURCE_INITS_PER_SECOND: u64 = 5;
+/// Source addresses the per-source limiter tracks; when full, the least recently seen goes.
+pub const MAX_TRACKED_SOURCES: usize = 1024;
+/// The cookie secret is replaced this often; cookies under it and the one before are valid.
+pub const COOKIE_SECRET_LIFETIME_NS: u64 = 120_000_000_000;
+/// An initiator uses a received cookie for this long (a little under the secret's lifetime).
+pub const COOKIE_USE_NS: u64 = 110_000_000_000;
+/// Handshake packets (responses, cookie replies, initiations) queued to send at most; beyond
+/// that a new one is dropped and counted (`handshake_transmits_dropped`).
+pub const MAX_QUEUED_HANDSHAKE_TRANSMITS: usize = 1024;
+/// Bytes after the Noise message of an initiation: mac1 and mac2.
+pub const INIT_MACS_LEN: usize = 2 * MAC_LEN;
+/// Shortest and longest initiation: type, index, Noise message 1, macs.
+pub const MIN_INIT_LEN: usize = 3 + crypto::MESSAGE1_OVERHEAD + INIT_MACS_LEN;
+pub const MAX_INIT_LEN: usize = MIN_INIT_LEN + crypto::MAX_HANDSHAKE_PAYLOAD;
+/// Length of a cookie reply: type, index, salt, sealed cookie.
+pub const COOKIE_REPLY_LEN: usize = 3 + COOKIE_SALT_LEN + crypto::SEALED_COOKIE_LEN;
 const HANDSHAKE_RETRY_NS: u64 = 1_000_000_000;
 /// How long a responder keeps a session whose initiator has not sent a packet under its keys
 /// yet (the initiator sends its first packet at once and retransmits it on loss).
@@ -63,12 +89,39 @@ pub struct EndpointStats {
     pub sessions_confirmed: u64,
     /// Responder sessions dropped because no packet under their keys came in time (replays).
     pub sessions_expired_unconfirmed: u64,
+    /// Initiations of a plausible length received (before any check).
+    pub inits_received: u64,
+    /// Initiations dropped because mac1 was wrong (not made with our public key).
+    pub handshakes_bad_mac1: u64,
+    /// Initiations dropped by the per-source limit.
+    pub handshakes_source_limited: u64,
+    /// Initiations answered with a cookie reply (under load, no valid mac2).
+    pub cookies_sent: u64,
+    /// Cookie replies accepted (as initiator).
+    pub cookies_received: u64,
+    /// Cookie replies that failed authentication.
+    pub cookies_invalid: u64,
+    /// Initiations accepted and answered with a response.
+    pub inits_accepted: u64,
+    /// Handshake packets not queued because [`MAX_QUEUED_HANDSHAKE_TRANSMITS`] were waiting.
+    pub handshake_transmits_dropped: u64,
 }
 
 #[derive(Debug)]
 struct Pending {
     hs: InitiatorHandshake,
     local_index: u16,
+    /// The initiation's mac1: a cookie reply to it is bound to it.
+    mac1: [u8; MAC_LEN],
+    /// A cookie reply was taken for this initiation (one retry per initiation).
+    cookie_taken: bool,
+}
+
+/// Per-source GCRA state: the theoretical arrival time of the next initiation.
+#[derive(Debug, Clone, Copy)]
+struct SourceBucket {
+    tat_ns: u64,
+    last_ns: u64,
 }
 
 /// A session a valid initiation created, not yet confirmed: it becomes the peer's connection
@@ -92,6 +145,8 @@ struct Peer {
     pending: Option<Pending>,
     next_attempt_ns: u64,
     last_init_timestamp: u64,
+    /// The last cookie this peer sent us, and when it came.
+    cookie: Option<([u8; MAC_LEN], u64)>,
 }
 
 #[derive(Debug)]
@@ -108,6 +163,14 @@ pub struct Endpoint {
     epoch_ns: u64,
     init_tokens: u32,
     init_refill_ns: u64,
+    under_load_until_ns: u64,
+    /// mac1 key for initiations addressed to this node.
+    mac1_key: [u8; 32],
+    /// Current and previous cookie secret, and when the current one was made.
+    cookie_secrets: [[u8; 32]; 2],
+    cookie_rotated_ns: u64,
+    cookie_rotations: u64,
+    sources: BTreeMap<IpAddr, SourceBucket>,
     next_peer: usize,
 }
 
@@ -133,9 +196,21 @@ impl Endpoint {
                 pending: None,
                 next_attempt_ns: 0,
                 last_init_timestamp: 0,
+                cookie: None,
             })
             .collect();
+        let mac1_key = crypto::mac1_key(&identity.public);
+        let cookie_secrets = [
+            crypto::cookie_secret(&identity, 0, seed),
+            crypto::cookie_secret(&identity, u64::MAX, seed),
+        ];
         Self {
+            mac1_key,
+            cookie_secrets,
+            cookie_rotated_ns: 0,
+            cookie_rotations: 0,
+            sources: BTreeMap::new(),
+            under_load_until_ns: 0,
             identity,
             config,
             peers,
@@ -243,11 +318,33 @@ impl Endpoint {
         let mut pkt = vec![TYPE_INIT];
         pkt.extend_from_slice(&local_index.to_be_bytes());
         pkt.extend_from_slice(&msg);
-        self.transmits.push_back((addr, pkt));
+        let mac1 = crypto::mac(&crypto::mac1_key(&public), &pkt);
+        pkt.extend_from_slice(&mac1);
+        let mac2 = match self.peers[peer].cookie {
+            Some((cookie, at_ns)) if now_ns < at_ns.saturating_add(COOKIE_USE_NS) => {
+                crypto::mac(&cookie, &pkt)
+            }
+            _ => [0u8; MAC_LEN],
+        };
+        pkt.extend_from_slice(&mac2);
+        self.queue_handshake(addr, pkt);
         self.by_index.insert(local_index, peer);
         let p = &mut self.peers[peer];
-        p.pending = Some(Pending { hs, local_index });
+        p.pending = Some(Pending {
+            hs,
+            local_index,
+            mac1,
+            cookie_taken: false,
+        });
         p.next_attempt_ns = now_ns + HANDSHAKE_RETRY_NS;
+    }
+
+    fn queue_handshake(&mut self, to: SocketAddr, pkt: Vec<u8>) {
+        if self.transmits.len() >= MAX_QUEUED_HANDSHAKE_TRANSMITS {
+            self.stats.handshake_transmits_dropped += 1;
+            return;
+        }
+        self.transmits.push_back((to, pkt));
     }
 
     /// A datagram from `from`.
@@ -261,6 +358,7 @@ impl Endpoint {
             t if wire::is_data_type(t) => self.on_data(now_ns, from, data),
             TYPE_INIT => self.on_init(now_ns, from, data),
             TYPE_RESPONSE => self.on_response(now_ns, from, data),
+            TYPE_COOKIE => self.on_cookie(now_ns, data),
             _ => self.stats.dropped_malformed += 1,
         }
     }
@@ -331,18 +429,150 @@ impl Endpoint {
         true
     }
 
-    fn on_init(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
-        if data.len() < 3 {
+    /// Per-source limit (GCRA, [`PER_SOURCE_INITS_PER_SECOND`] with an equal burst).
+    fn take_source_token(&mut self, now_ns: u64, ip: IpAddr) -> bool {
+        let interval_ns = 1_000_000_000 / PER_SOURCE_INITS_PER_SECOND;
+        let burst_ns = interval_ns * PER_SOURCE_INITS_PER_SECOND;
+        if !self.sources.contains_key(&ip) && self.sources.len() >= MAX_TRACKED_SOURCES {
+            // Forget sources whose budget is full again; if none, the least recently seen.
+            self.sources.retain(|_, b| b.tat_ns > now_ns);
+            if self.sources.len() >= MAX_TRACKED_SOURCES
+                && let Some(oldest) = self
+                    .sources
+                    .iter()
+                    .min_by_key(|(_, b)| b.last_ns)
+                    .map(|(&ip, _)| ip)
+            {
+                self.sources.remove(&oldest);
+            }
+        }
+        let b = self.sources.entry(ip).or_insert(SourceBucket {
+            tat_ns: now_ns,
+            last_ns: now_ns,
+        });
+        b.last_ns = now_ns;
+        let tat = b.tat_ns.max(now_ns) + interval_ns;
+        if tat > now_ns + burst_ns {
+            return false;
+        }
+        b.tat_ns = tat;
+        true
+    }
+
+    fn rotate_cookie_secret(&mut self, now_ns: u64) {
+        if now_ns >= self.cookie_rotated_ns + COOKIE_SECRET_LIFETIME_NS {
+            self.cookie_rotations += 1;
+            let nonce = self.next_rand();
+            self.cookie_secrets[1] = self.cookie_secrets[0];
+            self.cookie_secrets[0] =
+                crypto::cookie_secret(&self.identity, self.cookie_rotations, nonce);
+            self.cookie_rotated_ns = now_ns;
+        }
+    }
+
+    fn cookie_for(secret: &[u8; 32], from: SocketAddr) -> [u8; MAC_LEN] {
+        let mut addr = Vec::with_capacity(19);
+        match from.ip() {
+            IpAddr::V4(ip) => addr.extend_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => addr.extend_from_slice(&ip.octets()),
+        }
+        addr.extend_from_slice(&from.port().to_be_bytes());
+        crypto::mac(secret, &addr)
+    }
+
+    fn send_cookie_reply(&mut self, from: SocketAddr, data: &[u8]) {
+        let mac1 = &data[data.len() - INIT_MACS_LEN..data.len() - MAC_LEN];
+        let cookie = Self::cookie_for(&self.cookie_secrets[0], from);
+        let mut salt = [0u8; COOKIE_SALT_LEN];
+        salt[..8].copy_from_slice(&self.next_rand().to_le_bytes());
+        salt[8..].copy_from_slice(&self.next_rand().to_le_bytes());
+        let sealed = crypto::seal_cookie(&self.identity.public, &salt, mac1, &cookie);
+        let mut pkt = Vec::with_capacity(COOKIE_REPLY_LEN);
+        pkt.push(TYPE_COOKIE);
+        pkt.extend_from_slice(&data[1..3]);
+        pkt.extend_from_slice(&salt);
+        pkt.extend_from_slice(&sealed);
+        self.stats.cookies_sent += 1;
+        self.queue_handshake(from, pkt);
+    }
+
+    /// A cookie reply: remember the cookie and retry the initiation with it at once.
+    fn on_cookie(&mut self, now_ns: u64, data: &[u8]) {
+        if data.len() != COOKIE_REPLY_LEN {
             self.stats.dropped_malformed += 1;
+            return;
+        }
+        let index = u16::from_be_bytes([data[1], data[2]]);
+        let Some(&peer) = self.by_index.get(&index) else {
+            self.stats.dropped_unknown_session += 1;
+            return;
+        };
+        let public = self.peers[peer].config.public;
+        let Some(pending) = self.peers[peer].pending.as_mut() else {
+            self.stats.dropped_unknown_session += 1;
+            return;
+        };
+        if pending.local_index != index || pending.cookie_taken {
+            self.stats.dropped_unknown_session += 1;
+            return;
+        }
+        let salt = &data[3..3 + COOKIE_SALT_LEN];
+        let Some(cookie) =
+            crypto::open_cookie(&public, salt, &pending.mac1, &data[3 + COOKIE_SALT_LEN..])
+        else {
+            self.stats.cookies_invalid += 1;
+            return;
+        };
+        pending.cookie_taken = true;
+        self.stats.cookies_received += 1;
+        self.peers[peer].cookie = Some((cookie, now_ns));
+        self.start_handshake(now_ns, peer);
+    }
+
+    fn on_init(&mut self, now_ns: u64, from: SocketAddr, data: &[u8]) {
+        if !(MIN_INIT_LEN..=MAX_INIT_LEN).contains(&data.len()) {
+            self.stats.dropped_malformed += 1;
+            return;
+        }
+        self.stats.inits_received += 1;
+        // Cheap checks first: mac1 (the sender knows our public key), then under load mac2
+        // (the sender receives at its source address), then the per-source and global
+        // budgets, and only then Diffie-Hellman.
+        let mac2_at = data.len() - MAC_LEN;
+        let mac1_at = mac2_at - MAC_LEN;
+        if !crypto::mac_eq(
+            &crypto::mac(&self.mac1_key, &data[..mac1_at]),
+            &data[mac1_at..mac2_at],
+        ) {
+            self.stats.handshakes_bad_mac1 += 1;
+            return;
+        }
+        self.rotate_cookie_secret(now_ns);
+        if now_ns < self.under_load_until_ns {
+            let proven = self.cookie_secrets.iter().any(|secret| {
+                let cookie = Self::cookie_for(secret, from);
+                crypto::mac_eq(&crypto::mac(&cookie, &data[..mac2_at]), &data[mac2_at..])
+            });
+            if !proven {
+                self.send_cookie_reply(from, data);
+                return;
+            }
+        }
+        if !self.take_source_token(now_ns, from.ip()) {
+            self.stats.handshakes_source_limited += 1;
             return;
         }
         if !self.take_init_token(now_ns) {
             self.stats.handshakes_rate_limited += 1;
             return;
         }
+        if self.init_tokens < UNDER_LOAD_TOKENS {
+            self.under_load_until_ns = now_ns + UNDER_LOAD_NS;
+        }
         let remote_index = u16::from_be_bytes([data[1], data[2]]);
         let seed = self.deterministic.then(|| self.next_rand());
-        let Ok(accepted) = crypto::accept_initiation(&self.identity, &data[3..], seed) else {
+        let Ok(accepted) = crypto::accept_initiation(&self.identity, &data[3..mac1_at], seed)
+        else {
             self.stats.handshakes_rejected += 1;
             return;
         };
@@ -380,7 +610,8 @@ impl Endpoint {
         let mut pkt = vec![TYPE_RESPONSE];
         pkt.extend_from_slice(&remote_index.to_be_bytes());
         pkt.extend_from_slice(&msg2);
-        self.transmits.push_back((from, pkt));
+        self.queue_handshake(from, pkt);
+        self.stats.inits_accepted += 1;
         // The current session, the peer's address and our own pending initiation stay as they
         // are until the initiator proves the new keys (a replayed init cannot).
         let conn = Connection::new(self.config.clone(), keys, false, now_ns);
@@ -513,6 +744,7 @@ pub fn datagram_kind(data: &[u8]) -> &'static str {
     match data.first() {
         Some(&TYPE_INIT) => "init",
         Some(&TYPE_RESPONSE) => "response",
+        Some(&TYPE_COOKIE) => "cookie",
         Some(&t) if wire::is_data_type(t) => "data",
         _ => "unknown",
     }
@@ -717,5 +949,192 @@ mod tests {
 
     fn ky_public(y: &Endpoint) -> [u8; 32] {
         y.identity.public
+    }
+
+    /// Junk a flooder sends: 3-byte stubs, full-size random bytes (bad mac1), and real
+    /// initiations from a key nobody pinned (valid mac1: the flooder knows the public key),
+    /// each from a random spoofed address.
+    struct Flood {
+        rng: u64,
+        valid_mac1: Vec<Vec<u8>>,
+        count: u64,
+    }
+
+    impl Flood {
+        fn new(target_public: [u8; 32], target_addr: SocketAddr) -> Self {
+            let stranger = StaticKeypair::from_seed(99);
+            let mut valid_mac1 = Vec::new();
+            for i in 0..20u64 {
+                let mut ep = Endpoint::new(
+                    stranger.clone(),
+                    vec![PeerConfig {
+                        name: "target".into(),
+                        public: target_public,
+                        addr: Some(target_addr),
+                    }],
+                    Config::default(),
+                    100 + i,
+                    true,
+                    (1 << 40) + i,
+                );
+                ep.handle_timeout(0);
+                let mut out = Vec::new();
+                ep.poll_transmit(0, &mut out).expect("init");
+                valid_mac1.push(out);
+            }
+            Flood {
+                rng: 1,
+                valid_mac1,
+                count: 0,
+            }
+        }
+
+        fn next(&mut self) -> (SocketAddr, Vec<u8>) {
+            self.rng = self
+                .rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = self.rng >> 16;
+            let addr = SocketAddr::from(([198, 19, (r >> 8) as u8, r as u8], (r >> 16) as u16 | 1));
+            self.count += 1;
+            let pkt = match self.count % 3 {
+                0 => vec![TYPE_INIT, r as u8, (r >> 8) as u8],
+                1 => {
+                    let mut p = vec![TYPE_INIT];
+                    p.extend((0..MIN_INIT_LEN - 1 + 9).map(|i| (r >> (i % 40)) as u8));
+                    p
+                }
+                _ => self.valid_mac1[(r % 20) as usize].clone(),
+            };
+            (addr, pkt)
+        }
+    }
+
+    /// Runs `x` and `y` over a 5 ms link in 1 ms steps with 1,000 flood datagrams a second
+    /// into `y`, from `start_ns`; returns how long after its start x and y are connected
+    /// and the time then (None after 5 s).
+    fn connect_under_flood(
+        x: &mut Endpoint,
+        y: &mut Endpoint,
+        addr_x: SocketAddr,
+        addr_y: SocketAddr,
+        flood: &mut Flood,
+        start_ns: u64,
+    ) -> Option<(u64, u64)> {
+        const MS: u64 = 1_000_000;
+        let mut in_flight: Vec<(u64, bool, Vec<u8>)> = Vec::new();
+        let mut out = Vec::new();
+        // The flood runs alone for 1.5 s first, so the responder is under load when x starts.
+        const WARM_UP_STEPS: u64 = 1500;
+        for step in 0..WARM_UP_STEPS + 5000 {
+            let now = start_ns + step * MS;
+            let (src, junk) = flood.next();
+            y.handle_datagram(now, src, &junk);
+            if step < WARM_UP_STEPS {
+                continue;
+            }
+            x.handle_timeout(now);
+            y.handle_timeout(now);
+            while let Some(dst) = x.poll_transmit(now, &mut out) {
+                if dst == addr_y {
+                    in_flight.push((now + 5 * MS, true, std::mem::take(&mut out)));
+                }
+                out.clear();
+            }
+            while let Some(dst) = y.poll_transmit(now, &mut out) {
+                if dst == addr_x {
+                    in_flight.push((now + 5 * MS, false, std::mem::take(&mut out)));
+                }
+                out.clear(); // replies to spoofed sources go nowhere
+            }
+            let (due, later): (Vec<_>, Vec<_>) = in_flight.into_iter().partition(|f| f.0 <= now);
+            in_flight = later;
+            for (_, to_y, pkt) in due {
+                if to_y {
+                    y.handle_datagram(now, addr_x, &pkt);
+                } else {
+                    x.handle_datagram(now, addr_y, &pkt);
+                }
+            }
+            let x_events = drain_events(x);
+            let y_events = drain_events(y);
+            if x_events
+                .iter()
+                .chain(&y_events)
+                .any(|e| matches!(e, EndpointEvent::Connected(_)))
+                && x.is_connected(0)
+                && y.is_connected(0)
+                && y.connection_ref(0).unwrap().stats().packets_received > 0
+            {
+                return Some((now - start_ns - WARM_UP_STEPS * MS, now));
+            }
+        }
+        None
+    }
+
+    /// Regression (issue 25, defect 2): one global budget of 50 initiations a second was spent
+    /// before any check, so 1,000 junk datagrams a second starved every real handshake. Now
+    /// junk fails mac1 for free, valid-mac1 floods from spoofed sources put the responder
+    /// under load and get cookie replies, and a restarted real peer connects (through a
+    /// cookie round trip) within a few hundred ms of simulated time.
+    #[test]
+    fn restarted_peer_connects_through_a_flood_of_junk_inits() {
+        let kx = StaticKeypair::from_seed(31);
+        let ky = StaticKeypair::from_seed(32);
+        let addr_x: SocketAddr = "198.18.1.1:7400".parse().unwrap();
+        let addr_y: SocketAddr = "198.18.2.1:7400".parse().unwrap();
+        let peer = |name: &str, public, addr| PeerConfig {
+            name: name.into(),
+            public,
+            addr,
+        };
+        let ky_pub = ky.public;
+        let new_x = |epoch: u64, seed: u64| {
+            Endpoint::new(
+                kx.clone(),
+                vec![peer("y", ky_pub, Some(addr_y))],
+                Config::default(),
+                seed,
+                true,
+                epoch,
+            )
+        };
+        let mut y = Endpoint::new(
+            ky,
+            vec![peer("x", kx.public, None)],
+            Config::default(),
+            8,
+            true,
+            1 << 40,
+        );
+        let mut flood = Flood::new(ky_pub, addr_y);
+        let mut x = new_x(1 << 40, 9);
+        let (first, _) = connect_under_flood(&mut x, &mut y, addr_x, addr_y, &mut flood, 0)
+            .expect("first connection within 5 s");
+        assert!(first < 1_000_000_000, "connected after {first} ns");
+        // x restarts (a later epoch) and reconnects while the flood goes on.
+        let mut x = new_x(2 << 40, 10);
+        let start = 10_000_000_000;
+        let (again, at) = connect_under_flood(&mut x, &mut y, addr_x, addr_y, &mut flood, start)
+            .expect("reconnection within 5 s");
+        assert!(again < 1_000_000_000, "reconnected after {again} ns");
+        stream_round_trip(&mut x, &mut y, addr_x, at + 1, b"through the flood");
+        assert!(x.stats().cookies_received >= 1, "{:?}", x.stats());
+        let st = y.stats().clone();
+        assert!(
+            st.handshakes_bad_mac1 > 0 && st.dropped_malformed > 0,
+            "{st:?}"
+        );
+        assert!(
+            st.cookies_sent > 0,
+            "the valid-mac1 flood put y under load: {st:?}"
+        );
+        assert!(st.handshakes_unknown_key > 0);
+        // Diffie-Hellman work stayed within the budget.
+        assert!(
+            st.handshakes_unknown_key + st.inits_accepted <= 2 * 50 * 6,
+            "{st:?}"
+        );
+        assert!(st.inits_received > 0);
     }
 }
