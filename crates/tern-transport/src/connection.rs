@@ -199,6 +199,8 @@ pub struct ConnStats {
     /// Times sending stopped because the key reached `key_packet_limit` before an update
     /// was possible.
     pub key_exhausted_stalls: u64,
+    /// ACK frames naming a packet number never sent (each closes the connection).
+    pub acks_of_unsent: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -994,6 +996,13 @@ impl Connection {
         let Some(largest) = ranges.first().map(|r| r.end) else {
             return;
         };
+        if largest >= self.next_pn {
+            // An acknowledgement of a packet never sent: it would confirm key updates and
+            // declare real packets lost (RFC 9000 §13.1: PROTOCOL_VIOLATION).
+            self.stats.acks_of_unsent += 1;
+            self.protocol_error();
+            return;
+        }
         let mut newly: Vec<(u64, SentPacket)> = Vec::new();
         for r in ranges {
             let pns: Vec<u64> = self
@@ -1928,6 +1937,28 @@ mod tests {
         assert_eq!(s.recv.pending_bytes(), 61_999);
         assert_eq!(h.conn.recv_segments, 1);
         assert_eq!(h.conn.stats().protocol_errors, 0);
+    }
+
+    /// Sibling of defect 9: an ACK of packet numbers never sent set `largest_acked` far
+    /// ahead, so every packet in flight was declared lost at once (and it would confirm key
+    /// updates the peer never saw). It is a protocol error now.
+    #[test]
+    fn ack_of_a_packet_never_sent_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(1, &[Frame::Ping]);
+        h.send_frames(
+            2,
+            &[Frame::Ack {
+                ack_delay_us: 0,
+                recovered_total: 0,
+                ranges: vec![PnRange {
+                    start: 0,
+                    end: 1_000_000,
+                }],
+            }],
+        );
+        assert_eq!(h.conn.stats().acks_of_unsent, 1);
+        assert_eq!(h.closed_code(3), Some(CLOSE_PROTOCOL));
     }
 
     /// Many tiny disjoint segments across streams hit the per-connection segment bound and
