@@ -32,6 +32,11 @@
 //!
 //! Handshake payloads are limited to [`MAX_HANDSHAKE_PAYLOAD`] bytes.
 //!
+//! Packet keys are the raw Noise `Split()` keys, one [`DirectionKey`] per direction, so a
+//! connection can update them in place: [`DirectionKey::next`] is Noise's REKEY (see
+//! `connection.rs`, `KeyPhases`). [`mac`], [`mac1_key`], [`seal_cookie`] and
+//! [`open_cookie`] are the initiation's mac1/mac2 and cookie replies (see `endpoint.rs`).
+//!
 //! # Cipher choice
 //!
 //! `snow` is built with `ring-accelerated`, so AES-GCM, ChaCha20-Poly1305 and SHA-256 come

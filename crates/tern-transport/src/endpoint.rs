@@ -3,15 +3,21 @@
 //!
 //! ```text
 //!  initiator                                   responder
-//!  Idle --connect--> InitSent --[0x01 init]-->  (peer key pinned? timestamp newer?)
-//!                    (retry every 1 s)          Established (unconfirmed until 1st data)
-//!  Established <--[0x02 response]--------------
-//!  --[data: PING]-->                            confirmed
+//!  Idle --connect--> InitSent --[0x01 init]-->  length, mac1 (keyed by our public key)?
+//!                    (retry every 1 s)          under load: mac2 valid for the source?
+//!                    <--[0x03 cookie]---------- (no: cookie reply; initiator retries at once)
+//!                                               per-source and global budget, then DH:
+//!                                               pinned key? timestamp newer? -> next session
+//!  Established <--[0x02 response]--------------  (the current session is untouched)
+//!  --[data: PING]-->                            authenticates under the next session's
+//!                                               keys: it replaces the current one and the
+//!                                               peer's address moves to its source
 //! ```
 //! Simultaneous initiation: the side with the smaller static public key keeps its own
-//! initiation and ignores the other's. A newer valid initiation from a peer with an established
-//! connection replaces it (the peer restarted). Anything that fails parsing or authentication is
-//! dropped and counted; nothing a remote sends can make this code panic.
+//! initiation and ignores the other's. A newer valid initiation never disturbs a live
+//! session by itself: only a packet under its keys (which a replay cannot make) does (the
+//! peer restarted). Anything that fails parsing or authentication is dropped and counted;
+//! nothing a remote sends can make this code panic. Layouts: `wire.rs`, docs/transport.md.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
