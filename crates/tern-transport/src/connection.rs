@@ -161,6 +161,7 @@ pub enum Event {
 
 /// Counters and estimates of one connection (serialized as-is in `tern node status`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)] // a newer or older node's status still parses
 pub struct ConnStats {
     pub packets_sent: u64,
     pub packets_received: u64,
