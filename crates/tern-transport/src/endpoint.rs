@@ -112,6 +112,8 @@ pub struct EndpointStats {
     pub inits_accepted: u64,
     /// Handshake packets not queued because [`MAX_QUEUED_HANDSHAKE_TRANSMITS`] were waiting.
     pub handshake_transmits_dropped: u64,
+    /// Handshake responses whose MAC (keyed by our init's mac1) was wrong.
+    pub responses_bad_mac: u64,
 }
 
 #[derive(Debug)]
@@ -617,6 +619,9 @@ impl Endpoint {
         let mut pkt = vec![TYPE_RESPONSE];
         pkt.extend_from_slice(&remote_index.to_be_bytes());
         pkt.extend_from_slice(&msg2);
+        // Keyed by the init's mac1, which only the initiator and those on its path have seen.
+        let response_mac = crypto::mac(&data[mac1_at..mac2_at], &pkt);
+        pkt.extend_from_slice(&response_mac);
         self.queue_handshake(from, pkt);
         self.stats.inits_accepted += 1;
         // The current session, the peer's address and our own pending initiation stay as they
@@ -667,13 +672,25 @@ impl Endpoint {
             return;
         };
         let p = &mut self.peers[peer];
-        if p.pending.as_ref().map(|x| x.local_index) != Some(index) {
+        let Some(pending) = p.pending.as_ref().filter(|x| x.local_index == index) else {
             self.stats.dropped_unknown_session += 1;
+            return;
+        };
+        // The response MAC (keyed by our init's mac1) first: an off-path sender who guessed
+        // the index neither costs Diffie-Hellman work nor ends the pending initiation.
+        let body = r.rest();
+        let Some(mac_at) = body.len().checked_sub(MAC_LEN) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let covered = &data[..3 + mac_at];
+        if !crypto::mac_eq(&crypto::mac(&pending.mac1, covered), &body[mac_at..]) {
+            self.stats.responses_bad_mac += 1;
             return;
         }
         let pending = p.pending.take().expect("checked");
         self.by_index.remove(&index);
-        let Ok((payload, keys)) = pending.hs.finish(r.rest()) else {
+        let Ok((payload, keys)) = pending.hs.finish(&body[..mac_at]) else {
             self.stats.handshakes_rejected += 1;
             return;
         };
@@ -1212,5 +1229,25 @@ mod tests {
             out.clear(); // replies to the junk
         }
         stream_round_trip(&mut a, &mut b, addr_a, now, b"still fine");
+    }
+
+    /// Sibling of defect 2: a forged handshake response with a guessed session index cost
+    /// the initiator Diffie-Hellman work and ended its pending initiation, so the real
+    /// response was dropped. The response MAC (keyed by the init's mac1) is checked first.
+    #[test]
+    fn forged_response_neither_ends_the_initiation_nor_costs_dh() {
+        let (mut a, mut b, addr_a, addr_b) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0);
+        let mut out = Vec::new();
+        b.poll_transmit(0, &mut out).expect("response");
+        assert_eq!(out[0], TYPE_RESPONSE);
+        let mut forged = out.clone();
+        forged[10] ^= 0x40; // inside Noise message 2
+        a.handle_datagram(1, "198.18.9.9:7400".parse().unwrap(), &forged);
+        assert_eq!(a.stats().responses_bad_mac, 1);
+        assert_eq!(a.stats().handshakes_rejected, 0);
+        a.handle_datagram(2, addr_b, &out);
+        assert!(a.is_connected(0), "{:?}", a.stats());
     }
 }

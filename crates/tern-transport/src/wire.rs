@@ -3,7 +3,7 @@
 //! ```text
 //! handshake init     [0x01][sender_index u16][noise IK message 1 (payload: version u8, timestamp u64)]
 //!                    [mac1 16][mac2 16]
-//! handshake response [0x02][receiver_index u16][noise IK message 2]
+//! handshake response [0x02][receiver_index u16][noise IK message 2][mac 16, keyed by the init's mac1]
 //! cookie reply       [0x03][receiver_index u16][salt 16][AEAD(cookie 16) + 16-byte tag]
 //! data               [1 L L p p p p p][packet number: L more bytes][AEAD(frames) + 16-byte tag]
 //! ```
@@ -48,7 +48,8 @@ use thiserror::Error;
 /// 4: 16-bit session indexes; 1- to 4-byte packet numbers.
 /// 5: no session index in data packets; the packet number's length and top bits in the
 ///    first byte; STREAM_END offsets truncated.
-/// 6: initiations end with mac1 and mac2 (16 bytes each); cookie replies (type 0x03).
+/// 6: initiations end with mac1 and mac2 (16 bytes each); cookie replies (type 0x03);
+///    responses end with a MAC keyed by the init's mac1.
 pub const PROTOCOL_VERSION: u8 = 6;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
