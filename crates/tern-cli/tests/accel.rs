@@ -223,6 +223,9 @@ for i in range(20000):
             "dropped_unknown_session",
             "handshakes_rejected",
             "handshakes_rate_limited",
+            // Protocol 6: random inits fail mac1 before any other check.
+            "handshakes_bad_mac1",
+            "handshakes_source_limited",
         ]
         .iter()
         .map(|k| e[k].as_u64().unwrap())

@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
 
 use crate::cc::{RateController, SendSnapshot};
-use crate::crypto::{PacketKeys, REPLAY_WINDOW, ReplayWindow};
+use crate::crypto::{DirectionKey, PacketKeys, REPLAY_WINDOW, ReplayWindow};
 use crate::fec::{self, FecDecoder, FecEncoder, RepairSymbol};
 use crate::rangeset::RangeSet;
-use crate::stream::{RecvStream, SendStream};
+use crate::stream::{RecvError, RecvStream, SendStream};
 use crate::wire::{self, Frame, MAX_ACK_RANGES, MAX_FRAME_DATA, PnRange};
 
 /// Path RTT below which FEC stays off (see `Connection::fec_active`).
@@ -45,6 +45,13 @@ const PACING_HORIZON_NS: u64 = 100_000;
 const PACING_HORIZON_PACKETS: u64 = 2;
 /// Loss-rate windows (of 2000 packets) whose minimum is the background loss estimate.
 const LOSS_SAMPLES: usize = 8;
+/// Most out-of-order segments all streams of one connection hold together (each stream holds
+/// at most `stream::MAX_RECV_SEGMENTS`; bytes are bounded by the connection window). A frame
+/// that would add one beyond it closes the connection with [`CLOSE_PROTOCOL`].
+pub const MAX_CONN_RECV_SEGMENTS: usize = 65_536;
+/// Most RESET_STREAM frames queued to send; a peer that makes us refuse more streams than this
+/// before they drain breaks the protocol (the connection closes with [`CLOSE_PROTOCOL`]).
+pub const MAX_PENDING_RESETS: usize = 4096;
 /// RESET code sent when the peer opens more streams than `max_streams`.
 pub const RESET_REFUSED: u64 = 0x100;
 /// Close codes.
@@ -73,7 +80,29 @@ pub struct Config {
     pub max_ack_delay_us: u64,
     /// Acknowledge at least every this many ack-eliciting packets.
     pub ack_every: u32,
+    /// Update the send key after this long under one key (WireGuard: 120 s).
+    pub rekey_after_us: u64,
+    /// ... or after this many packets sent under one key ([`REKEY_AFTER_PACKETS`]).
+    pub rekey_after_packets: u64,
+    /// Never send more than this many packets under one key ([`KEY_PACKET_LIMIT`]): sending
+    /// stops until a key update is possible.
+    pub key_packet_limit: u64,
+    /// How long the previous receive key still opens late packets after the peer's update.
+    pub old_key_grace_us: u64,
 }
+
+/// Packets sent under one key before the sender updates it: half of [`KEY_PACKET_LIMIT`],
+/// so an update has 2^22 packets of time to be confirmed before the hard stop.
+pub const REKEY_AFTER_PACKETS: u64 = 1 << 22;
+/// Hard limit of packets under one AES-GCM key: RFC 9001 §6.6's confidentiality limit for
+/// AEAD_AES_256_GCM (2^23 full-size packets, the conservative analysis). A sender that
+/// reaches it without having been able to update stops sending (`key_exhausted_stalls`).
+pub const KEY_PACKET_LIMIT: u64 = 1 << 23;
+/// Time under one key before an update (WireGuard's REKEY_AFTER_TIME).
+pub const REKEY_AFTER_US: u64 = 120_000_000;
+/// Default lifetime of the previous receive key after the peer updated (a few PTOs on any
+/// WAN path; later packets are obsolete anyway: the replay window is 4096 packets).
+pub const OLD_KEY_GRACE_US: u64 = 3_000_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -92,6 +121,10 @@ impl Default for Config {
             keepalive_us: 1_000_000,
             max_ack_delay_us: 2_000,
             ack_every: 8,
+            rekey_after_us: REKEY_AFTER_US,
+            rekey_after_packets: REKEY_AFTER_PACKETS,
+            key_packet_limit: KEY_PACKET_LIMIT,
+            old_key_grace_us: OLD_KEY_GRACE_US,
         }
     }
 }
@@ -128,6 +161,7 @@ pub enum Event {
 
 /// Counters and estimates of one connection (serialized as-is in `tern node status`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)] // a newer or older node's status still parses
 pub struct ConnStats {
     pub packets_sent: u64,
     pub packets_received: u64,
@@ -149,6 +183,25 @@ pub struct ConnStats {
     pub loss_estimate: f64,
     pub udp_payload: usize,
     pub streams_open: usize,
+    /// Times the peer broke the protocol (each closes the connection with `CLOSE_PROTOCOL`).
+    pub protocol_errors: u64,
+    /// Frames naming a peer stream id beyond the stream limit.
+    pub stream_id_violations: u64,
+    /// Stream data refused because the out-of-order buffer bound was reached.
+    pub reassembly_limit_hits: u64,
+    /// Send-key updates made, and receive-key updates followed (the peer's).
+    pub key_updates_sent: u64,
+    pub key_updates_received: u64,
+    /// Late packets opened with the previous receive key within the grace time.
+    pub old_key_packets: u64,
+    /// Packets numbered before the peer's last key update that came after the grace time
+    /// (refused: the previous key is gone).
+    pub old_key_rejected: u64,
+    /// Times sending stopped because the key reached `key_packet_limit` before an update
+    /// was possible.
+    pub key_exhausted_stalls: u64,
+    /// ACK frames naming a packet number never sent (each closes the connection).
+    pub acks_of_unsent: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -189,11 +242,65 @@ struct Stream {
     readable_signalled: bool,
 }
 
+/// The previous receive key, kept for packets sent before the peer's key update.
+#[derive(Debug)]
+struct PreviousKey {
+    key: DirectionKey,
+    /// The first packet number seen under the current key: anything below may be older.
+    switch_pn: u64,
+    expires_ns: u64,
+}
+
+/// Key update inside a live connection (QUIC RFC 9001 §6 without the header bit: the
+/// receiver notices an update by trial, as the new key is derived, not negotiated).
+///
+/// Each direction has its own chain of keys, k(n+1) = REKEY(k(n)). A sender moves to the
+/// next key after `rekey_after_us` or `rekey_after_packets`, but only once the peer has
+/// acknowledged a packet under the current key (so the receiver is never two keys behind).
+/// The receiver tries its current key; a packet that fails it and is numbered above every
+/// packet received so far is tried under the next key, and if that opens it the receiver
+/// moves on, keeping the previous key for `old_key_grace_us` for packets numbered below
+/// the switch. Packet numbers continue across keys, so no nonce repeats under any key.
+/// Streams, congestion state and acknowledgements are untouched: it is not a new session.
+#[derive(Debug)]
+struct KeyPhases {
+    send: DirectionKey,
+    send_first_pn: u64,
+    send_since_ns: u64,
+    send_packets: u64,
+    recv: DirectionKey,
+    recv_next: DirectionKey,
+    recv_prev: Option<PreviousKey>,
+    /// Receive-key updates followed, and the switch packet number of the last one.
+    recv_updates: u64,
+    recv_switch_pn: u64,
+    /// The current send key's exhaustion was counted.
+    exhausted_counted: bool,
+}
+
+impl KeyPhases {
+    fn new(keys: PacketKeys, now_ns: u64) -> Self {
+        let recv_next = keys.recv.next();
+        KeyPhases {
+            send: keys.send,
+            send_first_pn: 0,
+            send_since_ns: now_ns,
+            send_packets: 0,
+            recv: keys.recv,
+            recv_next,
+            recv_prev: None,
+            recv_updates: 0,
+            recv_switch_pn: 0,
+            exhausted_counted: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Connection {
     config: Config,
     is_initiator: bool,
-    keys: PacketKeys,
+    keys: KeyPhases,
     confirmed: bool,
     closed: Option<u64>,
     close_pending: Option<u64>,
@@ -241,6 +348,8 @@ pub struct Connection {
     peer_max_data: u64,
     conn_sent: u64,
     conn_buffered: u64,
+    /// Out-of-order segments held by all receive streams (≤ [`MAX_CONN_RECV_SEGMENTS`]).
+    recv_segments: usize,
     events: VecDeque<Event>,
     // --- FEC
     fec_enc: FecEncoder,
@@ -270,7 +379,7 @@ impl Connection {
         Self {
             cc: RateController::new(config.initial_rtt_us, udp_payload, config.max_rate_bps),
             is_initiator,
-            keys,
+            keys: KeyPhases::new(keys, now_ns),
             confirmed: is_initiator,
             closed: None,
             close_pending: None,
@@ -313,6 +422,7 @@ impl Connection {
             peer_max_data: config.conn_window_bytes,
             conn_sent: 0,
             conn_buffered: 0,
+            recv_segments: 0,
             events: VecDeque::new(),
             fec_enc: FecEncoder::new(),
             fec_dec: FecDecoder::new(),
@@ -456,6 +566,7 @@ impl Connection {
     pub fn stream_reset(&mut self, id: u64, code: u64) -> Result<(), StreamError> {
         let s = self.streams.remove(&id).ok_or(StreamError::Unknown(id))?;
         self.conn_buffered -= s.send.buffered();
+        self.recv_segments -= s.recv.pending_segments();
         self.pending_resets.push_back((id, code, s.send.written));
         Ok(())
     }
@@ -500,6 +611,7 @@ impl Connection {
             && s.send.is_done()
             && (s.recv.is_finished() || s.recv.reset.is_some())
         {
+            self.recv_segments -= s.recv.pending_segments();
             self.streams.remove(&id);
         }
     }
@@ -525,15 +637,16 @@ impl Connection {
 
     /// A data packet for this connection, not yet authenticated (header already parsed:
     /// `truncated_pn` is the packet number's low bits from a header of `header_len` bytes).
+    /// Returns true if it authenticated under this connection's keys.
     pub fn handle_packet(
         &mut self,
         now_ns: u64,
         truncated_pn: u64,
         header_len: usize,
         ciphertext: &[u8],
-    ) {
-        if self.closed.is_some() {
-            return;
+    ) -> bool {
+        if self.closed.is_some() || self.close_pending.is_some() {
+            return false;
         }
         let expected = self.replay.highest().map_or(0, |h| h + 1);
         let pn = wire::expand_packet_number(
@@ -543,14 +656,14 @@ impl Connection {
         );
         if !self.replay.check(pn) {
             self.stats.duplicates += 1;
-            return;
+            return false;
         }
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
-        if self.keys.open(pn, ciphertext, &mut plain).is_err() {
+        if !self.open_packet(now_ns, pn, ciphertext, &mut plain) {
             self.stats.auth_failures += 1;
             self.plain = plain;
-            return;
+            return false;
         }
         self.replay.accept(pn);
         self.stats.packets_received += 1;
@@ -565,6 +678,83 @@ impl Connection {
             }
         }
         self.plain = plain;
+        true
+    }
+
+    /// Opens a packet under the key its number and the key phases select (see [`KeyPhases`]).
+    fn open_packet(&mut self, now_ns: u64, pn: u64, ciphertext: &[u8], out: &mut Vec<u8>) -> bool {
+        let k = &mut self.keys;
+        if let Some(prev) = &k.recv_prev
+            && now_ns >= prev.expires_ns
+        {
+            k.recv_prev = None;
+        }
+        let before_switch = match &k.recv_prev {
+            Some(prev) => pn < prev.switch_pn,
+            None => false,
+        };
+        if before_switch {
+            let prev = k.recv_prev.as_ref().expect("checked");
+            if prev.key.open(pn, ciphertext, out).is_ok() {
+                self.stats.old_key_packets += 1;
+                return true;
+            }
+            // Reordered packets of the current key may come from below the switch too.
+            return k.recv.open(pn, ciphertext, out).is_ok();
+        }
+        if k.recv.open(pn, ciphertext, out).is_ok() {
+            return true;
+        }
+        if self.replay.highest().is_some_and(|h| pn <= h) {
+            // Not after everything received: not the first packet of a key update, but
+            // perhaps a late packet of a key whose grace time is over.
+            if k.recv_prev.is_none() && k.recv_updates > 0 && pn < k.recv_switch_pn {
+                self.stats.old_key_rejected += 1;
+            }
+            return false;
+        }
+        if k.recv_next.open(pn, ciphertext, out).is_err() {
+            return false;
+        }
+        let next_next = k.recv_next.next();
+        let current =
+            std::mem::replace(&mut k.recv, std::mem::replace(&mut k.recv_next, next_next));
+        k.recv_prev = Some(PreviousKey {
+            key: current,
+            switch_pn: pn,
+            expires_ns: now_ns + self.config.old_key_grace_us * 1000,
+        });
+        k.recv_updates += 1;
+        k.recv_switch_pn = pn;
+        self.stats.key_updates_received += 1;
+        true
+    }
+
+    /// Moves to the next send key when it is time and the peer has confirmed the current one
+    /// (acknowledged a packet sent under it).
+    fn maybe_update_send_key(&mut self, now_ns: u64) {
+        let k = &mut self.keys;
+        let due = k.send_packets >= self.config.rekey_after_packets
+            || now_ns >= k.send_since_ns + self.config.rekey_after_us * 1000;
+        let confirmed = self.largest_acked.is_some_and(|l| l >= k.send_first_pn);
+        if due && confirmed {
+            k.send = k.send.next();
+            k.send_first_pn = self.next_pn;
+            k.send_since_ns = now_ns;
+            k.send_packets = 0;
+            k.exhausted_counted = false;
+            self.stats.key_updates_sent += 1;
+        }
+    }
+
+    /// True when the send key may not protect another packet.
+    fn send_key_exhausted(&mut self) -> bool {
+        let exhausted = self.keys.send_packets >= self.config.key_packet_limit;
+        if exhausted && !self.keys.exhausted_counted {
+            self.keys.exhausted_counted = true;
+            self.stats.key_exhausted_stalls += 1;
+        }
+        exhausted
     }
 
     /// Returns true if the payload was valid.
@@ -645,6 +835,10 @@ impl Connection {
             if self.closed.is_some() {
                 return true;
             }
+            if self.close_pending.is_some() {
+                // A protocol error: nothing after it in the packet is processed.
+                return false;
+            }
         }
         let is_new_gap = self.largest_received.is_some_and(|l| pn > l + 1);
         let is_late = self.largest_received.is_some_and(|l| pn < l);
@@ -697,8 +891,7 @@ impl Connection {
             if local || id < self.next_remote_id {
                 return; // closed stream: late or duplicate data
             }
-            self.open_remote_up_to(id);
-            if !self.streams.contains_key(&id) {
+            if !self.open_remote_up_to(id) || !self.streams.contains_key(&id) {
                 return;
             }
         }
@@ -713,47 +906,85 @@ impl Connection {
             return;
         }
         let before = s.recv.highest;
+        let segments_before = s.recv.pending_segments();
         match s.recv.on_data(offset, data, fin) {
             Ok(readable) => {
                 self.conn_received += s.recv.highest - before;
+                self.recv_segments =
+                    self.recv_segments + s.recv.pending_segments() - segments_before;
+                if self.recv_segments > MAX_CONN_RECV_SEGMENTS {
+                    // One frame past the bound: the connection closes before another arrives.
+                    self.stats.reassembly_limit_hits += 1;
+                    self.protocol_error();
+                    return;
+                }
                 if readable && !s.readable_signalled {
                     s.readable_signalled = true;
                     self.events.push_back(Event::Readable(id));
                 }
             }
-            Err(_) => {
+            Err(RecvError::TooManySegments) => {
+                self.stats.reassembly_limit_hits += 1;
+                self.protocol_error();
+            }
+            Err(RecvError::FinalSize) => {
                 self.stats.malformed += 1;
-                self.close(CLOSE_PROTOCOL);
+                self.protocol_error();
             }
         }
         if self.conn_received > self.conn_max_advertised {
-            self.close(CLOSE_PROTOCOL);
+            self.protocol_error();
         }
     }
 
     /// Opens every peer stream id up to `id` (lower ones may still arrive); refuses beyond
     /// the stream limit.
-    fn open_remote_up_to(&mut self, id: u64) {
+    ///
+    /// The peer never has more than `max_streams` streams open, so a frame naming an id more
+    /// than `max_streams` unopened ids ahead is a protocol violation: the connection is closed
+    /// with [`CLOSE_PROTOCOL`] and false returned, before any per-id work (an id of 2^61
+    /// would otherwise loop 2^60 times).
+    fn open_remote_up_to(&mut self, id: u64) -> bool {
+        let new_ids = id.saturating_sub(self.next_remote_id) / 2 + 1;
+        if new_ids > self.config.max_streams as u64 {
+            self.stats.stream_id_violations += 1;
+            self.protocol_error();
+            return false;
+        }
         while self.next_remote_id <= id {
             let nid = self.next_remote_id;
             self.next_remote_id += 2;
             if self.streams.len() >= self.config.max_streams {
+                if self.pending_resets.len() >= MAX_PENDING_RESETS {
+                    self.protocol_error();
+                    return false;
+                }
                 self.pending_resets.push_back((nid, RESET_REFUSED, 0));
                 continue;
             }
             self.streams.insert(nid, self.new_stream());
             self.events.push_back(Event::StreamOpened(nid));
         }
+        true
+    }
+
+    /// Closes the connection because the peer broke the protocol.
+    fn protocol_error(&mut self) {
+        self.stats.protocol_errors += 1;
+        self.close(CLOSE_PROTOCOL);
     }
 
     fn on_reset_frame(&mut self, id: u64, code: u64) {
         let local = (id & 1) == u64::from(!self.is_initiator);
         if !local && id >= self.next_remote_id {
             // Reset of a stream whose data never arrived: open it (and lower ids), then reset.
-            self.open_remote_up_to(id);
+            if !self.open_remote_up_to(id) {
+                return;
+            }
         }
         if let Some(s) = self.streams.remove(&id) {
             self.conn_buffered -= s.send.buffered();
+            self.recv_segments -= s.recv.pending_segments();
             self.events.push_back(Event::StreamReset { id, code });
         }
     }
@@ -766,6 +997,13 @@ impl Connection {
         let Some(largest) = ranges.first().map(|r| r.end) else {
             return;
         };
+        if largest >= self.next_pn {
+            // An acknowledgement of a packet never sent: it would confirm key updates and
+            // declare real packets lost (RFC 9000 §13.1: PROTOCOL_VIOLATION).
+            self.stats.acks_of_unsent += 1;
+            self.protocol_error();
+            return;
+        }
         let mut newly: Vec<(u64, SentPacket)> = Vec::new();
         for r in ranges {
             let pns: Vec<u64> = self
@@ -1006,7 +1244,7 @@ impl Connection {
         if self.fec_enc.open_len() > 0 {
             min(Some(self.fec_block_start_ns + self.fec_block_duration_ns()));
         }
-        if self.confirmed {
+        if self.confirmed && self.keys.send_packets < self.config.key_packet_limit {
             min(Some(
                 self.last_sent_ns.max(self.last_received_ns) + self.config.keepalive_us * 1000,
             ));
@@ -1087,6 +1325,7 @@ impl Connection {
 
     fn has_sendable(&self) -> bool {
         self.confirmed
+            && self.keys.send_packets < self.config.key_packet_limit
             && (!self.repairs.is_empty()
                 || self.has_control()
                 || (self.has_stream_data() && self.bytes_in_flight < self.cc.cwnd()))
@@ -1156,6 +1395,10 @@ impl Connection {
     /// false; then wait until `poll_timeout()` or new input.
     pub fn poll_transmit(&mut self, now_ns: u64, out: &mut Vec<u8>) -> bool {
         if self.closed.is_some() && self.close_pending.is_none() {
+            return false;
+        }
+        self.maybe_update_send_key(now_ns);
+        if self.send_key_exhausted() {
             return false;
         }
         let ack_due = self.ack_immediate
@@ -1489,14 +1732,17 @@ impl Connection {
         mtu_probe: bool,
         out: &mut Vec<u8>,
     ) {
+        self.maybe_update_send_key(now_ns);
         let pn = self.next_pn;
         let header_len = self.next_header_len();
         self.next_pn += 1;
         let start = out.len();
         wire::put_data_header(out, pn, header_len);
         self.keys
+            .send
             .seal(pn, &plain, out)
             .expect("sealing with a valid key cannot fail");
+        self.keys.send_packets += 1;
         let size = (out.len() - start) as u32;
         self.plain = plain;
         self.stats.packets_sent += 1;
@@ -1533,5 +1779,419 @@ impl Connection {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{self, InitiatorHandshake, StaticKeypair};
+
+    /// Keys of both ends of one session: (initiator's, responder's).
+    fn session_keys() -> (PacketKeys, PacketKeys) {
+        let ka = StaticKeypair::from_seed(1);
+        let kb = StaticKeypair::from_seed(2);
+        let (hs, m1) = InitiatorHandshake::start(&ka, &kb.public, b"", Some(3)).unwrap();
+        let accepted = crypto::accept_initiation(&kb, &m1, Some(4)).unwrap();
+        let (m2, keys_b) = accepted.respond(b"").unwrap();
+        let (_, keys_a) = hs.finish(&m2).unwrap();
+        (keys_a, keys_b)
+    }
+
+    /// A responder-side connection and the initiator's keys, to forge packets the responder
+    /// authenticates (an authenticated but hostile peer).
+    struct Harness {
+        conn: Connection,
+        peer_keys: PacketKeys,
+        next_pn: u64,
+    }
+
+    impl Harness {
+        fn new(config: Config) -> Self {
+            let (keys_a, keys_b) = session_keys();
+            Harness {
+                conn: Connection::new(config, keys_b, false, 0),
+                peer_keys: keys_a,
+                next_pn: 0,
+            }
+        }
+
+        fn send_frames(&mut self, now_ns: u64, frames: &[Frame<'_>]) {
+            let mut plain = Vec::new();
+            for f in frames {
+                f.encode(&mut plain);
+            }
+            let pn = self.next_pn;
+            self.next_pn += 1;
+            let mut ct = Vec::new();
+            self.peer_keys.seal(pn, &plain, &mut ct).unwrap();
+            // 4-byte header: 29 bits of packet number.
+            self.conn
+                .handle_packet(now_ns, pn & ((1 << 29) - 1), 4, &ct);
+        }
+
+        /// Drives transmits until the connection reports its close; returns the code.
+        fn closed_code(&mut self, now_ns: u64) -> Option<u64> {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                out.clear();
+                if !self.conn.poll_transmit(now_ns, &mut out) {
+                    break;
+                }
+            }
+            std::iter::from_fn(|| self.conn.poll_event()).find_map(|e| match e {
+                Event::Closed { code } => Some(code),
+                _ => None,
+            })
+        }
+    }
+
+    /// Regression (issue 25, defect 9): a STREAM frame with id 2^61 made the receiver open
+    /// every id below it one by one (2^60 iterations: the node hung). It is now a protocol
+    /// error, found before any per-id work.
+    #[test]
+    fn stream_id_far_beyond_the_limit_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(
+            1,
+            &[Frame::Stream {
+                id: 1 << 61,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.conn.stats().streams_open, 0);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
+    }
+
+    /// The same through RESET_STREAM, which also opens the ids below it.
+    #[test]
+    fn reset_of_a_far_stream_id_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(
+            1,
+            &[Frame::ResetStream {
+                id: 1 << 61,
+                code: 0,
+                final_size: 0,
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Ids up to the limit still open (zero-RTT opens may arrive out of order).
+    #[test]
+    fn stream_ids_within_the_limit_open_lower_ids() {
+        let config = Config {
+            max_streams: 8,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let id = 2 * 7; // the 8th initiator stream
+        h.send_frames(
+            1,
+            &[Frame::Stream {
+                id,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().streams_open, 8);
+        assert_eq!(h.conn.stats().protocol_errors, 0);
+        // One more unopened id than the limit allows is refused.
+        h.send_frames(
+            2,
+            &[Frame::Stream {
+                id: id + 2 + 2 * 8,
+                offset: 0,
+                fin: false,
+                data: b"x",
+            }],
+        );
+        assert_eq!(h.conn.stats().stream_id_violations, 1);
+        assert_eq!(h.closed_code(3), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Regression (issue 25, defect 12): overlapping out-of-order segments inside the window
+    /// were each stored whole. 2,000 frames of 60,000 bytes, each one byte further, now hold
+    /// the 61,999 bytes they cover (before: 120 MB), and the connection stays open.
+    #[test]
+    fn overlapping_segments_hold_only_the_bytes_they_cover() {
+        let mut h = Harness::new(Config::default());
+        let data = vec![7u8; 60_000];
+        for i in 0..2000u64 {
+            h.send_frames(
+                1 + i,
+                &[Frame::Stream {
+                    id: 0,
+                    offset: 1 + i,
+                    fin: false,
+                    data: &data,
+                }],
+            );
+        }
+        let s = h.conn.streams.get(&0).expect("open");
+        assert_eq!(s.recv.pending_bytes(), 61_999);
+        assert_eq!(h.conn.recv_segments, 1);
+        assert_eq!(h.conn.stats().protocol_errors, 0);
+    }
+
+    /// Sibling of defect 9: an ACK of packet numbers never sent set `largest_acked` far
+    /// ahead, so every packet in flight was declared lost at once (and it would confirm key
+    /// updates the peer never saw). It is a protocol error now.
+    #[test]
+    fn ack_of_a_packet_never_sent_closes_the_connection() {
+        let mut h = Harness::new(Config::default());
+        h.send_frames(1, &[Frame::Ping]);
+        h.send_frames(
+            2,
+            &[Frame::Ack {
+                ack_delay_us: 0,
+                recovered_total: 0,
+                ranges: vec![PnRange {
+                    start: 0,
+                    end: 1_000_000,
+                }],
+            }],
+        );
+        assert_eq!(h.conn.stats().acks_of_unsent, 1);
+        assert_eq!(h.closed_code(3), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Many tiny disjoint segments across streams hit the per-connection segment bound and
+    /// close the connection instead of growing without limit.
+    #[test]
+    fn connection_segment_bound_closes_the_connection() {
+        let config = Config {
+            max_streams: 16,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let per_stream = crate::stream::MAX_RECV_SEGMENTS as u64;
+        let mut sent = 0u64;
+        'outer: for stream in 0..16u64 {
+            for i in 0..per_stream {
+                h.send_frames(
+                    1,
+                    &[Frame::Stream {
+                        id: 2 * stream,
+                        offset: 2 + 2 * i,
+                        fin: false,
+                        data: b"x",
+                    }],
+                );
+                sent += 1;
+                if h.conn.stats().protocol_errors > 0 {
+                    break 'outer;
+                }
+            }
+        }
+        assert_eq!(sent, MAX_CONN_RECV_SEGMENTS as u64 + 1);
+        assert_eq!(h.conn.stats().reassembly_limit_hits, 1);
+        assert_eq!(h.closed_code(2), Some(CLOSE_PROTOCOL));
+    }
+
+    /// Both ends of one session, with packets moved by hand.
+    struct Pair {
+        a: Connection,
+        b: Connection,
+        now_ns: u64,
+        stream: u64,
+        /// `a` writes stream data every step.
+        write: bool,
+    }
+
+    /// A packet `a` sent and the number of send-key updates `a` had made when it sent it.
+    struct Sent {
+        packet: Vec<u8>,
+        key: u64,
+    }
+
+    impl Pair {
+        fn new(config: Config) -> Self {
+            let (keys_a, keys_b) = session_keys();
+            let mut a = Connection::new(config.clone(), keys_a, true, 0);
+            let b = Connection::new(config, keys_b, false, 0);
+            let stream = a.open_stream().unwrap();
+            Pair {
+                a,
+                b,
+                now_ns: 0,
+                stream,
+                write: true,
+            }
+        }
+
+        fn deliver(to: &mut Connection, now_ns: u64, packet: &[u8]) -> bool {
+            let (pn, header_len) = wire::parse_data_header(packet).expect("data packet");
+            to.handle_packet(now_ns, pn, header_len, &packet[header_len..])
+        }
+
+        /// One millisecond: `a` writes stream data and sends; each of its packets is
+        /// delivered unless `hold` keeps it (returned); `b`'s packets all reach `a`.
+        fn step(&mut self, mut hold: impl FnMut(&Sent) -> bool) -> Vec<Sent> {
+            self.now_ns += 1_000_000;
+            let now = self.now_ns;
+            self.a.handle_timeout(now);
+            self.b.handle_timeout(now);
+            if self.write {
+                let _ = self.a.stream_write(self.stream, &[5u8; 8192]);
+            }
+            let mut held = Vec::new();
+            let mut out = Vec::new();
+            while self.a.poll_transmit(now, &mut out) {
+                let sent = Sent {
+                    packet: std::mem::take(&mut out),
+                    key: self.a.stats().key_updates_sent,
+                };
+                if hold(&sent) {
+                    held.push(sent);
+                } else {
+                    Self::deliver(&mut self.b, now, &sent.packet);
+                }
+            }
+            while self.b.poll_transmit(now, &mut out) {
+                Self::deliver(&mut self.a, now, &out);
+                out.clear();
+            }
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok((n, _)) = self.b.stream_read(self.stream, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            held
+        }
+
+        /// Steps until `a` sends a packet under the key `b` receives with; holds it back.
+        fn hold_one(&mut self) -> Sent {
+            for _ in 0..1000 {
+                // A packet under the same key as the one before it, which b received.
+                let mut delivered_key = None;
+                let mut done = false;
+                let mut held = self.step(|s| {
+                    let hold = !done && delivered_key == Some(s.key);
+                    done |= hold;
+                    if !hold {
+                        delivered_key = Some(s.key);
+                    }
+                    hold
+                });
+                if let Some(s) = held.pop() {
+                    return s;
+                }
+            }
+            panic!("no packet to hold");
+        }
+
+        /// Steps until `a` has made `updates` send-key updates and `b` has followed.
+        fn run_until_updates(&mut self, updates: u64) {
+            for _ in 0..10_000 {
+                if self.a.stats().key_updates_sent >= updates
+                    && self.b.stats().key_updates_received >= updates
+                {
+                    return;
+                }
+                self.step(|_| false);
+            }
+            panic!("no key update {updates}: {:?}", self.a.stats());
+        }
+    }
+
+    /// Issue 25, defect 3: the packet-count trigger updates the send key inside the live
+    /// connection; a packet sent under the previous key and delivered after the receiver
+    /// switched is accepted within the grace time and refused after it.
+    #[test]
+    fn key_updates_keep_the_previous_key_for_the_grace_time_only() {
+        // Few packets per key and immediate ACKs keep the late packet within the reach of
+        // its truncated packet number (a separate limit on lateness).
+        let config = Config {
+            rekey_after_packets: 4,
+            ack_every: 1,
+            old_key_grace_us: 500_000,
+            ..Config::default()
+        };
+        let mut p = Pair::new(config);
+        p.run_until_updates(2);
+        // Hold back one packet under the key b is at, then run until b has moved on.
+        let late = p.hold_one();
+        p.run_until_updates(late.key + 1);
+        let received = p.b.stats().packets_received;
+        assert!(Pair::deliver(&mut p.b, p.now_ns, &late.packet));
+        assert_eq!(p.b.stats().old_key_packets, 1);
+        assert_eq!(p.b.stats().packets_received, received + 1);
+
+        // Hold one more; deliver it after b moved on and the grace time passed.
+        let late = p.hold_one();
+        p.run_until_updates(late.key + 1);
+        p.write = false; // so a sends (almost) nothing while the grace time runs out
+        for _ in 0..600 {
+            p.step(|_| false); // 600 ms > 500 ms of grace
+        }
+        let received = p.b.stats().packets_received;
+        let rejected = p.b.stats().old_key_rejected;
+        assert!(!Pair::deliver(&mut p.b, p.now_ns, &late.packet));
+        assert_eq!(p.b.stats().old_key_rejected, rejected + 1);
+        assert_eq!(p.b.stats().packets_received, received);
+        // Nothing was reset: the stream kept flowing through every update.
+        p.write = true;
+        p.run_until_updates(late.key + 3);
+        assert_eq!(p.a.stats().protocol_errors + p.b.stats().protocol_errors, 0);
+        assert!(!p.a.is_closed() && !p.b.is_closed());
+        let read = p.b.streams.get(&p.stream).expect("open").recv.read_offset;
+        assert!(read > 50_000, "{read} bytes read");
+    }
+
+    /// The hard limit: a sender whose peer never confirms its key stops at
+    /// `key_packet_limit` packets under that key, and resumes after a confirmation.
+    #[test]
+    fn sending_stops_at_the_key_packet_limit() {
+        let config = Config {
+            rekey_after_packets: 8,
+            key_packet_limit: 16,
+            ..Config::default()
+        };
+        let mut p = Pair::new(config);
+        // Nothing reaches b: a's first key is never confirmed.
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            held.extend(p.step(|_| true));
+        }
+        assert_eq!(held.len(), 16);
+        assert_eq!(p.a.stats().key_updates_sent, 0);
+        assert_eq!(p.a.stats().key_exhausted_stalls, 1);
+        assert!(
+            p.a.poll_timeout().is_some_and(|t| t > p.now_ns),
+            "no busy loop"
+        );
+        // Delivered late, they are acknowledged; a updates its key and sends again.
+        for s in &held {
+            Pair::deliver(&mut p.b, p.now_ns, &s.packet);
+        }
+        for _ in 0..50 {
+            p.step(|_| false);
+        }
+        assert!(p.a.stats().key_updates_sent >= 1, "{:?}", p.a.stats());
+        assert!(p.a.stats().packets_sent > 16);
+    }
+
+    /// The time trigger.
+    #[test]
+    fn key_updates_after_the_configured_time() {
+        let config = Config {
+            rekey_after_us: 100_000,
+            ..Config::default()
+        };
+        let mut p = Pair::new(config);
+        for _ in 0..1050 {
+            p.step(|_| false);
+        }
+        let updates = p.a.stats().key_updates_sent;
+        assert!((9..=10).contains(&updates), "{updates} updates in 1.05 s");
+        assert_eq!(p.b.stats().key_updates_received, updates);
     }
 }

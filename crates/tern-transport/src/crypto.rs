@@ -32,6 +32,11 @@
 //!
 //! Handshake payloads are limited to [`MAX_HANDSHAKE_PAYLOAD`] bytes.
 //!
+//! Packet keys are the raw Noise `Split()` keys, one [`DirectionKey`] per direction, so a
+//! connection can update them in place: [`DirectionKey::next`] is Noise's REKEY (see
+//! `connection.rs`, `KeyPhases`). [`mac`], [`mac1_key`], [`seal_cookie`] and
+//! [`open_cookie`] are the initiation's mac1/mac2 and cookie replies (see `endpoint.rs`).
+//!
 //! # Cipher choice
 //!
 //! `snow` is built with `ring-accelerated`, so AES-GCM, ChaCha20-Poly1305 and SHA-256 come
@@ -56,7 +61,7 @@ use snow::resolvers::{
     BoxedCryptoResolver, CryptoResolver, DefaultResolver, FallbackResolver, RingResolver,
 };
 use snow::types::{Cipher, Dh, Hash, Random};
-use snow::{Builder, HandshakeState, StatelessTransportState};
+use snow::{Builder, HandshakeState};
 
 /// Length of X25519 public and private keys, in bytes.
 pub const KEY_LEN: usize = 32;
@@ -409,36 +414,56 @@ impl AcceptedInitiation {
     }
 }
 
-/// Session keys: one send key and one receive key, nonce = packet number.
-pub struct PacketKeys {
-    transport: StatelessTransportState,
+/// One direction's AEAD key (AES-256-GCM, nonce = packet number), with the raw key kept so
+/// the next key of a key update can be derived without disturbing this one.
+pub struct DirectionKey {
+    key: [u8; KEY_LEN],
+    cipher: Box<dyn Cipher>,
 }
 
-impl fmt::Debug for PacketKeys {
+impl fmt::Debug for DirectionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PacketKeys")
-            .field("initiator", &self.transport.is_initiator())
-            .finish_non_exhaustive()
+        f.debug_struct("DirectionKey").finish_non_exhaustive()
     }
 }
 
-impl PacketKeys {
-    /// Length of the authentication tag appended to each packet.
-    pub const TAG_LEN: usize = 16;
-
-    fn from_handshake(state: HandshakeState) -> Result<PacketKeys, CryptoError> {
-        let transport = state
-            .into_stateless_transport_mode()
-            .map_err(CryptoError::Noise)?;
-        Ok(PacketKeys { transport })
+impl DirectionKey {
+    fn new(key: [u8; KEY_LEN]) -> Result<DirectionKey, CryptoError> {
+        let mut cipher =
+            primitives()
+                .resolve_cipher(&CipherChoice::AESGCM)
+                .ok_or(CryptoError::Noise(snow::Error::Init(
+                    snow::error::InitStage::GetCipherImpl,
+                )))?;
+        cipher.set(&key);
+        Ok(DirectionKey { key, cipher })
     }
 
-    /// Appends ciphertext and tag of `plaintext` to `out`.
-    ///
-    /// The packet number is the nonce: it must never repeat under this key. On error `out`
-    /// is left as it was.
+    /// The key after one update: Noise's REKEY (the first 32 bytes of encrypting 32 zero
+    /// bytes with nonce 2^64 - 1, which no packet uses). One-way: this key cannot be derived
+    /// from the next, so a later key's compromise does not expose earlier traffic.
+    pub fn next(&self) -> DirectionKey {
+        let mut out = [0u8; KEY_LEN + PacketKeys::TAG_LEN];
+        self.cipher
+            .encrypt(u64::MAX, &[], &[0u8; KEY_LEN], &mut out);
+        let mut key = [0u8; KEY_LEN];
+        key.copy_from_slice(&out[..KEY_LEN]);
+        let mut cipher = self.cipher_like();
+        cipher.set(&key);
+        DirectionKey { key, cipher }
+    }
+
+    fn cipher_like(&self) -> Box<dyn Cipher> {
+        match primitives().resolve_cipher(&CipherChoice::AESGCM) {
+            Some(c) => c,
+            // The resolver provided one for `new`; it always does.
+            None => unreachable!("AES-GCM resolved before"),
+        }
+    }
+
+    /// Appends ciphertext and tag of `plaintext` to `out`; see [`PacketKeys::seal`].
     pub fn seal(
-        &mut self,
+        &self,
         packet_number: u64,
         plaintext: &[u8],
         out: &mut Vec<u8>,
@@ -452,20 +477,102 @@ impl PacketKeys {
             return Err(CryptoError::PacketNumberReserved { packet_number });
         }
         let start = out.len();
-        out.resize(start + plaintext.len() + Self::TAG_LEN, 0);
+        out.resize(start + plaintext.len() + PacketKeys::TAG_LEN, 0);
+        let len = self
+            .cipher
+            .encrypt(packet_number, &[], plaintext, &mut out[start..]);
+        debug_assert_eq!(len, plaintext.len() + PacketKeys::TAG_LEN);
+        Ok(())
+    }
+
+    /// Decrypts `ciphertext` and appends the plaintext to `out`; see [`PacketKeys::open`].
+    pub fn open(
+        &self,
+        packet_number: u64,
+        ciphertext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        if ciphertext.len() < PacketKeys::TAG_LEN
+            || ciphertext.len() > MAX_PACKET_PLAINTEXT + PacketKeys::TAG_LEN
+        {
+            return Err(CryptoError::PacketAuthentication { packet_number });
+        }
+        if packet_number == u64::MAX {
+            return Err(CryptoError::PacketNumberReserved { packet_number });
+        }
+        let start = out.len();
+        // ring opens in place; giving it room for the whole ciphertext avoids a copy.
+        out.resize(start + ciphertext.len(), 0);
         match self
-            .transport
-            .write_message(packet_number, plaintext, &mut out[start..])
+            .cipher
+            .decrypt(packet_number, &[], ciphertext, &mut out[start..])
         {
             Ok(len) => {
-                debug_assert_eq!(len, plaintext.len() + Self::TAG_LEN);
+                out.truncate(start + len);
                 Ok(())
             }
-            Err(e) => {
+            Err(_) => {
                 out.truncate(start);
-                Err(CryptoError::Noise(e))
+                Err(CryptoError::PacketAuthentication { packet_number })
             }
         }
+    }
+
+    /// Whether two keys are the same (tests).
+    pub fn same_key(&self, other: &DirectionKey) -> bool {
+        self.key == other.key
+    }
+}
+
+/// Session keys: one send key and one receive key, nonce = packet number.
+pub struct PacketKeys {
+    /// Key for packets this side sends.
+    pub send: DirectionKey,
+    /// Key for packets this side receives.
+    pub recv: DirectionKey,
+    initiator: bool,
+}
+
+impl fmt::Debug for PacketKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PacketKeys")
+            .field("initiator", &self.initiator)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PacketKeys {
+    /// Length of the authentication tag appended to each packet.
+    pub const TAG_LEN: usize = 16;
+
+    fn from_handshake(mut state: HandshakeState) -> Result<PacketKeys, CryptoError> {
+        if !state.is_handshake_finished() {
+            return Err(CryptoError::Noise(snow::Error::State(
+                snow::error::StateProblem::HandshakeNotFinished,
+            )));
+        }
+        let initiator = state.is_initiator();
+        // Noise Split(): the first key protects initiator-to-responder traffic.
+        let (k1, k2) = state.dangerously_get_raw_split();
+        let (send, recv) = if initiator { (k1, k2) } else { (k2, k1) };
+        Ok(PacketKeys {
+            send: DirectionKey::new(send)?,
+            recv: DirectionKey::new(recv)?,
+            initiator,
+        })
+    }
+
+    /// Appends ciphertext and tag of `plaintext` to `out`.
+    ///
+    /// The packet number is the nonce: it must never repeat under this key. On error `out`
+    /// is left as it was.
+    pub fn seal(
+        &mut self,
+        packet_number: u64,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        self.send.seal(packet_number, plaintext, out)
     }
 
     /// Decrypts `ciphertext` (ciphertext and tag) and appends the plaintext to `out`.
@@ -478,32 +585,109 @@ impl PacketKeys {
         ciphertext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
-        if ciphertext.len() < Self::TAG_LEN
-            || ciphertext.len() > MAX_PACKET_PLAINTEXT + Self::TAG_LEN
-        {
-            return Err(CryptoError::PacketAuthentication { packet_number });
-        }
-        if packet_number == u64::MAX {
-            return Err(CryptoError::PacketNumberReserved { packet_number });
-        }
-        let start = out.len();
-        // ring opens in place; giving it room for the whole ciphertext avoids a copy into a
-        // temporary inside snow.
-        out.resize(start + ciphertext.len(), 0);
-        match self
-            .transport
-            .read_message(packet_number, ciphertext, &mut out[start..])
-        {
-            Ok(len) => {
-                out.truncate(start + len);
-                Ok(())
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(CryptoError::PacketAuthentication { packet_number })
-            }
-        }
+        self.recv.open(packet_number, ciphertext, out)
     }
+}
+
+/// Length of the MACs that end a handshake initiation (mac1, mac2) and of a cookie.
+pub const MAC_LEN: usize = 16;
+
+/// Size of a sealed cookie: the cookie and its AEAD tag.
+pub const SEALED_COOKIE_LEN: usize = MAC_LEN + PacketKeys::TAG_LEN;
+
+/// Length of the random salt that keys each cookie reply's AEAD.
+pub const COOKIE_SALT_LEN: usize = 16;
+
+fn primitives() -> FallbackResolver {
+    FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver))
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // Both resolvers provide SHA-256 (snow's default features, kept by ring-accelerated).
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.reset();
+        for p in parts {
+            h.input(p);
+        }
+        h.result(&mut out);
+    }
+    out
+}
+
+/// HMAC-SHA-256 of `data` under `key`, truncated to [`MAC_LEN`] bytes.
+pub fn mac(key: &[u8], data: &[u8]) -> [u8; MAC_LEN] {
+    let mut full = [0u8; 32];
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.hmac(key, data, &mut full);
+    }
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(&full[..MAC_LEN]);
+    out
+}
+
+/// Compares two MACs in time independent of where they differ.
+pub fn mac_eq(a: &[u8; MAC_LEN], b: &[u8]) -> bool {
+    b.len() == MAC_LEN && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The key of an initiation's mac1: a hash of the responder's static public key, so only a
+/// sender that knows that key can make an initiation the responder spends work on.
+pub fn mac1_key(responder_public: &[u8; KEY_LEN]) -> [u8; 32] {
+    sha256(&[b"tern-transport mac1", responder_public])
+}
+
+fn cookie_cipher(responder_public: &[u8; KEY_LEN], salt: &[u8]) -> Option<Box<dyn Cipher>> {
+    let key = sha256(&[b"tern-transport cookie", responder_public, salt]);
+    let mut c = primitives().resolve_cipher(&CipherChoice::AESGCM)?;
+    c.set(&key);
+    Some(c)
+}
+
+/// Encrypts `cookie` for the initiator whose initiation carried `mac1` (bound as associated
+/// data). Every reply has its own `salt`, hence its own key, so nonce 0 is never reused.
+pub fn seal_cookie(
+    responder_public: &[u8; KEY_LEN],
+    salt: &[u8; COOKIE_SALT_LEN],
+    mac1: &[u8],
+    cookie: &[u8; MAC_LEN],
+) -> [u8; SEALED_COOKIE_LEN] {
+    let mut out = [0u8; SEALED_COOKIE_LEN];
+    if let Some(c) = cookie_cipher(responder_public, salt) {
+        c.encrypt(0, mac1, cookie, &mut out);
+    }
+    out
+}
+
+/// Decrypts a cookie reply to an initiation that carried `mac1`; None if it fails.
+pub fn open_cookie(
+    responder_public: &[u8; KEY_LEN],
+    salt: &[u8],
+    mac1: &[u8],
+    sealed: &[u8],
+) -> Option<[u8; MAC_LEN]> {
+    if sealed.len() != SEALED_COOKIE_LEN {
+        return None;
+    }
+    let c = cookie_cipher(responder_public, salt)?;
+    let mut out = [0u8; SEALED_COOKIE_LEN];
+    let n = c.decrypt(0, mac1, sealed, &mut out).ok()?;
+    let mut cookie = [0u8; MAC_LEN];
+    cookie.copy_from_slice(out.get(..MAC_LEN).filter(|_| n == MAC_LEN)?);
+    Some(cookie)
+}
+
+/// A secret for cookies, from the node's private key (so it is unpredictable whatever the
+/// seed) and a rotation counter and nonce.
+pub fn cookie_secret(local: &StaticKeypair, counter: u64, nonce: u64) -> [u8; 32] {
+    let mut data = [0u8; 16];
+    data[..8].copy_from_slice(&counter.to_be_bytes());
+    data[8..].copy_from_slice(&nonce.to_be_bytes());
+    let mut out = [0u8; 32];
+    if let Some(mut h) = primitives().resolve_hash(&HashChoice::SHA256) {
+        h.hmac(&local.private, &data, &mut out);
+    }
+    out
 }
 
 /// Number of packets the replay window remembers behind the highest one received.

@@ -149,8 +149,12 @@ pub struct RecvStream {
     pub read_offset: u64,
     /// Offset one past the contiguous received data.
     contiguous: u64,
-    /// Out-of-order segments by offset.
+    /// Out-of-order segments by offset: disjoint, all above `contiguous`, so they never hold
+    /// more than the advertised window (`max_advertised - contiguous`) however a peer makes
+    /// them overlap.
     pending: BTreeMap<u64, Vec<u8>>,
+    /// Bytes held in `pending`.
+    pending_bytes: u64,
     /// Highest offset received (flow-control accounting).
     pub highest: u64,
     pub fin_offset: Option<u64>,
@@ -159,10 +163,19 @@ pub struct RecvStream {
     pub reset: Option<u64>,
 }
 
+/// Most disjoint out-of-order segments one stream holds. Bytes are bounded by the window;
+/// this bounds the per-segment overhead a peer can make us allocate with tiny segments.
+/// A sender adds a segment only per hole it leaves (loss or reordering) within the window,
+/// so a real sender stays far below; beyond it the frame is refused with
+/// [`RecvError::TooManySegments`] (the connection closes with a protocol error).
+pub const MAX_RECV_SEGMENTS: usize = 8192;
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum RecvError {
     /// Data beyond the FIN, or a FIN that contradicts an earlier one.
     FinalSize,
+    /// Storing the frame would exceed [`MAX_RECV_SEGMENTS`] (nothing was stored).
+    TooManySegments,
 }
 
 impl RecvStream {
@@ -174,6 +187,7 @@ impl RecvStream {
             read_offset: 0,
             contiguous: 0,
             pending: BTreeMap::new(),
+            pending_bytes: 0,
             highest: 0,
             fin_offset: None,
             max_advertised: window,
@@ -188,6 +202,13 @@ impl RecvStream {
             && (end > f || (fin && end != f))
         {
             return Err(RecvError::FinalSize);
+        }
+        if end > self.contiguous && offset > self.contiguous && self.reset.is_none() {
+            // Checked before any state changes, so a refused frame leaves nothing behind.
+            let pieces = self.uncovered(offset, end);
+            if self.pending.len() + pieces.len() > MAX_RECV_SEGMENTS {
+                return Err(RecvError::TooManySegments);
+            }
         }
         if fin {
             if end < self.highest {
@@ -206,15 +227,60 @@ impl RecvStream {
                 self.push_ready(data[skip..].to_vec());
                 self.drain_pending();
             } else {
-                match self.pending.get(&offset) {
-                    Some(existing) if existing.len() >= data.len() => {}
-                    _ => {
-                        self.pending.insert(offset, data.to_vec());
+                for (a, b) in self.uncovered(offset, end) {
+                    let piece = &data[(a - offset) as usize..(b - offset) as usize];
+                    self.pending_bytes += b - a;
+                    // A piece right behind the previous segment extends it (the usual case
+                    // after a loss: later packets arrive in order behind the hole).
+                    if let Some((&o, prev)) = self.pending.range_mut(..a).next_back()
+                        && o + prev.len() as u64 == a
+                    {
+                        prev.extend_from_slice(piece);
+                    } else {
+                        self.pending.insert(a, piece.to_vec());
                     }
                 }
             }
         }
         Ok(self.contiguous > before || (fin && self.contiguous == end))
+    }
+
+    /// The parts of `offset..end` (all above `contiguous`) that no pending segment holds.
+    fn uncovered(&self, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut cursor = offset;
+        let from = self
+            .pending
+            .range(..=offset)
+            .next_back()
+            .map_or(offset, |(&o, _)| o);
+        for (&o, seg) in self.pending.range(from..end) {
+            let seg_end = o + seg.len() as u64;
+            if seg_end <= cursor {
+                continue;
+            }
+            if o > cursor {
+                out.push((cursor, o));
+            }
+            cursor = cursor.max(seg_end);
+            if cursor >= end {
+                break;
+            }
+        }
+        if cursor < end {
+            out.push((cursor, end));
+        }
+        out
+    }
+
+    /// Out-of-order bytes held (at most the advertised window above the contiguous data).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Out-of-order segments held (at most [`MAX_RECV_SEGMENTS`]).
+    pub fn pending_segments(&self) -> usize {
+        self.pending.len()
     }
 
     fn push_ready(&mut self, chunk: Vec<u8>) {
@@ -232,6 +298,7 @@ impl RecvStream {
                 break;
             }
             let (off, chunk) = self.pending.pop_first().expect("non-empty");
+            self.pending_bytes -= chunk.len() as u64;
             let end = off + chunk.len() as u64;
             if end > self.contiguous {
                 let skip = (self.contiguous - off) as usize;
@@ -277,6 +344,7 @@ impl RecvStream {
         self.ready_head = 0;
         self.ready_bytes = 0;
         self.pending.clear();
+        self.pending_bytes = 0;
     }
 }
 
@@ -308,6 +376,48 @@ mod tests {
         assert!(r.is_finished());
         assert_eq!(r.on_data(4000, &data[4000..5000], false), Ok(false));
         assert_eq!(r.on_data(5000, b"x", false), Err(RecvError::FinalSize));
+    }
+
+    /// Regression: overlapping out-of-order segments at distinct offsets were each stored
+    /// whole, so 1,000 frames of 1,000 bytes shifted by one byte held ~1 MB for ~2 KB of
+    /// stream. Now the held bytes never exceed the span they cover.
+    #[test]
+    fn overlapping_out_of_order_segments_are_stored_once() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let mut r = RecvStream::new(1 << 20);
+        for i in 0..1000usize {
+            let a = 10 + i;
+            r.on_data(a as u64, &data[a..a + 1000], false).unwrap();
+        }
+        // Offsets 10..2009 are covered: 1,999 bytes, merged into one segment.
+        assert_eq!(r.pending_bytes(), 1999);
+        assert_eq!(r.pending_segments(), 1);
+        // A segment spanning existing ones keeps only the holes' bytes.
+        r.on_data(3000, &data[3000..3100], false).unwrap();
+        r.on_data(1500, &data[1500..4000], false).unwrap();
+        assert_eq!(r.pending_bytes(), 4000 - 10);
+        r.on_data(0, &data[..10], false).unwrap();
+        assert_eq!(r.pending_bytes(), 0);
+        let mut out = vec![0; 10_000];
+        let n = r.read(&mut out);
+        assert_eq!(&out[..n], &data[..4000]);
+    }
+
+    /// Regression: one-byte segments with one-byte holes made one map entry (~100 bytes of
+    /// overhead) per byte; the count is bounded and a frame beyond it is refused whole.
+    #[test]
+    fn out_of_order_segment_count_is_bounded() {
+        let mut r = RecvStream::new(1 << 30);
+        for i in 0..MAX_RECV_SEGMENTS as u64 {
+            r.on_data(2 + 2 * i, b"x", false).unwrap();
+        }
+        assert_eq!(r.pending_segments(), MAX_RECV_SEGMENTS);
+        let far = 2 + 2 * MAX_RECV_SEGMENTS as u64;
+        assert_eq!(r.on_data(far, b"y", false), Err(RecvError::TooManySegments));
+        assert_eq!(r.pending_segments(), MAX_RECV_SEGMENTS);
+        // Filling a hole (or extending a segment) still works at the bound.
+        assert_eq!(r.on_data(0, b"ab", false), Ok(true));
+        assert_eq!(r.readable_bytes(), 3);
     }
 
     #[test]

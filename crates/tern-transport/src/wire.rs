@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! handshake init     [0x01][sender_index u16][noise IK message 1 (payload: version u8, timestamp u64)]
-//! handshake response [0x02][receiver_index u16][noise IK message 2]
+//!                    [mac1 16][mac2 16]
+//! handshake response [0x02][receiver_index u16][noise IK message 2][mac 16, keyed by the init's mac1]
+//! cookie reply       [0x03][receiver_index u16][salt 16][AEAD(cookie 16) + 16-byte tag]
 //! data               [1 L L p p p p p][packet number: L more bytes][AEAD(frames) + 16-byte tag]
 //! ```
 //! The initiator's session index (1..=65535) pairs a handshake response with its initiation.
@@ -46,9 +48,13 @@ use thiserror::Error;
 /// 4: 16-bit session indexes; 1- to 4-byte packet numbers.
 /// 5: no session index in data packets; the packet number's length and top bits in the
 ///    first byte; STREAM_END offsets truncated.
-pub const PROTOCOL_VERSION: u8 = 5;
+/// 6: initiations end with mac1 and mac2 (16 bytes each); cookie replies (type 0x03);
+///    responses end with a MAC keyed by the init's mac1.
+pub const PROTOCOL_VERSION: u8 = 6;
 pub const TYPE_INIT: u8 = 0x01;
 pub const TYPE_RESPONSE: u8 = 0x02;
+/// Cookie reply to an initiation the responder will not process without proof of address.
+pub const TYPE_COOKIE: u8 = 0x03;
 /// Set in the first byte of every data packet (handshake types are below it).
 pub const DATA_FLAG: u8 = 0x80;
 /// Largest number of ACK ranges encoded (older ones are dropped; the sender treats them as

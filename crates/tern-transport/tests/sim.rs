@@ -181,3 +181,66 @@ fn print_goodput_mpls() {
         );
     }
 }
+
+/// Issue 25, defect 3: a connection that updates its keys many times (by packet count on one
+/// run, by time on another) over a lossy, reordering, duplicating link delivers every byte,
+/// and the key updates cost nothing: the run finishes when the same seed without updates
+/// does (virtual time; same packets, same link draws).
+#[test]
+fn many_key_updates_under_loss_and_reorder_deliver_everything() {
+    let link = LinkParams {
+        delay_ns: 15_000_000,
+        jitter_ns: 4_000_000,
+        reorder: true,
+        loss: 0.01,
+        duplicate: 0.01,
+        rate_bps: 50_000_000,
+        queue_bytes: 300_000,
+        partitions: Vec::new(),
+    };
+    let base = run(&scenario(7, link.clone())).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(base.stats_a.key_updates_sent, 0);
+    let by_count = Scenario {
+        config: Config {
+            rekey_after_packets: 50,
+            ..Config::default()
+        },
+        ..scenario(7, link.clone())
+    };
+    let by_time = Scenario {
+        config: Config {
+            rekey_after_us: 20_000,
+            ..Config::default()
+        },
+        ..scenario(7, link)
+    };
+    for (what, sc) in [("count", by_count), ("time", by_time)] {
+        let out = run(&sc).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(out.streams_completed, 8, "{what}");
+        assert_eq!(out.bytes_delivered, base.bytes_delivered, "{what}");
+        let (a, b) = (&out.stats_a, &out.stats_b);
+        assert!(a.key_updates_sent >= 6, "{what}: {a:?}");
+        assert!(b.key_updates_sent >= 6, "{what}: {b:?}");
+        // The last update's packets may still be in flight when the run ends.
+        for (from, to) in [(a, b), (b, a)] {
+            assert!(
+                (from.key_updates_sent - 1..=from.key_updates_sent)
+                    .contains(&to.key_updates_received),
+                "{what}: {} sent, {} followed",
+                from.key_updates_sent,
+                to.key_updates_received
+            );
+        }
+        assert!(
+            a.old_key_packets + b.old_key_packets > 0,
+            "{what}: late packets"
+        );
+        assert_eq!(a.old_key_rejected + b.old_key_rejected, 0, "{what}");
+        assert!(
+            out.finished_at_ns <= base.finished_at_ns + base.finished_at_ns / 100,
+            "{what}: {} vs {} ns",
+            out.finished_at_ns,
+            base.finished_at_ns
+        );
+    }
+}
