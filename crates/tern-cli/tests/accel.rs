@@ -366,3 +366,145 @@ print(c.recv(100).decode())
     let _ = node.wait();
     ok(&["lab", "down"]);
 }
+
+/// Restarts the lab's node A (same config, key and address): kill, start, wait until it is
+/// connected to B again; returns the new process and the seconds it took to connect.
+fn restart_node_a(pid: i32) -> (std::process::Child, f64) {
+    // SAFETY: a plain kill(2) of node A, which the lab (or this test) started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    let node = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tern-a",
+            env!("CARGO_BIN_EXE_tern"),
+            "node",
+            "run",
+            "--config",
+            "/run/tern/lab/node-a.toml",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let connected = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let out = common::tern(&[
+            "node",
+            "status",
+            "--socket",
+            "/run/tern/lab/node-a.sock",
+            "--json",
+        ]);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|s| s["peers"][0]["connected"] == true)
+    });
+    assert!(connected, "node A did not reconnect within 10 s");
+    (node, start.elapsed().as_secs_f64())
+}
+
+/// The real lab's half of the handshake defences (issue 25): a captured initiation replayed
+/// from another address during a transfer neither resets the session nor moves B's idea of
+/// A's address; and 1,000 junk initiations a second do not keep a restarted A from
+/// reconnecting within a few seconds.
+#[test]
+fn replayed_and_junk_initiations_neither_reset_a_flow_nor_starve_a_reconnect() {
+    if !is_root() {
+        return;
+    }
+    let _g = lock();
+    ok(&["lab", "down"]);
+    ok(&["lab", "up", "--rate", "100mbit", "--rtt", "10ms", "--accel"]);
+    let st: Value = serde_json::from_str(&ok(&["lab", "status", "--json"])).unwrap();
+    let a_pid = st["nodes"][0]["pid"].as_u64().unwrap() as i32;
+
+    // Capture the initiation a restarted node A sends (IP packets on B's WAN device).
+    let capture = python_in(
+        "tern-b",
+        r#"
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+s.bind(("wan0", 0)); s.settimeout(15)
+while True:
+    p = s.recv(4096)
+    ihl = (p[0] & 15) * 4
+    if p[9] != 17: continue
+    dport = int.from_bytes(p[ihl + 2:ihl + 4], "big")
+    payload = p[ihl + 8:]
+    if dport == 7400 and payload[:1] == b"\x01":
+        print(payload.hex(), flush=True); break
+"#,
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (node, _) = restart_node_a(a_pid);
+    let init = capture.wait_with_output().unwrap();
+    let init_hex = String::from_utf8_lossy(&init.stdout).trim().to_string();
+    assert!(init_hex.len() > 100, "no initiation captured: {init_hex:?}");
+
+    // Replay it from another port of site A, 20 times, while a transfer runs.
+    let before = node_status("b");
+    let replayer = python_in(
+        "tern-a",
+        &format!(
+            "import socket, time\ninit = bytes.fromhex('{init_hex}')\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('198.18.1.1', 7499))\n\
+             for _ in range(20):\n    s.sendto(init, ('198.18.2.1', 7400)); time.sleep(0.1)\n"
+        ),
+    )
+    .spawn()
+    .unwrap();
+    let (client, server) = transfer();
+    replayer.wait_with_output().unwrap();
+    assert_eq!(client, server, "the transfer during the replays differs");
+    let after = node_status("b");
+    let e0 = &before["endpoint"];
+    let e1 = &after["endpoint"];
+    assert!(
+        e1["handshakes_replayed"].as_u64().unwrap() > e0["handshakes_replayed"].as_u64().unwrap(),
+        "the replays were not recognized: {e1}"
+    );
+    assert_eq!(e1["sessions_confirmed"], e0["sessions_confirmed"], "{e1}");
+    assert_eq!(after["peers"][0]["connected"], true, "{after}");
+    assert_eq!(after["peers"][0]["address"], "198.18.1.1:7400", "{after}");
+
+    // 1,000 junk initiations a second from many ports of site A, while A restarts.
+    let flood = python_in(
+        "tern-a",
+        r#"
+import os, random, socket, time
+rng = random.Random(5)
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
+end = time.monotonic() + 8
+while time.monotonic() < end:
+    t = time.monotonic()
+    for i in range(100):
+        n = rng.choice([3, 140, 172, rng.randrange(1, 400)])
+        rng.choice(socks).sendto(b"\x01" + os.urandom(n - 1), ("198.18.2.1", 7400))
+    time.sleep(max(0, 0.1 - (time.monotonic() - t)))
+"#,
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let node_pid = node.id() as i32;
+    // The `ip netns exec` wrapper execs tern, so its pid is node A's.
+    let (mut node, took) = restart_node_a(node_pid);
+    let flood_out = flood.wait_with_output().unwrap();
+    assert!(flood_out.status.success());
+    let b = node_status("b");
+    assert!(
+        b["endpoint"]["handshakes_bad_mac1"].as_u64().unwrap() >= 1_000,
+        "the flood did not arrive: {b}"
+    );
+    assert!(took < 5.0, "node A took {took:.1} s to reconnect through the flood");
+    let (client, server) = transfer();
+    assert_eq!(client, server);
+    let _ = node.kill();
+    let _ = node.wait();
+    ok(&["lab", "down"]);
+}
