@@ -52,6 +52,8 @@ pub(crate) struct Log {
     file: File,
     path: PathBuf,
     end: u64,
+    /// The log's length as of its last fdatasync (each record says it: `wal.rs`).
+    durable_end: u64,
     backlog: Backlog,
     /// Appending (a consistent copy) rather than writing into the volume.
     pub(crate) logging: bool,
@@ -97,6 +99,7 @@ impl Log {
             file,
             path,
             end: c.valid as u64,
+            durable_end: c.valid as u64,
             backlog,
             logging: consistent,
             dirty: false,
@@ -125,6 +128,7 @@ impl Log {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| format!("reset {}: {e}", self.path.display()))?;
         self.end = h.len() as u64;
+        self.durable_end = self.end;
         self.dirty = false;
         self.unsynced = false;
         Ok(())
@@ -204,7 +208,7 @@ impl Log {
             op,
         };
         let mut buf = Vec::with_capacity(r.bytes() as usize + 64);
-        wal::encode(&r, &mut buf);
+        wal::encode(&r, self.end, self.durable_end, &mut buf);
         self.file
             .write_all_at(&buf, self.end)
             .map_err(|e| format!("append to {}: {e}", self.path.display()))?;
@@ -246,6 +250,7 @@ impl Log {
                 .sync_data()
                 .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
             self.dirty = false;
+            self.durable_end = self.end;
         }
         Ok(())
     }
@@ -433,5 +438,67 @@ impl Backup {
         l.reset()?;
         self.publish(&l);
         Ok((applied, dropped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tern-backup-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn write(seq: u64) -> Op {
+        Op::Write {
+            offset: seq * 4096,
+            data: vec![seq as u8; 4096],
+        }
+    }
+
+    fn no_volume(_: u64, _: &mut [u8]) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A log with `n` records, each made durable before the next (as acknowledged
+    /// writes are); returns the volume path and the file offset of each record.
+    fn durable_log(name: &str, n: u64) -> (PathBuf, Vec<u64>) {
+        let vol = dir(name).join("v.raw");
+        let mut l = Log::open(&vol, true, &[]).unwrap();
+        let mut at = Vec::new();
+        for seq in 1..=n {
+            at.push(l.end);
+            l.append(&no_volume, seq, seq, &[], write(seq)).unwrap();
+            l.sync().unwrap();
+        }
+        (vol, at)
+    }
+
+    #[test]
+    fn open_refuses_a_log_corrupt_before_acknowledged_records_and_cuts_nothing() {
+        let (vol, at) = durable_log("mid", 4);
+        let path = log_path(&vol);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at[1] as usize + 100] ^= 4;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Log::open(&vol, true, &[])
+            .err()
+            .expect("corruption is an error");
+        assert!(e.contains("corrupt record at offset"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+    }
+
+    #[test]
+    fn open_cuts_a_torn_last_record() {
+        let (vol, at) = durable_log("torn", 3);
+        let path = log_path(&vol);
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 7]).unwrap();
+        let l = Log::open(&vol, true, &[]).unwrap();
+        assert_eq!(l.backlog.len(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), at[2]);
     }
 }
