@@ -35,6 +35,13 @@ pub fn log_path(volume: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where [`Log::reset`] writes the emptied log before renaming it over the old one.
+fn reset_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".new");
+    PathBuf::from(p)
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStatus {
     /// Records logged and not yet applied, and their bytes.
@@ -54,6 +61,12 @@ pub(crate) struct Log {
     end: u64,
     /// The log's length as of its last fdatasync (each record says it: `wal.rs`).
     durable_end: u64,
+    /// The guest write of the last record durable in the log (or the applied write the
+    /// volume durably holds): the applied counter published to peers never passes it, so
+    /// a peer's backup never applies a write that depends on one a crash here would lose.
+    durable_write: u64,
+    /// The guest write of the last record appended.
+    last_write: u64,
     backlog: Backlog,
     /// Appending (a consistent copy) rather than writing into the volume.
     pub(crate) logging: bool,
@@ -86,6 +99,11 @@ impl Log {
         let c = wal::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut backlog = Backlog::new(c.applied_write);
         let n = c.records.len();
+        let last_write = c
+            .records
+            .iter()
+            .map(|r| r.write)
+            .fold(c.applied_write, u64::max);
         for r in c.records {
             backlog.push(r);
         }
@@ -100,6 +118,8 @@ impl Log {
             path,
             end: c.valid as u64,
             durable_end: c.valid as u64,
+            durable_write: last_write,
+            last_write,
             backlog,
             logging: consistent,
             dirty: false,
@@ -119,19 +139,44 @@ impl Log {
         Ok(log)
     }
 
-    /// Empties the file: header only, with the applied write.
+    /// Empties the log: header only, with the applied write. Crash-safe: the new file is
+    /// written and fdatasynced beside the old one, renamed over it and the directory
+    /// fsynced, so a crash leaves either the old log or the new one, never an empty or
+    /// headerless file.
     fn reset(&mut self) -> Result<(), String> {
-        let h = wal::header(self.backlog.applied_write());
-        self.file
-            .set_len(0)
-            .and_then(|()| self.file.write_all_at(&h, 0))
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| format!("reset {}: {e}", self.path.display()))?;
+        let applied = self.backlog.applied_write();
+        let h = wal::header(applied);
+        let tmp = reset_path(&self.path);
+        let ctx = |what: &str, e: io::Error| format!("reset {}: {what}: {e}", self.path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| ctx("create the new log", e))?;
+        file.write_all_at(&h, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| ctx("write the new log", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| ctx("rename the new log", e))?;
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ctx("fsync the directory", e))?;
+        self.file = file;
         self.end = h.len() as u64;
         self.durable_end = self.end;
+        self.durable_write = applied;
+        self.last_write = applied;
         self.dirty = false;
         self.unsynced = false;
         Ok(())
+    }
+
+    /// The applied write peers may rely on: applied here and durable in the log (or in
+    /// the volume, after a checkpoint or a completed sync).
+    pub(crate) fn published_write(&self) -> u64 {
+        self.backlog.applied_write().min(self.durable_write)
     }
 
     pub(crate) fn status(&self) -> LogStatus {
@@ -158,6 +203,8 @@ impl Log {
     /// A completed sync: the volume holds every write up to `w`.
     pub(crate) fn synced_to(&mut self, w: u64) {
         self.backlog.set_applied_write(w);
+        self.durable_write = self.durable_write.max(w);
+        self.last_write = self.last_write.max(w);
     }
 
     fn peer_applied(&mut self) -> Vec<(Mac, u64)> {
@@ -216,6 +263,7 @@ impl Log {
         self.dirty = true;
         self.appends += 1;
         self.last_append = Instant::now();
+        self.last_write = self.last_write.max(r.write);
         self.backlog.push(r);
         Ok(())
     }
@@ -251,6 +299,7 @@ impl Log {
                 .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
             self.dirty = false;
             self.durable_end = self.end;
+            self.durable_write = self.last_write;
         }
         Ok(())
     }
@@ -278,7 +327,7 @@ pub(crate) struct Backup {
 impl Backup {
     pub(crate) fn new(log: Log, page: Option<Arc<CounterPage>>) -> Backup {
         if let Some(p) = &page {
-            p.publish_applied(log.applied_write());
+            p.publish_applied(log.published_write());
         }
         Backup {
             log: Mutex::new(log),
@@ -295,10 +344,18 @@ impl Backup {
         self.cond.notify_all();
     }
 
+    /// Publishes the applied counter, never past what is durable ([`Log::published_write`]).
     pub(crate) fn publish(&self, l: &Log) {
         if let Some(p) = &self.page {
-            p.publish_applied(l.applied_write());
+            p.publish_applied(l.published_write());
         }
+    }
+
+    /// fdatasync of the log, then the applied counter that this made durable.
+    pub(crate) fn sync(&self, l: &mut Log) -> Result<(), String> {
+        l.sync()?;
+        self.publish(l);
+        Ok(())
     }
 
     /// Applies every record whose dependencies are met (all of them with `force`);
@@ -347,6 +404,7 @@ impl Backup {
         let mut l = self.lock();
         if l.backlog.is_empty() && l.appends == appends {
             l.reset()?;
+            self.publish(&l);
         }
         Ok(())
     }
@@ -500,5 +558,46 @@ mod tests {
         let l = Log::open(&vol, true, &[]).unwrap();
         assert_eq!(l.backlog.len(), 2);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), at[2]);
+    }
+
+    #[test]
+    fn the_applied_counter_is_published_only_once_the_record_is_durable() {
+        let d = dir("publish");
+        let vol = d.join("v.raw");
+        let page = Arc::new(CounterPage::create(&d.join("v.ctr")).unwrap());
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), Some(page.clone()));
+        let mut l = b.lock();
+        l.append(&no_volume, 1, 5, &[], write(1)).unwrap();
+        let applied = b.apply_ready(&mut l, false, &|_| Ok(())).unwrap();
+        assert_eq!((applied, l.applied_write()), (1, 5));
+        // In the volume, but neither the log record nor the volume is durable yet: a crash
+        // here loses write 5, so no peer backup may apply what depends on it.
+        assert_eq!(page.applied(), 0);
+        b.sync(&mut l).unwrap();
+        assert_eq!(page.applied(), 5);
+    }
+
+    #[test]
+    fn reset_replaces_the_log_only_once_the_new_one_is_complete() {
+        let (vol, _) = durable_log("reset", 2);
+        let path = log_path(&vol);
+        let before = std::fs::read(&path).unwrap();
+        let mut l = Log::open(&vol, true, &[]).unwrap();
+        // The new log cannot be written: the old one must still hold every record.
+        std::fs::create_dir(reset_path(&path)).unwrap();
+        assert!(l.reset().is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(wal::decode(&before).unwrap().records.len(), 2);
+        std::fs::remove_dir(reset_path(&path)).unwrap();
+        // Drain, then reset: header only, written through the file the log now appends to.
+        let _ = l.backlog.pop();
+        let _ = l.backlog.pop();
+        l.reset().unwrap();
+        assert!(!reset_path(&path).exists());
+        assert_eq!(std::fs::read(&path).unwrap(), wal::header(2));
+        l.append(&no_volume, 3, 3, &[], write(3)).unwrap();
+        l.sync().unwrap();
+        let c = wal::decode(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!((c.applied_write, c.records.len()), (2, 1));
     }
 }

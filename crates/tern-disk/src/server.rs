@@ -808,7 +808,7 @@ fn durable(
         sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
         *in_place = false;
     }
-    backup.lock().sync()?;
+    backup.sync(&mut backup.lock())?;
     if let Some(Event::Consistent) = core.durable(seq) {
         volume::write_state(&sh.opts.volume, &State { consistent: true })
             .map_err(|e| e.to_string())?;

@@ -341,11 +341,15 @@ pub fn write_state(volume: &Path, st: &State) -> Result<(), VolumeError> {
     f.write_all_at(&body, 0).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("sync", &tmp))?;
     fs::rename(&tmp, &p).map_err(io_err("rename", &p))?;
-    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
+    // The rename is durable only once the directory is: a state a caller acts on (a
+    // consistent copy) must not silently revert after a crash.
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync the directory of", &p))?;
     Ok(())
 }
 
