@@ -46,9 +46,20 @@ pub fn run(a: ProtectArgs) -> Result<()> {
     match (a.cmd, a.name) {
         (Some(ProtectCmd::Status { name, json }), _) => {
             let st = protect::status(name.as_deref())?;
+            let failed: Vec<String> = st
+                .iter()
+                .filter_map(|v| {
+                    let why = v["backup_failed"].as_str()?;
+                    Some(format!("{}: backup FAILED: {why}", v["name"].as_str()?))
+                })
+                .collect();
+            let verdict = || match failed.is_empty() {
+                true => Ok(()),
+                false => Err(anyhow::anyhow!("{}", failed.join("\n"))),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
-                return Ok(());
+                return verdict();
             }
             if st.is_empty() {
                 println!("no protected VMs");
@@ -79,7 +90,7 @@ pub fn run(a: ProtectArgs) -> Result<()> {
                     }
                 );
             }
-            Ok(())
+            verdict()
         }
         (Some(ProtectCmd::Stop { name }), _) => {
             protect::unprotect(&name)?;

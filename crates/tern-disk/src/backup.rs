@@ -53,6 +53,13 @@ pub struct LogStatus {
     pub waiting_for: Option<String>,
     /// Records dropped at failover (they depended on writes a peer's backup never got).
     pub discarded: u64,
+    /// The backup failed (an I/O error applying a logged write to the volume): it applies
+    /// nothing more, keeps every record in its log, takes no replication session and
+    /// cannot be promoted until it is restarted (the log is replayed then). DRBD's
+    /// `on-io-error detach`.
+    pub failed: Option<String>,
+    /// Applies of logged writes to the volume that failed (counter).
+    pub apply_errors: u64,
 }
 
 pub(crate) struct Log {
@@ -77,6 +84,9 @@ pub(crate) struct Log {
     last_append: Instant,
     /// Applied to the volume since the log was last emptied.
     unsynced: bool,
+    /// See [`LogStatus::failed`].
+    failed: Option<String>,
+    apply_errors: u64,
     peers: Vec<(Mac, PathBuf, Option<CounterPage>)>,
 }
 
@@ -126,6 +136,8 @@ impl Log {
             appends: 0,
             last_append: Instant::now(),
             unsynced: n > 0,
+            failed: None,
+            apply_errors: 0,
             peers: peers.iter().map(|(m, p)| (*m, p.clone(), None)).collect(),
         };
         if c.valid == 0 {
@@ -188,16 +200,19 @@ impl Log {
                 .waiting_for()
                 .map(|(m, n)| format!("{}={n}", mac_text(&m))),
             discarded: self.backlog.discarded,
+            failed: self.failed.clone(),
+            apply_errors: self.apply_errors,
         }
+    }
+
+    /// Why the backup stopped applying (an I/O error at its volume), if it did.
+    pub(crate) fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// Nothing waits to be applied.
     pub(crate) fn is_caught_up(&self) -> bool {
         self.backlog.is_empty()
-    }
-
-    pub(crate) fn applied_write(&self) -> u64 {
-        self.backlog.applied_write()
     }
 
     /// A completed sync: the volume holds every write up to `w`.
@@ -309,6 +324,17 @@ fn lookup(have: &[(Mac, u64)], m: &Mac) -> Option<u64> {
     have.iter().find(|(p, _)| p == m).map(|(_, n)| *n)
 }
 
+struct OpText<'a>(&'a Op);
+impl std::fmt::Display for OpText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Op::Write { offset, data } => write!(f, "write {offset}+{}", data.len()),
+            Op::Zero { offset, len } => write!(f, "zero {offset}+{len}"),
+            Op::Copy { offset, src, len } => write!(f, "copy {src}->{offset}+{len}"),
+        }
+    }
+}
+
 fn mac_text(m: &Mac) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -368,16 +394,37 @@ impl Backup {
         force: bool,
         apply: &impl Fn(&Op) -> io::Result<()>,
     ) -> Result<u64, String> {
+        if let Some(f) = &l.failed {
+            return Err(format!("the backup failed: {f}"));
+        }
         let have = if force { Vec::new() } else { l.peer_applied() };
         let mut n = 0;
         loop {
-            let r = if force {
-                l.backlog.pop()
+            // The record leaves the backlog (and counts as applied) only once it is in the
+            // volume: a failed apply keeps it, and keeps the log from being emptied.
+            let next = if force {
+                l.backlog.iter().next()
             } else {
-                l.backlog.pop_ready(|m| lookup(&have, m))
+                l.backlog.peek_ready(|m| lookup(&have, m))
             };
-            let Some(r) = r else { break };
-            apply(&r.op).map_err(|e| format!("apply logged write {}: {e}", r.seq))?;
+            let Some(r) = next else { break };
+            if let Err(e) = apply(&r.op) {
+                let why = format!(
+                    "apply logged write {} ({}) to the volume: {e}; applying stopped, the \
+                     log keeps it and every later record (restart the disk server once the \
+                     volume's storage is fixed)",
+                    r.seq,
+                    OpText(&r.op)
+                );
+                eprintln!("tern disk: {}: {why}", l.path.display());
+                l.apply_errors += 1;
+                l.failed = Some(why.clone());
+                if n > 0 {
+                    self.publish(l);
+                }
+                return Err(why);
+            }
+            l.backlog.pop();
             l.unsynced = true;
             n += 1;
         }
@@ -395,14 +442,14 @@ impl Backup {
         flush: &impl Fn() -> io::Result<()>,
     ) -> Result<(), String> {
         let due = l.end >= CHECKPOINT_BYTES || l.last_append.elapsed() >= CHECKPOINT_IDLE;
-        if !l.backlog.is_empty() || !l.unsynced || !due {
+        if l.failed.is_some() || !l.backlog.is_empty() || !l.unsynced || !due {
             return Ok(());
         }
         let appends = l.appends;
         drop(l);
         flush().map_err(|e| format!("fdatasync the volume: {e}"))?;
         let mut l = self.lock();
-        if l.backlog.is_empty() && l.appends == appends {
+        if l.failed.is_none() && l.backlog.is_empty() && l.appends == appends {
             l.reset()?;
             self.publish(&l);
         }
@@ -418,9 +465,17 @@ impl Backup {
     ) {
         while !stop() {
             let mut l = self.lock();
-            if let Err(e) = self.apply_ready(&mut l, false, apply) {
-                eprintln!("tern disk: {e}");
+            if l.failed.is_some() {
+                // Said once when it failed; status and metrics say it from now on.
+                drop(
+                    self.cond
+                        .wait_timeout(l, Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                continue;
             }
+            // A failure is reported by apply_ready and kept in `failed`.
+            let _ = self.apply_ready(&mut l, false, apply);
             let waiting = !l.backlog.is_empty();
             let r = if waiting {
                 // Held on a peer's backup: look at its counter again shortly.
@@ -569,7 +624,7 @@ mod tests {
         let mut l = b.lock();
         l.append(&no_volume, 1, 5, &[], write(1)).unwrap();
         let applied = b.apply_ready(&mut l, false, &|_| Ok(())).unwrap();
-        assert_eq!((applied, l.applied_write()), (1, 5));
+        assert_eq!((applied, l.backlog.applied_write()), (1, 5));
         // In the volume, but neither the log record nor the volume is durable yet: a crash
         // here loses write 5, so no peer backup may apply what depends on it.
         assert_eq!(page.applied(), 0);
@@ -599,5 +654,66 @@ mod tests {
         l.sync().unwrap();
         let c = wal::decode(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!((c.applied_write, c.records.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_failed_apply_keeps_the_record_stops_applying_and_blocks_the_checkpoint() {
+        let d = dir("eio");
+        let vol = d.join("v.raw");
+        let page = Arc::new(CounterPage::create(&d.join("v.ctr")).unwrap());
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), Some(page.clone()));
+        let applied = std::cell::RefCell::new(Vec::new());
+        let disk_full = std::cell::Cell::new(true);
+        // The volume's storage: full (ENOSPC) at write 2's offset while `disk_full`.
+        let apply = |op: &Op| {
+            let Op::Write { offset, .. } = op else {
+                unreachable!()
+            };
+            if disk_full.get() && *offset == 2 * 4096 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            applied.borrow_mut().push(*offset / 4096);
+            Ok(())
+        };
+        let mut l = b.lock();
+        for seq in 1..=3 {
+            l.append(&no_volume, seq, seq, &[], write(seq)).unwrap();
+        }
+        b.sync(&mut l).unwrap();
+        let e = b.apply_ready(&mut l, false, &apply).unwrap_err();
+        assert!(
+            e.contains("apply logged write 2") && e.contains("No space"),
+            "{e}"
+        );
+        // Write 1 is in; 2 stays at the front with 3 behind it, nothing was applied over
+        // the hole, and the applied counter stops before 2.
+        assert_eq!(*applied.borrow(), vec![1]);
+        let st = l.status();
+        assert_eq!((st.records, st.applied_write, st.apply_errors), (2, 1, 1));
+        assert!(st.failed.as_deref().unwrap().contains("No space"));
+        assert_eq!(page.applied(), 1);
+        // Even once the storage has room again, a failed backup applies nothing and its
+        // log is never emptied, however long it idles.
+        disk_full.set(false);
+        assert!(b.apply_ready(&mut l, true, &apply).is_err());
+        assert_eq!(*applied.borrow(), vec![1]);
+        l.last_append = Instant::now() - CHECKPOINT_IDLE * 2;
+        l.unsynced = true;
+        b.checkpoint(l, &|| Ok(())).unwrap();
+        let c = wal::decode(&std::fs::read(log_path(&vol)).unwrap()).unwrap();
+        assert_eq!(
+            c.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(
+            b.settle(&apply, &|| Ok(())).is_err(),
+            "a failed backup is not promoted"
+        );
+        // A restart replays the log: 2 and 3 go in, in order.
+        drop(b);
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), None);
+        let mut l = b.lock();
+        assert_eq!(b.apply_ready(&mut l, false, &apply).unwrap(), 3);
+        assert_eq!(*applied.borrow(), vec![1, 1, 2, 3]);
     }
 }

@@ -639,22 +639,29 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             return;
         }
         let Ok(mut c) = c else { continue };
-        let busy = {
+        let failed = sh
+            .backup
+            .as_ref()
+            .and_then(|b| b.lock().failed().map(str::to_string));
+        let refused = {
             let mut g = sh.lock();
-            let busy = g.secondary_session || g.role != Role::Secondary;
-            if !busy {
+            let why = if let Some(f) = failed {
+                Some(format!("the backup failed: {f}"))
+            } else if g.role != Role::Secondary {
+                Some("this volume is a primary now".to_string())
+            } else if g.secondary_session {
+                Some("another replication session is active".to_string())
+            } else {
+                None
+            };
+            if why.is_none() {
                 g.secondary_session = true;
                 g.secondary_conn = c.try_clone().ok();
             }
-            busy
+            why
         };
-        if busy {
-            let why = if sh.lock().role == Role::Secondary {
-                "another replication session is active"
-            } else {
-                "this volume is a primary now"
-            };
-            let _ = c.write_all(&crate::wire::Msg::Error(why.into()).to_bytes());
+        if let Some(why) = refused {
+            let _ = c.write_all(&crate::wire::Msg::Error(why).to_bytes());
             continue;
         }
         let sh2 = sh.clone();

@@ -314,6 +314,15 @@ impl Backlog {
             .copied()
     }
 
+    /// The next record, if every write it depends on is applied at its peer's backup,
+    /// left in the backlog: the caller applies it, then [`Backlog::pop`]s it.
+    pub fn peek_ready(&self, peer_applied: impl Fn(&Mac) -> Option<u64>) -> Option<&Record> {
+        if self.blocked_on(peer_applied).is_some() {
+            return None;
+        }
+        self.queue.front()
+    }
+
     /// The next record, if every write it depends on is applied at its peer's backup.
     /// The caller applies it to the volume.
     pub fn pop_ready(&mut self, peer_applied: impl Fn(&Mac) -> Option<u64>) -> Option<Record> {

@@ -297,6 +297,12 @@ pub fn status(name: Option<&str>) -> Result<Vec<Value>, MigrateError> {
             "failed_over_to": p.failed_over_to,
             "primary_reachable": live.is_some(), "backup_server": backup.is_some(),
         });
+        if let Some(b) = &backup {
+            // A backup that failed (I/O error at its volume) keeps its log but applies
+            // and accepts nothing: `tern protect status` exits non-zero.
+            v["backup_failed"] = b["backup_log"]["failed"].clone();
+            v["backup_apply_errors"] = b["backup_log"]["apply_errors"].clone();
+        }
         if let Some(st) = live {
             let (w, c) = (
                 st["writes"].as_u64().unwrap_or(0),
