@@ -53,6 +53,13 @@ pub struct LogStatus {
     pub waiting_for: Option<String>,
     /// Records dropped at failover (they depended on writes a peer's backup never got).
     pub discarded: u64,
+    /// The backlog reached its bound ([`wal::MAX_BACKLOG_BYTES`], records) and the
+    /// replication session waited for room (counter), and whether it waits now.
+    pub full_waits: u64,
+    pub full_now: bool,
+    /// Peers (`MAC`) whose backup's counter page cannot be opened: their applied counter
+    /// reads as 0, so every record that depends on them waits.
+    pub missing_peer_pages: Vec<String>,
     /// The backup failed (an I/O error applying a logged write to the volume): it applies
     /// nothing more, keeps every record in its log, takes no replication session and
     /// cannot be promoted until it is restarted (the log is replayed then). DRBD's
@@ -86,6 +93,8 @@ pub(crate) struct Log {
     unsynced: bool,
     /// See [`LogStatus::failed`].
     failed: Option<String>,
+    full_waits: u64,
+    full_now: bool,
     apply_errors: u64,
     peers: Vec<(Mac, PathBuf, Option<CounterPage>)>,
 }
@@ -138,6 +147,8 @@ impl Log {
             unsynced: n > 0,
             failed: None,
             apply_errors: 0,
+            full_waits: 0,
+            full_now: false,
             peers: peers.iter().map(|(m, p)| (*m, p.clone(), None)).collect(),
         };
         if c.valid == 0 {
@@ -200,6 +211,14 @@ impl Log {
                 .waiting_for()
                 .map(|(m, n)| format!("{}={n}", mac_text(&m))),
             discarded: self.backlog.discarded,
+            full_waits: self.full_waits,
+            full_now: self.full_now,
+            missing_peer_pages: self
+                .peers
+                .iter()
+                .filter(|(_, _, p)| p.is_none())
+                .map(|(m, _, _)| mac_text(m))
+                .collect(),
             failed: self.failed.clone(),
             apply_errors: self.apply_errors,
         }
@@ -208,6 +227,11 @@ impl Log {
     /// Why the backup stopped applying (an I/O error at its volume), if it did.
     pub(crate) fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// The backlog is at its bound: wait ([`Backup::wait_for_room`]) before appending.
+    pub(crate) fn backlog_full(&self) -> bool {
+        self.backlog.is_full()
     }
 
     /// Nothing waits to be applied.
@@ -375,6 +399,47 @@ impl Backup {
         if let Some(p) = &self.page {
             p.publish_applied(l.published_write());
         }
+    }
+
+    /// Waits while the backlog is full ([`Backlog::is_full`]) for the applier to make
+    /// room; `give_up` (checked every few ms) ends the wait with an error (the session is
+    /// cut, the backup failed or shuts down).
+    pub(crate) fn wait_for_room<'a>(
+        &'a self,
+        mut l: MutexGuard<'a, Log>,
+        give_up: &impl Fn(&Log) -> Option<String>,
+    ) -> Result<MutexGuard<'a, Log>, String> {
+        if !l.backlog.is_full() {
+            return Ok(l);
+        }
+        l.full_waits += 1;
+        l.full_now = true;
+        eprintln!(
+            "tern disk: {}: backlog full ({} records, {} bytes; waiting for {}): replication \
+             waits",
+            l.path.display(),
+            l.backlog.len(),
+            l.backlog.bytes(),
+            l.waiting_for()
+                .map_or("nothing".to_string(), |(m, n)| format!(
+                    "{}={n}",
+                    mac_text(&m)
+                ))
+        );
+        while l.backlog.is_full() {
+            if let Some(why) = give_up(&l) {
+                l.full_now = false;
+                return Err(why);
+            }
+            self.cond.notify_all();
+            l = self
+                .cond
+                .wait_timeout(l, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        l.full_now = false;
+        Ok(l)
     }
 
     /// fdatasync of the log, then the applied counter that this made durable.
@@ -715,5 +780,53 @@ mod tests {
         let mut l = b.lock();
         assert_eq!(b.apply_ready(&mut l, false, &apply).unwrap(), 3);
         assert_eq!(*applied.borrow(), vec![1, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_backlog_makes_the_session_wait_and_a_missing_peer_page_is_reported() {
+        let d = dir("full");
+        let vol = d.join("v.raw");
+        let peer: Mac = [2, 0, 0, 0, 0, 9];
+        // The peer's counter page does not exist: its applied counter reads as 0.
+        let peers = [(peer, d.join("no-such-page"))];
+        let b = Arc::new(Backup::new(Log::open(&vol, true, &peers).unwrap(), None));
+        {
+            let mut l = b.lock();
+            for seq in 1..=wal::MAX_BACKLOG_RECORDS as u64 {
+                let op = Op::Zero {
+                    offset: 0,
+                    len: 4096,
+                };
+                l.append(&no_volume, seq, seq, &[(peer, 1)], op).unwrap();
+            }
+            assert_eq!(b.apply_ready(&mut l, false, &|_| Ok(())).unwrap(), 0);
+            assert!(l.backlog_full());
+            let st = l.status();
+            assert_eq!(st.missing_peer_pages, vec!["02:00:00:00:00:09".to_string()]);
+            assert_eq!(st.waiting_for.as_deref(), Some("02:00:00:00:00:09=1"));
+        }
+        // Cut while it waits: an error, not a record more in memory.
+        let tries = std::cell::Cell::new(0);
+        let e = b
+            .wait_for_room(b.lock(), &|_| {
+                tries.set(tries.get() + 1);
+                (tries.get() > 3).then(|| "cut".to_string())
+            })
+            .err()
+            .unwrap();
+        assert_eq!(e, "cut");
+        let st = b.lock().status();
+        assert_eq!((st.full_waits, st.full_now), (1, false));
+        // Room made by the applier (here: a forced drain) ends the wait.
+        let b2 = b.clone();
+        let drainer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut l = b2.lock();
+            b2.apply_ready(&mut l, true, &|_| Ok(())).unwrap()
+        });
+        let l = b.wait_for_room(b.lock(), &|_| None).unwrap();
+        assert!(!l.backlog_full());
+        drop(l);
+        assert_eq!(drainer.join().unwrap(), wal::MAX_BACKLOG_RECORDS as u64);
     }
 }

@@ -158,6 +158,9 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
     pub(crate) stop: AtomicBool,
+    /// A forced promotion cut the running replication session (read without the lock by
+    /// a session that waits for room in the backup's backlog).
+    session_cut: AtomicBool,
     counters: Option<Arc<crate::counters::CounterPage>>,
     /// A secondary's write log and applier.
     backup: Option<crate::backup::Backup>,
@@ -393,6 +396,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         }),
         cond: Condvar::new(),
         stop: AtomicBool::new(false),
+        session_cut: AtomicBool::new(false),
         counters: counters.clone(),
         backup: match opts.role {
             Role::Secondary => Some(crate::backup::Backup::new(
@@ -657,6 +661,7 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             if why.is_none() {
                 g.secondary_session = true;
                 g.secondary_conn = c.try_clone().ok();
+                sh.session_cut.store(false, Ordering::Relaxed);
             }
             why
         };
@@ -730,6 +735,22 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                 Event::Clock { write, deps } => stamp = (write, deps),
                 Event::Apply { seq, op } => {
                     let mut l = backup.lock();
+                    if l.logging && l.backlog_full() {
+                        // Back-pressure: acknowledge what is logged, then read no more
+                        // until the applier makes room.
+                        drop(l);
+                        durable(sh, &mut core, seq - 1, &mut in_place, stamp.0)?;
+                        c.write_all(&core.take_output())
+                            .map_err(|e| format!("write: {e}"))?;
+                        l = backup.wait_for_room(backup.lock(), &|l: &crate::backup::Log| {
+                            if sh.stop.load(Ordering::Relaxed)
+                                || sh.session_cut.load(Ordering::Relaxed)
+                            {
+                                return Some("the session was cut".into());
+                            }
+                            l.failed().map(|f| format!("the backup failed: {f}"))
+                        })?;
+                    }
                     if l.logging {
                         l.append(&|at, b| sh.file.read_at(at, b), seq, stamp.0, &stamp.1, op)?;
                         backup.apply_ready(&mut l, false, &|op| apply(sh, op, &mut Vec::new()))?;
@@ -936,6 +957,7 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
                 return Ok(json!({"role": "primary"}));
             }
             if force && g.secondary_session {
+                sh.session_cut.store(true, Ordering::Relaxed);
                 if let Some(c) = g.secondary_conn.take() {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }

@@ -46,6 +46,14 @@ pub const MAX_RECORD: usize = crate::wire::MAX_DATA + 64 + MAX_CLOCK_PEERS * 14;
 
 pub type Mac = [u8; 6];
 
+/// Most bytes of logged writes the backlog holds in memory (records wait there for the
+/// group's other backups). At the bound the replication session stops reading (the
+/// primary's stream backs up, its sync writes wait and then degrade) until the applier
+/// makes room: a missing or stuck peer backup costs no more memory than this.
+pub const MAX_BACKLOG_BYTES: u64 = 256 << 20;
+/// Most records the backlog holds (zeroes count no bytes), likewise.
+pub const MAX_BACKLOG_RECORDS: usize = 1 << 16;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// The replication message's sequence number (this session).
@@ -285,6 +293,11 @@ impl Backlog {
         self.bytes
     }
 
+    /// At [`MAX_BACKLOG_BYTES`] or [`MAX_BACKLOG_RECORDS`]: take no more until it drains.
+    pub fn is_full(&self) -> bool {
+        self.bytes >= MAX_BACKLOG_BYTES || self.queue.len() >= MAX_BACKLOG_RECORDS
+    }
+
     pub fn applied_write(&self) -> u64 {
         self.applied_write
     }
@@ -510,5 +523,42 @@ mod tests {
         assert!(b.pop_ready(peers).is_none());
         assert_eq!(b.discard(), 2);
         assert_eq!((b.len(), b.discarded, b.applied_write()), (0, 2, 4));
+    }
+
+    #[test]
+    fn the_backlog_is_full_at_its_bounds() {
+        let mut b = Backlog::new(0);
+        let big = |seq| Record {
+            seq,
+            write: seq,
+            deps: vec![(X, u64::MAX)],
+            op: Op::Write {
+                offset: 0,
+                data: vec![1; crate::wire::MAX_DATA],
+            },
+        };
+        let per = crate::wire::MAX_DATA as u64;
+        for seq in 1..MAX_BACKLOG_BYTES / per {
+            b.push(big(seq));
+            assert!(!b.is_full());
+        }
+        b.push(big(0));
+        assert!(b.is_full());
+        b.pop();
+        assert!(!b.is_full());
+        let mut b = Backlog::new(0);
+        for seq in 0..MAX_BACKLOG_RECORDS as u64 {
+            assert!(!b.is_full());
+            b.push(Record {
+                seq,
+                write: seq,
+                deps: vec![],
+                op: Op::Zero {
+                    offset: 0,
+                    len: 4096,
+                },
+            });
+        }
+        assert!(b.is_full() && b.bytes() == 0);
     }
 }
