@@ -346,17 +346,18 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     {
         let _ = std::fs::remove_file(p);
     }
-    let control = UnixListener::bind(&opts.control_socket)
-        .map_err(|e| format!("bind {}: {e}", opts.control_socket.display()))?;
+    // Every socket 0600 from the start (not umask), and its peers checked on accept
+    // (`tern_nbd::unix`).
+    let bind = |p: &Path| {
+        tern_nbd::unix::bind_private(p, None).map_err(|e| format!("bind {}: {e}", p.display()))
+    };
+    let control = bind(&opts.control_socket)?;
     let gate_listener = match &opts.gate {
-        Some(GateOptions { nic, .. }) => {
-            let _ = std::fs::remove_file(nic);
-            Some(UnixListener::bind(nic).map_err(|e| format!("bind {}: {e}", nic.display()))?)
-        }
+        Some(GateOptions { nic, .. }) => Some(bind(nic)?),
         None => None,
     };
     let listen = match &opts.listen {
-        Some(p) => Some(UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?),
+        Some(p) => Some(bind(p)?),
         None => None,
     };
     let primary = Primary::new(size, &opts.export, opts.mode).with_zstd_level(opts.zstd_level);
@@ -442,6 +443,10 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     control.set_nonblocking(true).map_err(|e| e.to_string())?;
     while !shared.stop.load(Ordering::Relaxed) {
         match control.accept() {
+            Ok((c, _)) if !tern_nbd::unix::peer_allowed(&c, None) => {
+                let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+                eprintln!("tern disk: control socket: refused uid {who:?}");
+            }
             Ok((c, _)) => {
                 let _ = c.set_nonblocking(false);
                 handle_control(&shared, c);
@@ -643,6 +648,11 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             return;
         }
         let Ok(mut c) = c else { continue };
+        if !tern_nbd::unix::peer_allowed(&c, None) {
+            let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+            eprintln!("tern disk: replication socket: refused uid {who:?}");
+            continue;
+        }
         let failed = sh
             .backup
             .as_ref()

@@ -493,10 +493,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on a unix socket at `path` (which must not exist); removed again on stop.
+    /// Listens on a unix socket at `path` (a stale one is replaced), mode 0600, serving
+    /// only root and this process's uid (`unix.rs`); removed again on stop.
     pub fn bind_unix(path: impl AsRef<Path>, exports: Vec<Export>) -> io::Result<Server> {
         let path = path.as_ref().to_path_buf();
-        let listener = UnixListener::bind(&path)?;
+        // 0600 from the start, and only root or this uid is served (`unix.rs`).
+        let listener = crate::unix::bind_private(&path, None)?;
         Ok(Server {
             listener: Listener::Unix(listener),
             addr: LocalAddr::Unix(path),
@@ -543,7 +545,14 @@ fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
     let mut next_id = 0u64;
     loop {
         let accepted = match &server.listener {
-            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Unix(l) => match l.accept() {
+                Ok((s, _)) if !crate::unix::peer_allowed(&s, None) => {
+                    let who = crate::unix::peer_cred(&s).map(|c| c.uid);
+                    eprintln!("tern-nbd: refused a connection from uid {who:?}");
+                    continue;
+                }
+                r => r.map(|(s, _)| Conn::Unix(s)),
+            },
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 // Request/reply traffic: Nagle would only add latency.
                 let _ = s.set_nodelay(true);
