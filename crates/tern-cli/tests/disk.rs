@@ -1066,6 +1066,7 @@ impl Feed {
             size: 16 << 20,
             block_shift: tern_disk::BLOCK_SHIFT,
             name: name.into(),
+            epoch: 0,
         }]);
         f.expect(|m| matches!(m, Msg::HashesEnd { .. }));
         f.seq += 1;

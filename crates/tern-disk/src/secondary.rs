@@ -28,9 +28,10 @@ pub enum Op {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
-    /// volume's block hashes ([`crate::volume::block_hashes`]).
-    NeedHashes { name: String },
+    /// A valid HELLO: persist "inconsistent" and `epoch` (the primary's, never lower than
+    /// this copy's), then call [`Secondary::hashes`] with the volume's block hashes
+    /// ([`crate::volume::block_hashes`]).
+    NeedHashes { name: String, epoch: u64 },
     /// Apply `op`, the replication stream's message `seq` (in order).
     Apply { seq: u64, op: Op },
     /// The applies up to the next Clock carry the guest's writes up to number `write`,
@@ -72,6 +73,9 @@ pub struct Secondary {
     /// The session's zstd stream (DATA compression 2).
     stream: Option<BoundedStream>,
     pub bytes_in: u64,
+    /// This copy's fencing epoch: bumped (and persisted) by each promotion; a HELLO with a
+    /// lower one comes from a primary that was failed over from, and is refused.
+    epoch: u64,
 }
 
 impl Secondary {
@@ -88,7 +92,14 @@ impl Secondary {
             since_ack: 0,
             stream: None,
             bytes_in: 0,
+            epoch: 0,
         }
+    }
+
+    /// This copy's persisted fencing epoch.
+    pub fn with_epoch(mut self, epoch: u64) -> Secondary {
+        self.epoch = epoch;
+        self
     }
 
     pub fn take_output(&mut self) -> Vec<u8> {
@@ -164,8 +175,16 @@ impl Secondary {
                     size,
                     block_shift,
                     name,
+                    epoch,
                 },
             ) => {
+                if epoch < self.epoch {
+                    return Err(format!(
+                        "fenced: primary {name:?} has epoch {epoch}, this copy was promoted \
+                         to epoch {} (a failover happened; this primary is stale)",
+                        self.epoch
+                    ));
+                }
                 if version != wire::VERSION {
                     return Err(format!(
                         "replication version {version} (this secondary speaks {})",
@@ -180,7 +199,8 @@ impl Secondary {
                     ));
                 }
                 self.phase = Phase::Hashing;
-                ev.push(Event::NeedHashes { name });
+                self.epoch = epoch;
+                ev.push(Event::NeedHashes { name, epoch });
             }
             (Phase::Applying, m) => match m {
                 Msg::Data {
@@ -437,6 +457,7 @@ mod tests {
             size: 1 << 30,
             block_shift: crate::BLOCK_SHIFT,
             name: "x".into(),
+            epoch: 0,
         };
         let (ev, err) = s.handle_input(&hello.to_bytes());
         assert!(err.is_none() && matches!(ev[0], Event::NeedHashes { .. }));
@@ -509,5 +530,47 @@ mod tests {
         };
         let err = s.handle_input(&m.to_bytes()).1.unwrap();
         assert!(err.contains("expands beyond"), "{err}");
+    }
+
+    #[test]
+    fn a_primary_from_an_older_epoch_is_fenced() {
+        let hello = |epoch| {
+            Msg::Hello {
+                version: wire::VERSION,
+                size: 1 << 20,
+                block_shift: crate::BLOCK_SHIFT,
+                name: "x".into(),
+                epoch,
+            }
+            .to_bytes()
+        };
+        // Promoted once: epoch 1. The old primary (epoch 0) is refused with an ERROR.
+        let mut s = Secondary::new(1 << 20).with_epoch(1);
+        let (ev, err) = s.handle_input(&hello(0));
+        assert!(ev.is_empty() && s.failed());
+        assert!(err.unwrap().contains("fenced"));
+        assert!(
+            !s.take_output().is_empty(),
+            "an ERROR for the stale primary"
+        );
+        // The new primary (same or later epoch) is served, and a later one adopted.
+        for e in [1, 2] {
+            let mut s = Secondary::new(1 << 20).with_epoch(1);
+            let (ev, err) = s.handle_input(&hello(e));
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(
+                ev,
+                vec![Event::NeedHashes {
+                    name: "x".into(),
+                    epoch: e
+                }]
+            );
+        }
+        // A HELLO without the epoch field (older primary) is epoch 0.
+        let mut old = hello(0);
+        old.truncate(old.len() - 8);
+        old[1..5].copy_from_slice(&((old.len() - 5) as u32).to_le_bytes());
+        let mut s = Secondary::new(1 << 20).with_epoch(1);
+        assert!(s.handle_input(&old).1.unwrap().contains("fenced"));
     }
 }

@@ -101,6 +101,8 @@ pub struct Status {
     pub size: u64,
     pub role: Role,
     pub consistent: bool,
+    /// The volume's fencing epoch (bumped by each promotion).
+    pub epoch: u64,
     pub mode: Mode,
     pub synchronous: bool,
     pub target: Option<Target>,
@@ -125,6 +127,8 @@ pub struct Status {
 pub(crate) struct Inner {
     role: Role,
     consistent: bool,
+    /// The volume's persisted fencing epoch (`volume::State::epoch`).
+    epoch: u64,
     pub(crate) primary: Primary,
     target: Option<Target>,
     /// Bumped whenever the target changes; a replication thread exits when it differs.
@@ -238,6 +242,7 @@ impl Shared {
             size: self.size,
             role: g.role,
             consistent: g.consistent,
+            epoch: g.epoch,
             mode: g.primary.mode,
             synchronous: g.primary.synchronous(),
             target: g.target.clone(),
@@ -360,7 +365,9 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         Some(p) => Some(bind(p)?),
         None => None,
     };
-    let primary = Primary::new(size, &opts.export, opts.mode).with_zstd_level(opts.zstd_level);
+    let primary = Primary::new(size, &opts.export, opts.mode)
+        .with_zstd_level(opts.zstd_level)
+        .with_epoch(state.epoch);
     let counters = match &opts.counters {
         Some(p) => Some(Arc::new(
             crate::counters::CounterPage::create(p)
@@ -377,6 +384,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         inner: Mutex::new(Inner {
             role: opts.role,
             consistent: state.consistent,
+            epoch: state.epoch,
             primary,
             target: opts.replicate.clone(),
             generation: 0,
@@ -705,7 +713,7 @@ fn readable_now(s: &UnixStream) -> bool {
 
 fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> {
     let backup = sh.backup.as_ref().ok_or("not a secondary")?;
-    let mut core = Secondary::new(sh.size);
+    let mut core = Secondary::new(sh.size).with_epoch(sh.lock().epoch);
     let mut buf = vec![0u8; 1 << 20];
     let mut copy_buf = Vec::new();
     // The CLOCK the next changes belong to: (guest write, peer writes it depends on).
@@ -721,19 +729,27 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
         let (events, err) = core.handle_input(&buf[..n]);
         for e in events {
             match e {
-                Event::NeedHashes { name } => {
+                Event::NeedHashes { name, epoch } => {
                     let mut g = sh.lock();
                     if g.role != Role::Secondary {
                         return Err("promoted while a session started".into());
                     }
+                    if epoch < g.epoch {
+                        // Promoted between this session's start and its HELLO.
+                        return Err(format!("fenced: epoch {epoch} < {}", g.epoch));
+                    }
+                    g.epoch = epoch;
                     // The session re-syncs the copy: what the log holds goes in first.
                     backup.drain_for_resync(&|op| apply(sh, op, &mut Vec::new()), &|| {
                         sh.file.flush()
                     })?;
                     g.consistent = false;
+                    let state = State {
+                        consistent: false,
+                        epoch: g.epoch,
+                    };
                     drop(g);
-                    volume::write_state(&sh.opts.volume, &State { consistent: false })
-                        .map_err(|e| e.to_string())?;
+                    volume::write_state(&sh.opts.volume, &state).map_err(|e| e.to_string())?;
                     eprintln!("tern disk: {}: replication from {name:?}", sh.opts.export);
                     core.ready(false);
                     c.write_all(&core.take_output())
@@ -848,8 +864,15 @@ fn durable(
     }
     backup.sync(&mut backup.lock())?;
     if let Some(Event::Consistent) = core.durable(seq) {
-        volume::write_state(&sh.opts.volume, &State { consistent: true })
-            .map_err(|e| e.to_string())?;
+        let epoch = sh.lock().epoch;
+        volume::write_state(
+            &sh.opts.volume,
+            &State {
+                consistent: true,
+                epoch,
+            },
+        )
+        .map_err(|e| e.to_string())?;
         sh.lock().consistent = true;
         let mut l = backup.lock();
         l.synced_to(synced_write);
@@ -1002,8 +1025,25 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
                     sh.opts.export
                 );
             }
+            // Fencing: the new epoch is durable before this copy acts as a primary, so
+            // the old primary's replication (an older epoch) is refused from now on, across
+            // restarts too.
+            let epoch = g.epoch + 1;
+            volume::write_state(
+                &sh.opts.volume,
+                &State {
+                    consistent: true,
+                    epoch,
+                },
+            )
+            .map_err(|e| format!("persist the new epoch: {e}"))?;
+            g.epoch = epoch;
+            g.primary.set_epoch(epoch);
             g.role = Role::Primary;
-            Ok(json!({"role": "primary", "log_applied": applied, "log_dropped": dropped}))
+            Ok(
+                json!({"role": "primary", "epoch": epoch, "log_applied": applied,
+                      "log_dropped": dropped}),
+            )
         }
         Request::Shutdown => {
             sh.stop.store(true, Ordering::Relaxed);

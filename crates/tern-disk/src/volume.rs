@@ -307,11 +307,18 @@ pub fn export(src: &Path, dst: &Path, format: &str) -> Result<(), VolumeError> {
 pub struct State {
     /// The content is whole: never a secondary, or a secondary whose last sync completed.
     pub consistent: bool,
+    /// Fencing epoch: bumped by every promotion of this copy, adopted from a primary
+    /// with a later one; a replication session from an older epoch is refused.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Default for State {
     fn default() -> State {
-        State { consistent: true }
+        State {
+            consistent: true,
+            epoch: 0,
+        }
     }
 }
 
@@ -405,7 +412,14 @@ mod tests {
         assert_eq!(ch[..15], dense_ch[..15]);
         assert_eq!(ch.iter().filter(|&&h| h != 0).count(), 2);
         assert!(read_state(&a).unwrap().consistent);
-        write_state(&a, &State { consistent: false }).unwrap();
+        write_state(
+            &a,
+            &State {
+                consistent: false,
+                epoch: 0,
+            },
+        )
+        .unwrap();
         assert!(!read_state(&a).unwrap().consistent);
         fs::remove_dir_all(&dir).unwrap();
     }
