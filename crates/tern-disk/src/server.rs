@@ -356,7 +356,6 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     let bind = |p: &Path| {
         tern_nbd::unix::bind_private(p, None).map_err(|e| format!("bind {}: {e}", p.display()))
     };
-    let control = bind(&opts.control_socket)?;
     let gate_listener = match &opts.gate {
         Some(GateOptions { nic, .. }) => Some(bind(nic)?),
         None => None,
@@ -365,6 +364,8 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         Some(p) => Some(bind(p)?),
         None => None,
     };
+    // Last: once the control socket exists, the others do too (callers wait for it).
+    let control = bind(&opts.control_socket)?;
     let primary = Primary::new(size, &opts.export, opts.mode)
         .with_zstd_level(opts.zstd_level)
         .with_epoch(state.epoch);
