@@ -569,7 +569,8 @@ mod tests {
         // A HELLO without the epoch field (older primary) is epoch 0.
         let mut old = hello(0);
         old.truncate(old.len() - 8);
-        old[1..5].copy_from_slice(&((old.len() - 5) as u32).to_le_bytes());
+        let body = (old.len() - 5) as u32;
+        old[1..5].copy_from_slice(&body.to_le_bytes());
         let mut s = Secondary::new(1 << 20).with_epoch(1);
         assert!(s.handle_input(&old).1.unwrap().contains("fenced"));
     }

@@ -110,6 +110,7 @@ mod tests {
     /// and was closed without a byte, 1 connect refused (EACCES), 2 got data, 3 other.
     fn connect_as_nobody(path: &Path) -> i32 {
         let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         for (d, s) in addr.sun_path.iter_mut().zip(c.as_bytes()) {
