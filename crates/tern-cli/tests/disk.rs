@@ -1321,3 +1321,115 @@ fn a_promoted_backup_fences_the_old_primary_across_a_restart() {
     let img = std::fs::read(&vol).unwrap();
     assert_eq!((img[0], img[4096]), (0x11, 0x22));
 }
+
+/// Failover with a partitioned but still-running primary, in the real lab: the a-b link
+/// is cut (the primary keeps running and its client at site c keeps sending PUTs), the
+/// backup at b is promoted by force without stopping the primary, then the link heals.
+/// The old primary's replication is refused at b (its epoch is older, and b is a primary
+/// now), so none of its later writes is committed and its gate releases no reply: the
+/// client never hears from the old primary after the partition.
+#[test]
+fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
+    if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("fence-lab");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b) = (d.join("f.img"), d.join("f-b.img"));
+    ok(&["disk", "create", &s(&a), "--size", "16M"]);
+    let mut lab = Lab::up_with_clients("dr-50");
+    let _ = tern(&["protect", "stop", "dsk3"]);
+    start_kv_vm("dsk3", "198.18.100.10", &s(&a), "tern.kv=vda", &["--gate"]);
+    ok(&[
+        "protect",
+        "dsk3",
+        "--backup",
+        "b",
+        "--mode",
+        "pipelined",
+        "--backup-volume",
+        &s(&b),
+    ]);
+    wait_for("the key-value service", 240, || {
+        std::fs::read_to_string("/run/tern/vm/dsk3/a/serial.log")
+            .unwrap_or_default()
+            .contains("tern-guest: kv serving")
+    });
+    let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "lab",
+            "exec",
+            "c",
+            "--",
+            "python3",
+            "-c",
+            KV_CLIENT,
+            "198.18.100.10",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Every reply the client gets, with when it got it.
+    let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let reader = {
+        use std::io::BufRead;
+        let out = client.stdout.take().unwrap();
+        let replies = replies.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(id) = l.trim().parse() {
+                    replies.lock().unwrap().push((Instant::now(), id));
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(3000));
+    assert!(
+        !replies.lock().unwrap().is_empty(),
+        "no reply before the partition"
+    );
+    // The partition: a and b cannot reach each other; a and its client still can.
+    ok(&["lab", "set", "--loss", "100%"]);
+    let cut = Instant::now();
+    let pctl = tern_disk::daemon::DiskPaths::in_dir(Path::new("/run/tern/vm/dsk3/a")).control;
+    let bctl =
+        tern_disk::daemon::DiskPaths::in_dir(&tern_migrate::protect::backup_dir("dsk3", "b"))
+            .control;
+    std::thread::sleep(Duration::from_millis(1000));
+    // Failover without stopping the primary: the backup is promoted by force.
+    let promoted = json(&["disk", "ctl", &s(&bctl), "promote", "--force"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    let committed = status(&pctl)["committed_writes"].as_u64().unwrap();
+    // The partition heals; the old primary reconnects to b and is refused.
+    ok(&["lab", "set", "--loss", "0%"]);
+    std::thread::sleep(Duration::from_millis(8000));
+    let st = status(&pctl);
+    eprintln!("old primary: {st}");
+    assert_eq!(st["committed_writes"].as_u64().unwrap(), committed, "{st}");
+    assert!(
+        st["writes"].as_u64().unwrap() > committed,
+        "the guest kept writing: {st}"
+    );
+    assert!(st["gate"]["held_now"].as_u64().unwrap_or(0) > 0, "{st}");
+    eprintln!("old primary's last error: {}", st["last_error"]);
+    assert_eq!(status(&bctl)["role"], "primary");
+    // No reply left the old primary after the partition (in flight at the cut: 500 ms).
+    let late: Vec<u64> = replies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t > cut + Duration::from_millis(500))
+        .map(|(_, id)| *id)
+        .collect();
+    assert!(late.is_empty(), "replies from the fenced primary: {late:?}");
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = reader.join();
+    ok(&["vm", "stop", "dsk3"]);
+    ok(&["protect", "stop", "dsk3"]);
+    lab.0.clear();
+    drop(lab);
+    std::fs::remove_dir_all(&d).unwrap();
+}
