@@ -473,7 +473,13 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         shared.cond.notify_all();
     }
     nbd.stop();
-    let _ = shared.file.flush();
+    if let Err(e) = shared.file.flush() {
+        // Not swallowed: what the last writes left in the page cache may not be durable.
+        eprintln!(
+            "tern disk: {}: fdatasync at shutdown failed: {e}",
+            opts.export
+        );
+    }
     for p in [&opts.nbd_socket, &opts.control_socket]
         .into_iter()
         .chain(opts.listen.as_ref())
