@@ -46,9 +46,20 @@ pub fn run(a: ProtectArgs) -> Result<()> {
     match (a.cmd, a.name) {
         (Some(ProtectCmd::Status { name, json }), _) => {
             let st = protect::status(name.as_deref())?;
+            let failed: Vec<String> = st
+                .iter()
+                .filter_map(|v| {
+                    let why = v["backup_failed"].as_str()?;
+                    Some(format!("{}: backup FAILED: {why}", v["name"].as_str()?))
+                })
+                .collect();
+            let verdict = || match failed.is_empty() {
+                true => Ok(()),
+                false => Err(anyhow::anyhow!("{}", failed.join("\n"))),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
-                return Ok(());
+                return verdict();
             }
             if st.is_empty() {
                 println!("no protected VMs");
@@ -79,7 +90,7 @@ pub fn run(a: ProtectArgs) -> Result<()> {
                     }
                 );
             }
-            Ok(())
+            verdict()
         }
         (Some(ProtectCmd::Stop { name }), _) => {
             protect::unprotect(&name)?;
@@ -119,21 +130,27 @@ pub struct FailoverArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Promote the backup even if the primary could not be confirmed stopped (like DRBD's
+    /// `primary --force`): the backup's new epoch fences the old primary.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn failover(a: FailoverArgs) -> Result<()> {
-    let r = protect::failover(&a.name, !a.json)?;
+    let r = protect::failover(&a.name, !a.json, a.force)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} failed over {} -> {} ({}): RPO {} writes, promote {:.0} ms ({} logged \
-             writes dropped: they depended on writes another tier's backup never got), RTO \
-             {:.1} s",
+            "{} failed over {} -> {} ({}{}, epoch {}): RPO {} writes, promote {:.0} ms ({} \
+             logged writes dropped: they depended on writes another tier's backup never got), \
+             RTO {:.1} s",
             r.name,
             r.from,
             r.to,
             r.mode,
+            if r.forced { ", FORCED" } else { "" },
+            r.epoch,
             r.rpo_writes
                 .map_or("unknown (primary unreachable)".to_string(), |w| w
                     .to_string()),

@@ -1052,6 +1052,15 @@ impl Feed {
     /// HELLO, the secondary's hashes, then SYNCED (an empty volume is in sync at once)
     /// after a CLOCK saying it holds the guest's writes up to `write`.
     fn open(repl: &Path, name: &str, write: u64, deps: Vec<([u8; 6], u64)>) -> Feed {
+        Feed::open_at(repl, name, write, deps, 0)
+    }
+
+    /// [`Feed::open`] for a primary of fencing epoch `epoch`, at write 0.
+    fn open_epoch(repl: &Path, name: &str, epoch: u64) -> Feed {
+        Feed::open_at(repl, name, 0, vec![], epoch)
+    }
+
+    fn open_at(repl: &Path, name: &str, write: u64, deps: Vec<([u8; 6], u64)>, epoch: u64) -> Feed {
         use tern_disk::wire::{self, Msg};
         let sock = std::os::unix::net::UnixStream::connect(repl).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(10)))
@@ -1066,6 +1075,7 @@ impl Feed {
             size: 16 << 20,
             block_shift: tern_disk::BLOCK_SHIFT,
             name: name.into(),
+            epoch,
         }]);
         f.expect(|m| matches!(m, Msg::HashesEnd { .. }));
         f.seq += 1;
@@ -1213,5 +1223,213 @@ fn a_backup_applies_writes_in_causal_order_across_disks_and_keeps_its_log_across
         (0x21, 0x22, 0x23, 0)
     );
     drop(servers);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Reads from a replication stream until an ERROR; returns its message ("" if the stream
+/// closed without one).
+fn read_error(sock: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut reader = tern_disk::wire::Reader::default();
+    let mut buf = [0u8; 65536];
+    loop {
+        while let Some(m) = reader.next_msg().unwrap() {
+            if let tern_disk::wire::Msg::Error(e) = m {
+                return e;
+            }
+        }
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => return String::new(),
+            Ok(n) => reader.push(&buf[..n]),
+        }
+    }
+}
+
+/// A HELLO of epoch `epoch` for the 16 MiB volume `name` on a fresh connection.
+fn hello(repl: &Path, name: &str, epoch: u64) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    use tern_disk::wire::{self, Msg};
+    let mut sock = std::os::unix::net::UnixStream::connect(repl).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let m = Msg::Hello {
+        version: wire::VERSION,
+        size: 16 << 20,
+        block_shift: tern_disk::BLOCK_SHIFT,
+        name: name.into(),
+        epoch,
+    };
+    sock.write_all(&m.to_bytes()).unwrap();
+    sock
+}
+
+/// Fencing with real disk servers: the old primary's session is still open (a partition
+/// that hangs the link) when the backup is promoted with force. The promotion cuts it,
+/// persists epoch 1, and from then on the old primary (epoch 0) is refused: by the
+/// promoted server, and by the same volume served as a secondary again after a restart
+/// (the epoch is durable); a primary of the new epoch is served.
+#[test]
+fn a_promoted_backup_fences_the_old_primary_across_a_restart() {
+    let _l = lock();
+    let d = tmpdir("fence");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let vol = d.join("b.img");
+    ok(&["disk", "create", &s(&vol), "--size", "16M"]);
+    let bdir = d.join("b");
+    let mut servers = Servers(vec![start_secondary(&bdir, &vol, &d.join("b.log"))]);
+    let (ctl, repl) = (bdir.join("ctl.sock"), bdir.join("repl.sock"));
+    let mut old = Feed::open(&repl, "b", 0, vec![]);
+    old.write(1, vec![], 0, 0x11);
+    assert_eq!(status(&ctl)["epoch"], 0);
+    let promoted =
+        tern_disk::server::request(&ctl, &serde_json::json!({"cmd": "promote", "force": true}))
+            .unwrap();
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    let st = status(&ctl);
+    assert_eq!(
+        (st["role"].clone(), st["epoch"].clone()),
+        ("primary".into(), 1.into())
+    );
+    // The hung session was cut: the old primary's next write gets no ACK.
+    {
+        use std::io::{Read, Write};
+        let _ = old.sock.write_all(&[0u8; 16]);
+        let mut b = [0u8; 64];
+        let n = old.sock.read(&mut b).unwrap_or(0);
+        assert!(
+            n == 0 || !b[..n].starts_with(&[0x82]),
+            "an ACK after the promotion"
+        );
+    }
+    // Reconnecting, it is refused by the promoted server.
+    let e = read_error(&mut hello(&repl, "b", 0));
+    assert!(e.contains("primary now"), "{e:?}");
+    // The same volume served as a secondary again (a restart, a reversed protection): the
+    // old primary's epoch is still refused, the new one is served.
+    let _ = tern_disk::server::request(&ctl, &serde_json::json!({"cmd": "shutdown"}));
+    for mut c in servers.0.drain(..) {
+        let _ = c.wait();
+    }
+    servers
+        .0
+        .push(start_secondary(&bdir, &vol, &d.join("b2.log")));
+    assert_eq!(status(&ctl)["epoch"], 1);
+    let e = read_error(&mut hello(&repl, "b", 0));
+    assert!(e.contains("fenced"), "{e:?}");
+    let mut new = Feed::open_epoch(&repl, "b", 1);
+    new.write(1, vec![], 4096, 0x22);
+    let img = std::fs::read(&vol).unwrap();
+    assert_eq!((img[0], img[4096]), (0x11, 0x22));
+}
+
+/// Failover with a partitioned but still-running primary, in the real lab: the a-b link
+/// is cut (the primary keeps running and its client at site c keeps sending PUTs), the
+/// backup at b is promoted by force without stopping the primary, then the link heals.
+/// The old primary's replication is refused at b (its epoch is older, and b is a primary
+/// now), so none of its later writes is committed and its gate releases no reply: the
+/// client never hears from the old primary after the partition.
+#[test]
+fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
+    if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
+        return;
+    }
+    let _g = lock();
+    let d = tmpdir("fence-lab");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b) = (d.join("f.img"), d.join("f-b.img"));
+    ok(&["disk", "create", &s(&a), "--size", "16M"]);
+    let mut lab = Lab::up_with_clients("dr-50");
+    let _ = tern(&["protect", "stop", "dsk3"]);
+    start_kv_vm("dsk3", "198.18.100.10", &s(&a), "tern.kv=vda", &["--gate"]);
+    ok(&[
+        "protect",
+        "dsk3",
+        "--backup",
+        "b",
+        "--mode",
+        "pipelined",
+        "--backup-volume",
+        &s(&b),
+    ]);
+    wait_for("the key-value service", 240, || {
+        std::fs::read_to_string("/run/tern/vm/dsk3/a/serial.log")
+            .unwrap_or_default()
+            .contains("tern-guest: kv serving")
+    });
+    let mut client = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "lab",
+            "exec",
+            "c",
+            "--",
+            "python3",
+            "-c",
+            KV_CLIENT,
+            "198.18.100.10",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Every reply the client gets, with when it got it.
+    let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let reader = {
+        use std::io::BufRead;
+        let out = client.stdout.take().unwrap();
+        let replies = replies.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(id) = l.trim().parse() {
+                    replies.lock().unwrap().push((Instant::now(), id));
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(3000));
+    assert!(
+        !replies.lock().unwrap().is_empty(),
+        "no reply before the partition"
+    );
+    // The partition: a and b cannot reach each other; a and its client still can.
+    ok(&["lab", "set", "--loss", "100%"]);
+    let cut = Instant::now();
+    let pctl = tern_disk::daemon::DiskPaths::in_dir(Path::new("/run/tern/vm/dsk3/a")).control;
+    let bctl =
+        tern_disk::daemon::DiskPaths::in_dir(&tern_migrate::protect::backup_dir("dsk3", "b"))
+            .control;
+    std::thread::sleep(Duration::from_millis(1000));
+    // Failover without stopping the primary: the backup is promoted by force.
+    let promoted = json(&["disk", "ctl", &s(&bctl), "promote", "--force"]);
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    let committed = status(&pctl)["committed_writes"].as_u64().unwrap();
+    // The partition heals; the old primary reconnects to b and is refused.
+    ok(&["lab", "set", "--loss", "0%"]);
+    std::thread::sleep(Duration::from_millis(8000));
+    let st = status(&pctl);
+    eprintln!("old primary: {st}");
+    assert_eq!(st["committed_writes"].as_u64().unwrap(), committed, "{st}");
+    assert!(
+        st["writes"].as_u64().unwrap() > committed,
+        "the guest kept writing: {st}"
+    );
+    assert!(st["gate"]["held_now"].as_u64().unwrap_or(0) > 0, "{st}");
+    eprintln!("old primary's last error: {}", st["last_error"]);
+    assert_eq!(status(&bctl)["role"], "primary");
+    // No reply left the old primary after the partition (in flight at the cut: 500 ms).
+    let late: Vec<u64> = replies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t > cut + Duration::from_millis(500))
+        .map(|(_, id)| *id)
+        .collect();
+    assert!(late.is_empty(), "replies from the fenced primary: {late:?}");
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = reader.join();
+    ok(&["vm", "stop", "dsk3"]);
+    ok(&["protect", "stop", "dsk3"]);
+    lab.0.clear();
+    drop(lab);
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -35,6 +35,13 @@ pub fn log_path(volume: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where [`Log::reset`] writes the emptied log before renaming it over the old one.
+fn reset_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".new");
+    PathBuf::from(p)
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStatus {
     /// Records logged and not yet applied, and their bytes.
@@ -46,12 +53,34 @@ pub struct LogStatus {
     pub waiting_for: Option<String>,
     /// Records dropped at failover (they depended on writes a peer's backup never got).
     pub discarded: u64,
+    /// The backlog reached its bound ([`wal::MAX_BACKLOG_BYTES`], records) and the
+    /// replication session waited for room (counter), and whether it waits now.
+    pub full_waits: u64,
+    pub full_now: bool,
+    /// Peers (`MAC`) whose backup's counter page cannot be opened: their applied counter
+    /// reads as 0, so every record that depends on them waits.
+    pub missing_peer_pages: Vec<String>,
+    /// The backup failed (an I/O error applying a logged write to the volume): it applies
+    /// nothing more, keeps every record in its log, takes no replication session and
+    /// cannot be promoted until it is restarted (the log is replayed then). DRBD's
+    /// `on-io-error detach`.
+    pub failed: Option<String>,
+    /// Applies of logged writes to the volume that failed (counter).
+    pub apply_errors: u64,
 }
 
 pub(crate) struct Log {
     file: File,
     path: PathBuf,
     end: u64,
+    /// The log's length as of its last fdatasync (each record says it: `wal.rs`).
+    durable_end: u64,
+    /// The guest write of the last record durable in the log (or the applied write the
+    /// volume durably holds): the applied counter published to peers never passes it, so
+    /// a peer's backup never applies a write that depends on one a crash here would lose.
+    durable_write: u64,
+    /// The guest write of the last record appended.
+    last_write: u64,
     backlog: Backlog,
     /// Appending (a consistent copy) rather than writing into the volume.
     pub(crate) logging: bool,
@@ -62,6 +91,11 @@ pub(crate) struct Log {
     last_append: Instant,
     /// Applied to the volume since the log was last emptied.
     unsynced: bool,
+    /// See [`LogStatus::failed`].
+    failed: Option<String>,
+    full_waits: u64,
+    full_now: bool,
+    apply_errors: u64,
     peers: Vec<(Mac, PathBuf, Option<CounterPage>)>,
 }
 
@@ -84,6 +118,11 @@ impl Log {
         let c = wal::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut backlog = Backlog::new(c.applied_write);
         let n = c.records.len();
+        let last_write = c
+            .records
+            .iter()
+            .map(|r| r.write)
+            .fold(c.applied_write, u64::max);
         for r in c.records {
             backlog.push(r);
         }
@@ -97,12 +136,19 @@ impl Log {
             file,
             path,
             end: c.valid as u64,
+            durable_end: c.valid as u64,
+            durable_write: last_write,
+            last_write,
             backlog,
             logging: consistent,
             dirty: false,
             appends: 0,
             last_append: Instant::now(),
             unsynced: n > 0,
+            failed: None,
+            apply_errors: 0,
+            full_waits: 0,
+            full_now: false,
             peers: peers.iter().map(|(m, p)| (*m, p.clone(), None)).collect(),
         };
         if c.valid == 0 {
@@ -116,18 +162,44 @@ impl Log {
         Ok(log)
     }
 
-    /// Empties the file: header only, with the applied write.
+    /// Empties the log: header only, with the applied write. Crash-safe: the new file is
+    /// written and fdatasynced beside the old one, renamed over it and the directory
+    /// fsynced, so a crash leaves either the old log or the new one, never an empty or
+    /// headerless file.
     fn reset(&mut self) -> Result<(), String> {
-        let h = wal::header(self.backlog.applied_write());
-        self.file
-            .set_len(0)
-            .and_then(|()| self.file.write_all_at(&h, 0))
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| format!("reset {}: {e}", self.path.display()))?;
+        let applied = self.backlog.applied_write();
+        let h = wal::header(applied);
+        let tmp = reset_path(&self.path);
+        let ctx = |what: &str, e: io::Error| format!("reset {}: {what}: {e}", self.path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| ctx("create the new log", e))?;
+        file.write_all_at(&h, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| ctx("write the new log", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| ctx("rename the new log", e))?;
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ctx("fsync the directory", e))?;
+        self.file = file;
         self.end = h.len() as u64;
+        self.durable_end = self.end;
+        self.durable_write = applied;
+        self.last_write = applied;
         self.dirty = false;
         self.unsynced = false;
         Ok(())
+    }
+
+    /// The applied write peers may rely on: applied here and durable in the log (or in
+    /// the volume, after a checkpoint or a completed sync).
+    pub(crate) fn published_write(&self) -> u64 {
+        self.backlog.applied_write().min(self.durable_write)
     }
 
     pub(crate) fn status(&self) -> LogStatus {
@@ -139,7 +211,27 @@ impl Log {
                 .waiting_for()
                 .map(|(m, n)| format!("{}={n}", mac_text(&m))),
             discarded: self.backlog.discarded,
+            full_waits: self.full_waits,
+            full_now: self.full_now,
+            missing_peer_pages: self
+                .peers
+                .iter()
+                .filter(|(_, _, p)| p.is_none())
+                .map(|(m, _, _)| mac_text(m))
+                .collect(),
+            failed: self.failed.clone(),
+            apply_errors: self.apply_errors,
         }
+    }
+
+    /// Why the backup stopped applying (an I/O error at its volume), if it did.
+    pub(crate) fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// The backlog is at its bound: wait ([`Backup::wait_for_room`]) before appending.
+    pub(crate) fn backlog_full(&self) -> bool {
+        self.backlog.is_full()
     }
 
     /// Nothing waits to be applied.
@@ -147,13 +239,11 @@ impl Log {
         self.backlog.is_empty()
     }
 
-    pub(crate) fn applied_write(&self) -> u64 {
-        self.backlog.applied_write()
-    }
-
     /// A completed sync: the volume holds every write up to `w`.
     pub(crate) fn synced_to(&mut self, w: u64) {
         self.backlog.set_applied_write(w);
+        self.durable_write = self.durable_write.max(w);
+        self.last_write = self.last_write.max(w);
     }
 
     fn peer_applied(&mut self) -> Vec<(Mac, u64)> {
@@ -204,7 +294,7 @@ impl Log {
             op,
         };
         let mut buf = Vec::with_capacity(r.bytes() as usize + 64);
-        wal::encode(&r, &mut buf);
+        wal::encode(&r, self.end, self.durable_end, &mut buf);
         self.file
             .write_all_at(&buf, self.end)
             .map_err(|e| format!("append to {}: {e}", self.path.display()))?;
@@ -212,6 +302,7 @@ impl Log {
         self.dirty = true;
         self.appends += 1;
         self.last_append = Instant::now();
+        self.last_write = self.last_write.max(r.write);
         self.backlog.push(r);
         Ok(())
     }
@@ -246,6 +337,8 @@ impl Log {
                 .sync_data()
                 .map_err(|e| format!("fdatasync {}: {e}", self.path.display()))?;
             self.dirty = false;
+            self.durable_end = self.end;
+            self.durable_write = self.last_write;
         }
         Ok(())
     }
@@ -253,6 +346,17 @@ impl Log {
 
 fn lookup(have: &[(Mac, u64)], m: &Mac) -> Option<u64> {
     have.iter().find(|(p, _)| p == m).map(|(_, n)| *n)
+}
+
+struct OpText<'a>(&'a Op);
+impl std::fmt::Display for OpText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Op::Write { offset, data } => write!(f, "write {offset}+{}", data.len()),
+            Op::Zero { offset, len } => write!(f, "zero {offset}+{len}"),
+            Op::Copy { offset, src, len } => write!(f, "copy {src}->{offset}+{len}"),
+        }
+    }
 }
 
 fn mac_text(m: &Mac) -> String {
@@ -273,7 +377,7 @@ pub(crate) struct Backup {
 impl Backup {
     pub(crate) fn new(log: Log, page: Option<Arc<CounterPage>>) -> Backup {
         if let Some(p) = &page {
-            p.publish_applied(log.applied_write());
+            p.publish_applied(log.published_write());
         }
         Backup {
             log: Mutex::new(log),
@@ -290,10 +394,59 @@ impl Backup {
         self.cond.notify_all();
     }
 
+    /// Publishes the applied counter, never past what is durable ([`Log::published_write`]).
     pub(crate) fn publish(&self, l: &Log) {
         if let Some(p) = &self.page {
-            p.publish_applied(l.applied_write());
+            p.publish_applied(l.published_write());
         }
+    }
+
+    /// Waits while the backlog is full ([`Backlog::is_full`]) for the applier to make
+    /// room; `give_up` (checked every few ms) ends the wait with an error (the session is
+    /// cut, the backup failed or shuts down).
+    pub(crate) fn wait_for_room<'a>(
+        &'a self,
+        mut l: MutexGuard<'a, Log>,
+        give_up: &impl Fn(&Log) -> Option<String>,
+    ) -> Result<MutexGuard<'a, Log>, String> {
+        if !l.backlog.is_full() {
+            return Ok(l);
+        }
+        l.full_waits += 1;
+        l.full_now = true;
+        eprintln!(
+            "tern disk: {}: backlog full ({} records, {} bytes; waiting for {}): replication \
+             waits",
+            l.path.display(),
+            l.backlog.len(),
+            l.backlog.bytes(),
+            l.waiting_for()
+                .map_or("nothing".to_string(), |(m, n)| format!(
+                    "{}={n}",
+                    mac_text(&m)
+                ))
+        );
+        while l.backlog.is_full() {
+            if let Some(why) = give_up(&l) {
+                l.full_now = false;
+                return Err(why);
+            }
+            self.cond.notify_all();
+            l = self
+                .cond
+                .wait_timeout(l, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        l.full_now = false;
+        Ok(l)
+    }
+
+    /// fdatasync of the log, then the applied counter that this made durable.
+    pub(crate) fn sync(&self, l: &mut Log) -> Result<(), String> {
+        l.sync()?;
+        self.publish(l);
+        Ok(())
     }
 
     /// Applies every record whose dependencies are met (all of them with `force`);
@@ -306,16 +459,37 @@ impl Backup {
         force: bool,
         apply: &impl Fn(&Op) -> io::Result<()>,
     ) -> Result<u64, String> {
+        if let Some(f) = &l.failed {
+            return Err(format!("the backup failed: {f}"));
+        }
         let have = if force { Vec::new() } else { l.peer_applied() };
         let mut n = 0;
         loop {
-            let r = if force {
-                l.backlog.pop()
+            // The record leaves the backlog (and counts as applied) only once it is in the
+            // volume: a failed apply keeps it, and keeps the log from being emptied.
+            let next = if force {
+                l.backlog.iter().next()
             } else {
-                l.backlog.pop_ready(|m| lookup(&have, m))
+                l.backlog.peek_ready(|m| lookup(&have, m))
             };
-            let Some(r) = r else { break };
-            apply(&r.op).map_err(|e| format!("apply logged write {}: {e}", r.seq))?;
+            let Some(r) = next else { break };
+            if let Err(e) = apply(&r.op) {
+                let why = format!(
+                    "apply logged write {} ({}) to the volume: {e}; applying stopped, the \
+                     log keeps it and every later record (restart the disk server once the \
+                     volume's storage is fixed)",
+                    r.seq,
+                    OpText(&r.op)
+                );
+                eprintln!("tern disk: {}: {why}", l.path.display());
+                l.apply_errors += 1;
+                l.failed = Some(why.clone());
+                if n > 0 {
+                    self.publish(l);
+                }
+                return Err(why);
+            }
+            l.backlog.pop();
             l.unsynced = true;
             n += 1;
         }
@@ -333,15 +507,16 @@ impl Backup {
         flush: &impl Fn() -> io::Result<()>,
     ) -> Result<(), String> {
         let due = l.end >= CHECKPOINT_BYTES || l.last_append.elapsed() >= CHECKPOINT_IDLE;
-        if !l.backlog.is_empty() || !l.unsynced || !due {
+        if l.failed.is_some() || !l.backlog.is_empty() || !l.unsynced || !due {
             return Ok(());
         }
         let appends = l.appends;
         drop(l);
         flush().map_err(|e| format!("fdatasync the volume: {e}"))?;
         let mut l = self.lock();
-        if l.backlog.is_empty() && l.appends == appends {
+        if l.failed.is_none() && l.backlog.is_empty() && l.appends == appends {
             l.reset()?;
+            self.publish(&l);
         }
         Ok(())
     }
@@ -355,9 +530,17 @@ impl Backup {
     ) {
         while !stop() {
             let mut l = self.lock();
-            if let Err(e) = self.apply_ready(&mut l, false, apply) {
-                eprintln!("tern disk: {e}");
+            if l.failed.is_some() {
+                // Said once when it failed; status and metrics say it from now on.
+                drop(
+                    self.cond
+                        .wait_timeout(l, Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                continue;
             }
+            // A failure is reported by apply_ready and kept in `failed`.
+            let _ = self.apply_ready(&mut l, false, apply);
             let waiting = !l.backlog.is_empty();
             let r = if waiting {
                 // Held on a peer's backup: look at its counter again shortly.
@@ -433,5 +616,217 @@ impl Backup {
         l.reset()?;
         self.publish(&l);
         Ok((applied, dropped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tern-backup-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn write(seq: u64) -> Op {
+        Op::Write {
+            offset: seq * 4096,
+            data: vec![seq as u8; 4096],
+        }
+    }
+
+    fn no_volume(_: u64, _: &mut [u8]) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A log with `n` records, each made durable before the next (as acknowledged
+    /// writes are); returns the volume path and the file offset of each record.
+    fn durable_log(name: &str, n: u64) -> (PathBuf, Vec<u64>) {
+        let vol = dir(name).join("v.raw");
+        let mut l = Log::open(&vol, true, &[]).unwrap();
+        let mut at = Vec::new();
+        for seq in 1..=n {
+            at.push(l.end);
+            l.append(&no_volume, seq, seq, &[], write(seq)).unwrap();
+            l.sync().unwrap();
+        }
+        (vol, at)
+    }
+
+    #[test]
+    fn open_refuses_a_log_corrupt_before_acknowledged_records_and_cuts_nothing() {
+        let (vol, at) = durable_log("mid", 4);
+        let path = log_path(&vol);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at[1] as usize + 100] ^= 4;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Log::open(&vol, true, &[])
+            .err()
+            .expect("corruption is an error");
+        assert!(e.contains("corrupt record at offset"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+    }
+
+    #[test]
+    fn open_cuts_a_torn_last_record() {
+        let (vol, at) = durable_log("torn", 3);
+        let path = log_path(&vol);
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 7]).unwrap();
+        let l = Log::open(&vol, true, &[]).unwrap();
+        assert_eq!(l.backlog.len(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), at[2]);
+    }
+
+    #[test]
+    fn the_applied_counter_is_published_only_once_the_record_is_durable() {
+        let d = dir("publish");
+        let vol = d.join("v.raw");
+        let page = Arc::new(CounterPage::create(&d.join("v.ctr")).unwrap());
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), Some(page.clone()));
+        let mut l = b.lock();
+        l.append(&no_volume, 1, 5, &[], write(1)).unwrap();
+        let applied = b.apply_ready(&mut l, false, &|_| Ok(())).unwrap();
+        assert_eq!((applied, l.backlog.applied_write()), (1, 5));
+        // In the volume, but neither the log record nor the volume is durable yet: a crash
+        // here loses write 5, so no peer backup may apply what depends on it.
+        assert_eq!(page.applied(), 0);
+        b.sync(&mut l).unwrap();
+        assert_eq!(page.applied(), 5);
+    }
+
+    #[test]
+    fn reset_replaces_the_log_only_once_the_new_one_is_complete() {
+        let (vol, _) = durable_log("reset", 2);
+        let path = log_path(&vol);
+        let before = std::fs::read(&path).unwrap();
+        let mut l = Log::open(&vol, true, &[]).unwrap();
+        // The new log cannot be written: the old one must still hold every record.
+        std::fs::create_dir(reset_path(&path)).unwrap();
+        assert!(l.reset().is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(wal::decode(&before).unwrap().records.len(), 2);
+        std::fs::remove_dir(reset_path(&path)).unwrap();
+        // Drain, then reset: header only, written through the file the log now appends to.
+        let _ = l.backlog.pop();
+        let _ = l.backlog.pop();
+        l.reset().unwrap();
+        assert!(!reset_path(&path).exists());
+        assert_eq!(std::fs::read(&path).unwrap(), wal::header(2));
+        l.append(&no_volume, 3, 3, &[], write(3)).unwrap();
+        l.sync().unwrap();
+        let c = wal::decode(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!((c.applied_write, c.records.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_failed_apply_keeps_the_record_stops_applying_and_blocks_the_checkpoint() {
+        let d = dir("eio");
+        let vol = d.join("v.raw");
+        let page = Arc::new(CounterPage::create(&d.join("v.ctr")).unwrap());
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), Some(page.clone()));
+        let applied = std::cell::RefCell::new(Vec::new());
+        let disk_full = std::cell::Cell::new(true);
+        // The volume's storage: full (ENOSPC) at write 2's offset while `disk_full`.
+        let apply = |op: &Op| {
+            let Op::Write { offset, .. } = op else {
+                unreachable!()
+            };
+            if disk_full.get() && *offset == 2 * 4096 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            applied.borrow_mut().push(*offset / 4096);
+            Ok(())
+        };
+        let mut l = b.lock();
+        for seq in 1..=3 {
+            l.append(&no_volume, seq, seq, &[], write(seq)).unwrap();
+        }
+        b.sync(&mut l).unwrap();
+        let e = b.apply_ready(&mut l, false, &apply).unwrap_err();
+        assert!(
+            e.contains("apply logged write 2") && e.contains("No space"),
+            "{e}"
+        );
+        // Write 1 is in; 2 stays at the front with 3 behind it, nothing was applied over
+        // the hole, and the applied counter stops before 2.
+        assert_eq!(*applied.borrow(), vec![1]);
+        let st = l.status();
+        assert_eq!((st.records, st.applied_write, st.apply_errors), (2, 1, 1));
+        assert!(st.failed.as_deref().unwrap().contains("No space"));
+        assert_eq!(page.applied(), 1);
+        // Even once the storage has room again, a failed backup applies nothing and its
+        // log is never emptied, however long it idles.
+        disk_full.set(false);
+        assert!(b.apply_ready(&mut l, true, &apply).is_err());
+        assert_eq!(*applied.borrow(), vec![1]);
+        l.last_append = Instant::now() - CHECKPOINT_IDLE * 2;
+        l.unsynced = true;
+        b.checkpoint(l, &|| Ok(())).unwrap();
+        let c = wal::decode(&std::fs::read(log_path(&vol)).unwrap()).unwrap();
+        assert_eq!(
+            c.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(
+            b.settle(&apply, &|| Ok(())).is_err(),
+            "a failed backup is not promoted"
+        );
+        // A restart replays the log: 2 and 3 go in, in order.
+        drop(b);
+        let b = Backup::new(Log::open(&vol, true, &[]).unwrap(), None);
+        let mut l = b.lock();
+        assert_eq!(b.apply_ready(&mut l, false, &apply).unwrap(), 3);
+        assert_eq!(*applied.borrow(), vec![1, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_backlog_makes_the_session_wait_and_a_missing_peer_page_is_reported() {
+        let d = dir("full");
+        let vol = d.join("v.raw");
+        let peer: Mac = [2, 0, 0, 0, 0, 9];
+        // The peer's counter page does not exist: its applied counter reads as 0.
+        let peers = [(peer, d.join("no-such-page"))];
+        let b = Arc::new(Backup::new(Log::open(&vol, true, &peers).unwrap(), None));
+        {
+            let mut l = b.lock();
+            for seq in 1..=wal::MAX_BACKLOG_RECORDS as u64 {
+                let op = Op::Zero {
+                    offset: 0,
+                    len: 4096,
+                };
+                l.append(&no_volume, seq, seq, &[(peer, 1)], op).unwrap();
+            }
+            assert_eq!(b.apply_ready(&mut l, false, &|_| Ok(())).unwrap(), 0);
+            assert!(l.backlog_full());
+            let st = l.status();
+            assert_eq!(st.missing_peer_pages, vec!["02:00:00:00:00:09".to_string()]);
+            assert_eq!(st.waiting_for.as_deref(), Some("02:00:00:00:00:09=1"));
+        }
+        // Cut while it waits: an error, not a record more in memory.
+        let tries = std::cell::Cell::new(0);
+        let e = b
+            .wait_for_room(b.lock(), &|_| {
+                tries.set(tries.get() + 1);
+                (tries.get() > 3).then(|| "cut".to_string())
+            })
+            .err()
+            .unwrap();
+        assert_eq!(e, "cut");
+        let st = b.lock().status();
+        assert_eq!((st.full_waits, st.full_now), (1, false));
+        // Room made by the applier (here: a forced drain) ends the wait.
+        let b2 = b.clone();
+        let drainer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut l = b2.lock();
+            b2.apply_ready(&mut l, true, &|_| Ok(())).unwrap()
+        });
+        let l = b.wait_for_room(b.lock(), &|_| None).unwrap();
+        assert!(!l.backlog_full());
+        drop(l);
+        assert_eq!(drainer.join().unwrap(), wal::MAX_BACKLOG_RECORDS as u64);
     }
 }

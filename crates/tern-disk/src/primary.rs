@@ -71,6 +71,8 @@ pub struct Primary {
     pub mode: Mode,
     pub max_backlog: u64,
     zstd_level: i32,
+    /// Fencing epoch sent in HELLO.
+    epoch: u64,
     /// The session's zstd stream (DATA compression 2).
     stream: Option<tern_codec::residual::Compressor>,
     phase: Phase,
@@ -115,6 +117,7 @@ impl Primary {
             mode,
             max_backlog: DEFAULT_MAX_BACKLOG,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            epoch: 0,
             stream: None,
             phase: Phase::Disconnected,
             seq: 0,
@@ -143,6 +146,17 @@ impl Primary {
     pub fn with_zstd_level(mut self, level: i32) -> Primary {
         self.zstd_level = level;
         self
+    }
+
+    /// The fencing epoch this primary's HELLO carries (its volume's persisted epoch).
+    pub fn with_epoch(mut self, epoch: u64) -> Primary {
+        self.epoch = epoch;
+        self
+    }
+
+    /// A promotion moved the volume's epoch: the next HELLO carries `epoch`.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
     }
 
     fn block_bytes(&self) -> u64 {
@@ -203,6 +217,7 @@ impl Primary {
             size: self.size,
             block_shift: self.block_shift,
             name: self.name.clone(),
+            epoch: self.epoch,
         });
     }
 

@@ -28,9 +28,10 @@ pub enum Op {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A valid HELLO: persist "inconsistent", then call [`Secondary::hashes`] with the
-    /// volume's block hashes ([`crate::volume::block_hashes`]).
-    NeedHashes { name: String },
+    /// A valid HELLO: persist "inconsistent" and `epoch` (the primary's, never lower than
+    /// this copy's), then call [`Secondary::hashes`] with the volume's block hashes
+    /// ([`crate::volume::block_hashes`]).
+    NeedHashes { name: String, epoch: u64 },
     /// Apply `op`, the replication stream's message `seq` (in order).
     Apply { seq: u64, op: Op },
     /// The applies up to the next Clock carry the guest's writes up to number `write`,
@@ -70,8 +71,11 @@ pub struct Secondary {
     synced_at: Option<u64>,
     since_ack: u64,
     /// The session's zstd stream (DATA compression 2).
-    stream: Option<tern_codec::residual::Decompressor>,
+    stream: Option<BoundedStream>,
     pub bytes_in: u64,
+    /// This copy's fencing epoch: bumped (and persisted) by each promotion; a HELLO with a
+    /// lower one comes from a primary that was failed over from, and is refused.
+    epoch: u64,
 }
 
 impl Secondary {
@@ -88,7 +92,14 @@ impl Secondary {
             since_ack: 0,
             stream: None,
             bytes_in: 0,
+            epoch: 0,
         }
+    }
+
+    /// This copy's persisted fencing epoch.
+    pub fn with_epoch(mut self, epoch: u64) -> Secondary {
+        self.epoch = epoch;
+        self
     }
 
     pub fn take_output(&mut self) -> Vec<u8> {
@@ -164,8 +175,16 @@ impl Secondary {
                     size,
                     block_shift,
                     name,
+                    epoch,
                 },
             ) => {
+                if epoch < self.epoch {
+                    return Err(format!(
+                        "fenced: primary {name:?} has epoch {epoch}, this copy was promoted \
+                         to epoch {} (a failover happened; this primary is stale)",
+                        self.epoch
+                    ));
+                }
                 if version != wire::VERSION {
                     return Err(format!(
                         "replication version {version} (this secondary speaks {})",
@@ -180,7 +199,8 @@ impl Secondary {
                     ));
                 }
                 self.phase = Phase::Hashing;
-                ev.push(Event::NeedHashes { name });
+                self.epoch = epoch;
+                ev.push(Event::NeedHashes { name, epoch });
             }
             (Phase::Applying, m) => match m {
                 Msg::Data {
@@ -192,22 +212,20 @@ impl Secondary {
                 } => {
                     self.check_range("DATA", offset, u64::from(raw_len))?;
                     self.sequenced(seq)?;
+                    // Every decompression is bounded by the length the DATA says
+                    // (≤ MAX_DATA): a frame that expands beyond it is a protocol error.
                     let data = match compression {
                         Compression::None => bytes,
                         Compression::Frame => zstd::bulk::decompress(&bytes, raw_len as usize)
                             .map_err(|e| format!("DATA {seq}: zstd: {e}"))?,
                         Compression::Stream => {
                             if self.stream.is_none() {
-                                self.stream = Some(
-                                    tern_codec::residual::Decompressor::new()
-                                        .map_err(|e| format!("zstd: {e}"))?,
-                                );
+                                self.stream =
+                                    Some(BoundedStream::new().map_err(|e| format!("zstd: {e}"))?);
                             }
                             let z = self.stream.as_mut().expect("just set");
-                            let mut d = Vec::with_capacity(raw_len as usize);
-                            z.push(&bytes, &mut d)
-                                .map_err(|e| format!("DATA {seq}: zstd stream: {e}"))?;
-                            d
+                            z.decompress(&bytes, raw_len as usize)
+                                .map_err(|e| format!("DATA {seq}: zstd stream: {e}"))?
                         }
                     };
                     if data.len() != raw_len as usize {
@@ -339,6 +357,62 @@ impl Secondary {
     }
 }
 
+/// Window of the primary's replication stream (`tern_codec::residual`'s, 8 MiB): a
+/// stream asking for a larger window is refused rather than given the memory.
+pub const STREAM_WINDOW_LOG: u32 = 23;
+
+/// The session's zstd stream (DATA compression 2), decompressed one DATA at a time with
+/// the output capped at the DATA's raw length: a bomb costs at most `raw_len` bytes and
+/// one step of zstd, then is a protocol error.
+struct BoundedStream {
+    z: zstd::stream::raw::Decoder<'static>,
+}
+
+impl std::fmt::Debug for BoundedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoundedStream")
+    }
+}
+
+impl BoundedStream {
+    fn new() -> std::io::Result<BoundedStream> {
+        let mut z = zstd::stream::raw::Decoder::new()?;
+        z.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+            STREAM_WINDOW_LOG,
+        ))?;
+        Ok(BoundedStream { z })
+    }
+
+    /// What `input` (a whole flushed piece of the stream) decompresses to, which must be
+    /// exactly `len` bytes.
+    fn decompress(&mut self, input: &[u8], len: usize) -> Result<Vec<u8>, String> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut out = vec![0u8; len];
+        let mut inb = InBuffer::around(input);
+        let mut done = 0;
+        while done < len {
+            let mut ob = OutBuffer::around(&mut out[done..]);
+            let was = inb.pos();
+            self.z.run(&mut inb, &mut ob).map_err(|e| e.to_string())?;
+            let made = ob.pos();
+            done += made;
+            if made == 0 && inb.pos() == was {
+                // No progress with room left: the input ends short of `len`.
+                return Err(format!("{done} bytes, said {len}"));
+            }
+        }
+        // `len` bytes are out: anything more (input left, or output still buffered in the
+        // decoder) means the piece expands beyond what it said.
+        let mut spare = [0u8; 1];
+        let mut ob = OutBuffer::around(&mut spare[..]);
+        self.z.run(&mut inb, &mut ob).map_err(|e| e.to_string())?;
+        if ob.pos() > 0 || inb.pos() < input.len() {
+            return Err(format!("expands beyond the {len} bytes it said"));
+        }
+        Ok(out)
+    }
+}
+
 fn kind(m: &Msg) -> &'static str {
     match m {
         Msg::Hello { .. } => "HELLO",
@@ -355,5 +429,149 @@ fn kind(m: &Msg) -> &'static str {
         Msg::HashesEnd { .. } => "HASHES_END",
         Msg::Ack { .. } => "ACK",
         Msg::Error(_) => "ERROR",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zstd frame of RLE blocks that expands to `total` zero bytes from a few KiB.
+    fn zero_bomb(total: u64) -> Vec<u8> {
+        let block: u64 = 128 << 10;
+        // Magic, frame header (no content size, no checksum), a 128 KiB window.
+        let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 7 << 3];
+        let n = total / block;
+        for i in 0..n {
+            let header = u32::from(i == n - 1) | (1 << 1) | ((block as u32) << 3);
+            f.extend_from_slice(&header.to_le_bytes()[..3]);
+            f.push(0);
+        }
+        f
+    }
+
+    fn applying() -> Secondary {
+        let mut s = Secondary::new(1 << 30);
+        let hello = Msg::Hello {
+            version: wire::VERSION,
+            size: 1 << 30,
+            block_shift: crate::BLOCK_SHIFT,
+            name: "x".into(),
+            epoch: 0,
+        };
+        let (ev, err) = s.handle_input(&hello.to_bytes());
+        assert!(err.is_none() && matches!(ev[0], Event::NeedHashes { .. }));
+        s.hashes(&[]);
+        s
+    }
+
+    #[test]
+    fn a_zstd_bomb_in_data_is_a_protocol_error_not_an_allocation() {
+        let bomb = zero_bomb(1 << 30);
+        assert!(bomb.len() < 64 << 10);
+        // It is a real bomb: far more than 4 KiB comes out of it.
+        let mut head = Vec::new();
+        let mut d = zstd::stream::read::Decoder::new(&bomb[..]).unwrap();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut d, 8 << 20), &mut head).unwrap();
+        assert_eq!(head.len(), 8 << 20);
+        for compression in [Compression::Stream, Compression::Frame] {
+            let mut s = applying();
+            let data = Msg::Data {
+                seq: 1,
+                offset: 0,
+                raw_len: 4096,
+                compression,
+                bytes: bomb.clone(),
+            };
+            let (ev, err) = s.handle_input(&data.to_bytes());
+            let err = err.expect("a bomb is refused");
+            assert!(ev.is_empty() && s.failed(), "{compression:?}: {err}");
+            assert!(err.contains("DATA 1: zstd"), "{compression:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bounded_stream_decodes_what_the_primary_compresses() {
+        let mut c = tern_codec::residual::Compressor::new(1).unwrap();
+        let mut s = applying();
+        for seq in 1..=20u64 {
+            let data: Vec<u8> = (0..65536u32).map(|i| (i / 7 + seq as u32) as u8).collect();
+            let mut z = Vec::new();
+            c.push(&data, &mut z).unwrap();
+            let m = Msg::Data {
+                seq,
+                offset: seq * 65536,
+                raw_len: data.len() as u32,
+                compression: Compression::Stream,
+                bytes: z,
+            };
+            let (ev, err) = s.handle_input(&m.to_bytes());
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(
+                ev,
+                vec![Event::Apply {
+                    seq,
+                    op: Op::Write {
+                        offset: seq * 65536,
+                        data
+                    }
+                }]
+            );
+        }
+        // A piece that says less than it holds is refused.
+        let mut z = Vec::new();
+        c.push(&[5u8; 8192], &mut z).unwrap();
+        let m = Msg::Data {
+            seq: 21,
+            offset: 0,
+            raw_len: 4096,
+            compression: Compression::Stream,
+            bytes: z,
+        };
+        let err = s.handle_input(&m.to_bytes()).1.unwrap();
+        assert!(err.contains("expands beyond"), "{err}");
+    }
+
+    #[test]
+    fn a_primary_from_an_older_epoch_is_fenced() {
+        let hello = |epoch| {
+            Msg::Hello {
+                version: wire::VERSION,
+                size: 1 << 20,
+                block_shift: crate::BLOCK_SHIFT,
+                name: "x".into(),
+                epoch,
+            }
+            .to_bytes()
+        };
+        // Promoted once: epoch 1. The old primary (epoch 0) is refused with an ERROR.
+        let mut s = Secondary::new(1 << 20).with_epoch(1);
+        let (ev, err) = s.handle_input(&hello(0));
+        assert!(ev.is_empty() && s.failed());
+        assert!(err.unwrap().contains("fenced"));
+        assert!(
+            !s.take_output().is_empty(),
+            "an ERROR for the stale primary"
+        );
+        // The new primary (same or later epoch) is served, and a later one adopted.
+        for e in [1, 2] {
+            let mut s = Secondary::new(1 << 20).with_epoch(1);
+            let (ev, err) = s.handle_input(&hello(e));
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(
+                ev,
+                vec![Event::NeedHashes {
+                    name: "x".into(),
+                    epoch: e
+                }]
+            );
+        }
+        // A HELLO without the epoch field (older primary) is epoch 0.
+        let mut old = hello(0);
+        old.truncate(old.len() - 8);
+        let body = (old.len() - 5) as u32;
+        old[1..5].copy_from_slice(&body.to_le_bytes());
+        let mut s = Secondary::new(1 << 20).with_epoch(1);
+        assert!(s.handle_input(&old).1.unwrap().contains("fenced"));
     }
 }

@@ -101,6 +101,8 @@ pub struct Status {
     pub size: u64,
     pub role: Role,
     pub consistent: bool,
+    /// The volume's fencing epoch (bumped by each promotion).
+    pub epoch: u64,
     pub mode: Mode,
     pub synchronous: bool,
     pub target: Option<Target>,
@@ -125,6 +127,8 @@ pub struct Status {
 pub(crate) struct Inner {
     role: Role,
     consistent: bool,
+    /// The volume's persisted fencing epoch (`volume::State::epoch`).
+    epoch: u64,
     pub(crate) primary: Primary,
     target: Option<Target>,
     /// Bumped whenever the target changes; a replication thread exits when it differs.
@@ -158,6 +162,9 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
     pub(crate) stop: AtomicBool,
+    /// A forced promotion cut the running replication session (read without the lock by
+    /// a session that waits for room in the backup's backlog).
+    session_cut: AtomicBool,
     counters: Option<Arc<crate::counters::CounterPage>>,
     /// A secondary's write log and applier.
     backup: Option<crate::backup::Backup>,
@@ -235,6 +242,7 @@ impl Shared {
             size: self.size,
             role: g.role,
             consistent: g.consistent,
+            epoch: g.epoch,
             mode: g.primary.mode,
             synchronous: g.primary.synchronous(),
             target: g.target.clone(),
@@ -343,20 +351,24 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     {
         let _ = std::fs::remove_file(p);
     }
-    let control = UnixListener::bind(&opts.control_socket)
-        .map_err(|e| format!("bind {}: {e}", opts.control_socket.display()))?;
+    // Every socket 0600 from the start (not umask), and its peers checked on accept
+    // (`tern_nbd::unix`).
+    let bind = |p: &Path| {
+        tern_nbd::unix::bind_private(p, None).map_err(|e| format!("bind {}: {e}", p.display()))
+    };
     let gate_listener = match &opts.gate {
-        Some(GateOptions { nic, .. }) => {
-            let _ = std::fs::remove_file(nic);
-            Some(UnixListener::bind(nic).map_err(|e| format!("bind {}: {e}", nic.display()))?)
-        }
+        Some(GateOptions { nic, .. }) => Some(bind(nic)?),
         None => None,
     };
     let listen = match &opts.listen {
-        Some(p) => Some(UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?),
+        Some(p) => Some(bind(p)?),
         None => None,
     };
-    let primary = Primary::new(size, &opts.export, opts.mode).with_zstd_level(opts.zstd_level);
+    // Last: once the control socket exists, the others do too (callers wait for it).
+    let control = bind(&opts.control_socket)?;
+    let primary = Primary::new(size, &opts.export, opts.mode)
+        .with_zstd_level(opts.zstd_level)
+        .with_epoch(state.epoch);
     let counters = match &opts.counters {
         Some(p) => Some(Arc::new(
             crate::counters::CounterPage::create(p)
@@ -373,6 +385,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         inner: Mutex::new(Inner {
             role: opts.role,
             consistent: state.consistent,
+            epoch: state.epoch,
             primary,
             target: opts.replicate.clone(),
             generation: 0,
@@ -393,6 +406,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         }),
         cond: Condvar::new(),
         stop: AtomicBool::new(false),
+        session_cut: AtomicBool::new(false),
         counters: counters.clone(),
         backup: match opts.role {
             Role::Secondary => Some(crate::backup::Backup::new(
@@ -438,6 +452,10 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     control.set_nonblocking(true).map_err(|e| e.to_string())?;
     while !shared.stop.load(Ordering::Relaxed) {
         match control.accept() {
+            Ok((c, _)) if !tern_nbd::unix::peer_allowed(&c, None) => {
+                let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+                eprintln!("tern disk: control socket: refused uid {who:?}");
+            }
             Ok((c, _)) => {
                 let _ = c.set_nonblocking(false);
                 handle_control(&shared, c);
@@ -455,7 +473,13 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
         shared.cond.notify_all();
     }
     nbd.stop();
-    let _ = shared.file.flush();
+    if let Err(e) = shared.file.flush() {
+        // Not swallowed: what the last writes left in the page cache may not be durable.
+        eprintln!(
+            "tern disk: {}: fdatasync at shutdown failed: {e}",
+            opts.export
+        );
+    }
     for p in [&opts.nbd_socket, &opts.control_socket]
         .into_iter()
         .chain(opts.listen.as_ref())
@@ -639,22 +663,35 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             return;
         }
         let Ok(mut c) = c else { continue };
-        let busy = {
+        if !tern_nbd::unix::peer_allowed(&c, None) {
+            let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+            eprintln!("tern disk: replication socket: refused uid {who:?}");
+            continue;
+        }
+        let failed = sh
+            .backup
+            .as_ref()
+            .and_then(|b| b.lock().failed().map(str::to_string));
+        let refused = {
             let mut g = sh.lock();
-            let busy = g.secondary_session || g.role != Role::Secondary;
-            if !busy {
+            let why = if let Some(f) = failed {
+                Some(format!("the backup failed: {f}"))
+            } else if g.role != Role::Secondary {
+                Some("this volume is a primary now".to_string())
+            } else if g.secondary_session {
+                Some("another replication session is active".to_string())
+            } else {
+                None
+            };
+            if why.is_none() {
                 g.secondary_session = true;
                 g.secondary_conn = c.try_clone().ok();
+                sh.session_cut.store(false, Ordering::Relaxed);
             }
-            busy
+            why
         };
-        if busy {
-            let why = if sh.lock().role == Role::Secondary {
-                "another replication session is active"
-            } else {
-                "this volume is a primary now"
-            };
-            let _ = c.write_all(&crate::wire::Msg::Error(why.into()).to_bytes());
+        if let Some(why) = refused {
+            let _ = c.write_all(&crate::wire::Msg::Error(why).to_bytes());
             continue;
         }
         let sh2 = sh.clone();
@@ -683,7 +720,7 @@ fn readable_now(s: &UnixStream) -> bool {
 
 fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> {
     let backup = sh.backup.as_ref().ok_or("not a secondary")?;
-    let mut core = Secondary::new(sh.size);
+    let mut core = Secondary::new(sh.size).with_epoch(sh.lock().epoch);
     let mut buf = vec![0u8; 1 << 20];
     let mut copy_buf = Vec::new();
     // The CLOCK the next changes belong to: (guest write, peer writes it depends on).
@@ -699,19 +736,27 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
         let (events, err) = core.handle_input(&buf[..n]);
         for e in events {
             match e {
-                Event::NeedHashes { name } => {
+                Event::NeedHashes { name, epoch } => {
                     let mut g = sh.lock();
                     if g.role != Role::Secondary {
                         return Err("promoted while a session started".into());
                     }
+                    if epoch < g.epoch {
+                        // Promoted between this session's start and its HELLO.
+                        return Err(format!("fenced: epoch {epoch} < {}", g.epoch));
+                    }
+                    g.epoch = epoch;
                     // The session re-syncs the copy: what the log holds goes in first.
                     backup.drain_for_resync(&|op| apply(sh, op, &mut Vec::new()), &|| {
                         sh.file.flush()
                     })?;
                     g.consistent = false;
+                    let state = State {
+                        consistent: false,
+                        epoch: g.epoch,
+                    };
                     drop(g);
-                    volume::write_state(&sh.opts.volume, &State { consistent: false })
-                        .map_err(|e| e.to_string())?;
+                    volume::write_state(&sh.opts.volume, &state).map_err(|e| e.to_string())?;
                     eprintln!("tern disk: {}: replication from {name:?}", sh.opts.export);
                     core.ready(false);
                     c.write_all(&core.take_output())
@@ -723,6 +768,22 @@ fn secondary_session(sh: &Arc<Shared>, mut c: UnixStream) -> Result<(), String> 
                 Event::Clock { write, deps } => stamp = (write, deps),
                 Event::Apply { seq, op } => {
                     let mut l = backup.lock();
+                    if l.logging && l.backlog_full() {
+                        // Back-pressure: acknowledge what is logged, then read no more
+                        // until the applier makes room.
+                        drop(l);
+                        durable(sh, &mut core, seq - 1, &mut in_place, stamp.0)?;
+                        c.write_all(&core.take_output())
+                            .map_err(|e| format!("write: {e}"))?;
+                        l = backup.wait_for_room(backup.lock(), &|l: &crate::backup::Log| {
+                            if sh.stop.load(Ordering::Relaxed)
+                                || sh.session_cut.load(Ordering::Relaxed)
+                            {
+                                return Some("the session was cut".into());
+                            }
+                            l.failed().map(|f| format!("the backup failed: {f}"))
+                        })?;
+                    }
                     if l.logging {
                         l.append(&|at, b| sh.file.read_at(at, b), seq, stamp.0, &stamp.1, op)?;
                         backup.apply_ready(&mut l, false, &|op| apply(sh, op, &mut Vec::new()))?;
@@ -808,10 +869,17 @@ fn durable(
         sh.file.flush().map_err(|e| format!("fdatasync: {e}"))?;
         *in_place = false;
     }
-    backup.lock().sync()?;
+    backup.sync(&mut backup.lock())?;
     if let Some(Event::Consistent) = core.durable(seq) {
-        volume::write_state(&sh.opts.volume, &State { consistent: true })
-            .map_err(|e| e.to_string())?;
+        let epoch = sh.lock().epoch;
+        volume::write_state(
+            &sh.opts.volume,
+            &State {
+                consistent: true,
+                epoch,
+            },
+        )
+        .map_err(|e| e.to_string())?;
         sh.lock().consistent = true;
         let mut l = backup.lock();
         l.synced_to(synced_write);
@@ -929,6 +997,7 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
                 return Ok(json!({"role": "primary"}));
             }
             if force && g.secondary_session {
+                sh.session_cut.store(true, Ordering::Relaxed);
                 if let Some(c) = g.secondary_conn.take() {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }
@@ -963,8 +1032,25 @@ fn control(sh: &Arc<Shared>, req: Request) -> Result<Value, String> {
                     sh.opts.export
                 );
             }
+            // Fencing: the new epoch is durable before this copy acts as a primary, so
+            // the old primary's replication (an older epoch) is refused from now on, across
+            // restarts too.
+            let epoch = g.epoch + 1;
+            volume::write_state(
+                &sh.opts.volume,
+                &State {
+                    consistent: true,
+                    epoch,
+                },
+            )
+            .map_err(|e| format!("persist the new epoch: {e}"))?;
+            g.epoch = epoch;
+            g.primary.set_epoch(epoch);
             g.role = Role::Primary;
-            Ok(json!({"role": "primary", "log_applied": applied, "log_dropped": dropped}))
+            Ok(
+                json!({"role": "primary", "epoch": epoch, "log_applied": applied,
+                      "log_dropped": dropped}),
+            )
         }
         Request::Shutdown => {
             sh.stop.store(true, Ordering::Relaxed);

@@ -307,11 +307,18 @@ pub fn export(src: &Path, dst: &Path, format: &str) -> Result<(), VolumeError> {
 pub struct State {
     /// The content is whole: never a secondary, or a secondary whose last sync completed.
     pub consistent: bool,
+    /// Fencing epoch: bumped by every promotion of this copy, adopted from a primary
+    /// with a later one; a replication session from an older epoch is refused.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Default for State {
     fn default() -> State {
-        State { consistent: true }
+        State {
+            consistent: true,
+            epoch: 0,
+        }
     }
 }
 
@@ -341,11 +348,15 @@ pub fn write_state(volume: &Path, st: &State) -> Result<(), VolumeError> {
     f.write_all_at(&body, 0).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("sync", &tmp))?;
     fs::rename(&tmp, &p).map_err(io_err("rename", &p))?;
-    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
+    // The rename is durable only once the directory is: a state a caller acts on (a
+    // consistent copy) must not silently revert after a crash.
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync the directory of", &p))?;
     Ok(())
 }
 
@@ -401,7 +412,14 @@ mod tests {
         assert_eq!(ch[..15], dense_ch[..15]);
         assert_eq!(ch.iter().filter(|&&h| h != 0).count(), 2);
         assert!(read_state(&a).unwrap().consistent);
-        write_state(&a, &State { consistent: false }).unwrap();
+        write_state(
+            &a,
+            &State {
+                consistent: false,
+                epoch: 0,
+            },
+        )
+        .unwrap();
         assert!(!read_state(&a).unwrap().consistent);
         fs::remove_dir_all(&dir).unwrap();
     }

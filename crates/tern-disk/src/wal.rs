@@ -14,28 +14,45 @@
 //! the gate held every frame that depended on them).
 //!
 //! ```text
-//! file    = header | record*                         (a torn or corrupt tail is ignored)
-//! header  = "TERNWAL1" | applied write (8) | reserved (8)           HEADER bytes
+//! file    = header | record*                        (a torn tail is cut, see below)
+//! header  = "TERNWAL2" | applied write (8) | reserved (8)           HEADER bytes
 //! record  = body length (4) | BLAKE3 of body, first 8 bytes | body
-//! body    = seq (8) | write (8) | count (1) | count x (MAC (6) | writes (8))
+//! body    = seq (8) | write (8) | at (8) | durable (8)
+//!           | count (1) | count x (MAC (6) | writes (8))
 //!           | kind (1) | offset (8) | kind 1 WRITE: data | 2 ZERO: length (8)
 //!           | 3 COPY: source (8) | length (4)
 //! ```
 //! All integers little-endian. `write` is the number of the guest write (at its primary) the
 //! record carries, 0 when its primary sends no clocks. The log only ever holds records of
 //! one replication session: a new session starts by applying and emptying it.
+//!
+//! `at` is the file offset the record starts at and `durable` the log's length that was
+//! fdatasynced when it was appended. Records appended between two fdatasyncs are not
+//! acknowledged and may reach the disk in any order, so after a crash a bad record can be
+//! followed by valid ones of the same batch: that is a torn tail (cut). A bad record that
+//! a later valid record says was already durable (its `durable` is past the bad record's
+//! start) held an acknowledged write: that is corruption, and [`decode`] fails (nothing is
+//! cut; the backup does not start until someone looks).
 
 use std::collections::VecDeque;
 
 use crate::secondary::Op;
 use crate::wire::MAX_CLOCK_PEERS;
 
-pub const MAGIC: &[u8; 8] = b"TERNWAL1";
+pub const MAGIC: &[u8; 8] = b"TERNWAL2";
 pub const HEADER: usize = 24;
 /// Largest record body: a DATA's payload plus the fields.
 pub const MAX_RECORD: usize = crate::wire::MAX_DATA + 64 + MAX_CLOCK_PEERS * 14;
 
 pub type Mac = [u8; 6];
+
+/// Most bytes of logged writes the backlog holds in memory (records wait there for the
+/// group's other backups). At the bound the replication session stops reading (the
+/// primary's stream backs up, its sync writes wait and then degrade) until the applier
+/// makes room: a missing or stuck peer backup costs no more memory than this.
+pub const MAX_BACKLOG_BYTES: u64 = 256 << 20;
+/// Most records the backlog holds (zeroes count no bytes), likewise.
+pub const MAX_BACKLOG_RECORDS: usize = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -72,12 +89,16 @@ fn digest(body: &[u8]) -> [u8; 8] {
         .expect("8 bytes")
 }
 
-/// Appends `r`, framed, to `out`.
-pub fn encode(r: &Record, out: &mut Vec<u8>) {
+/// Appends `r`, framed, to `out`; the record starts at file offset `at`, and the log is
+/// durable up to `durable` (≤ `at`) when it is appended.
+pub fn encode(r: &Record, at: u64, durable: u64, out: &mut Vec<u8>) {
+    debug_assert!(durable <= at);
     let start = out.len();
     out.extend_from_slice(&[0; 12]);
     out.extend_from_slice(&r.seq.to_le_bytes());
     out.extend_from_slice(&r.write.to_le_bytes());
+    out.extend_from_slice(&at.to_le_bytes());
+    out.extend_from_slice(&durable.to_le_bytes());
     let deps = &r.deps[..r.deps.len().min(MAX_CLOCK_PEERS)];
     out.push(deps.len() as u8);
     for (mac, n) in deps {
@@ -124,10 +145,13 @@ impl Cur<'_> {
     }
 }
 
-fn decode_body(body: &[u8]) -> Option<Record> {
+/// A record's body: the record, its `at` and its `durable`.
+fn decode_body(body: &[u8]) -> Option<(Record, u64, u64)> {
     let mut c = Cur(body);
     let seq = c.u64()?;
     let write = c.u64()?;
+    let at = c.u64()?;
+    let durable = c.u64()?;
     let n = c.take(1)?[0] as usize;
     if n > MAX_CLOCK_PEERS {
         return None;
@@ -155,12 +179,34 @@ fn decode_body(body: &[u8]) -> Option<Record> {
         },
         _ => return None,
     };
-    c.0.is_empty().then_some(Record {
-        seq,
-        write,
-        deps,
-        op,
-    })
+    c.0.is_empty().then_some((
+        Record {
+            seq,
+            write,
+            deps,
+            op,
+        },
+        at,
+        durable,
+    ))
+}
+
+/// The intact record starting at `at`, if there is one there: (record, its `durable`,
+/// its framed length). An intact record names its own offset, so one copied into another
+/// record's data (a guest that writes a log image) is not taken for a record.
+fn record_at(bytes: &[u8], at: usize) -> Option<(Record, u64, usize)> {
+    let head = bytes.get(at..at.checked_add(12)?)?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_RECORD {
+        return None;
+    }
+    let body = bytes.get(at + 12..at + 12 + len)?;
+    // Cheap test first (the scan past a bad record tries every offset): its own offset.
+    if body.get(16..24)? != (at as u64).to_le_bytes() || digest(body) != head[4..12] {
+        return None;
+    }
+    let (r, own, durable) = decode_body(body)?;
+    (own == at as u64 && durable <= own).then_some((r, durable, 12 + len))
 }
 
 /// What a log file holds.
@@ -173,9 +219,10 @@ pub struct Contents {
     pub valid: usize,
 }
 
-/// Reads a log file's bytes: an empty file is an empty log; a record that is cut short or
-/// does not match its checksum ends the log (it was never acknowledged: the append it
-/// belongs to was not durable).
+/// Reads a log file's bytes: an empty file is an empty log. The first record that is cut
+/// short or does not match its checksum ends the log if it was never acknowledged (no
+/// valid record after it says the log was durable past its start: a torn tail); otherwise
+/// the log is corrupt and this fails, naming the offset.
 pub fn decode(bytes: &[u8]) -> Result<Contents, String> {
     if bytes.is_empty() {
         return Ok(Contents {
@@ -190,18 +237,23 @@ pub fn decode(bytes: &[u8]) -> Result<Contents, String> {
     let applied_write = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let mut records = Vec::new();
     let mut at = HEADER;
-    while bytes.len() >= at + 12 {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_RECORD || bytes.len() < at + 12 + len {
-            break;
-        }
-        let body = &bytes[at + 12..at + 12 + len];
-        if digest(body) != bytes[at + 4..at + 12] {
-            break;
-        }
-        let Some(r) = decode_body(body) else { break };
+    while let Some((r, _, len)) = record_at(bytes, at) {
         records.push(r);
-        at += 12 + len;
+        at += len;
+    }
+    // Anything valid after the first bad record that was appended once the bad one was
+    // durable means an acknowledged record is unreadable.
+    for p in at + 1..bytes.len().saturating_sub(11) {
+        if let Some((_, durable, _)) = record_at(bytes, p) {
+            if durable > at as u64 {
+                return Err(format!(
+                    "corrupt record at offset {at}: the record at offset {p} says the log was \
+                     durable to {durable}, so it held acknowledged writes ({} intact records \
+                     before it; the log is left as it is)",
+                    records.len()
+                ));
+            }
+        }
     }
     Ok(Contents {
         applied_write,
@@ -241,6 +293,11 @@ impl Backlog {
         self.bytes
     }
 
+    /// At [`MAX_BACKLOG_BYTES`] or [`MAX_BACKLOG_RECORDS`]: take no more until it drains.
+    pub fn is_full(&self) -> bool {
+        self.bytes >= MAX_BACKLOG_BYTES || self.queue.len() >= MAX_BACKLOG_RECORDS
+    }
+
     pub fn applied_write(&self) -> u64 {
         self.applied_write
     }
@@ -268,6 +325,15 @@ impl Backlog {
             .iter()
             .find(|(mac, n)| peer_applied(mac).is_some_and(|have| have < *n))
             .copied()
+    }
+
+    /// The next record, if every write it depends on is applied at its peer's backup,
+    /// left in the backlog: the caller applies it, then [`Backlog::pop`]s it.
+    pub fn peek_ready(&self, peer_applied: impl Fn(&Mac) -> Option<u64>) -> Option<&Record> {
+        if self.blocked_on(peer_applied).is_some() {
+            return None;
+        }
+        self.queue.front()
     }
 
     /// The next record, if every write it depends on is applied at its peer's backup.
@@ -341,31 +407,93 @@ mod tests {
                 },
             },
         ];
-        let mut f = header(7).to_vec();
-        for r in &rs {
-            encode(r, &mut f);
-        }
+        // Each record made durable before the next is appended.
+        let f = log(&rs, true);
         let c = decode(&f).unwrap();
         assert_eq!((c.applied_write, c.valid), (7, f.len()));
         assert_eq!(c.records, rs);
         // Cut anywhere inside the last record: the first two survive.
-        let two = {
-            let mut v = header(7).to_vec();
-            encode(&rs[0], &mut v);
-            encode(&rs[1], &mut v);
-            v.len()
-        };
+        let two = log(&rs[..2], true).len();
         for cut in two..f.len() {
             let c = decode(&f[..cut]).unwrap();
             assert_eq!(c.records, rs[..2], "cut at {cut}");
             assert_eq!(c.valid, two);
         }
-        // A flipped bit in a body ends the log there.
+        // A flipped bit in the last body ends the log there (it was never acknowledged).
         let mut bad = f.clone();
-        bad[HEADER + 20] ^= 1;
-        assert!(decode(&bad).unwrap().records.is_empty());
-        assert!(decode(b"TERNWAL2........................").is_err());
+        bad[two + 20] ^= 1;
+        let c = decode(&bad).unwrap();
+        assert_eq!((c.records.len(), c.valid), (2, two));
+        assert!(decode(b"TERNWAL1........................").is_err());
         assert_eq!(decode(b"").unwrap().records, vec![]);
+    }
+
+    /// Frames `rs` as the log appends them: with `sync_each`, the log is made durable after
+    /// every append (each later record says so); without, they are one unsynced batch.
+    fn log(rs: &[Record], sync_each: bool) -> Vec<u8> {
+        let mut f = header(7).to_vec();
+        let mut durable = f.len() as u64;
+        for r in rs {
+            let at = f.len() as u64;
+            encode(r, at, durable, &mut f);
+            if sync_each {
+                durable = f.len() as u64;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn a_bad_record_before_durable_ones_is_corruption_not_a_torn_tail() {
+        let rs: Vec<Record> = (1..=5).map(|i| rec(i, i, vec![])).collect();
+        let f = log(&rs, true);
+        let second = log(&rs[..1], true).len();
+        // A flipped bit in the middle: records after it were appended once it was durable.
+        let mut bad = f.clone();
+        bad[second + 40] ^= 0x10;
+        let e = decode(&bad).unwrap_err();
+        assert!(
+            e.contains(&format!("corrupt record at offset {second}")),
+            "{e}"
+        );
+        // So is a bad length field.
+        let mut bad = f.clone();
+        bad[second + 2] ^= 0x80;
+        assert!(decode(&bad).is_err());
+        // One unsynced batch may reach the disk in any order: a bad record followed by
+        // valid ones of the same batch is a torn tail, cut at the bad one.
+        let batch = {
+            let mut f = log(&rs[..1], true);
+            let durable = f.len() as u64;
+            for r in &rs[1..] {
+                let at = f.len() as u64;
+                encode(r, at, durable, &mut f);
+            }
+            f
+        };
+        let mut torn = batch.clone();
+        torn[second + 40] ^= 0x10;
+        let c = decode(&torn).unwrap();
+        assert_eq!((c.records.len(), c.valid), (1, second));
+        // A record image inside a record's data (a guest writing a log file) is no record.
+        let mut inner = Vec::new();
+        encode(&rs[4], 1 << 40, 1 << 40, &mut inner);
+        let nested = vec![
+            rec(9, 9, vec![]),
+            Record {
+                seq: 10,
+                write: 10,
+                deps: vec![],
+                op: Op::Write {
+                    offset: 0,
+                    data: inner,
+                },
+            },
+        ];
+        let mut f = log(&nested, true);
+        let first = log(&nested[..1], true).len();
+        f[first + 40] ^= 1;
+        assert_eq!(decode(&f).unwrap().records.len(), 1);
     }
 
     #[test]
@@ -395,5 +523,42 @@ mod tests {
         assert!(b.pop_ready(peers).is_none());
         assert_eq!(b.discard(), 2);
         assert_eq!((b.len(), b.discarded, b.applied_write()), (0, 2, 4));
+    }
+
+    #[test]
+    fn the_backlog_is_full_at_its_bounds() {
+        let mut b = Backlog::new(0);
+        let big = |seq| Record {
+            seq,
+            write: seq,
+            deps: vec![(X, u64::MAX)],
+            op: Op::Write {
+                offset: 0,
+                data: vec![1; crate::wire::MAX_DATA],
+            },
+        };
+        let per = crate::wire::MAX_DATA as u64;
+        for seq in 1..MAX_BACKLOG_BYTES / per {
+            b.push(big(seq));
+            assert!(!b.is_full());
+        }
+        b.push(big(0));
+        assert!(b.is_full());
+        b.pop();
+        assert!(!b.is_full());
+        let mut b = Backlog::new(0);
+        for seq in 0..MAX_BACKLOG_RECORDS as u64 {
+            assert!(!b.is_full());
+            b.push(Record {
+                seq,
+                write: seq,
+                deps: vec![],
+                op: Op::Zero {
+                    offset: 0,
+                    len: 4096,
+                },
+            });
+        }
+        assert!(b.is_full() && b.bytes() == 0);
     }
 }

@@ -69,6 +69,9 @@ pub enum Msg {
         size: u64,
         block_shift: u8,
         name: String,
+        /// The primary's fencing epoch: a secondary whose epoch is higher (it was
+        /// promoted since) refuses the session. Absent on the wire = 0.
+        epoch: u64,
     },
     Data {
         seq: u64,
@@ -158,6 +161,7 @@ impl Msg {
                 size,
                 block_shift,
                 name,
+                epoch,
             } => {
                 assert!(name.len() <= 255, "volume names are at most 255 bytes");
                 out.extend_from_slice(MAGIC);
@@ -166,6 +170,7 @@ impl Msg {
                 out.push(*block_shift);
                 out.push(name.len() as u8);
                 out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
                 1
             }
             Msg::Data {
@@ -351,11 +356,14 @@ pub fn decode(kind: u8, body: &[u8]) -> Result<Msg, WireError> {
             let n = c.u8()? as usize;
             let name = String::from_utf8(c.take(n)?.to_vec())
                 .map_err(|_| WireError::Malformed("HELLO"))?;
+            // A HELLO without the epoch (older primaries) is epoch 0.
+            let epoch = if c.0.is_empty() { 0 } else { c.u64()? };
             Msg::Hello {
                 version,
                 size,
                 block_shift,
                 name,
+                epoch,
             }
         }
         2 => {
@@ -552,6 +560,7 @@ mod tests {
                 size: 1 << 30,
                 block_shift: 16,
                 name: "vm1-disk".into(),
+                epoch: 3,
             },
             Msg::Data {
                 seq: 7,
@@ -622,6 +631,7 @@ mod tests {
             size: 0,
             block_shift: 16,
             name: "v".into(),
+            epoch: 0,
         }
         .to_bytes();
         assert_eq!(&h[5..13], MAGIC);

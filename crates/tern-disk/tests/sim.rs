@@ -398,6 +398,7 @@ fn a_secondary_refuses_what_does_not_fit() {
         size: 2 << 20,
         block_shift: 16,
         name: "x".into(),
+        epoch: 0,
     };
     let (_, err) = s.handle_input(&hello.to_bytes());
     assert!(err.unwrap().contains("bytes"));
@@ -407,6 +408,7 @@ fn a_secondary_refuses_what_does_not_fit() {
         size: 1 << 20,
         block_shift: 16,
         name: "x".into(),
+        epoch: 0,
     }
     .to_bytes();
     let (ev, err) = s.handle_input(&b);
@@ -673,4 +675,60 @@ fn two_tiers_lose_no_reply_with_clocks_and_do_without() {
         "without clocks only {unclocked_lost_trials} of 120 trials lost a reply"
     );
     assert!(seen_total > 500, "only {seen_total} replies seen");
+}
+
+/// Failover with a partitioned but still-running primary: the backup is promoted (its
+/// epoch goes to 1, persisted), the old primary keeps taking guest writes, and when the
+/// partition heals it reconnects to the backup. The backup refuses it (fenced), so none of
+/// its later writes is ever committed: its gate, which releases a reply only once the
+/// writes before it are committed, never lets one out. Clients hear only the new primary.
+#[test]
+fn a_promoted_backup_fences_the_old_primary_so_it_commits_nothing_more() {
+    for seed in 1..=6u64 {
+        let (mut w, _) = run(seed * 104_729, Mode::Async, false, false);
+        let committed = w.p.committed_writes();
+        assert_eq!(
+            committed,
+            w.p.writes(),
+            "seed {seed}: in step before the disaster"
+        );
+        w.cut(false);
+        let backup = w.svol.durable.clone();
+        // Failover: the backup is promoted to epoch 1. The old primary does not know.
+        let promoted = 1;
+        for _ in 0..40 {
+            w.guest_write();
+        }
+        // The partition heals: the old primary (epoch 0) reaches the backup again.
+        w.to_s.clear();
+        w.to_p.clear();
+        w.s = Secondary::new(w.size as u64).with_epoch(promoted);
+        w.p.connect();
+        for _ in 0..5 {
+            w.scan_step();
+        }
+        let (events, err) = w.s.handle_input(&w.p.take_output());
+        assert!(
+            events.is_empty(),
+            "seed {seed}: nothing from a stale primary is applied"
+        );
+        assert!(err.unwrap().contains("fenced"), "seed {seed}");
+        assert!(w.p.handle_input(&w.s.take_output()).is_err());
+        assert_eq!(w.p.phase(), Phase::Disconnected);
+        assert_eq!(
+            w.p.committed_writes(),
+            committed,
+            "seed {seed}: a write after the failover counted as committed (its reply would \
+             leave the old primary's gate)"
+        );
+        assert!(w.p.writes() > committed);
+        assert!(w.svol.durable == backup, "seed {seed}: the backup changed");
+        // The promoted copy's own primary (epoch 1) replicates on to a new secondary.
+        let mut np = Primary::new(w.size as u64, "sim", Mode::Async).with_epoch(promoted);
+        np.connect();
+        let mut s2 = Secondary::new(w.size as u64).with_epoch(promoted);
+        let (events, err) = s2.handle_input(&np.take_output());
+        assert!(err.is_none(), "seed {seed}: {err:?}");
+        assert!(matches!(events[..], [Event::NeedHashes { epoch: 1, .. }]));
+    }
 }

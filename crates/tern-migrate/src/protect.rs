@@ -297,6 +297,12 @@ pub fn status(name: Option<&str>) -> Result<Vec<Value>, MigrateError> {
             "failed_over_to": p.failed_over_to,
             "primary_reachable": live.is_some(), "backup_server": backup.is_some(),
         });
+        if let Some(b) = &backup {
+            // A backup that failed (I/O error at its volume) keeps its log but applies
+            // and accepts nothing: `tern protect status` exits non-zero.
+            v["backup_failed"] = b["backup_log"]["failed"].clone();
+            v["backup_apply_errors"] = b["backup_log"]["apply_errors"].clone();
+        }
         if let Some(st) = live {
             let (w, c) = (
                 st["writes"].as_u64().unwrap_or(0),
@@ -337,12 +343,20 @@ pub struct FailoverReport {
     pub log_dropped: u64,
     /// From the failover's start until the guest at the backup site was ready, s.
     pub rto_s: f64,
+    /// The primary was not confirmed stopped and `--force` promoted the backup anyway.
+    pub forced: bool,
+    /// The promoted volume's fencing epoch (replication from older epochs is refused).
+    pub epoch: u64,
     /// The lab's client site now reaches the VM through the backup site.
     pub clients_rerouted: bool,
 }
 
-/// Declares the primary site lost and brings the VM up at the backup site.
-pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateError> {
+/// Declares the primary site lost and brings the VM up at the backup site. Refused when
+/// the primary could not be confirmed stopped (its instance would not stop, or its disk
+/// server still answers), unless `force` (DRBD's `primary --force`): then the backup's
+/// new epoch fences the old primary — its replication is refused, so its gate never
+/// releases another reply.
+pub fn failover(name: &str, progress: bool, force: bool) -> Result<FailoverReport, MigrateError> {
     let t0 = Instant::now();
     let mut p = load(name)?;
     if let Some(site) = &p.failed_over_to {
@@ -364,15 +378,37 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
             .unwrap_or(0)
             .saturating_sub(st["committed_writes"].as_u64().unwrap_or(0))
     });
-    if host.record(name, Some(&p.primary_site)).is_ok() {
-        host.stop_instance(name, &p.primary_site)?;
-        say("primary stopped");
+    let stop_error = if host.record(name, Some(&p.primary_site)).is_ok() {
+        host.stop_instance(name, &p.primary_site)
+            .err()
+            .map(|e| e.to_string())
     } else {
         daemon::stop(&p.primary_dir());
+        None
+    };
+    let still_answers = daemon::status(&p.primary_dir()).is_ok();
+    let unconfirmed = match (&stop_error, still_answers) {
+        (Some(e), _) => Some(format!("stopping it failed: {e}")),
+        (None, true) => Some("its disk server still answers".to_string()),
+        (None, false) => None,
+    };
+    match (&unconfirmed, force) {
+        (Some(why), false) => {
+            return Err(refused(format!(
+                "{name}: the primary at site {} could not be confirmed stopped ({why}); if \
+                 that site is really lost, `tern failover {name} --force` promotes the \
+                 backup anyway (its new epoch fences the old primary: its replication is \
+                 refused and its gate releases no more replies)",
+                p.primary_site
+            )));
+        }
+        (Some(why), true) => say(&format!("primary NOT confirmed stopped ({why}); forced")),
+        (None, _) => say("primary stopped"),
     }
     let bdir = p.backup_dir();
     let promoted = ctl(&bdir, json!({"cmd": "promote", "force": true}))?;
     let log_dropped = promoted["log_dropped"].as_u64().unwrap_or(0);
+    let epoch = promoted["epoch"].as_u64().unwrap_or(0);
     let promote_ms = t0.elapsed().as_secs_f64() * 1000.0;
     say("backup volume promoted");
     daemon::stop(&bdir);
@@ -426,6 +462,8 @@ pub fn failover(name: &str, progress: bool) -> Result<FailoverReport, MigrateErr
         promote_ms,
         log_dropped,
         rto_s,
+        forced: unconfirmed.is_some(),
+        epoch,
         clients_rerouted,
     })
 }

@@ -31,6 +31,7 @@ pub mod backend;
 pub mod file;
 pub mod proto;
 pub mod server;
+pub mod unix;
 pub mod wire;
 
 pub use backend::{Backend, Extent, MemBackend, execute, nbd_error};

@@ -35,6 +35,12 @@ pub const MAX_STRING_BYTES: usize = 4096;
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Most block-status descriptors in one reply (the spec's recommended cap is 2^20).
 pub const MAX_EXTENTS: usize = 1 << 20;
+/// Most unparsed input the session holds: one largest WRITE (header and payload) plus
+/// 1 MiB. It fills only while [`MAX_IN_FLIGHT`] requests are unanswered (a client that
+/// pipelines faster than the backend completes); a driver must stop reading the socket
+/// while [`ServerSession::input_room`] is smaller than what it would read (back-pressure),
+/// and input past the bound closes the session ([`ProtocolError::InputOverflow`]).
+pub const MAX_BUFFERED_INPUT_BYTES: usize = MAX_PAYLOAD_BYTES as usize + (1 << 20);
 /// Context id this server gives `base:allocation` in `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -105,6 +111,11 @@ pub enum ProtocolError {
     WriteTooLong { cookie: u64, len: u32 },
     #[error("connection closed in the middle of a message ({buffered} bytes buffered)")]
     Truncated { buffered: usize },
+    #[error(
+        "{buffered} bytes of input buffered and {more} more fed, past the \
+         {MAX_BUFFERED_INPUT_BYTES}-byte bound (the driver ignored back-pressure)"
+    )]
+    InputOverflow { buffered: usize, more: usize },
 }
 
 /// Why a session ended.
@@ -260,11 +271,24 @@ impl ServerSession {
         if !self.accepts_input() {
             return;
         }
+        let buffered = self.input.len() - self.input_pos;
+        if bytes.len() > MAX_BUFFERED_INPUT_BYTES - buffered {
+            self.close(CloseReason::Violation(ProtocolError::InputOverflow {
+                buffered,
+                more: bytes.len(),
+            }));
+            return;
+        }
         if self.input_pos > 0 && self.input_pos * 2 >= self.input.len() {
             self.input.drain(..self.input_pos);
             self.input_pos = 0;
         }
         self.input.extend_from_slice(bytes);
+    }
+
+    /// Bytes [`ServerSession::input`] still takes before [`MAX_BUFFERED_INPUT_BYTES`].
+    pub fn input_room(&self) -> usize {
+        MAX_BUFFERED_INPUT_BYTES - (self.input.len() - self.input_pos)
     }
 
     /// The client closed its sending side.

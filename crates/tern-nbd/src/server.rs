@@ -211,11 +211,18 @@ fn serve_concurrent(
     let mut reader = conn.try_clone()?;
     let mut writer = conn.try_clone()?;
     let rtx = tx.clone();
+    // Back-pressure: the reader reads only with a credit (one per chunk); the session
+    // loop hands credits back while the session has room for them.
+    let credits = Arc::new(ReadCredits::default());
+    let rcredits = Arc::clone(&credits);
     let reader_thread = std::thread::Builder::new()
         .name("nbd-read".into())
         .spawn(move || {
             let mut buf = vec![0; READ_CHUNK_BYTES];
             loop {
+                if !rcredits.take() {
+                    return;
+                }
                 let msg = match reader.read(&mut buf) {
                     Ok(0) => Msg::Eof,
                     Ok(n) => Msg::Input(buf[..n].to_vec()),
@@ -293,8 +300,12 @@ fn serve_concurrent(
                 Some(_) if in_flight == 0 => return Ok(()),
                 other => closing = other,
             }
+            credits.refill(&session);
             match rx.recv() {
-                Ok(Msg::Input(b)) => session.input(&b),
+                Ok(Msg::Input(b)) => {
+                    credits.returned();
+                    session.input(&b);
+                }
                 Ok(Msg::Eof) => session.input_eof(),
                 Ok(Msg::ReadFailed(e)) => return Err(e.into()),
                 Ok(Msg::Done {
@@ -318,12 +329,79 @@ fn serve_concurrent(
         Counters::add(&counters.dropped, 1);
     }
     conn.shutdown();
+    credits.close();
     drop(jtx);
     let _ = reader_thread.join();
     for w in workers {
         let _ = w.join();
     }
     outcome
+}
+
+/// Read chunks a connection's reader may have read and not yet handed to the session.
+pub const READ_CREDITS: usize = 4;
+
+/// The reader's credits: each is one read of up to [`READ_CHUNK_BYTES`] that the session
+/// has room for, so the bytes read and not parsed stay under
+/// [`crate::proto::MAX_BUFFERED_INPUT_BYTES`] (a client that pipelines faster than the
+/// backend completes is held at its socket, not in memory).
+#[derive(Default)]
+struct ReadCredits {
+    state: std::sync::Mutex<CreditState>,
+    cond: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct CreditState {
+    /// Credits the reader may take now.
+    free: usize,
+    /// Taken by the reader and not yet fed to the session.
+    out: usize,
+    closed: bool,
+}
+
+impl ReadCredits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CreditState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a credit; false once the connection is closing.
+    fn take(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.closed {
+                return false;
+            }
+            if st.free > 0 {
+                st.free -= 1;
+                st.out += 1;
+                return true;
+            }
+            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A chunk read with a credit reached the session.
+    fn returned(&self) {
+        let mut st = self.lock();
+        st.out = st.out.saturating_sub(1);
+    }
+
+    /// Hands out credits for the room the session has left.
+    fn refill(&self, session: &ServerSession) {
+        let mut st = self.lock();
+        let room = session.input_room() / READ_CHUNK_BYTES;
+        let want = room.min(READ_CREDITS).saturating_sub(st.out);
+        if want > st.free {
+            st.free = want;
+            self.cond.notify_all();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cond.notify_all();
+    }
 }
 
 /// Bytes a request wrote, once it succeeded.
@@ -415,10 +493,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on a unix socket at `path` (which must not exist); removed again on stop.
+    /// Listens on a unix socket at `path` (a stale one is replaced), mode 0600, serving
+    /// only root and this process's uid (`unix.rs`); removed again on stop.
     pub fn bind_unix(path: impl AsRef<Path>, exports: Vec<Export>) -> io::Result<Server> {
         let path = path.as_ref().to_path_buf();
-        let listener = UnixListener::bind(&path)?;
+        // 0600 from the start, and only root or this uid is served (`unix.rs`).
+        let listener = crate::unix::bind_private(&path, None)?;
         Ok(Server {
             listener: Listener::Unix(listener),
             addr: LocalAddr::Unix(path),
@@ -465,7 +545,14 @@ fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
     let mut next_id = 0u64;
     loop {
         let accepted = match &server.listener {
-            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Unix(l) => match l.accept() {
+                Ok((s, _)) if !crate::unix::peer_allowed(&s, None) => {
+                    let who = crate::unix::peer_cred(&s).map(|c| c.uid);
+                    eprintln!("tern-nbd: refused a connection from uid {who:?}");
+                    continue;
+                }
+                r => r.map(|(s, _)| Conn::Unix(s)),
+            },
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 // Request/reply traffic: Nagle would only add latency.
                 let _ = s.set_nodelay(true);

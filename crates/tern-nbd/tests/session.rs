@@ -643,3 +643,34 @@ fn end_of_input() {
         ))]
     );
 }
+
+#[test]
+fn buffered_input_is_bounded_while_requests_are_in_flight() {
+    use tern_nbd::proto::MAX_BUFFERED_INPUT_BYTES;
+    let mut h = Harness::transmitting(false);
+    h.auto_reply = false;
+    let flushes: Vec<u8> = (0..MAX_IN_FLIGHT as u64)
+        .flat_map(|i| request(0, CMD_FLUSH, i, 0, 0))
+        .collect();
+    h.feed(&flushes);
+    assert_eq!(h.session.in_flight(), MAX_IN_FLIGHT);
+    // Nothing more is parsed now: what follows stays buffered, up to the bound.
+    let chunk = write_request(0, 99, 0, &[7; 4096]);
+    let mut fed = 0;
+    while h.session.input_room() >= chunk.len() {
+        h.feed(&chunk);
+        fed += chunk.len();
+    }
+    assert_eq!(h.session.input_room(), MAX_BUFFERED_INPUT_BYTES - fed);
+    assert!(!h.events.iter().any(|e| matches!(e, Event::Close(_))));
+    // A driver that ignores the room left breaks the contract: the session closes.
+    h.feed(&chunk);
+    assert!(
+        h.events.iter().any(|e| matches!(
+            e,
+            Event::Close(CloseReason::Violation(ProtocolError::InputOverflow { .. }))
+        )),
+        "{:?}",
+        h.events.last()
+    );
+}
