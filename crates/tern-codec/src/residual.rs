@@ -72,23 +72,56 @@ impl Decompressor {
         Ok(Decompressor { z })
     }
 
-    /// Appends everything `input` decompresses to (so far) to `out`.
-    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        if input.is_empty() {
+    /// Decompresses `input[*pos..]`, appending at most `max_out_bytes` to `out` (never
+    /// allocating more than that) and advancing `*pos` past the input used. `Ok(true)` once
+    /// all of `input` is used and everything it decompresses to is in `out`; `Ok(false)`
+    /// when `max_out_bytes` were written and more may follow: call again.
+    pub fn step(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+        out: &mut Vec<u8>,
+        max_out_bytes: usize,
+    ) -> io::Result<bool> {
+        if *pos >= input.len() {
             // zstd counts calls without progress and fails after a few in a row.
-            return Ok(());
+            return Ok(true);
         }
-        let mut inb = InBuffer::around(input);
-        loop {
-            out.reserve(4 * STEP);
+        let mut written = 0;
+        while written < max_out_bytes {
+            let room = (max_out_bytes - written).min(4 * STEP);
             let at = out.len();
-            let mut ob = OutBuffer::around_pos(out, at);
-            self.z.run(&mut inb, &mut ob)?;
-            let full = ob.pos() == ob.capacity();
-            if inb.pos() == input.len() && !full {
-                return Ok(());
+            out.resize(at + room, 0);
+            let mut inb = InBuffer::around(&input[*pos..]);
+            let mut ob = OutBuffer::around(&mut out[at..]);
+            let r = self.z.run(&mut inb, &mut ob);
+            let (used, n) = (inb.pos(), ob.pos());
+            out.truncate(at + n);
+            r?;
+            *pos += used;
+            written += n;
+            if *pos == input.len() && n < room {
+                return Ok(true);
             }
         }
+        Ok(false)
+    }
+
+    /// Appends everything `input` decompresses to (so far) to `out`, failing (with `out`
+    /// holding a prefix) rather than growing it by more than `max_out_bytes`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>, max_out_bytes: usize) -> io::Result<()> {
+        let mut pos = 0;
+        let start = out.len();
+        // One byte beyond the limit tells "exactly the limit" from "more".
+        let done = self.step(input, &mut pos, out, max_out_bytes.saturating_add(1))?;
+        if done && out.len() - start <= max_out_bytes {
+            return Ok(());
+        }
+        out.truncate(start + max_out_bytes);
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("decompresses to more than {max_out_bytes} bytes"),
+        ))
     }
 }
 
@@ -115,18 +148,18 @@ mod tests {
         let mut prev = 0;
         for (i, &m) in marks.iter().enumerate() {
             for piece in z[prev..m].chunks(977) {
-                d.push(piece, &mut out).unwrap();
+                d.push(piece, &mut out, usize::MAX / 2).unwrap();
             }
             prev = m;
             assert_eq!(out.len(), ((i + 1) * 70_000).min(data.len()));
         }
         assert_eq!(out, data);
         for _ in 0..100 {
-            d.push(&[], &mut out).unwrap();
+            d.push(&[], &mut out, 0).unwrap();
         }
         let mut d = Decompressor::new().unwrap();
         assert!(
-            d.push(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut Vec::new())
+            d.push(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut Vec::new(), 1 << 20)
                 .is_err()
         );
     }
