@@ -16,6 +16,10 @@ use zstd::stream::raw::{CParameter, Decoder, Encoder, InBuffer, Operation, OutBu
 /// migrations CPU-bound (40-50 of 100 Mbit/s), so level 1.
 pub const DEFAULT_LEVEL: i32 = 1;
 const WINDOW_LOG: u32 = 23;
+/// Most bytes [`Decompressor::push`] appends for one input (a flushed push of the
+/// compressor holds one record or chunk, far less). Beyond it the push fails with
+/// `InvalidData`: a small input that expands further is a decompression bomb.
+pub const MAX_PUSH_OUT_BYTES: usize = 64 << 20;
 const STEP: usize = 64 << 10;
 
 pub struct Compressor {
@@ -107,9 +111,22 @@ impl Decompressor {
         Ok(false)
     }
 
+    /// Appends everything `input` decompresses to (so far) to `out`, failing rather than
+    /// growing it by more than [`MAX_PUSH_OUT_BYTES`]. Callers that know the size the
+    /// format declares use [`Decompressor::push_limited`] with it.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        self.push_limited(input, out, MAX_PUSH_OUT_BYTES)
+    }
+
     /// Appends everything `input` decompresses to (so far) to `out`, failing (with `out`
-    /// holding a prefix) rather than growing it by more than `max_out_bytes`.
-    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>, max_out_bytes: usize) -> io::Result<()> {
+    /// holding a prefix) rather than growing it by more than `max_out_bytes`; nothing beyond
+    /// that is allocated.
+    pub fn push_limited(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_out_bytes: usize,
+    ) -> io::Result<()> {
         let mut pos = 0;
         let start = out.len();
         // One byte beyond the limit tells "exactly the limit" from "more".
@@ -148,18 +165,18 @@ mod tests {
         let mut prev = 0;
         for (i, &m) in marks.iter().enumerate() {
             for piece in z[prev..m].chunks(977) {
-                d.push(piece, &mut out, usize::MAX / 2).unwrap();
+                d.push(piece, &mut out).unwrap();
             }
             prev = m;
             assert_eq!(out.len(), ((i + 1) * 70_000).min(data.len()));
         }
         assert_eq!(out, data);
         for _ in 0..100 {
-            d.push(&[], &mut out, 0).unwrap();
+            d.push_limited(&[], &mut out, 0).unwrap();
         }
         let mut d = Decompressor::new().unwrap();
         assert!(
-            d.push(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut Vec::new(), 1 << 20)
+            d.push(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &mut Vec::new())
                 .is_err()
         );
     }
