@@ -1,6 +1,7 @@
 #![no_main]
 //! `Endpoint::handle_datagram` on a responder with fixed keys: arbitrary datagrams
-//! (`u8 len | len bytes`, repeated) from a few source addresses, optionally after a genuine
+//! (`u8 meta | le16 len | len bytes`, repeated; meta picks the
+//! source address and how far the clock moves) from a few source addresses, optionally after a genuine
 //! initiation from its pinned peer has established a session. Never a panic; every
 //! datagram is counted.
 use std::net::SocketAddr;
@@ -57,11 +58,12 @@ fuzz_target!(|data: &[u8]| {
             sent += 1;
         }
     }
-    while let Some((&meta, tail)) = rest.split_first() {
-        let len = usize::from(meta >> 2).min(tail.len());
+    while let [meta, lo, hi, tail @ ..] = rest {
+        let meta = *meta;
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
         let (dgram, tail) = tail.split_at(len);
         rest = tail;
-        now_ns += u64::from(meta & 3) * 300_000_000;
+        now_ns += u64::from(meta >> 2 & 3) * 300_000_000;
         b.handle_datagram(now_ns, addr(meta), dgram);
         sent += 1;
         b.handle_timeout(now_ns);
