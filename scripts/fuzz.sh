@@ -11,6 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
 shift
 export RUSTC_BOOTSTRAP=1
+# TERN_FUZZ_DEV=1: unoptimized targets (CI: quicker to build, slower to run).
+profile=()
+if [ -n "${TERN_FUZZ_DEV:-}" ]; then profile=(--dev); fi
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -30,9 +33,9 @@ done
 flags=(-max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=32768 -print_final_stats=1)
 build_start=$(date +%s)
 if [ "$#" -gt 0 ]; then
-    for t in "${targets[@]}"; do cargo fuzz build "$t"; done
+    for t in "${targets[@]}"; do cargo fuzz build "${profile[@]}" "$t"; done
 else
-    cargo fuzz build
+    cargo fuzz build "${profile[@]}"
 fi
 echo "fuzz: built ${#targets[@]} targets in $(( $(date +%s) - build_start )) s"
 failed=0
@@ -40,7 +43,7 @@ for t in "${targets[@]}"; do
     mkdir -p "fuzz/target/corpus/$t" "fuzz/artifacts/$t"
     log="fuzz/target/fuzz-$t.log"
     start=$(date +%s)
-    if cargo fuzz run "$t" "fuzz/target/corpus/$t" "fuzz/corpus/$t" -- "${flags[@]}" >"$log" 2>&1; then
+    if cargo fuzz run "${profile[@]}" "$t" "fuzz/target/corpus/$t" "fuzz/corpus/$t" -- "${flags[@]}" >"$log" 2>&1; then
         result=ok
     else
         result="FAILED ($(grep -m1 -oE 'Test unit written to [^ ]+|ERROR: libFuzzer: [a-z-]+|panicked at [^,]+' "$log" || echo "see $log"))"
