@@ -42,7 +42,12 @@ fn codec_seeds() {
     let qemu = qemu_stream();
     let mut dec = Vec::new();
     let mut rt = Vec::new();
-    for opts in [Options::NONE, Options::ALL, Options::parse("re+delta").unwrap(), Options::parse("zstd").unwrap()] {
+    for opts in [
+        Options::NONE,
+        Options::ALL,
+        Options::parse("re+delta").unwrap(),
+        Options::parse("zstd").unwrap(),
+    ] {
         let mut e = Encoder::with_capacity(opts, 64, 64);
         let mut enc = vec![opts.to_byte()];
         let mut store = MemStore::default();
@@ -107,7 +112,10 @@ fn frames() -> Vec<u8> {
             ranges: vec![PnRange { start: 1, end: 3 }],
         },
         Frame::MaxData { max: 1 << 20 },
-        Frame::MaxStreamData { id: 0, max: 1 << 16 },
+        Frame::MaxStreamData {
+            id: 0,
+            max: 1 << 16,
+        },
         Frame::ResetStream {
             id: 4,
             code: 1,
@@ -166,7 +174,11 @@ fn transport_seeds() {
         .copied()
         .collect();
     let mut recs = Vec::new();
-    for (m, codec) in [(0u8, Codec::Raw), (1, Codec::Lz4), (6, Codec::Zstd { level: 1 })] {
+    for (m, codec) in [
+        (0u8, Codec::Raw),
+        (1, Codec::Lz4),
+        (6, Codec::Zstd { level: 1 }),
+    ] {
         let mut e = RecordEncoder::new(codec);
         e.set_compress_all(true);
         let mut out = vec![m | 40 << 2];

@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
     let mut d = Decoder::with_capacity(opts, 64, 64);
     let mut out = Vec::new();
     for piece in enc.chunks(split) {
-        d.push(piece, &mut out, &mut b).expect("own encoding decodes");
+        d.push(piece, &mut out, &mut b)
+            .expect("own encoding decodes");
     }
     assert!(d.is_clean());
     assert_eq!(out, rest);

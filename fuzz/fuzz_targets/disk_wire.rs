@@ -9,7 +9,10 @@ fn round_trip(m: &Msg) {
     let bytes = m.to_bytes();
     let mut r = Reader::default();
     r.push(&bytes);
-    let back = r.next_msg().expect("own encoding decodes").expect("complete");
+    let back = r
+        .next_msg()
+        .expect("own encoding decodes")
+        .expect("complete");
     assert_eq!(&back, m);
     assert_eq!(r.pending(), 0);
 }

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     } else {
         assert_eq!(frame, data);
     }
-    let mut g = Group::new([2, 0, 0, 0, 0, 1], vec![[2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]]);
+    let mut g = Group::new(
+        [2, 0, 0, 0, 0, 1],
+        vec![[2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]],
+    );
     let mut frame = data.to_vec();
     let _ = g.receive(&mut frame);
     let _ = g.deps();

@@ -3,7 +3,7 @@
 //! chunks and every frame handed to `Switch::handle_frame` from a port chosen by the input.
 //! Never a panic; a unicast never goes back out of its ingress port; frames re-frame to the same bytes.
 use libfuzzer_sys::fuzz_target;
-use tern_node::switch::{FrameDecoder, Forward, Port, Switch, encode_frame};
+use tern_node::switch::{Forward, FrameDecoder, Port, Switch, encode_frame};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else {

@@ -96,7 +96,9 @@ fn decompressor_stops_at_the_declared_size_without_allocating_more() {
     let limit = 1 << 20;
     let mut d = Decompressor::new().unwrap();
     let mut out = Vec::new();
-    let e = d.push_limited(&z, &mut out, limit).expect_err("over the limit");
+    let e = d
+        .push_limited(&z, &mut out, limit)
+        .expect_err("over the limit");
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     assert_eq!(out.len(), limit);
     assert!(out.capacity() <= 2 * limit, "{}", out.capacity());
