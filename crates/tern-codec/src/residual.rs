@@ -61,6 +61,8 @@ impl Compressor {
 
 pub struct Decompressor {
     z: Decoder<'static>,
+    /// The last call filled its output: zstd may still hold output for input it took.
+    draining: bool,
 }
 
 impl std::fmt::Debug for Decompressor {
@@ -73,7 +75,7 @@ impl Decompressor {
     pub fn new() -> io::Result<Decompressor> {
         let mut z = Decoder::new()?;
         z.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(WINDOW_LOG))?;
-        Ok(Decompressor { z })
+        Ok(Decompressor { z, draining: false })
     }
 
     /// Decompresses `input[*pos..]`, appending at most `max_out_bytes` to `out` (never
@@ -87,12 +89,16 @@ impl Decompressor {
         out: &mut Vec<u8>,
         max_out_bytes: usize,
     ) -> io::Result<bool> {
-        if *pos >= input.len() {
-            // zstd counts calls without progress and fails after a few in a row.
-            return Ok(true);
-        }
         let mut written = 0;
-        while written < max_out_bytes {
+        loop {
+            if *pos >= input.len() && !self.draining {
+                // Everything is out. (zstd counts calls without progress and fails after a
+                // few in a row, so none is made.)
+                return Ok(true);
+            }
+            if written >= max_out_bytes {
+                return Ok(false);
+            }
             let room = (max_out_bytes - written).min(4 * STEP);
             let at = out.len();
             out.resize(at + room, 0);
@@ -104,11 +110,9 @@ impl Decompressor {
             r?;
             *pos += used;
             written += n;
-            if *pos == input.len() && n < room {
-                return Ok(true);
-            }
+            // A full output buffer: zstd may hold more for the input it already took.
+            self.draining = n == room;
         }
-        Ok(false)
     }
 
     /// Appends everything `input` decompresses to (so far) to `out`, failing rather than
@@ -145,6 +149,31 @@ impl Decompressor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_drain_output_held_after_the_input_is_used() {
+        // 3 MiB that compress to a few KiB: zstd takes all input in the first step and
+        // holds most of the output; later steps (with no input left) must still drain it.
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i / 4096) as u8).collect();
+        let mut c = Compressor::new(1).unwrap();
+        let mut z = Vec::new();
+        c.push(&data, &mut z).unwrap();
+        assert!(z.len() < 64 << 10);
+        let mut d = Decompressor::new().unwrap();
+        let (mut pos, mut out, mut steps) = (0, Vec::new(), 0);
+        while !d.step(&z, &mut pos, &mut out, 100_000).unwrap() {
+            steps += 1;
+            assert!(out.len() <= steps * 100_000);
+        }
+        assert_eq!(pos, z.len());
+        assert!(steps >= 31);
+        assert!(out == data, "{} of {} bytes", out.len(), data.len());
+        // Exactly at the cap is fine, one byte under is refused.
+        let mut d = Decompressor::new().unwrap();
+        d.push_limited(&z, &mut Vec::new(), data.len()).unwrap();
+        let mut d = Decompressor::new().unwrap();
+        assert!(d.push_limited(&z, &mut Vec::new(), data.len() - 1).is_err());
+    }
 
     #[test]
     fn flushed_pushes_decode_in_any_split() {
