@@ -18,10 +18,11 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         while s.poll_transmit().is_some() {}
-        if s.is_ready() && ids.len() < 4 {
-            if let Ok(id) = s.send_command("query-migrate", serde_json::json!({})) {
-                ids.push(id);
-            }
+        if s.is_ready()
+            && ids.len() < 4
+            && let Ok(id) = s.send_command("query-migrate", serde_json::json!({}))
+        {
+            ids.push(id);
         }
         for &id in &ids {
             let _ = s.take_reply(id);
