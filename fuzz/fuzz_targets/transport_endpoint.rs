@@ -1,10 +1,10 @@
 #![no_main]
 //! `Endpoint::handle_datagram` on a responder with fixed keys: arbitrary datagrams
-//! (`u8 meta | le16 len | len bytes`, repeated; meta picks the
-//! source address and how far the clock moves) from a few source addresses, optionally after a genuine
-//! initiation from its pinned peer has established a session. Never a panic; every
-//! datagram is counted.
+//! (`u8 meta | le16 len | len bytes`, repeated; meta picks one of four source addresses and
+//! how far the clock moves), optionally after a genuine initiation from its pinned peer has
+//! established a session. Never a panic; every datagram is counted.
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use tern_transport::crypto::StaticKeypair;
@@ -14,12 +14,15 @@ fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([198, 18, 0, 1 + (i & 3)], 7000))
 }
 
+/// The two fixed identities (deriving a public key is the slow part of a run).
+static KEYS: LazyLock<(StaticKeypair, StaticKeypair)> =
+    LazyLock::new(|| (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2)));
+
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, mut rest)) = data.split_first() else {
         return;
     };
-    let a_id = StaticKeypair::from_seed(1);
-    let b_id = StaticKeypair::from_seed(2);
+    let (a_id, b_id) = KEYS.clone();
     let a_pub = a_id.public;
     let b_pub = b_id.public;
     let mut b = Endpoint::new(

@@ -3,15 +3,20 @@
 //! each fuzz payload (`u8 len | len bytes` frames, repeated) is sealed by the initiator and
 //! handed to the responder's `Connection::handle_packet`, so the frame parser and the
 //! stream, ack, reset and flow-control logic see arbitrary authenticated frames.
+use std::sync::LazyLock;
+
 use libfuzzer_sys::fuzz_target;
 use tern_transport::crypto::{InitiatorHandshake, StaticKeypair, accept_initiation};
 use tern_transport::{Config, Connection, Event, wire};
 
+/// The two fixed identities (deriving a public key is the slow part of a run).
+static KEYS: LazyLock<(StaticKeypair, StaticKeypair)> =
+    LazyLock::new(|| (StaticKeypair::from_seed(1), StaticKeypair::from_seed(2)));
+
 fuzz_target!(|data: &[u8]| {
-    let a = StaticKeypair::from_seed(1);
-    let b = StaticKeypair::from_seed(2);
-    let (hs, m1) = InitiatorHandshake::start(&a, &b.public, &[1], Some(3)).expect("start");
-    let acc = accept_initiation(&b, &m1, Some(4)).expect("accept");
+    let (a, b) = &*KEYS;
+    let (hs, m1) = InitiatorHandshake::start(a, &b.public, &[1], Some(3)).expect("start");
+    let acc = accept_initiation(b, &m1, Some(4)).expect("accept");
     let (m2, b_keys) = acc.respond(&[1]).expect("respond");
     let (_, mut a_keys) = hs.finish(&m2).expect("finish");
     let mut conn = Connection::new(Config::default(), b_keys, false, 0);
