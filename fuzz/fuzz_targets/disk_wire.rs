@@ -1,7 +1,8 @@
 #![no_main]
 //! The disk replication wire format (`tern-disk/src/wire.rs`): arbitrary bytes through the
 //! incremental `Reader` in chunks, and `decode(kind, body)` directly. Never a panic; every
-//! decoded message re-encodes to bytes that decode to the same message.
+//! decoded message re-encodes to bytes that decode to the same message (an ERROR's text
+//! cut to the encoder's 4 KiB).
 use libfuzzer_sys::fuzz_target;
 use tern_disk::wire::{Msg, Reader, decode};
 
@@ -13,7 +14,13 @@ fn round_trip(m: &Msg) {
         .next_msg()
         .expect("own encoding decodes")
         .expect("complete");
-    assert_eq!(&back, m);
+    match (m, &back) {
+        // The encoder cuts an ERROR's text to 4 KiB (the decoder takes up to a body).
+        (Msg::Error(long), Msg::Error(cut)) if long.len() > 4096 => {
+            assert!(long.starts_with(cut.as_str()) && cut.len() > 4092);
+        }
+        _ => assert_eq!(&back, m),
+    }
     assert_eq!(r.pending(), 0);
 }
 
