@@ -7,3 +7,6 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets --quiet -- -D warnings
 cargo test --release --locked --workspace
+# Every fuzz target briefly (docs/fuzzing.md): they keep building and their seeds keep
+# passing. Unoptimized build (compiles faster); longer runs: bash scripts/fuzz.sh 600.
+TERN_FUZZ_DEV=1 bash scripts/fuzz.sh 10

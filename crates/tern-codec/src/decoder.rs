@@ -6,8 +6,31 @@ use crate::store::{ContentStore, Key, page_key};
 use crate::wire::{self, get_varint};
 use crate::{Options, PAGE, SUB, SUBS, delta};
 
+/// Most QEMU bytes one [`Decoder::push`] may produce. Frames expand (a 17-byte store
+/// reference or a 15-byte frame of sub-block references rebuilds a 4 KiB page, and residual
+/// zstd multiplies that by up to ~32768), so a few KiB from a hostile peer could otherwise
+/// ask for gigabytes. Reaching it is [`DecodeError::OutputLimit`], checked before the bytes
+/// are appended. The node pushes one transport read (a few hundred KiB) at a time.
+pub const MAX_PUSH_OUTPUT_BYTES: u64 = 256 << 20;
+/// Most bytes of frames one push may decompress from the residual zstd stream (frames that
+/// produce no output, such as empty RAW frames, cost CPU without counting above). Reaching
+/// it is [`DecodeError::ZstdLimit`]; nothing beyond it is decompressed.
+pub const MAX_PUSH_FRAME_BYTES: u64 = 256 << 20;
+/// Residual zstd is decompressed and its frames decoded this many bytes at a time, so the
+/// decompressed frames held at once are bounded (plus one incomplete frame, at most
+/// [`wire::MAX_FRAME`]).
+pub const RESIDUAL_STEP_BYTES: usize = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    #[error(
+        "one push decodes to more than {limit} bytes (encoded offset {offset}): refused as a decompression bomb"
+    )]
+    OutputLimit { offset: u64, limit: u64 },
+    #[error(
+        "residual zstd stream decompresses to more than {limit} bytes in one push: refused as a decompression bomb"
+    )]
+    ZstdLimit { limit: u64 },
     #[error("bad frame at encoded offset {offset}: {what}")]
     Frame { offset: u64, what: &'static str },
     #[error("sub-block reference {distance} back is not in the cache (encoded offset {offset})")]
@@ -35,6 +58,8 @@ pub struct Decoder {
     page: Vec<u8>,
     zstd: Option<Decompressor>,
     frames: Vec<u8>,
+    /// QEMU bytes the current push may still produce (see [`MAX_PUSH_OUTPUT_BYTES`]).
+    out_budget: u64,
     /// Pages decoded.
     pub pages_out: u64,
     /// Bytes written to QEMU.
@@ -65,6 +90,7 @@ impl Decoder {
                 .zstd
                 .then(|| Decompressor::new().expect("zstd context")),
             frames: Vec::new(),
+            out_budget: 0,
             pages_out: 0,
             output_bytes: 0,
         }
@@ -79,21 +105,66 @@ impl Decoder {
         store: &mut dyn ContentStore,
     ) -> Result<(), DecodeError> {
         let start = out.len();
-        let r = match &mut self.zstd {
+        self.out_budget = MAX_PUSH_OUTPUT_BYTES;
+        let r = match self.zstd.take() {
             None => self.push_inner(data, out, store),
-            Some(z) => {
-                let mut frames = std::mem::take(&mut self.frames);
-                frames.clear();
-                let r = z
-                    .push(data, &mut frames)
-                    .map_err(|e| DecodeError::Zstd(e.to_string()))
-                    .and_then(|()| self.push_inner(&frames, out, store));
-                self.frames = frames;
+            Some(mut z) => {
+                let r = self.push_residual(&mut z, data, out, store);
+                self.zstd = Some(z);
                 r
             }
         };
         self.output_bytes += (out.len() - start) as u64;
         r
+    }
+
+    /// Decompresses `data` a step at a time, decoding each step's frames before the next.
+    fn push_residual(
+        &mut self,
+        z: &mut Decompressor,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        store: &mut dyn ContentStore,
+    ) -> Result<(), DecodeError> {
+        let mut frames = std::mem::take(&mut self.frames);
+        let mut pos = 0;
+        let mut decompressed: u64 = 0;
+        let r = loop {
+            frames.clear();
+            let done = match z.step(data, &mut pos, &mut frames, RESIDUAL_STEP_BYTES) {
+                Ok(done) => done,
+                Err(e) => break Err(DecodeError::Zstd(e.to_string())),
+            };
+            decompressed += frames.len() as u64;
+            if decompressed > MAX_PUSH_FRAME_BYTES {
+                break Err(DecodeError::ZstdLimit {
+                    limit: MAX_PUSH_FRAME_BYTES,
+                });
+            }
+            if let Err(e) = self.push_inner(&frames, out, store) {
+                break Err(e);
+            }
+            if done {
+                break Ok(());
+            }
+        };
+        frames.clear();
+        self.frames = frames;
+        r
+    }
+
+    /// Takes `n` bytes of this push's output budget.
+    fn spend(&mut self, n: usize) -> Result<(), DecodeError> {
+        match self.out_budget.checked_sub(n as u64) {
+            Some(left) => {
+                self.out_budget = left;
+                Ok(())
+            }
+            None => Err(DecodeError::OutputLimit {
+                offset: self.consumed,
+                limit: MAX_PUSH_OUTPUT_BYTES,
+            }),
+        }
     }
 
     fn push_inner(
@@ -103,6 +174,7 @@ impl Decoder {
         store: &mut dyn ContentStore,
     ) -> Result<(), DecodeError> {
         if self.raw_tail {
+            self.spend(data.len())?;
             out.extend_from_slice(data);
             return Ok(());
         }
@@ -111,6 +183,9 @@ impl Decoder {
         let mut pos = 0;
         let r = loop {
             if self.raw_tail {
+                if let Err(e) = self.spend(buf.len() - pos) {
+                    break Err(e);
+                }
                 out.extend_from_slice(&buf[pos..]);
                 pos = buf.len();
                 break Ok(());
@@ -159,6 +234,7 @@ impl Decoder {
                 if b.len() < end {
                     return Ok(None);
                 }
+                self.spend(len as usize)?;
                 out.extend_from_slice(&b[1 + u..end]);
                 Ok(Some(end))
             }
@@ -214,6 +290,7 @@ impl Decoder {
                     return Err(DecodeError::Check { offset: off });
                 }
                 // Complete: emit header and page, update the mirrored state.
+                self.spend(hlen + PAGE)?;
                 match hdr_at {
                     Some(at) => out.extend_from_slice(&b[at..at + hlen]),
                     None => out.extend_from_slice(&word.to_be_bytes()),

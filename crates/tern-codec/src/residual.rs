@@ -16,6 +16,10 @@ use zstd::stream::raw::{CParameter, Decoder, Encoder, InBuffer, Operation, OutBu
 /// migrations CPU-bound (40-50 of 100 Mbit/s), so level 1.
 pub const DEFAULT_LEVEL: i32 = 1;
 const WINDOW_LOG: u32 = 23;
+/// Most bytes [`Decompressor::push`] appends for one input (a flushed push of the
+/// compressor holds one record or chunk, far less). Beyond it the push fails with
+/// `InvalidData`: a small input that expands further is a decompression bomb.
+pub const MAX_PUSH_OUT_BYTES: usize = 64 << 20;
 const STEP: usize = 64 << 10;
 
 pub struct Compressor {
@@ -57,6 +61,8 @@ impl Compressor {
 
 pub struct Decompressor {
     z: Decoder<'static>,
+    /// The last call filled its output: zstd may still hold output for input it took.
+    draining: bool,
 }
 
 impl std::fmt::Debug for Decompressor {
@@ -69,32 +75,105 @@ impl Decompressor {
     pub fn new() -> io::Result<Decompressor> {
         let mut z = Decoder::new()?;
         z.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(WINDOW_LOG))?;
-        Ok(Decompressor { z })
+        Ok(Decompressor { z, draining: false })
     }
 
-    /// Appends everything `input` decompresses to (so far) to `out`.
+    /// Decompresses `input[*pos..]`, appending at most `max_out_bytes` to `out` (never
+    /// allocating more than that) and advancing `*pos` past the input used. `Ok(true)` once
+    /// all of `input` is used and everything it decompresses to is in `out`; `Ok(false)`
+    /// when `max_out_bytes` were written and more may follow: call again.
+    pub fn step(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+        out: &mut Vec<u8>,
+        max_out_bytes: usize,
+    ) -> io::Result<bool> {
+        let mut written = 0;
+        loop {
+            if *pos >= input.len() && !self.draining {
+                // Everything is out. (zstd counts calls without progress and fails after a
+                // few in a row, so none is made.)
+                return Ok(true);
+            }
+            if written >= max_out_bytes {
+                return Ok(false);
+            }
+            let room = (max_out_bytes - written).min(4 * STEP);
+            let at = out.len();
+            out.resize(at + room, 0);
+            let mut inb = InBuffer::around(&input[*pos..]);
+            let mut ob = OutBuffer::around(&mut out[at..]);
+            let r = self.z.run(&mut inb, &mut ob);
+            let (used, n) = (inb.pos(), ob.pos());
+            out.truncate(at + n);
+            r?;
+            *pos += used;
+            written += n;
+            // A full output buffer: zstd may hold more for the input it already took.
+            self.draining = n == room;
+        }
+    }
+
+    /// Appends everything `input` decompresses to (so far) to `out`, failing rather than
+    /// growing it by more than [`MAX_PUSH_OUT_BYTES`]. Callers that know the size the
+    /// format declares use [`Decompressor::push_limited`] with it.
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        if input.is_empty() {
-            // zstd counts calls without progress and fails after a few in a row.
+        self.push_limited(input, out, MAX_PUSH_OUT_BYTES)
+    }
+
+    /// Appends everything `input` decompresses to (so far) to `out`, failing (with `out`
+    /// holding a prefix) rather than growing it by more than `max_out_bytes`; nothing beyond
+    /// that is allocated.
+    pub fn push_limited(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_out_bytes: usize,
+    ) -> io::Result<()> {
+        let mut pos = 0;
+        let start = out.len();
+        // One byte beyond the limit tells "exactly the limit" from "more".
+        let done = self.step(input, &mut pos, out, max_out_bytes.saturating_add(1))?;
+        if done && out.len() - start <= max_out_bytes {
             return Ok(());
         }
-        let mut inb = InBuffer::around(input);
-        loop {
-            out.reserve(4 * STEP);
-            let at = out.len();
-            let mut ob = OutBuffer::around_pos(out, at);
-            self.z.run(&mut inb, &mut ob)?;
-            let full = ob.pos() == ob.capacity();
-            if inb.pos() == input.len() && !full {
-                return Ok(());
-            }
-        }
+        out.truncate(start + max_out_bytes);
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("decompresses to more than {max_out_bytes} bytes"),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_drain_output_held_after_the_input_is_used() {
+        // 3 MiB that compress to a few KiB: zstd takes all input in the first step and
+        // holds most of the output; later steps (with no input left) must still drain it.
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i / 4096) as u8).collect();
+        let mut c = Compressor::new(1).unwrap();
+        let mut z = Vec::new();
+        c.push(&data, &mut z).unwrap();
+        assert!(z.len() < 64 << 10);
+        let mut d = Decompressor::new().unwrap();
+        let (mut pos, mut out, mut steps) = (0, Vec::new(), 0);
+        while !d.step(&z, &mut pos, &mut out, 100_000).unwrap() {
+            steps += 1;
+            assert!(out.len() <= steps * 100_000);
+        }
+        assert_eq!(pos, z.len());
+        assert!(steps >= 31);
+        assert!(out == data, "{} of {} bytes", out.len(), data.len());
+        // Exactly at the cap is fine, one byte under is refused.
+        let mut d = Decompressor::new().unwrap();
+        d.push_limited(&z, &mut Vec::new(), data.len()).unwrap();
+        let mut d = Decompressor::new().unwrap();
+        assert!(d.push_limited(&z, &mut Vec::new(), data.len() - 1).is_err());
+    }
 
     #[test]
     fn flushed_pushes_decode_in_any_split() {
@@ -122,7 +201,7 @@ mod tests {
         }
         assert_eq!(out, data);
         for _ in 0..100 {
-            d.push(&[], &mut out).unwrap();
+            d.push_limited(&[], &mut out, 0).unwrap();
         }
         let mut d = Decompressor::new().unwrap();
         assert!(
