@@ -501,7 +501,10 @@ while time.monotonic() < end:
         b["endpoint"]["handshakes_bad_mac1"].as_u64().unwrap() >= 1_000,
         "the flood did not arrive: {b}"
     );
-    assert!(took < 5.0, "node A took {took:.1} s to reconnect through the flood");
+    assert!(
+        took < 5.0,
+        "node A took {took:.1} s to reconnect through the flood"
+    );
     let (client, server) = transfer();
     assert_eq!(client, server);
     let _ = node.kill();

@@ -354,7 +354,7 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     // Every socket 0600 from the start (not umask), and its peers checked on accept
     // (`tern_nbd::unix`).
     let bind = |p: &Path| {
-        tern_nbd::unix::bind_private(p, None).map_err(|e| format!("bind {}: {e}", p.display()))
+        tern_os::unix::bind_private(p, None).map_err(|e| format!("bind {}: {e}", p.display()))
     };
     let gate_listener = match &opts.gate {
         Some(GateOptions { nic, .. }) => Some(bind(nic)?),
@@ -452,8 +452,8 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce()) -> Result<(), String> {
     control.set_nonblocking(true).map_err(|e| e.to_string())?;
     while !shared.stop.load(Ordering::Relaxed) {
         match control.accept() {
-            Ok((c, _)) if !tern_nbd::unix::peer_allowed(&c, None) => {
-                let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+            Ok((c, _)) if !tern_os::unix::peer_allowed(&c, None) => {
+                let who = tern_os::unix::peer_cred(&c).map(|c| c.uid);
                 eprintln!("tern disk: control socket: refused uid {who:?}");
             }
             Ok((c, _)) => {
@@ -663,8 +663,8 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             return;
         }
         let Ok(mut c) = c else { continue };
-        if !tern_nbd::unix::peer_allowed(&c, None) {
-            let who = tern_nbd::unix::peer_cred(&c).map(|c| c.uid);
+        if !tern_os::unix::peer_allowed(&c, None) {
+            let who = tern_os::unix::peer_cred(&c).map(|c| c.uid);
             eprintln!("tern disk: replication socket: refused uid {who:?}");
             continue;
         }

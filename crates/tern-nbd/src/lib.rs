@@ -31,7 +31,8 @@ pub mod backend;
 pub mod file;
 pub mod proto;
 pub mod server;
-pub mod unix;
+/// Private management sockets (moved to `tern-os`; re-exported for the drivers that used it here).
+pub use tern_os::unix;
 pub mod wire;
 
 pub use backend::{Backend, Extent, MemBackend, execute, nbd_error};

@@ -498,7 +498,7 @@ impl Server {
     pub fn bind_unix(path: impl AsRef<Path>, exports: Vec<Export>) -> io::Result<Server> {
         let path = path.as_ref().to_path_buf();
         // 0600 from the start, and only root or this uid is served (`unix.rs`).
-        let listener = crate::unix::bind_private(&path, None)?;
+        let listener = tern_os::unix::bind_private(&path, None)?;
         Ok(Server {
             listener: Listener::Unix(listener),
             addr: LocalAddr::Unix(path),
@@ -546,8 +546,8 @@ fn accept_loop(server: Server, stop: &AtomicBool, counters: &Arc<Counters>) {
     loop {
         let accepted = match &server.listener {
             Listener::Unix(l) => match l.accept() {
-                Ok((s, _)) if !crate::unix::peer_allowed(&s, None) => {
-                    let who = crate::unix::peer_cred(&s).map(|c| c.uid);
+                Ok((s, _)) if !tern_os::unix::peer_allowed(&s, None) => {
+                    let who = tern_os::unix::peer_cred(&s).map(|c| c.uid);
                     eprintln!("tern-nbd: refused a connection from uid {who:?}");
                     continue;
                 }

@@ -320,7 +320,7 @@ impl Server {
             let sock = match surface {
                 Surface::Control => match self.control.accept() {
                     Ok((s, _)) => {
-                        if !sys::peer_is_trusted(s.as_raw_fd()) {
+                        if !tern_os::unix::peer_allowed(&s, None) {
                             self.count(|c| &c.refused_peer);
                             continue;
                         }
@@ -559,7 +559,7 @@ mod tests {
     fn idle_connections_neither_block_nor_starve_a_request() {
         let d = dir();
         let path = d.join("ctl.sock");
-        let control = sys::bind_unix_private(&path, 0o600).unwrap();
+        let control = tern_os::unix::bind_private(&path, None).unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
         let maddr = metrics.local_addr().unwrap();
         let m = Arc::new(Mgmt::spawn(control, Some(metrics)).unwrap());
@@ -604,7 +604,7 @@ mod tests {
     fn a_silent_client_is_closed_at_the_timeout_and_long_requests_are_refused() {
         let d = dir();
         let path = d.join("ctl.sock");
-        let control = sys::bind_unix_private(&path, 0o600).unwrap();
+        let control = tern_os::unix::bind_private(&path, None).unwrap();
         let m = Arc::new(Mgmt::spawn(control, None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
@@ -633,7 +633,7 @@ mod tests {
         let d = dir();
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = d.join("ctl.sock");
-        let control = sys::bind_unix_private(&path, 0o600).unwrap();
+        let control = tern_os::unix::bind_private(&path, None).unwrap();
         let m = Arc::new(Mgmt::spawn(control, None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
@@ -676,7 +676,7 @@ mod tests {
         let d = dir();
         let path = d.join("ctl.sock");
         std::fs::write(&path, b"stale").unwrap();
-        let _l = sys::bind_unix_private(&path, 0o600).unwrap();
+        let _l = tern_os::unix::bind_private(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Nothing left behind but the socket.

@@ -366,10 +366,12 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 /// Binds a non-blocking unix listener, replacing a stale socket file: mode 0600 from the
-/// start (`sys::bind_unix_private`); accepted clients are checked with [`sys::peer_is_trusted`].
+/// start (`tern_os::unix::bind_private`); accepted clients are checked with
+/// `tern_os::unix::peer_allowed`.
 fn bind_unix(path: &Path) -> Result<UnixListener, NodeError> {
     let io = |what: String| move |source| NodeError::Io { what, source };
-    let l = sys::bind_unix_private(path, 0o600).map_err(io(format!("bind {}", path.display())))?;
+    let l =
+        tern_os::unix::bind_private(path, None).map_err(io(format!("bind {}", path.display())))?;
     l.set_nonblocking(true)
         .map_err(io("listener non-blocking".into()))?;
     Ok(l)
@@ -385,7 +387,7 @@ impl Node {
         sys::set_buffers(&udp, 16 << 20);
         sys::set_dont_fragment(udp.as_raw_fd());
         sys::enable_udp_gro(udp.as_raw_fd());
-        let control = sys::bind_unix_private(&config.control, 0o600).map_err(io(format!(
+        let control = tern_os::unix::bind_private(&config.control, None).map_err(io(format!(
             "bind control socket {}",
             config.control.display()
         )))?;
@@ -1628,7 +1630,7 @@ impl Node {
                 }
             };
             if o.ports.len() >= MAX_PORTS
-                || !sys::peer_is_trusted(sock.as_raw_fd())
+                || !tern_os::unix::peer_allowed(&sock, None)
                 || sock.set_nonblocking(true).is_err()
             {
                 o.status.ports_refused += 1;
@@ -1828,7 +1830,7 @@ impl Node {
                     return;
                 }
             };
-            if !sys::peer_is_trusted(sock.as_raw_fd()) || sock.set_nonblocking(true).is_err() {
+            if !tern_os::unix::peer_allowed(&sock, None) || sock.set_nonblocking(true).is_err() {
                 self.totals.refused += 1;
                 continue;
             }

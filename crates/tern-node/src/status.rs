@@ -179,15 +179,24 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("handshake_inits_received_total", e.inits_received),
         ("handshake_inits_accepted_total", e.inits_accepted),
         ("handshakes_bad_mac1_total", e.handshakes_bad_mac1),
-        ("handshakes_source_limited_total", e.handshakes_source_limited),
+        (
+            "handshakes_source_limited_total",
+            e.handshakes_source_limited,
+        ),
         ("handshakes_rate_limited_total", e.handshakes_rate_limited),
         ("handshakes_replayed_total", e.handshakes_replayed),
         ("handshake_cookies_sent_total", e.cookies_sent),
         ("handshake_cookies_received_total", e.cookies_received),
         ("handshake_cookies_invalid_total", e.cookies_invalid),
         ("sessions_confirmed_total", e.sessions_confirmed),
-        ("sessions_expired_unconfirmed_total", e.sessions_expired_unconfirmed),
-        ("handshake_transmits_dropped_total", e.handshake_transmits_dropped),
+        (
+            "sessions_expired_unconfirmed_total",
+            e.sessions_expired_unconfirmed,
+        ),
+        (
+            "handshake_transmits_dropped_total",
+            e.handshake_transmits_dropped,
+        ),
         ("handshake_responses_bad_mac_total", e.responses_bad_mac),
     ] {
         metric(n, "", v as f64);
@@ -208,7 +217,10 @@ pub fn prometheus(s: &NodeStatus) -> String {
                 ("loss_estimate", t.loss_estimate),
                 ("protocol_errors_total", t.protocol_errors as f64),
                 ("stream_id_violations_total", t.stream_id_violations as f64),
-                ("reassembly_limit_hits_total", t.reassembly_limit_hits as f64),
+                (
+                    "reassembly_limit_hits_total",
+                    t.reassembly_limit_hits as f64,
+                ),
                 ("acks_of_unsent_total", t.acks_of_unsent as f64),
                 ("key_updates_sent_total", t.key_updates_sent as f64),
                 ("key_updates_received_total", t.key_updates_received as f64),

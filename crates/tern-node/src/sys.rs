@@ -5,7 +5,6 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 
 /// Firewall mark on the node's own TCP connections so interception rules skip them.
 pub const NODE_MARK: u32 = 0x7e57;
@@ -793,67 +792,4 @@ impl EventFd {
         // SAFETY: reads 8 bytes into a u64 from our non-blocking eventfd.
         unsafe { libc::read(self.fd(), (&mut v as *mut u64).cast(), 8) == 8 }
     }
-}
-
-/// The uid of the process at the other end of a connected unix socket (`SO_PEERCRED`).
-pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(cred.uid)
-}
-
-/// Whether a local client on a unix socket may use this node's management sockets: root, or
-/// the user the node runs as.
-pub fn peer_is_trusted(fd: RawFd) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    matches!(peer_uid(fd), Ok(uid) if uid == 0 || uid == me)
-}
-
-/// Binds a unix listener at `path` that is never reachable with looser permissions than
-/// `mode`: it is bound inside a fresh 0700 directory next to `path`, chmod-ed there, and
-/// renamed into place (a rename keeps the bound socket), so there is no window between bind
-/// and chmod and no process-wide umask to race with other threads. A stale socket at `path`
-/// is replaced.
-pub fn bind_unix_private(path: &Path, mode: u32) -> io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::other("socket path has no file name"))?;
-    let private = dir.join(format!(
-        ".{}.{}.{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        mono_ns()
-    ));
-    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let inner = private.join("s");
-    let result = (|| {
-        let l = std::os::unix::net::UnixListener::bind(&inner)?;
-        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&inner, path)?;
-        Ok(l)
-    })();
-    let _ = std::fs::remove_file(&inner);
-    let _ = std::fs::remove_dir(&private);
-    result
 }
