@@ -191,7 +191,10 @@ impl TrainingSet {
         check_len("training samples", self.samples.len())?;
         for (i, s) in self.samples.iter().enumerate() {
             s.metrics.validate(i)?;
-            for (what, v) in [("vm_cpu_pct", s.vm_cpu_pct), ("host_cpu_pct", s.host_cpu_pct)] {
+            for (what, v) in [
+                ("vm_cpu_pct", s.vm_cpu_pct),
+                ("host_cpu_pct", s.host_cpu_pct),
+            ] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(MoveError::InvalidValue {
                         what,

@@ -4,7 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
     /// The design matrix is (numerically) rank deficient.
-    #[error("design matrix is ill-conditioned (condition estimate {condition:.3e} > {limit:.1e}, {cols} columns)")]
+    #[error(
+        "design matrix is ill-conditioned (condition estimate {condition:.3e} > {limit:.1e}, {cols} columns)"
+    )]
     IllConditioned {
         /// Estimated condition number of the scaled R factor.
         condition: f64,

@@ -137,7 +137,10 @@ pub fn irls_bisquare(x: &Matrix, y: &[f64], params: &IrlsParams) -> Result<Robus
             converged = true;
             break;
         }
-        weights = resid.iter().map(|r| bisquare_weight(r / scale, c)).collect();
+        weights = resid
+            .iter()
+            .map(|r| bisquare_weight(r / scale, c))
+            .collect();
         coef = weighted_lstsq(x, y, Some(&weights))?;
         resid = residuals(x, y, &coef);
         scale = mad_about_zero(&resid);
@@ -227,7 +230,9 @@ pub fn forward_stepwise(
                 best = Some((m, r));
             }
         }
-        let Some((metric, rss_after)) = best else { break };
+        let Some((metric, rss_after)) = best else {
+            break;
+        };
         let df2 = (n - p_new) as f64;
         let gain = (rss - rss_after).max(0.0);
         let (f_stat, p_value) = if rss_after <= 0.0 {

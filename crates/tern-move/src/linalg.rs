@@ -138,7 +138,11 @@ pub fn weighted_lstsq(a: &Matrix, b: &[f64], weights: Option<&[f64]>) -> Result<
     }
     let dmax = rdiag.iter().map(|x| x.abs()).fold(0.0, f64::max);
     let dmin = rdiag.iter().map(|x| x.abs()).fold(f64::INFINITY, f64::min);
-    let condition = if dmin == 0.0 { f64::INFINITY } else { dmax / dmin };
+    let condition = if dmin == 0.0 {
+        f64::INFINITY
+    } else {
+        dmax / dmin
+    };
     if condition > MAX_CONDITION || !condition.is_finite() {
         return Err(MoveError::IllConditioned {
             condition,
@@ -172,16 +176,15 @@ mod tests {
         ]);
         let b = [1.0, 3.0, 5.0, 7.0];
         let x = weighted_lstsq(&a, &b, None).unwrap();
-        assert!((x[0] - 1.0).abs() < 1e-12 && (x[1] - 2.0).abs() < 1e-12, "{x:?}");
+        assert!(
+            (x[0] - 1.0).abs() < 1e-12 && (x[1] - 2.0).abs() < 1e-12,
+            "{x:?}"
+        );
     }
 
     #[test]
     fn rejects_collinear_columns() {
-        let a = Matrix::from_rows(&[
-            vec![1.0, 2.0],
-            vec![2.0, 4.0],
-            vec![3.0, 6.0],
-        ]);
+        let a = Matrix::from_rows(&[vec![1.0, 2.0], vec![2.0, 4.0], vec![3.0, 6.0]]);
         let err = weighted_lstsq(&a, &[1.0, 2.0, 3.0], None).unwrap_err();
         assert!(matches!(err, MoveError::IllConditioned { .. }), "{err}");
     }
@@ -196,6 +199,9 @@ mod tests {
         ]);
         let b = [1.0, 3.0, 500.0, 7.0];
         let x = weighted_lstsq(&a, &b, Some(&[1.0, 1.0, 0.0, 1.0])).unwrap();
-        assert!((x[0] - 1.0).abs() < 1e-10 && (x[1] - 2.0).abs() < 1e-10, "{x:?}");
+        assert!(
+            (x[0] - 1.0).abs() < 1e-10 && (x[1] - 2.0).abs() < 1e-10,
+            "{x:?}"
+        );
     }
 }

@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{FORMAT_VERSION, METRIC_COUNT, Metric, Metrics, Trace, TrainingSample, TrainingSet};
+use crate::data::{
+    FORMAT_VERSION, METRIC_COUNT, Metric, Metrics, Trace, TrainingSample, TrainingSet,
+};
 use crate::error::{MoveError, Result};
-use crate::fit::{F_TO_ENTER_ALPHA, IrlsParams, StepwiseStep, design, forward_stepwise, irls_bisquare, ols};
+use crate::fit::{
+    F_TO_ENTER_ALPHA, IrlsParams, StepwiseStep, design, forward_stepwise, irls_bisquare, ols,
+};
 use crate::stats::{ecdf, percentile};
 
 /// Refinement threshold: a benchmark run is bad when its mean squared error exceeds the
@@ -94,7 +98,12 @@ impl TargetModel {
     /// Linear prediction, clamped at 0 (CPU use cannot be negative).
     pub fn predict(&self, m: &Metrics) -> f64 {
         let a = m.to_array();
-        let v = self.intercept + self.terms.iter().map(|t| t.coef * a[t.metric.index()]).sum::<f64>();
+        let v = self.intercept
+            + self
+                .terms
+                .iter()
+                .map(|t| t.coef * a[t.metric.index()])
+                .sum::<f64>();
         v.max(0.0)
     }
 
@@ -191,9 +200,16 @@ impl Model {
     pub fn validate(&self) -> Result<()> {
         crate::data::check_version("model", self.version)?;
         for (what, t) in [("vm", &self.vm), ("host", &self.host)] {
-            for (i, v) in std::iter::once(t.intercept).chain(t.terms.iter().map(|t| t.coef)).enumerate() {
+            for (i, v) in std::iter::once(t.intercept)
+                .chain(t.terms.iter().map(|t| t.coef))
+                .enumerate()
+            {
                 if !v.is_finite() {
-                    return Err(MoveError::InvalidValue { what, index: i, value: v });
+                    return Err(MoveError::InvalidValue {
+                        what,
+                        index: i,
+                        value: v,
+                    });
                 }
             }
         }
@@ -219,8 +235,14 @@ fn fit_target(rows: &[[f64; METRIC_COUNT]], y: &[f64], params: &FitParams) -> Re
     })
 }
 
-fn fit_scaling(samples: &[&TrainingSample], target: impl Fn(&TrainingSample) -> f64) -> Result<ScalingModel> {
-    let rows: Vec<Vec<f64>> = samples.iter().map(|s| vec![1.0, s.metrics.total_cpu_pct()]).collect();
+fn fit_scaling(
+    samples: &[&TrainingSample],
+    target: impl Fn(&TrainingSample) -> f64,
+) -> Result<ScalingModel> {
+    let rows: Vec<Vec<f64>> = samples
+        .iter()
+        .map(|s| vec![1.0, s.metrics.total_cpu_pct()])
+        .collect();
     let y: Vec<f64> = samples.iter().map(|s| target(s)).collect();
     let b = ols(&crate::linalg::Matrix::from_rows(&rows), &y)?;
     Ok(ScalingModel {
@@ -248,7 +270,10 @@ fn round_stats(
         slot.0 += e;
         slot.1 += 1;
     }
-    let per = per.into_iter().map(|(b, (s, c))| (b, s / c as f64)).collect();
+    let per = per
+        .into_iter()
+        .map(|(b, (s, c))| (b, s / c as f64))
+        .collect();
     (
         RoundTarget {
             mse,
@@ -263,8 +288,11 @@ fn round_stats(
 /// baselines, and runs the refinement loop per `params.refine`.
 pub fn fit(training: &TrainingSet, params: &FitParams) -> Result<Model> {
     training.validate()?;
-    let all_runs: std::collections::BTreeSet<&str> =
-        training.samples.iter().map(|s| s.benchmark.as_str()).collect();
+    let all_runs: std::collections::BTreeSet<&str> = training
+        .samples
+        .iter()
+        .map(|s| s.benchmark.as_str())
+        .collect();
     let max_drop = (MAX_DROPPED_FRACTION * all_runs.len() as f64).floor() as usize;
     let mut dropped: Vec<String> = Vec::new();
     let mut report = RefinementReport::default();
@@ -414,7 +442,12 @@ pub fn summarize(pairs: &[(f64, f64)]) -> ErrorSummary {
 
 /// Relative-error CDF points `(error_pct, fraction ≤)` for a CDF plot.
 pub fn error_cdf(pairs: &[(f64, f64)]) -> Vec<(f64, f64)> {
-    ecdf(&pairs.iter().map(|&(p, a)| rel_error_pct(p, a)).collect::<Vec<_>>())
+    ecdf(
+        &pairs
+            .iter()
+            .map(|&(p, a)| rel_error_pct(p, a))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Errors of the model and the baseline on measured samples.
@@ -432,11 +465,18 @@ pub struct Evaluation {
 
 /// Evaluates a model on measured samples (training data or a held-out set).
 pub fn evaluate(model: &Model, samples: &[TrainingSample]) -> Evaluation {
-    let pairs = |f: &dyn Fn(&TrainingSample) -> (f64, f64)| samples.iter().map(f).collect::<Vec<_>>();
+    let pairs =
+        |f: &dyn Fn(&TrainingSample) -> (f64, f64)| samples.iter().map(f).collect::<Vec<_>>();
     Evaluation {
         vm: summarize(&pairs(&|s| (model.vm.predict(&s.metrics), s.vm_cpu_pct))),
-        host: summarize(&pairs(&|s| (model.host.predict(&s.metrics), s.host_cpu_pct))),
-        baseline_vm: summarize(&pairs(&|s| (model.baseline_vm.predict(&s.metrics), s.vm_cpu_pct))),
-        baseline_host: summarize(&pairs(&|s| (model.baseline_host.predict(&s.metrics), s.host_cpu_pct))),
+        host: summarize(&pairs(&|s| {
+            (model.host.predict(&s.metrics), s.host_cpu_pct)
+        })),
+        baseline_vm: summarize(&pairs(&|s| {
+            (model.baseline_vm.predict(&s.metrics), s.vm_cpu_pct)
+        })),
+        baseline_host: summarize(&pairs(&|s| {
+            (model.baseline_host.predict(&s.metrics), s.host_cpu_pct)
+        })),
     }
 }

@@ -72,12 +72,20 @@ pub struct PlantedTarget {
 impl PlantedTarget {
     /// Noise-free value.
     pub fn eval(&self, m: &Metrics) -> f64 {
-        self.intercept + m.to_array().iter().zip(&self.coef).map(|(a, c)| a * c).sum::<f64>()
+        self.intercept
+            + m.to_array()
+                .iter()
+                .zip(&self.coef)
+                .map(|(a, c)| a * c)
+                .sum::<f64>()
     }
 
     /// Metrics with non-zero coefficients.
     pub fn support(&self) -> Vec<Metric> {
-        Metric::ALL.into_iter().filter(|m| self.coef[m.index()] != 0.0).collect()
+        Metric::ALL
+            .into_iter()
+            .filter(|m| self.coef[m.index()] != 0.0)
+            .collect()
     }
 }
 
@@ -171,7 +179,11 @@ impl BenchKind {
             BenchKind::NetTx | BenchKind::NetRx => {
                 let bytes = load * 1.0e8;
                 let data_pkts = bytes / MSS_BYTES;
-                let (data_rx, data_tx) = if self == BenchKind::NetTx { (false, true) } else { (true, false) };
+                let (data_rx, data_tx) = if self == BenchKind::NetTx {
+                    (false, true)
+                } else {
+                    (true, false)
+                };
                 let acks = data_pkts / 2.0;
                 m.user_pct = 1.0 + 4.0 * load;
                 m.kernel_pct = 2.0 + if data_tx { 22.0 } else { 28.0 } * load;
@@ -247,12 +259,18 @@ fn observe(mean: [f64; METRIC_COUNT], jitter: f64, rng: &mut SimRng) -> Metrics 
     Metrics::from_array(a)
 }
 
-fn sample(benchmark: &str, metrics: Metrics, planted: &Planted, rng: &mut SimRng) -> TrainingSample {
+fn sample(
+    benchmark: &str,
+    metrics: Metrics,
+    planted: &Planted,
+    rng: &mut SimRng,
+) -> TrainingSample {
     TrainingSample {
         benchmark: benchmark.to_string(),
         metrics,
         vm_cpu_pct: (planted.vm.eval(&metrics) + planted.vm.noise_sd_pct * rng.normal()).max(0.0),
-        host_cpu_pct: (planted.host.eval(&metrics) + planted.host.noise_sd_pct * rng.normal()).max(0.0),
+        host_cpu_pct: (planted.host.eval(&metrics) + planted.host.noise_sd_pct * rng.normal())
+            .max(0.0),
     }
 }
 
@@ -337,7 +355,13 @@ pub enum HogSide {
 
 /// Adds a background CPU hog's `hog_pct` points of CPU (on `side`) to every interval of
 /// `round(fraction · runs)` randomly chosen runs; returns their ids, sorted.
-pub fn corrupt(set: &mut TrainingSet, fraction: f64, hog_pct: f64, side: HogSide, seed: u64) -> Vec<String> {
+pub fn corrupt(
+    set: &mut TrainingSet,
+    fraction: f64,
+    hog_pct: f64,
+    side: HogSide,
+    seed: u64,
+) -> Vec<String> {
     let mut runs: Vec<String> = set.samples.iter().map(|s| s.benchmark.clone()).collect();
     runs.dedup();
     runs.sort();
@@ -350,7 +374,11 @@ pub fn corrupt(set: &mut TrainingSet, fraction: f64, hog_pct: f64, side: HogSide
         chosen.push(r);
     }
     chosen.sort();
-    for s in set.samples.iter_mut().filter(|s| chosen.contains(&s.benchmark)) {
+    for s in set
+        .samples
+        .iter_mut()
+        .filter(|s| chosen.contains(&s.benchmark))
+    {
         match side {
             HogSide::Guest => s.vm_cpu_pct += hog_pct,
             HogSide::Native => s.metrics.user_pct += hog_pct,
@@ -428,7 +456,11 @@ pub fn corrupted_training_experiment(
     let clean_arm = arm(&clean, &on, &held_out)?;
     let unrefined = arm(&bad, &off, &held_out)?;
     let refined = arm(&bad, &on, &held_out)?;
-    let detected = refined.dropped.iter().filter(|d| corrupted.contains(d)).count();
+    let detected = refined
+        .dropped
+        .iter()
+        .filter(|d| corrupted.contains(d))
+        .count();
     let mut runs: Vec<&str> = clean.samples.iter().map(|s| s.benchmark.as_str()).collect();
     runs.sort();
     runs.dedup();

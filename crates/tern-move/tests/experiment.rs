@@ -27,12 +27,28 @@ fn check(side: HogSide, seed: u64) {
         r.clean.held_out.baseline_host.p90_rel_pct,
     );
     assert_eq!(r.corrupted.len(), 5, "10% of 50 runs");
-    assert_eq!(r.detected, r.corrupted.len(), "all corrupted runs dropped: {r:?}");
-    assert_eq!(r.false_positives, 0, "no clean run dropped: {:?}", r.corrupted_refined.dropped);
-    assert!(r.clean.dropped.len() <= 1, "clean set loses at most one run: {:?}", r.clean.dropped);
+    assert_eq!(
+        r.detected,
+        r.corrupted.len(),
+        "all corrupted runs dropped: {r:?}"
+    );
+    assert_eq!(
+        r.false_positives, 0,
+        "no clean run dropped: {:?}",
+        r.corrupted_refined.dropped
+    );
+    assert!(
+        r.clean.dropped.len() <= 1,
+        "clean set loses at most one run: {:?}",
+        r.clean.dropped
+    );
     for (what, clean, refined) in [
         ("vm", &r.clean.held_out.vm, &r.corrupted_refined.held_out.vm),
-        ("host", &r.clean.held_out.host, &r.corrupted_refined.held_out.host),
+        (
+            "host",
+            &r.clean.held_out.host,
+            &r.corrupted_refined.held_out.host,
+        ),
     ] {
         assert!(
             (refined.p90_rel_pct - clean.p90_rel_pct).abs() <= 1.0,

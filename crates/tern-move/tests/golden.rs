@@ -47,7 +47,10 @@ fn assert_close(what: &str, got: &[f64], want: &[f64], rel: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let tol = rel * w.abs().max(1e-12);
-        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g:e}, statsmodels {w:e} (tol {tol:e})");
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g:e}, statsmodels {w:e} (tol {tol:e})"
+        );
     }
 }
 
@@ -65,14 +68,23 @@ fn rlm_bisquare_matches_statsmodels() {
         let f = irls_bisquare(&design(&d.x), &d.y, &IrlsParams::default()).unwrap();
         assert!(f.converged, "{}: IRLS did not converge", d.name);
         assert_close(&format!("{} rlm coef", d.name), &f.coef, &d.rlm_coef, 1e-7);
-        assert_close(&format!("{} rlm scale", d.name), &[f.scale], &[d.rlm_scale], 1e-7);
+        assert_close(
+            &format!("{} rlm scale", d.name),
+            &[f.scale],
+            &[d.rlm_scale],
+            1e-7,
+        );
         let max_w_diff = f
             .weights
             .iter()
             .zip(&d.rlm_weights)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        assert!(max_w_diff < 1e-7, "{}: weights differ by {max_w_diff:e}", d.name);
+        assert!(
+            max_w_diff < 1e-7,
+            "{}: weights differ by {max_w_diff:e}",
+            d.name
+        );
     }
 }
 
@@ -80,7 +92,11 @@ fn rlm_bisquare_matches_statsmodels() {
 fn rlm_differs_from_ols_on_golden_outliers() {
     // Guards the golden data itself: if RLM and OLS agreed, the RLM test would prove little.
     let g = golden();
-    let d = g.datasets.iter().find(|d| d.name == "small_linear").unwrap();
+    let d = g
+        .datasets
+        .iter()
+        .find(|d| d.name == "small_linear")
+        .unwrap();
     assert!((d.rlm_coef[0] - d.ols_coef[0]).abs() > 0.1);
 }
 

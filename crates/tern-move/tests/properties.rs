@@ -42,7 +42,14 @@ fn noise_free_planted_model_is_recovered_exactly() {
         let rows = random_rows(&mut rng, 80);
         let y: Vec<f64> = rows
             .iter()
-            .map(|r| intercept + support.iter().zip(&coef).map(|(m, c)| c * r[m.index()]).sum::<f64>())
+            .map(|r| {
+                intercept
+                    + support
+                        .iter()
+                        .zip(&coef)
+                        .map(|(m, c)| c * r[m.index()])
+                        .sum::<f64>()
+            })
             .collect();
         let sel = forward_stepwise(&rows, &y, &Metric::ALL, F_TO_ENTER_ALPHA).unwrap();
         let mut got = sel.selected.clone();
@@ -51,10 +58,17 @@ fn noise_free_planted_model_is_recovered_exactly() {
         want.sort();
         assert_eq!(got, want, "seed {seed}: selection");
         let f = irls_bisquare(&design(&rows, &sel.selected), &y, &IrlsParams::default()).unwrap();
-        assert!((f.coef[0] - intercept).abs() < 1e-8, "seed {seed}: intercept {} vs {intercept}", f.coef[0]);
+        assert!(
+            (f.coef[0] - intercept).abs() < 1e-8,
+            "seed {seed}: intercept {} vs {intercept}",
+            f.coef[0]
+        );
         for (m, c) in sel.selected.iter().zip(&f.coef[1..]) {
             let truth = coef[support.iter().position(|s| s == m).unwrap()];
-            assert!((c - truth).abs() <= 1e-8 * truth.abs(), "seed {seed} {m:?}: {c:e} vs {truth:e}");
+            assert!(
+                (c - truth).abs() <= 1e-8 * truth.abs(),
+                "seed {seed} {m:?}: {c:e} vs {truth:e}"
+            );
         }
     }
 }
@@ -68,11 +82,7 @@ fn ten_percent_outliers_barely_move_irls_but_move_ols() {
         let sel = [Metric::UserPct, Metric::RxPktsPerS];
         let truth = [2.0, 1.1, 0.002];
         let x = design(&rows, &sel);
-        let clean: Vec<f64> = x
-            .mul_vec(&truth)
-            .iter()
-            .map(|v| v + rng.normal())
-            .collect();
+        let clean: Vec<f64> = x.mul_vec(&truth).iter().map(|v| v + rng.normal()).collect();
         let mut dirty = clean.clone();
         for (i, v) in dirty.iter_mut().enumerate() {
             if i % 10 == 3 {
@@ -85,11 +95,23 @@ fn ten_percent_outliers_barely_move_irls_but_move_ols() {
             fa.iter().zip(&fb).map(|(p, q)| (p - q).abs()).sum::<f64>() / n as f64
         };
         let p = IrlsParams::default();
-        let irls_move = shift(&irls_bisquare(&x, &clean, &p).unwrap().coef, &irls_bisquare(&x, &dirty, &p).unwrap().coef);
+        let irls_move = shift(
+            &irls_bisquare(&x, &clean, &p).unwrap().coef,
+            &irls_bisquare(&x, &dirty, &p).unwrap().coef,
+        );
         let ols_move = shift(&ols(&x, &clean).unwrap(), &ols(&x, &dirty).unwrap());
-        assert!(irls_move < 0.3, "seed {seed}: IRLS moved {irls_move:.3} points");
-        assert!(ols_move > 2.0, "seed {seed}: OLS moved only {ols_move:.3} points");
-        assert!(ols_move > 10.0 * irls_move, "seed {seed}: OLS {ols_move:.3} vs IRLS {irls_move:.3}");
+        assert!(
+            irls_move < 0.3,
+            "seed {seed}: IRLS moved {irls_move:.3} points"
+        );
+        assert!(
+            ols_move > 2.0,
+            "seed {seed}: OLS moved only {ols_move:.3} points"
+        );
+        assert!(
+            ols_move > 10.0 * irls_move,
+            "seed {seed}: OLS {ols_move:.3} vs IRLS {irls_move:.3}"
+        );
     }
 }
 
@@ -100,9 +122,13 @@ fn collinear_candidates_are_skipped_not_fatal() {
     for r in rows.iter_mut() {
         r[Metric::RxBytesPerS.index()] = 1448.0 * r[Metric::RxPktsPerS.index()];
     }
-    let y: Vec<f64> = rows.iter().map(|r| 3.0 + 0.001 * r[Metric::RxPktsPerS.index()] + rng.normal() * 0.1).collect();
+    let y: Vec<f64> = rows
+        .iter()
+        .map(|r| 3.0 + 0.001 * r[Metric::RxPktsPerS.index()] + rng.normal() * 0.1)
+        .collect();
     let sel = forward_stepwise(&rows, &y, &Metric::ALL, F_TO_ENTER_ALPHA).unwrap();
-    let both = sel.selected.contains(&Metric::RxPktsPerS) && sel.selected.contains(&Metric::RxBytesPerS);
+    let both =
+        sel.selected.contains(&Metric::RxPktsPerS) && sel.selected.contains(&Metric::RxBytesPerS);
     assert!(!both, "collinear pair entered together: {:?}", sel.selected);
     assert!(!sel.selected.is_empty());
 }
@@ -114,7 +140,11 @@ fn model_json_round_trips_and_predicts_deterministically() {
     let json = serde_json::to_string(&model).unwrap();
     let back: tern_move::Model = serde_json::from_str(&json).unwrap();
     assert_eq!(back, model);
-    assert_eq!(fit(&set, &FitParams::default()).unwrap(), model, "same data, same model");
+    assert_eq!(
+        fit(&set, &FitParams::default()).unwrap(),
+        model,
+        "same data, same model"
+    );
     let trace = Trace {
         version: FORMAT_VERSION,
         interval_s: 30.0,
@@ -123,14 +153,23 @@ fn model_json_round_trips_and_predicts_deterministically() {
             .iter()
             .take(20)
             .enumerate()
-            .map(|(i, s)| TraceSample { t_s: 30.0 * i as f64, metrics: s.metrics })
+            .map(|(i, s)| TraceSample {
+                t_s: 30.0 * i as f64,
+                metrics: s.metrics,
+            })
             .collect(),
     };
     let p = predict(&back, &trace).unwrap();
     assert_eq!(p.samples.len(), 20);
     for (ps, s) in p.samples.iter().zip(&set.samples) {
-        assert!((ps.vm_cpu_pct - s.vm_cpu_pct).abs() < 5.0, "{ps:?} vs {s:?}");
-        assert!((ps.host_cpu_pct - s.host_cpu_pct).abs() < 3.0, "{ps:?} vs {s:?}");
+        assert!(
+            (ps.vm_cpu_pct - s.vm_cpu_pct).abs() < 5.0,
+            "{ps:?} vs {s:?}"
+        );
+        assert!(
+            (ps.host_cpu_pct - s.host_cpu_pct).abs() < 3.0,
+            "{ps:?} vs {s:?}"
+        );
     }
 }
 
@@ -138,7 +177,14 @@ fn model_json_round_trips_and_predicts_deterministically() {
 fn flag_mode_reports_reruns_without_dropping() {
     let mut set = microbenchmarks(9, &Planted::default(), &SimConfig::default());
     let bad = tern_move::sim::corrupt(&mut set, 0.1, 20.0, tern_move::sim::HogSide::Guest, 9);
-    let m = fit(&set, &FitParams { refine: RefineMode::Flag, ..FitParams::default() }).unwrap();
+    let m = fit(
+        &set,
+        &FitParams {
+            refine: RefineMode::Flag,
+            ..FitParams::default()
+        },
+    )
+    .unwrap();
     assert!(m.refinement.dropped.is_empty());
     assert_eq!(m.refinement.rerun, bad);
     assert_eq!(m.samples_used, set.samples.len());
@@ -148,7 +194,14 @@ fn flag_mode_reports_reruns_without_dropping() {
 fn drop_limit_stops_refinement() {
     // A negative factor flags every run: the 25% drop bound must stop the loop.
     let set = microbenchmarks(3, &Planted::default(), &SimConfig::default());
-    let m = fit(&set, &FitParams { refine_k_sigma: -10.0, ..FitParams::default() }).unwrap();
+    let m = fit(
+        &set,
+        &FitParams {
+            refine_k_sigma: -10.0,
+            ..FitParams::default()
+        },
+    )
+    .unwrap();
     assert!(m.refinement.drop_limit_hit);
     assert!(m.refinement.dropped.is_empty());
     assert_eq!(m.benchmarks_used, 50);
@@ -158,14 +211,26 @@ fn drop_limit_stops_refinement() {
 fn inputs_are_validated() {
     let mut set = microbenchmarks(1, &Planted::default(), &SimConfig::default());
     set.version = 2;
-    assert!(matches!(fit(&set, &FitParams::default()), Err(MoveError::Version { found: 2, .. })));
+    assert!(matches!(
+        fit(&set, &FitParams::default()),
+        Err(MoveError::Version { found: 2, .. })
+    ));
     set.version = FORMAT_VERSION;
     set.samples[4].metrics.kernel_pct = f64::NAN;
-    assert!(matches!(fit(&set, &FitParams::default()), Err(MoveError::InvalidValue { index: 4, .. })));
+    assert!(matches!(
+        fit(&set, &FitParams::default()),
+        Err(MoveError::InvalidValue { index: 4, .. })
+    ));
     let big = Trace {
         version: FORMAT_VERSION,
         interval_s: 1.0,
-        samples: vec![TraceSample { t_s: 0.0, metrics: Metrics::default() }; MAX_SAMPLES + 1],
+        samples: vec![
+            TraceSample {
+                t_s: 0.0,
+                metrics: Metrics::default()
+            };
+            MAX_SAMPLES + 1
+        ],
     };
     assert!(matches!(big.validate(), Err(MoveError::TooLarge { .. })));
 }
