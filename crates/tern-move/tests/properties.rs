@@ -234,3 +234,41 @@ fn inputs_are_validated() {
     };
     assert!(matches!(big.validate(), Err(MoveError::TooLarge { .. })));
 }
+
+/// The documented wire format (docs/move.md): field names are part of the contract with
+/// collectors, so a rename must fail here.
+#[test]
+fn documented_training_format_parses() {
+    let doc = r#"{"version":1, "interval_s":30, "platform":"native -> tcg-mttcg",
+      "samples":[{"benchmark":"net-tx-50",
+        "metrics":{"user_pct":3.1, "kernel_pct":13.0, "iowait_pct":0.5,
+                   "rx_pkts_per_s":17000, "tx_pkts_per_s":34600,
+                   "rx_bytes_per_s":1.2e6, "tx_bytes_per_s":5.0e7,
+                   "read_req_per_s":0, "write_req_per_s":2,
+                   "read_blocks_per_s":0, "write_blocks_per_s":16},
+        "vm_cpu_pct":24.0, "host_cpu_pct":8.5}]}"#;
+    let set: tern_move::TrainingSet = serde_json::from_str(doc).unwrap();
+    set.validate().unwrap();
+    let s = &set.samples[0];
+    assert_eq!(s.benchmark, "net-tx-50");
+    assert_eq!(s.metrics.to_array()[Metric::TxPktsPerS.index()], 34600.0);
+    assert_eq!(s.metrics.write_blocks_per_s, 16.0);
+    assert_eq!((s.vm_cpu_pct, s.host_cpu_pct), (24.0, 8.5));
+    for m in Metric::ALL {
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            format!("\"{}\"", m.name())
+        );
+        assert!(
+            doc.contains(&format!("\"{}\"", m.name())),
+            "{} not in the documented example",
+            m.name()
+        );
+    }
+    let back: tern_move::TrainingSet =
+        serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
+    assert_eq!(back, set);
+    // A missing metric is an error, not a silent zero.
+    let missing = doc.replace("\"iowait_pct\":0.5,", "");
+    assert!(serde_json::from_str::<tern_move::TrainingSet>(&missing).is_err());
+}
