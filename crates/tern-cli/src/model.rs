@@ -17,8 +17,22 @@ pub enum ModelCmd {
     Fit(FitArgs),
     /// Predict the VM and host-side CPU traces of a native trace.
     Predict(PredictArgs),
+    /// Error of a model on measured samples (a training-set-format file): p50/p90 and
+    /// the error CDF, MOVE vs the CPU-scaling baseline.
+    Eval(EvalArgs),
     /// Write a synthetic microbenchmark training set and application trace (seeded).
     Simulate(SimulateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model JSON.
+    model: PathBuf,
+    /// Measured samples (training-set JSON: native metrics plus measured VM/host CPU).
+    measured: PathBuf,
+    /// Print JSON (summaries and CDF points).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,8 +97,47 @@ pub fn run(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Fit(a) => fit(a),
         ModelCmd::Predict(a) => predict(a),
+        ModelCmd::Eval(a) => eval(a),
         ModelCmd::Simulate(a) => simulate(a),
     }
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use tern_move::model::error_cdf;
+    let model: Model = read_json(&a.model, "model")?;
+    let set: TrainingSet = read_json(&a.measured, "measured samples")?;
+    model.validate()?;
+    set.validate()?;
+    let e = tern_move::evaluate(&model, &set.samples);
+    let pairs = |f: &dyn Fn(&tern_move::TrainingSample) -> (f64, f64)| {
+        set.samples.iter().map(f).collect::<Vec<_>>()
+    };
+    let vm = pairs(&|s| (model.vm.predict(&s.metrics), s.vm_cpu_pct));
+    let host = pairs(&|s| (model.host.predict(&s.metrics), s.host_cpu_pct));
+    if a.json {
+        let doc = serde_json::json!({
+            "version": FORMAT_VERSION,
+            "summary": e,
+            "cdf_vm": error_cdf(&vm),
+            "cdf_host": error_cdf(&host),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("| target | model | n | p50 rel % | p90 rel % | p90 abs pts |");
+    println!("|---|---|---|---|---|---|");
+    for (t, m, s) in [
+        ("vm", "MOVE", &e.vm),
+        ("vm", "CPU scaling", &e.baseline_vm),
+        ("host", "MOVE", &e.host),
+        ("host", "CPU scaling", &e.baseline_host),
+    ] {
+        println!(
+            "| {t} | {m} | {} | {:.2} | {:.2} | {:.2} |",
+            s.n, s.p50_rel_pct, s.p90_rel_pct, s.p90_abs_pts
+        );
+    }
+    Ok(())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {

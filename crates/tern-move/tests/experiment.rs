@@ -58,7 +58,11 @@ fn check(side: HogSide, seed: u64) {
         );
     }
     // The multi-metric model beats CPU scaling by a wide margin (seed: 5% vs 65%).
-    assert!(r.clean.held_out.vm.p90_rel_pct < 10.0);
+    // Issue 29's bar on held-out traces: p90 ≤ 10% VM, ≤ 5% host.
+    assert!(r.clean.held_out.vm.p90_rel_pct <= 10.0);
+    assert!(r.clean.held_out.host.p90_rel_pct <= 5.0);
+    assert!(r.corrupted_refined.held_out.vm.p90_rel_pct <= 10.0);
+    assert!(r.corrupted_refined.held_out.host.p90_rel_pct <= 5.0);
     assert!(r.clean.held_out.baseline_vm.p90_rel_pct > 3.0 * r.clean.held_out.vm.p90_rel_pct);
     assert!(r.clean.held_out.baseline_host.p90_rel_pct > 3.0 * r.clean.held_out.host.p90_rel_pct);
 }
