@@ -363,7 +363,6 @@ pub fn corrupt(
     seed: u64,
 ) -> Vec<String> {
     let mut runs: Vec<String> = set.samples.iter().map(|s| s.benchmark.clone()).collect();
-    runs.dedup();
     runs.sort();
     runs.dedup();
     let count = (fraction * runs.len() as f64).round() as usize;
