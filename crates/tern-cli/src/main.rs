@@ -6,6 +6,7 @@ mod balance;
 mod bench;
 mod disk;
 mod migrate;
+mod model;
 mod protect;
 mod vm;
 
@@ -56,6 +57,9 @@ enum Cmd {
     /// Declare a protected VM's primary site lost: promote the backup volume and boot the
     /// VM at the backup site; prints RPO and RTO.
     Failover(protect::FailoverArgs),
+    /// MOVE's virtualization-overhead model: `fit` a training set, `predict` CPU traces.
+    #[command(subcommand)]
+    Model(model::ModelCmd),
     /// Sandpiper's hotspot controller on a pool snapshot: `plan --dry-run`, `explain`.
     #[command(subcommand)]
     Balance(balance::BalanceCmd),
@@ -322,6 +326,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Failover(a) => protect::failover(a),
         Cmd::Disk(c) => disk::run(c),
         Cmd::Balance(c) => balance::run(c),
+        Cmd::Model(c) => model::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }
 }
