@@ -229,6 +229,7 @@ fn disk_seeds() {
             size: 1 << 30,
             block_shift: 12,
             name: "vm1-disk".into(),
+            epoch: 0,
         },
         Msg::Data {
             seq: 1,
@@ -282,7 +283,8 @@ fn disk_seeds() {
             },
         },
     ] {
-        wal::encode(&r, &mut log);
+        let at = log.len() as u64;
+        wal::encode(&r, at, at, &mut log);
     }
     write("disk_wal", &[log]);
 }

@@ -19,7 +19,13 @@ fuzz_target!(|data: &[u8]| {
         [2, 0, 0, 0, 0, 1],
         vec![[2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]],
     );
+    // From the owner's port (the trailer is parsed) and from anywhere else (left alone).
+    let from_owner = data.first().is_some_and(|b| b & 1 == 1);
     let mut frame = data.to_vec();
-    let _ = g.receive(&mut frame);
+    let took = g.receive(&mut frame, from_owner);
+    if !from_owner {
+        assert!(!took);
+        assert_eq!(frame, data, "a frame nobody vouches for is left untouched");
+    }
     let _ = g.deps();
 });
