@@ -511,9 +511,12 @@ impl Vsnoop {
             c.dup_acks_suppressed += 1;
             return FromVm::Suppress;
         }
-        c.acks_rewritten += 1;
         let window = f.window_field(f.cur_ack);
         f.note_advertised(f.cur_ack, window);
+        if ack == f.cur_ack && window == seg.window {
+            return FromVm::Forward;
+        }
+        c.acks_rewritten += 1;
         FromVm::Rewrite {
             ack: f.cur_ack,
             window,
