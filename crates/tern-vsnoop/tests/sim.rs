@@ -544,3 +544,17 @@ fn a_seed_replays_identically() {
     sc.reorder = 0.05;
     assert_eq!(run(sc), run(sc));
 }
+
+#[test]
+fn small_guaranteed_buffer_is_never_overcommitted() {
+    for seed in 1..=6 {
+        let mut sc = Scenario::base(seed);
+        sc.reserved_cap = 6 * MSS;
+        sc.unreserved_cap = 30 * MSS;
+        sc.vm_ns_per_seg = 80_000;
+        sc.loss = 0.01;
+        let o = completes(sc);
+        assert!(o.counters.no_buffer_budget > 0, "seed {seed}: budget never bound");
+        assert!(o.early_acks > 0, "seed {seed}");
+    }
+}
