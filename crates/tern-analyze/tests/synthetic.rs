@@ -303,3 +303,24 @@ fn truncations_and_mutations_never_panic() {
         }
     }
 }
+
+/// A real capture: `tcpdump -i lo -s 128` of `iperf3 -c 127.0.0.1 -t 2 -b 200M` (Ethernet
+/// link type, µs timestamps), first 400 records. Expected values computed independently with
+/// tcpdump filters (pure ACKs 5299→49048: 152, of 151 gaps 83 below 120 µs; 231 data segments
+/// carrying 10,289,136 bytes from 49048; iperf3 reported 0 retransmissions).
+#[test]
+fn real_iperf3_capture_matches_tcpdump() {
+    let bytes = include_bytes!("data/iperf3-lo.pcap");
+    let (cap, a) = analyze_pcap(bytes, &Params::default(), Some(":49048")).unwrap();
+    assert_eq!(cap.link, LinkType::Ethernet);
+    assert!(!cap.nanosecond);
+    assert_eq!(cap.records, 400);
+    let f = &a.flows[0];
+    assert_eq!(f.sender, "127.0.0.1:49048");
+    assert_eq!(f.acks, 152);
+    assert_eq!(f.inter_arrivals, 151);
+    assert!(approx(f.ack_compression_level.unwrap(), 83.0 / 151.0));
+    assert_eq!(f.data_segments, 231);
+    assert_eq!(f.data_bytes, 10_289_136);
+    assert_eq!(f.retransmitted_segments, 0);
+}
