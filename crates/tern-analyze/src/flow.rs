@@ -200,13 +200,7 @@ pub fn analyze(segs: &[TcpSegment], params: &Params, filter: Option<&str>) -> An
     }
 }
 
-fn analyze_flow(
-    segs: &[&TcpSegment],
-    snd: End,
-    rcv: End,
-    lab: String,
-    p: &Params,
-) -> FlowReport {
+fn analyze_flow(segs: &[&TcpSegment], snd: End, rcv: End, lab: String, p: &Params) -> FlowReport {
     let first_ts = segs.iter().map(|s| s.ts_ns).min().unwrap_or(0);
     let last_ts = segs.iter().map(|s| s.ts_ns).max().unwrap_or(0);
     // Sequence base: the sender's first segment (SYN or data).
@@ -312,8 +306,8 @@ fn analyze_flow(
         })
         .collect();
     rho.sort_by(f64::total_cmp);
-    let rho_below_half =
-        (!rho.is_empty()).then(|| rho.iter().filter(|&&r| r < 0.5).count() as f64 / rho.len() as f64);
+    let rho_below_half = (!rho.is_empty())
+        .then(|| rho.iter().filter(|&&r| r < 0.5).count() as f64 / rho.len() as f64);
     let mut series_truncated = false;
     let first_data_ack = acks.iter().position(|a| a.1 > 0);
     let per_interval = |iv: u64, trunc: &mut bool| -> Vec<u64> {

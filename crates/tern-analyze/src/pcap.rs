@@ -49,7 +49,9 @@ pub enum PcapError {
     Pcapng,
     #[error("unknown pcap magic {magic:#010x}")]
     BadMagic { magic: u32 },
-    #[error("record at offset {offset} claims {incl_len} captured bytes (limit {MAX_RECORD_BYTES})")]
+    #[error(
+        "record at offset {offset} claims {incl_len} captured bytes (limit {MAX_RECORD_BYTES})"
+    )]
     RecordTooLarge { offset: usize, incl_len: u32 },
 }
 

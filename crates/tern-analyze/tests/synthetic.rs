@@ -141,7 +141,14 @@ fn known_flow(w: &mut Writer, isn: u32, gaps_ns: &[u64], rtx: usize) -> u64 {
         }
         if i < rtx {
             // Resend the first of the two.
-            w.tcp(t - 500, true, next.wrapping_sub(2 * MSS), irs + 1, ACKF, MSS);
+            w.tcp(
+                t - 500,
+                true,
+                next.wrapping_sub(2 * MSS),
+                irs + 1,
+                ACKF,
+                MSS,
+            );
         }
         w.tcp(t, false, irs + 1, next, ACKF, 0);
     }
@@ -249,8 +256,22 @@ fn flow_filter_selects_by_label() {
     let mut w = Writer::new(true, true, Link::Raw);
     known_flow(&mut w, 1, &[240_000; 3], 0);
     let p = Params::default();
-    assert_eq!(analyze_pcap(&w.buf, &p, Some(":5201")).unwrap().1.flows.len(), 1);
-    assert_eq!(analyze_pcap(&w.buf, &p, Some(":9999")).unwrap().1.flows.len(), 0);
+    assert_eq!(
+        analyze_pcap(&w.buf, &p, Some(":5201"))
+            .unwrap()
+            .1
+            .flows
+            .len(),
+        1
+    );
+    assert_eq!(
+        analyze_pcap(&w.buf, &p, Some(":9999"))
+            .unwrap()
+            .1
+            .flows
+            .len(),
+        0
+    );
 }
 
 #[test]
@@ -266,7 +287,10 @@ fn bad_headers_are_errors_not_panics() {
     w.u32(0);
     w.u32(u32::MAX);
     w.u32(0);
-    assert!(matches!(parse(&w.buf), Err(PcapError::RecordTooLarge { .. })));
+    assert!(matches!(
+        parse(&w.buf),
+        Err(PcapError::RecordTooLarge { .. })
+    ));
 }
 
 /// Deterministic fuzz: every prefix and many seeded mutations of a valid file parse or fail

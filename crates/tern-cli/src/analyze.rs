@@ -119,7 +119,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
                 cap.link
             );
             for (i, f) in an.flows.iter().enumerate() {
-                let opt = |v: Option<f64>, s: f64| v.map_or("-".into(), |x| format!("{:.3}", x * s));
+                let opt =
+                    |v: Option<f64>, s: f64| v.map_or("-".into(), |x| format!("{:.3}", x * s));
                 println!(
                     "  flow{i} {}: {:.2} s, {} data segs ({} rtx, {:.3}%), {} acks ({} dup)",
                     f.label,

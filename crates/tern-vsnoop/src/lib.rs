@@ -107,7 +107,10 @@ pub enum FromVm {
     Forward,
     /// Forward with the ACK and window fields replaced (checksum to be fixed by the port;
     /// [`rewrite_ack`] does it on IPv4 bytes).
-    Rewrite { ack: u32, window: u16 },
+    Rewrite {
+        ack: u32,
+        window: u16,
+    },
     /// Drop: a duplicate of an ACK the sender already has from the early ACK.
     Suppress,
 }
@@ -253,7 +256,9 @@ impl Vsnoop {
 
     /// The state of the flow `sender → vm`, if tracked.
     pub fn state(&self, sender: (Ipv4Addr, u16), vm: (Ipv4Addr, u16)) -> Option<State> {
-        self.flows.get(&(sender.0, sender.1, vm.0, vm.1)).map(|f| f.state)
+        self.flows
+            .get(&(sender.0, sender.1, vm.0, vm.1))
+            .map(|f| f.state)
     }
 
     /// Early-acked bytes not yet acknowledged by the VM, over all flows. Zero means the
@@ -394,7 +399,9 @@ impl Vsnoop {
         c.early_acks += 1;
         c.early_acked_bytes += u64::from(len);
         let ts = if f.ts_ok {
-            seg.options.timestamps.map(|(tsval, _)| (f.last_vm_tsval, tsval))
+            seg.options
+                .timestamps
+                .map(|(tsval, _)| (f.last_vm_tsval, tsval))
         } else {
             None
         };

@@ -32,11 +32,18 @@ impl Rng {
 enum Fate {
     Normal,
     /// The VM stalls (descheduled) over [from, to).
-    Stall { from_ns: u64, to_ns: u64 },
+    Stall {
+        from_ns: u64,
+        to_ns: u64,
+    },
     /// The VM dies at this time.
-    Crash { at_ns: u64 },
+    Crash {
+        at_ns: u64,
+    },
     /// Quiesce at this time, drain, drop vSnoop state, continue without it.
-    Migrate { at_ns: u64 },
+    Migrate {
+        at_ns: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -175,7 +182,11 @@ fn run(sc: Scenario) -> Outcome {
     let mut syn = seg(SND, VM, 40000, 80, sc.isn, 0, SYN);
     syn.options.wscale = Some(3);
     syn.window = 65535;
-    assert!(vs.handle_segment_to_vm(0, &syn, sc.reserved_cap).early_ack.is_none());
+    assert!(
+        vs.handle_segment_to_vm(0, &syn, sc.reserved_cap)
+            .early_ack
+            .is_none()
+    );
     let vm_win = |unread: u64| -> u16 {
         let free = sc.vm_rcvbuf.saturating_sub(unread);
         u16::try_from(free >> sc.vm_wscale).unwrap_or(u16::MAX)
@@ -227,7 +238,7 @@ fn run(sc: Scenario) -> Outcome {
                 q.clear();
                 let r = vs.drop_state();
                 drop_undelivered = Some(r.undelivered_bytes);
-                            assert_eq!(
+                assert_eq!(
                     r.undelivered_bytes,
                     max_early.saturating_sub(rcv_nxt),
                     "seed {s}: crash report must equal sender-acked minus VM-received"
@@ -258,12 +269,18 @@ fn run(sc: Scenario) -> Outcome {
                     Forward::Reserved => {
                         assert!(len <= budget, "seed {s}: reserved beyond the budget");
                         res_bytes += len;
-                        q.push_back(Queued { seg: d.clone(), reserved: true });
+                        q.push_back(Queued {
+                            seg: d.clone(),
+                            reserved: true,
+                        });
                     }
                     Forward::Unreserved => {
                         if unres_bytes + len <= sc.unreserved_cap {
                             unres_bytes += len;
-                            q.push_back(Queued { seg: d.clone(), reserved: false });
+                            q.push_back(Queued {
+                                seg: d.clone(),
+                                reserved: false,
+                            });
                         }
                     }
                 }
@@ -272,13 +289,22 @@ fn run(sc: Scenario) -> Outcome {
                     assert!(!is_syn_fin, "seed {s}: early ACK of SYN/FIN");
                     assert!(quiesced_at.is_none(), "seed {s}: early ACK after quiesce");
                     let ack_off = off_of(e.ack);
-                    assert_eq!(ack_off, off_of(d.seq) + len, "seed {s}: ack covers exactly the segment");
+                    assert_eq!(
+                        ack_off,
+                        off_of(d.seq) + len,
+                        "seed {s}: ack covers exactly the segment"
+                    );
                     assert!(ack_off <= sc.bytes, "seed {s}: early ACK reaches the FIN");
                     // (i) every byte below the ACK is in the VM or in a reserved slot.
                     let mut iv: Vec<(u64, u64)> = q
                         .iter()
                         .filter(|x| x.reserved)
-                        .map(|x| (off_of(x.seg.seq), off_of(x.seg.seq) + u64::from(x.seg.payload_len)))
+                        .map(|x| {
+                            (
+                                off_of(x.seg.seq),
+                                off_of(x.seg.seq) + u64::from(x.seg.payload_len),
+                            )
+                        })
                         .collect();
                     iv.sort_unstable();
                     let mut covered = rcv_nxt;
@@ -287,10 +313,16 @@ fn run(sc: Scenario) -> Outcome {
                             covered = covered.max(a1);
                         }
                     }
-                    assert!(ack_off <= covered, "seed {s}: early ACK {ack_off} beyond guaranteed {covered}");
+                    assert!(
+                        ack_off <= covered,
+                        "seed {s}: early ACK {ack_off} beyond guaranteed {covered}"
+                    );
                     // (ii) right edge never past the VM's.
                     let r = ack_off + (u64::from(e.window) << sc.vm_wscale);
-                    assert!(r <= vm_right_max, "seed {s}: early right edge {r} > VM's {vm_right_max}");
+                    assert!(
+                        r <= vm_right_max,
+                        "seed {s}: early right edge {r} > VM's {vm_right_max}"
+                    );
                     fnv(ack_off);
                     max_early = max_early.max(ack_off);
                     let mut back = seg(e.src, e.dst, e.sport, e.dport, e.seq, e.ack, ACK);
@@ -371,7 +403,8 @@ fn run(sc: Scenario) -> Outcome {
                         // Window update.
                         let mut a = seg(VM, SND, 80, 40000, VM_ISN + 1, wire(rcv_nxt), ACK);
                         a.window = vm_win(unread);
-                        vm_right_max = vm_right_max.max(rcv_nxt + (u64::from(a.window) << sc.vm_wscale));
+                        vm_right_max =
+                            vm_right_max.max(rcv_nxt + (u64::from(a.window) << sc.vm_wscale));
                         match vs.handle_segment_from_vm(now, &a) {
                             FromVm::Forward => push(&mut evs, now + LINK_NS, Ev::ToSender(a)),
                             FromVm::Rewrite { ack, window } => {
@@ -446,7 +479,11 @@ fn run(sc: Scenario) -> Outcome {
 
 fn completes(sc: Scenario) -> Outcome {
     let o = run(sc);
-    assert_eq!(o.delivered, sc.bytes, "seed {}: stream not delivered: {o:?}", sc.seed);
+    assert_eq!(
+        o.delivered, sc.bytes,
+        "seed {}: stream not delivered: {o:?}",
+        sc.seed
+    );
     assert!(o.fin_delivered, "seed {}: FIN not delivered", sc.seed);
     assert_eq!(o.sender_una, sc.bytes + 1, "seed {}", sc.seed);
     o
@@ -554,7 +591,10 @@ fn small_guaranteed_buffer_is_never_overcommitted() {
         sc.vm_ns_per_seg = 80_000;
         sc.loss = 0.01;
         let o = completes(sc);
-        assert!(o.counters.no_buffer_budget > 0, "seed {seed}: budget never bound");
+        assert!(
+            o.counters.no_buffer_budget > 0,
+            "seed {seed}: budget never bound"
+        );
         assert!(o.early_acks > 0, "seed {seed}");
     }
 }
