@@ -162,7 +162,6 @@ fn run(sc: Scenario) -> Outcome {
     let mut unread = 0u64;
     let mut fin_delivered = false;
     let mut vm_right_max = 0u64;
-    let mut vm_alive = true;
     let mut vm_busy_until = 0u64;
     let mut tick_pending = false;
     let mut quiesced_at: Option<u64> = None;
@@ -233,8 +232,8 @@ fn run(sc: Scenario) -> Outcome {
             break;
         }
         if let Fate::Crash { at_ns } = sc.fate {
-            if vm_alive && now >= at_ns {
-                vm_alive = false;
+            if now >= at_ns {
+                // The VM dies with its queue; the run ends here.
                 q.clear();
                 let r = vs.drop_state();
                 drop_undelivered = Some(r.undelivered_bytes);
@@ -336,9 +335,6 @@ fn run(sc: Scenario) -> Outcome {
             }
             Ev::VmTick => {
                 tick_pending = false;
-                if !vm_alive {
-                    continue;
-                }
                 if let Fate::Stall { from_ns, to_ns } = sc.fate {
                     if now >= from_ns && now < to_ns {
                         tick_pending = true;
@@ -391,9 +387,6 @@ fn run(sc: Scenario) -> Outcome {
                 }
             }
             Ev::AppRead => {
-                if !vm_alive {
-                    continue;
-                }
                 let paused = sc.app_pause.is_some_and(|(a, b)| now >= a && now < b);
                 let stalled = matches!(sc.fate, Fate::Stall { from_ns, to_ns } if now >= from_ns && now < to_ns);
                 if !paused && !stalled && unread > 0 {
