@@ -417,3 +417,30 @@ fn burstiness(t: &[u64], interval_ns: u64) -> Burstiness {
         mu_over_sigma_as_printed: (std > 0.0).then(|| mean / std),
     }
 }
+
+/// Kolmogorov–Smirnov distance sup |F_a − F_b| between two inter-arrival samples (ns), e.g.
+/// host-side distributions for different VM counts (seed-tcp.md §4.2: ≤ 0.05 means "about
+/// invariant"). `None` if either sample is empty.
+pub fn ks_distance(a: &[u64], b: &[u64]) -> Option<f64> {
+    if a.is_empty() || b.is_empty() {
+        return None;
+    }
+    let mut x = a.to_vec();
+    let mut y = b.to_vec();
+    x.sort_unstable();
+    y.sort_unstable();
+    let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
+    while i < x.len() && j < y.len() {
+        let v = x[i].min(y[j]);
+        while i < x.len() && x[i] == v {
+            i += 1;
+        }
+        while j < y.len() && y[j] == v {
+            j += 1;
+        }
+        let fa = i as f64 / x.len() as f64;
+        let fb = j as f64 / y.len() as f64;
+        d = d.max((fa - fb).abs());
+    }
+    Some(d)
+}

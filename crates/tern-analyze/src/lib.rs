@@ -14,7 +14,7 @@ pub mod packet;
 pub mod pcap;
 pub mod svg;
 
-pub use flow::{Analysis, FlowReport, Params, analyze};
+pub use flow::{Analysis, FlowReport, Params, analyze, ks_distance};
 pub use packet::TcpSegment;
 pub use pcap::{Capture, LinkType, PcapError, parse};
 

@@ -348,3 +348,13 @@ fn real_iperf3_capture_matches_tcpdump() {
     assert_eq!(f.data_bytes, 10_289_136);
     assert_eq!(f.retransmitted_segments, 0);
 }
+
+#[test]
+fn ks_distance_has_known_values() {
+    use tern_analyze::ks_distance;
+    assert_eq!(ks_distance(&[1, 2, 3], &[1, 2, 3]), Some(0.0));
+    assert_eq!(ks_distance(&[1, 2], &[3, 4]), Some(1.0));
+    // F_a jumps to 0.5 at 1; F_b is 0 until 2: sup 0.5.
+    assert_eq!(ks_distance(&[1, 3], &[2, 3]), Some(0.5));
+    assert_eq!(ks_distance(&[], &[1]), None);
+}

@@ -58,6 +58,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
     let mut files = serde_json::Map::new();
+    let mut all: Vec<(String, tern_analyze::Analysis)> = Vec::new();
     for path in &a.pcaps {
         let len = std::fs::metadata(path)
             .with_context(|| format!("stat {}", path.display()))?
@@ -101,6 +102,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
                 }
             }
         }
+        all.push((path.display().to_string(), an.clone()));
         if a.json {
             files.insert(
                 path.display().to_string(),
@@ -150,8 +152,57 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
             }
         }
     }
+    let comparisons = compare(&all);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&files)?);
+        let out = serde_json::json!({ "files": files, "comparisons": comparisons });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for c in &comparisons {
+            let pct = |k: &str| {
+                c[k].as_f64()
+                    .map_or("-".into(), |v| format!("{:.3}%", v * 100.0))
+            };
+            println!(
+                "compare {}: C at {} = {}, at {} = {} (difference {}), KS distance {}",
+                c["flow"].as_str().unwrap_or("?"),
+                c["reference"].as_str().unwrap_or("?"),
+                pct("reference_level"),
+                c["point"].as_str().unwrap_or("?"),
+                pct("level"),
+                pct("level_minus_reference"),
+                c["ks_distance"]
+                    .as_f64()
+                    .map_or("-".into(), |v| format!("{v:.3}"))
+            );
+        }
     }
     Ok(())
+}
+
+/// The same flow seen at several capture points (e.g. host side and inside the VM): each
+/// point's compression level against the first file's, and the KS distance of the
+/// inter-arrival distributions (seed-tcp.md §2.10 item 6: C(VM) − C(host)).
+fn compare(all: &[(String, tern_analyze::Analysis)]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Some((base_name, base)) = all.first() else {
+        return out;
+    };
+    for bf in &base.flows {
+        for (name, an) in &all[1..] {
+            let Some(f) = an.flows.iter().find(|f| f.label == bf.label) else {
+                continue;
+            };
+            let delta = bf
+                .ack_compression_level
+                .zip(f.ack_compression_level)
+                .map(|(b, x)| x - b);
+            out.push(serde_json::json!({
+                "flow": bf.label, "reference": base_name, "point": name,
+                "reference_level": bf.ack_compression_level, "level": f.ack_compression_level,
+                "level_minus_reference": delta,
+                "ks_distance": tern_analyze::ks_distance(&bf.deltas_ns, &f.deltas_ns),
+            }));
+        }
+    }
+    out
 }
