@@ -66,6 +66,10 @@ struct Scenario {
     fate: Fate,
     /// The application stops reading over [from, to) (window goes to zero).
     app_pause: Option<(u64, u64)>,
+    /// Probability that the link delivers a data segment twice.
+    duplicate: f64,
+    /// Segment sizes uniform in 1..=MSS instead of MSS.
+    random_sizes: bool,
 }
 
 impl Scenario {
@@ -84,6 +88,8 @@ impl Scenario {
             isn: 1000 + seed as u32 * 7919,
             fate: Fate::Normal,
             app_pause: None,
+            duplicate: 0.0,
+            random_sizes: false,
         }
     }
 }
@@ -202,7 +208,12 @@ fn run(sc: Scenario) -> Outcome {
     macro_rules! send_data {
         () => {{
             while !fin_sent && nxt < sc.bytes && nxt < una + CWND_BYTES && nxt < right {
-                let len = MSS.min(sc.bytes - nxt).min(right - nxt);
+                let size = if sc.random_sizes {
+                    1 + rng.next() % MSS
+                } else {
+                    MSS
+                };
+                let len = size.min(sc.bytes - nxt).min(right - nxt);
                 let mut d = seg(SND, VM, 40000, 80, wire(nxt), VM_ISN + 1, ACK);
                 d.payload_len = len as u32;
                 d.window = 65535;
@@ -211,6 +222,13 @@ fn run(sc: Scenario) -> Outcome {
                     t += rng.next() % (3 * LINK_NS);
                 }
                 if !rng.chance(sc.loss) {
+                    if rng.chance(sc.duplicate) {
+                        push(
+                            &mut evs,
+                            t + rng.next() % (2 * LINK_NS),
+                            Ev::ToPort(d.clone()),
+                        );
+                    }
                     push(&mut evs, t, Ev::ToPort(d));
                 }
                 nxt += len;
@@ -589,5 +607,31 @@ fn small_guaranteed_buffer_is_never_overcommitted() {
             "seed {seed}: budget never bound"
         );
         assert!(o.early_acks > 0, "seed {seed}");
+    }
+}
+
+/// Property-style sweep: random sizes, loss, reordering, duplication, buffer sizes, VM speeds
+/// and window changes (application pauses), each seed checked against every invariant.
+#[test]
+fn random_sweep_holds_every_invariant() {
+    for seed in 100..140u64 {
+        let mut r = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let mut sc = Scenario::base(seed);
+        sc.bytes = 50_000 + r.next() % 150_000;
+        sc.random_sizes = true;
+        sc.loss = (r.next() % 30) as f64 / 1000.0;
+        sc.reorder = (r.next() % 100) as f64 / 1000.0;
+        sc.duplicate = (r.next() % 50) as f64 / 1000.0;
+        sc.reserved_cap = (2 + r.next() % 60) * MSS;
+        sc.unreserved_cap = (4 + r.next() % 30) * MSS;
+        sc.vm_rcvbuf = (8 + r.next() % 56) * 1024;
+        sc.vm_ns_per_seg = 10_000 + r.next() % 150_000;
+        sc.vm_wscale = (r.next() % 4) as u8;
+        sc.isn = r.next() as u32;
+        if r.next() % 2 == 0 {
+            let a = r.next() % 20_000_000;
+            sc.app_pause = Some((a, a + r.next() % 30_000_000));
+        }
+        completes(sc);
     }
 }
