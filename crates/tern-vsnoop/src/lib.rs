@@ -199,6 +199,9 @@ struct Flow {
     vm_next_seq: Option<u32>,
     last_vm_tsval: u32,
     last_seen_ns: u64,
+    /// VM-initiated connection: the VM's SYN (wscale, SACK-permitted, timestamps, window),
+    /// until the sender's SYN-ACK completes the handshake.
+    vm_syn: Option<(Option<u8>, bool, bool, u16)>,
 }
 
 fn lt(a: u32, b: u32) -> bool {
@@ -317,6 +320,7 @@ impl Vsnoop {
                     vm_next_seq: None,
                     last_vm_tsval: 0,
                     last_seen_ns: now_ns,
+                    vm_syn: None,
                 },
             );
             return pass;
@@ -327,6 +331,34 @@ impl Vsnoop {
         };
         f.last_seen_ns = now_ns;
         let c = &mut self.counters;
+        if seg.has(SYN) {
+            // The sender's SYN-ACK of a VM-initiated connection.
+            if let (State::SynSeen, Some((ws, sack, ts, win))) = (f.state, f.vm_syn) {
+                if seg.options.unknown {
+                    c.fallback_unknown_option += 1;
+                    f.state = State::Passthrough(PassReason::UnknownOption);
+                    return pass;
+                }
+                let isn1 = seg.seq.wrapping_add(1);
+                f.vm_wscale = match (seg.options.wscale, ws) {
+                    (Some(_), Some(s)) => s.min(14),
+                    _ => 0,
+                };
+                f.snd_wscale = seg.options.wscale;
+                f.sack_ok = sack && seg.options.sack_permitted;
+                f.ts_ok = ts && seg.options.timestamps.is_some();
+                f.exp_seq = isn1;
+                f.safe_seq = isn1;
+                f.cur_ack = isn1;
+                f.vm_ack = isn1;
+                f.max_seq_fwd = isn1;
+                f.vm_right = isn1.wrapping_add(u32::from(win));
+                f.adv_right = f.vm_right;
+                f.vm_syn = None;
+                f.state = State::Active;
+            }
+            return pass;
+        }
         let len = seg.payload_len;
         let end = seg.seq.wrapping_add(len);
         if len > 0 && lt(f.max_seq_fwd, end) {
@@ -423,6 +455,48 @@ impl Vsnoop {
     /// A segment from the VM toward a sender.
     pub fn handle_segment_from_vm(&mut self, now_ns: u64, seg: &Segment) -> FromVm {
         let key = (seg.dst, seg.dport, seg.src, seg.sport);
+        if seg.has(SYN) && !seg.has(ACK) && !self.flows.contains_key(&key) {
+            if self.flows.len() >= MAX_FLOWS {
+                self.counters.flows_over_limit += 1;
+                return FromVm::Forward;
+            }
+            self.counters.flows_created += 1;
+            let state = if seg.options.unknown {
+                self.counters.fallback_unknown_option += 1;
+                State::Passthrough(PassReason::UnknownOption)
+            } else {
+                State::SynSeen
+            };
+            let o = &seg.options;
+            self.flows.insert(
+                key,
+                Flow {
+                    state,
+                    snd_wscale: None,
+                    sack_ok: false,
+                    ts_ok: false,
+                    vm_wscale: 0,
+                    exp_seq: 0,
+                    safe_seq: 0,
+                    cur_ack: 0,
+                    vm_ack: 0,
+                    vm_wnd: 0,
+                    max_seq_fwd: 0,
+                    adv_right: 0,
+                    vm_right: 0,
+                    vm_next_seq: Some(seg.seq.wrapping_add(1)),
+                    last_vm_tsval: o.timestamps.map_or(0, |t| t.0),
+                    last_seen_ns: now_ns,
+                    vm_syn: Some((
+                        o.wscale,
+                        o.sack_permitted,
+                        o.timestamps.is_some(),
+                        seg.window,
+                    )),
+                },
+            );
+            return FromVm::Forward;
+        }
         let Some(f) = self.flows.get_mut(&key) else {
             self.counters.untracked_segments += 1;
             return FromVm::Forward;

@@ -328,3 +328,50 @@ fn parse_never_panics_on_mutations() {
         }
     }
 }
+
+#[test]
+fn vm_initiated_connection_is_tracked_from_the_vms_syn() {
+    let mut v = Vsnoop::new();
+    // The VM connects out (a download into the VM).
+    let mut syn = seg(false, VISN, 0, SYN, 0, 29200);
+    syn.options.wscale = Some(3);
+    assert_eq!(v.handle_segment_from_vm(0, &syn), FromVm::Forward);
+    let (snd, vm) = key();
+    assert_eq!(v.state(snd, vm), Some(State::SynSeen));
+    let mut sa = seg(true, ISN, VISN + 1, SYN | ACK, 0, 65535);
+    sa.options.wscale = Some(7);
+    let a = v.handle_segment_to_vm(1, &sa, BIG);
+    assert!(
+        a.early_ack.is_none(),
+        "a SYN-ACK is never acknowledged early"
+    );
+    assert_eq!(v.state(snd, vm), Some(State::Active));
+    // The VM's ACK of the SYN-ACK: window 8192 << 3 = 65536.
+    let ack = seg(false, VISN + 1, ISN + 1, ACK, 0, 8192);
+    assert_eq!(v.handle_segment_from_vm(2, &ack), FromVm::Forward);
+    let d = seg(true, ISN + 1, VISN + 1, ACK, 1448, 512);
+    let e = v
+        .handle_segment_to_vm(3, &d, BIG)
+        .early_ack
+        .expect("early ack");
+    assert_eq!((e.seq, e.ack), (VISN + 1, ISN + 1449));
+    assert_eq!(e.window, ((65536 - 1448) >> 3) as u16);
+    // Without window scaling on the sender's side the VM's window is unscaled.
+    let mut v = Vsnoop::new();
+    v.handle_segment_from_vm(0, &syn);
+    let sa = seg(true, ISN, VISN + 1, SYN | ACK, 0, 65535);
+    v.handle_segment_to_vm(1, &sa, BIG);
+    v.handle_segment_from_vm(2, &seg(false, VISN + 1, ISN + 1, ACK, 0, 29200));
+    let d = seg(true, ISN + 1, VISN + 1, ACK, 1448, 512);
+    let e = v
+        .handle_segment_to_vm(3, &d, BIG)
+        .early_ack
+        .expect("early ack");
+    assert_eq!(e.window, 29200 - 1448);
+    // A smaller window than the SYN's (right edge moves left) is a shrink: pass-through.
+    v.handle_segment_from_vm(4, &seg(false, VISN + 1, ISN + 1449, ACK, 0, 100));
+    assert_eq!(
+        v.state(snd, vm),
+        Some(State::Passthrough(PassReason::WindowShrink))
+    );
+}
