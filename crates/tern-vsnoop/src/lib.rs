@@ -8,13 +8,13 @@
 //!                                                        └─▶ maybe EarlyAck ──▶ sender
 //!  sender ◀─ack── handle_segment_from_vm(now, seg) ◀── VM : Forward | Rewrite{ack,window} | Suppress
 //!
-//!  SynSeen ──VM SYN-ACK──▶ Active ◀────────────── VM catches up ───────────┐
-//!                           │ in-order, in VM window, fits budget: early ACK│
-//!                           ├─ in-order, no budget / outside VM window ──▶ NoBuffer
-//!                           ├─ hole (seq > expected) ──────────────────▶ OutOfOrder
-//!                           │        (VM ACK ≥ highest forwarded) ─▶ Active
-//!                           └─ unknown option, window shrink, VM SACK, missing TS,
-//!                              FIN, quiesce ──▶ Passthrough (permanent for the flow)
+//!  SynSeen ──SYN-ACK──▶ Active     (sender SYN + VM SYN-ACK, or VM SYN + sender SYN-ACK)
+//!    Active: in-order, everything before guaranteed, in VM window, fits budget → early ACK
+//!    Active ── no budget / outside the VM window ──▶ NoBuffer   (pass-through)
+//!    Active ── hole (seq > expected) ─────────────▶ OutOfOrder (pass-through)
+//!    NoBuffer / OutOfOrder ── a segment starts where the VM's ACK ends ──▶ Active
+//!    any ── unknown option, window shrink, VM SACK, missing TS, FIN, quiesce
+//!        ──▶ Passthrough (permanent for the flow)
 //!  RST either way: flow deleted.
 //! ```
 //!
@@ -627,6 +627,14 @@ impl Vsnoop {
         self.counters.dropped_undelivered_bytes += r.undelivered_bytes;
         self.flows.clear();
         r
+    }
+
+    /// When [`Self::poll_gc`] next has work: the earliest idle deadline, if any flow exists.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.flows
+            .values()
+            .map(|f| f.last_seen_ns.saturating_add(IDLE_TIMEOUT_NS))
+            .min()
     }
 
     /// Forget flows idle for [`IDLE_TIMEOUT_NS`].

@@ -231,8 +231,10 @@ fn quiesce_stops_early_acks_and_drop_reports_what_is_owed() {
 #[test]
 fn idle_flows_are_collected() {
     let mut v = established(false);
+    assert_eq!(v.poll_timeout(), Some(1 + tern_vsnoop::IDLE_TIMEOUT_NS));
     assert_eq!(v.poll_gc(1_000).flows, 0);
     assert_eq!(v.poll_gc(tern_vsnoop::IDLE_TIMEOUT_NS + 10).flows, 1);
+    assert_eq!(v.poll_timeout(), None);
 }
 
 /// Golden bytes, computed independently (Python struct + RFC 1071 checksum).
