@@ -67,6 +67,9 @@ pub struct Histogram {
     pub overflow_percent: f64,
     /// Lower edges (ms) of the three fullest bins, fullest first.
     pub modes_ms: Vec<f64>,
+    /// Percent of Δ within ±1 bin of k·T_pkt for k = 1..=8 (seed-tcp.md §2.10 item 5):
+    /// (k·T_pkt in ms, percent).
+    pub mass_near_multiples: Vec<(f64, f64)>,
 }
 
 /// Burstiness at one interval length.
@@ -387,7 +390,15 @@ fn histogram(deltas: &[u64], p: &Params) -> Histogram {
     let n = deltas.len().max(1) as f64;
     let mut order: Vec<usize> = (0..nbins).filter(|&i| counts[i] > 0).collect();
     order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let near = |center: u64| -> f64 {
+        let (lo, hi) = (center.saturating_sub(bin), center + bin);
+        deltas.iter().filter(|&&d| d >= lo && d <= hi).count() as f64 * 100.0 / n
+    };
+    let mass_near_multiples = (1..=8u64)
+        .map(|k| ((k * p.t_pkt_ns) as f64 / 1e6, near(k * p.t_pkt_ns)))
+        .collect();
     Histogram {
+        mass_near_multiples,
         bin_us: bin as f64 / 1000.0,
         percent: counts.iter().map(|&c| c as f64 * 100.0 / n).collect(),
         overflow_percent: overflow as f64 * 100.0 / n,

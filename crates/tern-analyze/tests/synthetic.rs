@@ -180,6 +180,10 @@ fn compression_level_and_histogram_have_known_values() {
     assert!(approx(f.histogram.percent[48], 60.0));
     assert!(approx(f.histogram.percent[72], 20.0));
     assert_eq!(f.histogram.modes_ms[0], 0.24);
+    // Mass near multiples of T_pkt: 0.24 ms (k=2) 60%, 0.36 ms (k=3) 20%, 0.12 ms none.
+    let m = &f.histogram.mass_near_multiples;
+    assert!(approx(m[0].1, 0.0) && approx(m[1].1, 60.0) && approx(m[2].1, 20.0));
+    assert!(approx(m[1].0, 0.24));
     // CDF at T_pkt (last point) equals the level; at 0.05 ms nothing is strictly below.
     let last = f.compression_cdf.last().unwrap();
     assert!(approx(last.0, 0.12) && approx(last.1, 0.20));
