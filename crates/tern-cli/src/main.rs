@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
+mod analyze;
 mod balance;
 mod bench;
 mod disk;
@@ -63,6 +64,9 @@ enum Cmd {
     /// Sandpiper's hotspot controller on a pool snapshot: `plan --dry-run`, `explain`.
     #[command(subcommand)]
     Balance(balance::BalanceCmd),
+    /// Per-TCP-flow analysis of pcaps: ACK inter-arrivals and ACK-compression, burstiness,
+    /// throughput, retransmissions (`--json`, `--svg DIR`).
+    Analyze(analyze::AnalyzeArgs),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -327,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Disk(c) => disk::run(c),
         Cmd::Balance(c) => balance::run(c),
         Cmd::Model(c) => model::run(c),
+        Cmd::Analyze(a) => analyze::run(a),
         Cmd::Keygen { out } => keygen(&out),
     }
 }
