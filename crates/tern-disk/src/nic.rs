@@ -44,6 +44,12 @@ pub(crate) fn serve(sh: Arc<Shared>, listener: UnixListener, switch: PathBuf) {
             return;
         }
         let Ok(vm) = vm else { continue };
+        // A hello on this socket is trusted by the switch (marks): only QEMU as root or
+        // this server's user may connect.
+        if !tern_os::unix::peer_allowed(&vm, None) {
+            eprintln!("tern disk: gate: refused a NIC connection from another user");
+            continue;
+        }
         let sw = match UnixStream::connect(&switch) {
             Ok(s) => s,
             Err(e) => {

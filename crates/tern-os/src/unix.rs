@@ -92,23 +92,13 @@ pub fn peer_allowed(s: &UnixStream, gid: Option<u32>) -> bool {
     c.uid == 0 || c.uid == me || gid.is_some_and(|g| c.gid == g)
 }
 
-#[cfg(test)]
-mod tests {
+/// For tests of the drivers that use these sockets (root only: it forks and setuids).
+pub mod testing {
     use super::*;
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-
-    fn dir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("tern-unix-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    }
 
     /// Connects to `path` as uid/gid 65534 in a forked child; its exit code: 0 connected
     /// and was closed without a byte, 1 connect refused (EACCES), 2 got data, 3 other.
-    fn connect_as_nobody(path: &Path) -> i32 {
+    pub fn connect_as_nobody(path: &Path) -> i32 {
         let c = CString::new(path.as_os_str().as_bytes()).unwrap();
         // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -140,6 +130,22 @@ mod tests {
             libc::waitpid(pid, &mut status, 0);
             libc::WEXITSTATUS(status)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::connect_as_nobody;
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tern-unix-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
     }
 
     #[test]
@@ -178,30 +184,5 @@ mod tests {
         });
         assert_eq!(connect_as_nobody(&path), 0);
         assert!(!server.join().unwrap(), "uid 65534 was let in");
-    }
-
-    #[test]
-    fn the_nbd_server_socket_is_private() {
-        let d = dir("nbd");
-        let path = d.join("nbd.sock");
-        let be = std::sync::Arc::new(crate::MemBackend::new(4096, false));
-        let server = crate::Server::bind_unix(&path, vec![crate::Export::new("x", be)])
-            .unwrap()
-            .spawn()
-            .unwrap();
-        let md = std::fs::symlink_metadata(&path).unwrap();
-        assert_eq!(md.mode() & 0o777, SOCKET_MODE);
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-            // Refused on accept: closed before the greeting.
-            assert_eq!(connect_as_nobody(&path), 0);
-        }
-        let mut s = UnixStream::connect(&path).unwrap();
-        let mut greeting = [0u8; 8];
-        s.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting, b"NBDMAGIC");
-        drop(s);
-        server.stop();
     }
 }
