@@ -137,7 +137,6 @@ pub mod testing {
 mod tests {
     use super::testing::connect_as_nobody;
     use super::*;
-    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
 
     fn dir(name: &str) -> std::path::PathBuf {
