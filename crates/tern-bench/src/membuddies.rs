@@ -66,18 +66,28 @@ fn fail(detail: impl Into<String>) -> BenchError {
     }
 }
 
-/// RMSE (fraction of pages) and max error of the Bloom estimate over `trials` pairs.
-fn mc_error(seed: u64, n: u64, c: u64, m: u64, k: u8, trials: usize) -> Result<(f64, f64), BenchError> {
+/// RMSE (fraction of pages) and max error of the Bloom estimate over `trials` pairs;
+/// `None` when a filter saturates (too small for any estimate).
+fn mc_error(
+    seed: u64,
+    n: u64,
+    c: u64,
+    m: u64,
+    k: u8,
+    trials: usize,
+) -> Result<Option<(f64, f64)>, BenchError> {
     let mut sq = 0.0;
     let mut max: f64 = 0.0;
     for t in 0..trials {
         let (a, b) = pair(seed ^ (t as u64) << 32 ^ n, n, c);
-        let est = bloom_shared(&bloom(&a, m, k)?, &bloom(&b, m, k)?).map_err(|e| fail(e.to_string()))?;
+        let Ok(est) = bloom_shared(&bloom(&a, m, k)?, &bloom(&b, m, k)?) else {
+            return Ok(None);
+        };
         let e = (est - c as f64) / n as f64;
         sq += e * e;
         max = max.max(e.abs());
     }
-    Ok(((sq / trials as f64).sqrt(), max))
+    Ok(Some(((sq / trials as f64).sqrt(), max)))
 }
 
 fn median_ms(mut f: impl FnMut()) -> f64 {
@@ -101,10 +111,11 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
         for &frac in &FIG43_FRACTIONS {
             let m = ((frac * 32.0 * n as f64) as u64).max(64);
             for k in [1u8, 2] {
-                let (rmse, max) = mc_error(o.seed, n, c, m, k, o.trials)?;
+                let e = mc_error(o.seed, n, c, m, k, o.trials)?;
                 fig43.push(json!({"vm_mib": mib, "frac_of_32bit_list": frac,
-                    "bits_per_page": m as f64 / n as f64, "k": k, "rmse_pct": rmse * 100.0,
-                    "max_err_pct": max * 100.0}));
+                    "bits_per_page": m as f64 / n as f64, "k": k,
+                    "rmse_pct": e.map(|x| x.0 * 100.0), "max_err_pct": e.map(|x| x.1 * 100.0),
+                    "saturated": e.is_none()}));
             }
         }
     }
@@ -124,7 +135,8 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
         let kb = m.div_ceil(8) as f64 / 1024.0;
         // Monte-Carlo check at our size, 30% overlap, few pairs (big sets).
         let trials = if gib > 1 { 2 } else { 4 };
-        let (rmse, max) = mc_error(o.seed ^ 0x44, n, (0.3 * n as f64) as u64, m, k, trials)?;
+        let (rmse, max) = mc_error(o.seed ^ 0x44, n, (0.3 * n as f64) as u64, m, k, trials)?
+            .ok_or_else(|| fail(format!("{gib} GiB filter saturated")))?;
         t44_ok &= kb <= seed_kb as f64;
         t44.push(json!({"ram_gib": gib, "hash_list_kb_seed_32bit": list_kb,
             "hash_list_kb_ours_64bit": list_kb * 2, "bloom_kb_seed": seed_kb, "bloom_kb_ours": kb,
@@ -217,9 +229,10 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
     let _ = writeln!(md, "## Fig. 4.3: estimate RMSE (% of pages) vs filter size, {:.0}% overlap, {} pairs\n", FIG43_OVERLAP * 100.0, o.trials);
     let _ = writeln!(md, "| VM | size (× 32-bit list) | bits/page | k | RMSE % | max % |\n|---|---|---|---|---|---|");
     for r in &fig43 {
-        let _ = writeln!(md, "| {} MiB | {:.0}% | {:.2} | {} | {:.3} | {:.3} |", r["vm_mib"],
+        let pct = |v: &Value| v.as_f64().map_or("saturated".to_string(), |x| format!("{x:.3}"));
+        let _ = writeln!(md, "| {} MiB | {:.0}% | {:.2} | {} | {} | {} |", r["vm_mib"],
             r["frac_of_32bit_list"].as_f64().unwrap_or(0.0) * 100.0, r["bits_per_page"].as_f64().unwrap_or(0.0),
-            r["k"], r["rmse_pct"].as_f64().unwrap_or(0.0), r["max_err_pct"].as_f64().unwrap_or(0.0));
+            r["k"], pct(&r["rmse_pct"]), pct(&r["max_err_pct"]));
     }
     let _ = writeln!(md, "\nTarget ≤ 0.5% at 5%: **{}**\n", if fig43_ok { "met" } else { "NOT met" });
     let _ = writeln!(md, "## Table 4.4: filter size for 0.2% error (sized by the delta-method RMSE, worst overlap)\n");
