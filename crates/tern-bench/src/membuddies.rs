@@ -48,7 +48,10 @@ const TIMING_RUNS: usize = 5;
 fn pair(seed: u64, n: u64, c: u64) -> (Vec<u64>, Vec<u64>) {
     let mut r = SplitMix64::new(seed);
     let common: Vec<u64> = (0..c).map(|_| r.next_u64()).collect();
-    let mut a: Vec<u64> = (0..n - c).map(|_| r.next_u64()).chain(common.iter().copied()).collect();
+    let mut a: Vec<u64> = (0..n - c)
+        .map(|_| r.next_u64())
+        .chain(common.iter().copied())
+        .collect();
     let mut b: Vec<u64> = (0..n - c).map(|_| r.next_u64()).chain(common).collect();
     a.sort_unstable();
     b.sort_unstable();
@@ -155,7 +158,11 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
     let mut speedups = Vec::new();
     for (label, m, k) in [
         ("bloom 5% of 32-bit list", (1.6 * n as f64) as u64, 1u8),
-        ("bloom at 0.2% error", bloom_size_for_error(n, 0.002).0, bloom_size_for_error(n, 0.002).1),
+        (
+            "bloom at 0.2% error",
+            bloom_size_for_error(n, 0.002).0,
+            bloom_size_for_error(n, 0.002).1,
+        ),
     ] {
         let fa = bloom(&a, m, k)?;
         let fb = bloom(&b, m, k)?;
@@ -196,7 +203,12 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
         let p = SimParams::seed_like(o.seed + s as u64, o.sim_vm_pages);
         let mut row = json!({"seed": o.seed + s as u64});
         let mut ff = 0usize;
-        for pol in [Policy::FirstFit, Policy::AwareExact, Policy::AwareGrouping, Policy::AwareBloom] {
+        for pol in [
+            Policy::FirstFit,
+            Policy::AwareExact,
+            Policy::AwareGrouping,
+            Policy::AwareBloom,
+        ] {
             let r = simulate(&p, pol);
             if pol == Policy::FirstFit {
                 ff = r.vms_placed;
@@ -226,38 +238,110 @@ pub fn run(o: &MembuddiesBenchOptions) -> Result<Value, BenchError> {
 
     let mut md = String::new();
     let _ = writeln!(md, "# Memory Buddies, simulated (`{}`)\n", o.command);
-    let _ = writeln!(md, "## Fig. 4.3: estimate RMSE (% of pages) vs filter size, {:.0}% overlap, {} pairs\n", FIG43_OVERLAP * 100.0, o.trials);
-    let _ = writeln!(md, "| VM | size (× 32-bit list) | bits/page | k | RMSE % | max % |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "## Fig. 4.3: estimate RMSE (% of pages) vs filter size, {:.0}% overlap, {} pairs\n",
+        FIG43_OVERLAP * 100.0,
+        o.trials
+    );
+    let _ = writeln!(
+        md,
+        "| VM | size (× 32-bit list) | bits/page | k | RMSE % | max % |\n|---|---|---|---|---|---|"
+    );
     for r in &fig43 {
-        let pct = |v: &Value| v.as_f64().map_or("saturated".to_string(), |x| format!("{x:.3}"));
-        let _ = writeln!(md, "| {} MiB | {:.0}% | {:.2} | {} | {} | {} |", r["vm_mib"],
-            r["frac_of_32bit_list"].as_f64().unwrap_or(0.0) * 100.0, r["bits_per_page"].as_f64().unwrap_or(0.0),
-            r["k"], pct(&r["rmse_pct"]), pct(&r["max_err_pct"]));
+        let pct = |v: &Value| {
+            v.as_f64()
+                .map_or("saturated".to_string(), |x| format!("{x:.3}"))
+        };
+        let _ = writeln!(
+            md,
+            "| {} MiB | {:.0}% | {:.2} | {} | {} | {} |",
+            r["vm_mib"],
+            r["frac_of_32bit_list"].as_f64().unwrap_or(0.0) * 100.0,
+            r["bits_per_page"].as_f64().unwrap_or(0.0),
+            r["k"],
+            pct(&r["rmse_pct"]),
+            pct(&r["max_err_pct"])
+        );
     }
-    let _ = writeln!(md, "\nTarget ≤ 0.5% at 5%: **{}**\n", if fig43_ok { "met" } else { "NOT met" });
-    let _ = writeln!(md, "## Table 4.4: filter size for 0.2% error (sized by the delta-method RMSE, worst overlap)\n");
-    let _ = writeln!(md, "| RAM | list KB (32-bit / ours 64-bit) | seed Bloom KB | ours KB | k | MC RMSE % | no larger |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "\nTarget ≤ 0.5% at 5%: **{}**\n",
+        if fig43_ok { "met" } else { "NOT met" }
+    );
+    let _ = writeln!(
+        md,
+        "## Table 4.4: filter size for 0.2% error (sized by the delta-method RMSE, worst overlap)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| RAM | list KB (32-bit / ours 64-bit) | seed Bloom KB | ours KB | k | MC RMSE % | no larger |\n|---|---|---|---|---|---|---|"
+    );
     for r in &t44 {
-        let _ = writeln!(md, "| {} GiB | {} / {} | {} | {:.1} | {} | {:.3} | {} |", r["ram_gib"], r["hash_list_kb_seed_32bit"],
-            r["hash_list_kb_ours_64bit"], r["bloom_kb_seed"], r["bloom_kb_ours"].as_f64().unwrap_or(0.0), r["k"],
-            r["mc_rmse_pct"].as_f64().unwrap_or(0.0), r["no_larger"]);
+        let _ = writeln!(
+            md,
+            "| {} GiB | {} / {} | {} | {:.1} | {} | {:.3} | {} |",
+            r["ram_gib"],
+            r["hash_list_kb_seed_32bit"],
+            r["hash_list_kb_ours_64bit"],
+            r["bloom_kb_seed"],
+            r["bloom_kb_ours"].as_f64().unwrap_or(0.0),
+            r["k"],
+            r["mc_rmse_pct"].as_f64().unwrap_or(0.0),
+            r["no_larger"]
+        );
     }
-    let _ = writeln!(md, "\n## Estimation for a 1 GiB pair\n\n| method | ms | bytes | speed-up | bytes saved vs 32-bit list |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "\n## Estimation for a 1 GiB pair\n\n| method | ms | bytes | speed-up | bytes saved vs 32-bit list |\n|---|---|---|---|---|"
+    );
     for r in &timing {
-        let _ = writeln!(md, "| {} | {:.3} | {} | {:.1}× | {:.1}% |", r["method"].as_str().unwrap_or(""),
-            r["ms"].as_f64().unwrap_or(0.0), r["bytes"], r["speedup_vs_lists"].as_f64().unwrap_or(1.0),
-            r["bytes_saved_vs_32bit_list"].as_f64().unwrap_or(0.0) * 100.0);
+        let _ = writeln!(
+            md,
+            "| {} | {:.3} | {} | {:.1}× | {:.1}% |",
+            r["method"].as_str().unwrap_or(""),
+            r["ms"].as_f64().unwrap_or(0.0),
+            r["bytes"],
+            r["speedup_vs_lists"].as_f64().unwrap_or(1.0),
+            r["bytes_saved_vs_32bit_list"].as_f64().unwrap_or(0.0) * 100.0
+        );
     }
-    let _ = writeln!(md, "\nTarget ≥ 10× and > 90% fewer bytes: **{}**\n", if time_ok { "met" } else { "NOT met" });
-    let _ = writeln!(md, "## Hashing\n\n{} MiB in {:.3} s: **{:.3} s/GiB** ({} pages, {} unique, {} zero)\n",
-        o.hash_mib, hash_s, s_per_gib, fp.pages_total(), fp.unique_pages(), fp.zero_pages());
-    let _ = writeln!(md, "## 100 hosts, synthetic images (seed: 469 vs 406, +16%)\n\n| seed | first-fit | seed rule (max sharing) | grouping | grouping on Bloom 1.6 b/page |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "\nTarget ≥ 10× and > 90% fewer bytes: **{}**\n",
+        if time_ok { "met" } else { "NOT met" }
+    );
+    let _ = writeln!(
+        md,
+        "## Hashing\n\n{} MiB in {:.3} s: **{:.3} s/GiB** ({} pages, {} unique, {} zero)\n",
+        o.hash_mib,
+        hash_s,
+        s_per_gib,
+        fp.pages_total(),
+        fp.unique_pages(),
+        fp.zero_pages()
+    );
+    let _ = writeln!(
+        md,
+        "## 100 hosts, synthetic images (seed: 469 vs 406, +16%)\n\n| seed | first-fit | seed rule (max sharing) | grouping | grouping on Bloom 1.6 b/page |\n|---|---|---|---|---|"
+    );
     for r in &sims {
-        let _ = writeln!(md, "| {} | {} | {} | {} | {} |", r["seed"], r["FirstFit"]["vms"], r["AwareExact"]["vms"],
-            r["AwareGrouping"]["vms"], r["AwareBloom"]["vms"]);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            r["seed"],
+            r["FirstFit"]["vms"],
+            r["AwareExact"]["vms"],
+            r["AwareGrouping"]["vms"],
+            r["AwareBloom"]["vms"]
+        );
     }
-    let _ = writeln!(md, "\nMean gain of grouping over first-fit: **{:+.1}%** (target +16%: {})", sim_gain * 100.0,
-        if sim_gain >= 0.16 { "met" } else { "NOT met" });
+    let _ = writeln!(
+        md,
+        "\nMean gain of grouping over first-fit: **{:+.1}%** (target +16%: {})",
+        sim_gain * 100.0,
+        if sim_gain >= 0.16 { "met" } else { "NOT met" }
+    );
     crate::write_results(&o.out_dir, "membuddies-sim", &result, &md)?;
     Ok(result)
 }

@@ -47,10 +47,7 @@ pub fn fingerprint(a: FingerprintArgs) -> Result<()> {
     }
     let t = Instant::now();
     let (fp, source) = match (&a.file, a.pid) {
-        (Some(f), None) => (
-            fingerprint_file(f)?.finish(),
-            f.display().to_string(),
-        ),
+        (Some(f), None) => (fingerprint_file(f)?.finish(), f.display().to_string()),
         (None, Some(pid)) => {
             let addr = parse_addr(a.addr.as_deref().unwrap_or_default())?;
             let len = a.len.unwrap_or_default();
@@ -121,8 +118,10 @@ const MAX_PLAN_VMS: usize = 100_000;
 
 pub fn run(c: PlaceCmd) -> Result<()> {
     let PlaceCmd::Plan { input, json } = c;
-    let text = std::fs::read_to_string(&input).with_context(|| format!("read {}", input.display()))?;
-    let inp: PlanInput = serde_json::from_str(&text).with_context(|| format!("parse {}", input.display()))?;
+    let text =
+        std::fs::read_to_string(&input).with_context(|| format!("read {}", input.display()))?;
+    let inp: PlanInput =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", input.display()))?;
     if inp.vms.len() > MAX_PLAN_VMS {
         bail!("{} VMs, at most {MAX_PLAN_VMS}", inp.vms.len());
     }
@@ -204,7 +203,9 @@ pub fn bench(a: MembuddiesBenchArgs) -> Result<()> {
         || !(1..=100).contains(&a.sim_seeds)
         || !(64..=1 << 20).contains(&a.sim_vm_pages)
     {
-        bail!("--trials 1..=1000, --hash-mib 1..=8192, --sim-seeds 1..=100, --sim-vm-pages 64..=1048576");
+        bail!(
+            "--trials 1..=1000, --hash-mib 1..=8192, --sim-seeds 1..=100, --sim-vm-pages 64..=1048576"
+        );
     }
     let opts = tern_bench::membuddies::MembuddiesBenchOptions {
         out_dir: a.out,
@@ -222,8 +223,14 @@ pub fn bench(a: MembuddiesBenchArgs) -> Result<()> {
         r["table4_4"]["met"],
         r["estimation_1gib"]["met"],
         r["hashing"]["seconds_per_gib"].as_f64().unwrap_or(0.0),
-        r["sim_100_hosts"]["aware_grouping_gain"].as_f64().unwrap_or(0.0) * 100.0
+        r["sim_100_hosts"]["aware_grouping_gain"]
+            .as_f64()
+            .unwrap_or(0.0)
+            * 100.0
     );
-    println!("wrote {}/membuddies-sim.{{json,md}}", opts.out_dir.display());
+    println!(
+        "wrote {}/membuddies-sim.{{json,md}}",
+        opts.out_dir.display()
+    );
     Ok(())
 }

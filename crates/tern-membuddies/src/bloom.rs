@@ -38,7 +38,7 @@ pub struct BloomFilter {
 
 impl BloomFilter {
     pub fn new(m_bits: u64, k: u8) -> Result<Self, MembuddiesError> {
-        if m_bits < 2 || m_bits > MAX_BLOOM_BITS {
+        if !(2..=MAX_BLOOM_BITS).contains(&m_bits) {
             return Err(MembuddiesError::BadShape {
                 detail: format!("m = {m_bits} bits (allowed 2..={MAX_BLOOM_BITS})"),
             });
