@@ -244,6 +244,20 @@ mod tests {
     }
 
     #[test]
+    fn sequential_keys_spread_like_random_ones() {
+        // Regression: positions were taken from the raw key, so small keys (0..n) all
+        // mapped to the first bits. Positions are now re-mixed.
+        let keys: Vec<u64> = (0..5000).collect();
+        let f = BloomFilter::from_hashes(&keys, 16_000, 1).unwrap();
+        let expect_zeros = 16_000.0 * (-5000.0f64 / 16_000.0).exp();
+        assert!(
+            (f.zeros() as f64 - expect_zeros).abs() < 0.05 * expect_zeros,
+            "zeros {} vs {expect_zeros}",
+            f.zeros()
+        );
+    }
+
+    #[test]
     fn encode_decode_round_trip_and_bounds() {
         let mut r = SplitMix64::new(5);
         let keys: Vec<u64> = (0..300).map(|_| r.next_u64()).collect();
