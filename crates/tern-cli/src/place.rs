@@ -59,8 +59,11 @@ pub fn fingerprint(a: FingerprintArgs) -> Result<()> {
         _ => bail!("give a FILE or --pid/--addr/--len (not both)"),
     };
     let secs = t.elapsed().as_secs_f64();
-    let (m, k) = bloom_size_for_error(fp.unique_pages().max(1), a.target_error);
-    let bloom_bytes = BloomFilter::new(m, k)?.encoded_len_bytes();
+    let sized = bloom_size_for_error(fp.unique_pages().max(1), a.target_error);
+    let (bloom_bytes, k) = match sized {
+        Some((m, k)) => (Some(BloomFilter::new(m, k)?.encoded_len_bytes()), Some(k)),
+        None => (None, None),
+    };
     if let Some(out) = &a.out {
         std::fs::write(out, fp.encode()).with_context(|| format!("write {}", out.display()))?;
     }
@@ -74,13 +77,14 @@ pub fn fingerprint(a: FingerprintArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{source}: {} pages, {} unique, {} self-shared ({} zero); hash list {} B, Bloom {} B (k={k}, {:.2}% error); {secs:.3} s",
+            "{source}: {} pages, {} unique, {} self-shared ({} zero); hash list {} B, Bloom {} (k={}, {:.2}% error); {secs:.3} s",
             fp.pages_total(),
             fp.unique_pages(),
             fp.self_shared_pages(),
             fp.zero_pages(),
             fp.encoded_len_bytes(),
-            bloom_bytes,
+            bloom_bytes.map_or("unreachable (too few pages)".into(), |b| format!("{b} B")),
+            k.map_or("-".into(), |k| k.to_string()),
             a.target_error * 100.0
         );
     }

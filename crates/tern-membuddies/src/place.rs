@@ -368,8 +368,13 @@ pub struct OfflinePlan {
     pub unplaced: usize,
 }
 
+/// Sharing threshold of the offline planner's grouping rule (see
+/// [`Cluster::initial_placement_grouping`]).
+pub const PLAN_MIN_SHARE_FRAC: f64 = 0.1;
+
 /// Offline planner (greedy, not the seed's unpublished DP): VMs in decreasing memory
-/// order, each to the feasible host with the most sharing.
+/// order, each to the feasible host with the most sharing; a VM sharing less than
+/// [`PLAN_MIN_SHARE_FRAC`] with every host opens an empty one.
 pub fn plan_offline(hosts: Vec<HostSpec>, vms: Vec<VmSpec>) -> OfflinePlan {
     let mut c = Cluster::new(hosts);
     let n = vms.len();
@@ -379,7 +384,7 @@ pub fn plan_offline(hosts: Vec<HostSpec>, vms: Vec<VmSpec>) -> OfflinePlan {
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&v| std::cmp::Reverse(c.vm(v).fingerprint.pages_total()));
     for v in order {
-        if let Some(h) = c.initial_placement(v) {
+        if let Some(h) = c.initial_placement_grouping(v, PLAN_MIN_SHARE_FRAC) {
             c.place(v, h);
         }
     }
@@ -550,6 +555,7 @@ mod tests {
         let p = plan_offline(hosts, vms);
         assert_eq!(p.unplaced, 0);
         assert_eq!(p.assignment[0], p.assignment[1]);
+        assert_ne!(p.assignment[0], p.assignment[2]); // unrelated VM opens host b
         assert_eq!(p.total_pages_unshared, 600);
         assert_eq!(p.total_pages_predicted, 500);
         assert!((p.sharing_rate - 1.0 / 6.0).abs() < 1e-9);
