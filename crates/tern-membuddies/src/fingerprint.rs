@@ -183,25 +183,61 @@ fn merge_union(a: &[u64], b: &[u64]) -> Vec<u64> {
     out
 }
 
+/// Most sub-page chunks per page (§4.7.7 went up to 32).
+pub const MAX_CHUNKS_PER_PAGE: usize = 64;
+
 /// Streams pages (or raw bytes) into a fingerprint. Sans-IO: callers push bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FingerprintBuilder {
     hashes: Vec<u64>,
     zero_pages: u64,
     partial: Vec<u8>,
+    chunks_per_page: usize,
+}
+
+impl Default for FingerprintBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FingerprintBuilder {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            hashes: Vec::new(),
+            zero_pages: 0,
+            partial: Vec::new(),
+            chunks_per_page: 1,
+        }
     }
 
-    /// Hash one whole page.
+    /// Sub-page sharing (seed §4.7.7): hash each page as `n` equal chunks, so the
+    /// fingerprint's units are chunks (`pages_total` counts chunks). `n` must be a power of
+    /// two in `1..=MAX_CHUNKS_PER_PAGE`.
+    pub fn with_subpage_chunks(n: usize) -> Result<Self, MembuddiesError> {
+        if !n.is_power_of_two() || n > MAX_CHUNKS_PER_PAGE {
+            return Err(MembuddiesError::BadShape {
+                detail: format!("{n} chunks per page (powers of two up to {MAX_CHUNKS_PER_PAGE})"),
+            });
+        }
+        let mut b = Self::new();
+        b.chunks_per_page = n;
+        Ok(b)
+    }
+
+    /// Hash one whole page (as `chunks_per_page` chunks).
     pub fn push_page(&mut self, page: &[u8]) {
         if page.iter().all(|&b| b == 0) {
             self.zero_pages += 1;
         }
-        self.hashes.push(page_hash(page));
+        if self.chunks_per_page == 1 {
+            self.hashes.push(page_hash(page));
+        } else {
+            let len = page.len().div_ceil(self.chunks_per_page).max(1);
+            for c in page.chunks(len) {
+                self.hashes.push(page_hash(c));
+            }
+        }
     }
 
     /// Push any number of bytes; whole pages are hashed as they complete.
@@ -390,6 +426,32 @@ mod tests {
         let mut c = FingerprintBuilder::new();
         c.push_bytes(&img[..PAGE_SIZE_BYTES + 10]);
         assert_eq!(c.finish().pages_total(), 2);
+    }
+
+    #[test]
+    fn subpage_chunks_find_sharing_whole_pages_miss() {
+        // Two pages equal in their first half only: no whole-page sharing, half the chunks.
+        let mut r = SplitMix64::new(8);
+        let mut a = vec![0u8; PAGE_SIZE_BYTES];
+        for w in a.chunks_exact_mut(8) {
+            w.copy_from_slice(&r.next_u64().to_le_bytes());
+        }
+        let mut b = a.clone();
+        for w in b[PAGE_SIZE_BYTES / 2..].chunks_exact_mut(8) {
+            w.copy_from_slice(&r.next_u64().to_le_bytes());
+        }
+        let fp = |n: usize, p: &[u8]| {
+            let mut x = FingerprintBuilder::with_subpage_chunks(n).unwrap();
+            x.push_page(p);
+            x.finish()
+        };
+        let shared = |n| crate::estimate::exact_shared(fp(n, &a).hashes(), fp(n, &b).hashes());
+        assert_eq!(shared(1), 0);
+        assert_eq!(shared(2), 1);
+        assert_eq!(shared(8), 4);
+        assert_eq!(fp(8, &a).pages_total(), 8);
+        assert!(FingerprintBuilder::with_subpage_chunks(3).is_err());
+        assert!(FingerprintBuilder::with_subpage_chunks(128).is_err());
     }
 
     #[test]
