@@ -9,6 +9,7 @@ pub mod chart;
 pub mod cloudnet;
 pub mod disk;
 pub mod dr;
+pub mod membuddies;
 pub mod mgmt;
 pub mod rr;
 pub mod sandpiper;

@@ -8,6 +8,7 @@ mod bench;
 mod disk;
 mod migrate;
 mod model;
+mod place;
 mod protect;
 mod vm;
 
@@ -67,6 +68,11 @@ enum Cmd {
     /// Per-TCP-flow analysis of pcaps: ACK inter-arrivals and ACK-compression, burstiness,
     /// throughput, retransmissions (`--json`, `--svg DIR`).
     Analyze(analyze::AnalyzeArgs),
+    /// Memory Buddies: fingerprint a raw memory image / memory file / process RAM.
+    Fingerprint(place::FingerprintArgs),
+    /// Memory Buddies: sharing-aware placement (`plan --input FILE.json`).
+    #[command(subcommand)]
+    Place(place::PlaceCmd),
     /// Write a new node identity: private key to a file (mode 0600), public key to stdout.
     Keygen {
         /// Where to write the private key (refuses to overwrite).
@@ -184,6 +190,9 @@ enum BenchCmd {
     /// Sandpiper's simulated experiments (`--sim`): 16 hosts / 35 VMs vs static, the
     /// 50-host stress test, planner time for 500 / 5,000 / 50,000 VMs.
     Sandpiper(balance::SandpiperBenchArgs),
+    /// Memory Buddies' simulated experiments (`--sim`): Bloom accuracy and size, estimation
+    /// time and bytes, hashing cost, the 100-host placement simulation.
+    Membuddies(place::MembuddiesBenchArgs),
     /// Server of the 1 MiB request/response probe (used by `bench accel`).
     #[command(hide = true)]
     RrServer(bench::RrServerArgs),
@@ -321,6 +330,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Dr(a)) => bench::dr(a),
         Cmd::Bench(BenchCmd::Mgmt(a)) => bench::mgmt(a),
         Cmd::Bench(BenchCmd::Sandpiper(a)) => balance::bench(a),
+        Cmd::Bench(BenchCmd::Membuddies(a)) => place::bench(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
@@ -332,6 +342,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Balance(c) => balance::run(c),
         Cmd::Model(c) => model::run(c),
         Cmd::Analyze(a) => analyze::run(a),
+        Cmd::Fingerprint(a) => place::fingerprint(a),
+        Cmd::Place(c) => place::run(c),
         Cmd::Keygen { out } => keygen(&out),
     }
 }

@@ -1110,6 +1110,50 @@ impl Feed {
         }
     }
 
+    /// Guest write `write` (512 bytes of `fill` at `offset`, no dependencies): whether the
+    /// secondary acknowledged it (false: an ERROR, the session closed, or no answer in 10 s).
+    fn try_write(&mut self, write: u64, offset: u64, fill: u8) -> bool {
+        use std::io::Read;
+        use tern_disk::wire::{Compression, Msg};
+        self.seq += 1;
+        let seq = self.seq;
+        let mut out = Vec::new();
+        for m in [
+            Msg::Clock {
+                write,
+                deps: vec![],
+            },
+            Msg::Data {
+                seq,
+                offset,
+                raw_len: 512,
+                compression: Compression::None,
+                bytes: vec![fill; 512],
+            },
+            Msg::Flush { seq: seq + 1 },
+        ] {
+            m.encode(&mut out);
+        }
+        self.seq += 1;
+        if std::io::Write::write_all(&mut self.sock, &out).is_err() {
+            return false;
+        }
+        loop {
+            while let Ok(Some(m)) = self.reader.next_msg() {
+                match m {
+                    Msg::Ack { seq: s } if s > seq => return true,
+                    Msg::Error(_) => return false,
+                    _ => {}
+                }
+            }
+            let mut buf = [0u8; 65536];
+            match self.sock.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.reader.push(&buf[..n]),
+            }
+        }
+    }
+
     /// Guest write number `write` (512 bytes of `fill` at `offset`), depending on `deps`;
     /// returns once the secondary acknowledged it (durable in its log).
     fn write(&mut self, write: u64, deps: Vec<([u8; 6], u64)>, offset: u64, fill: u8) {
@@ -1432,4 +1476,84 @@ fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
     lab.0.clear();
     drop(lab);
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The backup's volume fills up (ENOSPC on a small tmpfs) while the primary keeps writing:
+/// every write the backup acknowledged is still there after space is freed and the backup
+/// restarts — in the volume or in its log, replayed (issue 25, defect 5: the applier used to
+/// drop the record it failed to apply, and a later checkpoint emptied the log past it).
+#[test]
+fn a_full_backup_volume_loses_no_acknowledged_write() {
+    if !is_root() {
+        return;
+    }
+    let _l = lock();
+    let d = tmpdir("enospc");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let small = d.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tern-enospc"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let vol = small.join("b.img");
+    ok(&["disk", "create", &s(&vol), "--size", "16M"]);
+    let bdir = d.join("b");
+    let mut servers = Servers(vec![start_secondary(&bdir, &vol, &d.join("b.log"))]);
+    let (ctl, repl) = (bdir.join("ctl.sock"), bdir.join("repl.sock"));
+    let mut feed = Feed::open(&repl, "b", 0, vec![]);
+    // Fill the tmpfs, then free 16 pages: room for the log's records, not for long.
+    let filler = small.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xeeu8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(16 * 4096)).unwrap();
+    }
+    // Writes to fresh 4 KiB blocks (each needs a page of the volume) until the backup stops
+    // acknowledging; those it acknowledged must survive.
+    let mut acked = Vec::new();
+    for i in 1..=64u64 {
+        if !feed.try_write(i, i * 4096, i as u8) {
+            break;
+        }
+        acked.push(i);
+    }
+    assert!(!acked.is_empty(), "no write was acknowledged at all");
+    assert!(acked.len() < 64, "the volume never filled up");
+    wait_for("the backup to report the failed apply", 10, || {
+        status(&ctl)["backup_log"]["failed"].is_string()
+    });
+    drop(feed);
+    // Space again; the backup restarts and replays its log.
+    std::fs::remove_file(&filler).unwrap();
+    for mut c in servers.0.drain(..) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    servers
+        .0
+        .push(start_secondary(&bdir, &vol, &d.join("b2.log")));
+    wait_for("the replay", 20, || {
+        status(&ctl)["backup_log"]["records"] == 0
+    });
+    let img = std::fs::read(&vol).unwrap();
+    for i in acked {
+        assert_eq!(
+            img[(i * 4096) as usize],
+            i as u8,
+            "acknowledged write {i} is lost"
+        );
+    }
 }
