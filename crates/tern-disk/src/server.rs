@@ -656,6 +656,10 @@ fn session(sh: &Arc<Shared>, sock: UnixStream, generation: u64) -> String {
     why
 }
 
+/// How long a new replication connection waits for an ending session to finish before it
+/// is refused as a second session.
+const SESSION_HANDOVER: Duration = Duration::from_millis(500);
+
 /// Accepts replication sessions one at a time.
 fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
     for c in l.incoming() {
@@ -674,6 +678,20 @@ fn secondary_listener(sh: Arc<Shared>, l: UnixListener) {
             .and_then(|b| b.lock().failed().map(str::to_string));
         let refused = {
             let mut g = sh.lock();
+            // A session that is ending (its ERROR sent, its thread not done yet) makes way
+            // for the reconnect that follows at once, instead of refusing it.
+            let deadline = std::time::Instant::now() + SESSION_HANDOVER;
+            while g.secondary_session {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                g = sh
+                    .cond
+                    .wait_timeout(g, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             let why = if let Some(f) = failed {
                 Some(format!("the backup failed: {f}"))
             } else if g.role != Role::Secondary {
