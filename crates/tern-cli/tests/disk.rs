@@ -311,8 +311,12 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = tern(&["vm", "stop", "dsk2"]);
-        let _ = tern(&["vm", "stop", "dsk1"]);
+        // Whatever VM a test left behind (it panicked before its own cleanup) must not
+        // break the tests after it.
+        for vm in ["dsk3", "dsk2", "dsk1"] {
+            let _ = tern(&["vm", "stop", vm]);
+        }
+        let _ = tern(&["protect", "stop", "dsk3"]);
         let _ = tern(&["protect", "stop", "dsk1"]);
         let _ = tern(&["lab", "down"]);
     }
@@ -1438,6 +1442,10 @@ fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
     ok(&["lab", "set", "--loss", "100%"]);
     let cut = Instant::now();
     let pctl = tern_disk::daemon::DiskPaths::in_dir(Path::new("/run/tern/vm/dsk3/a")).control;
+    // Writes the guest issued by the cut: only these can ever be committed. (An ACK of one
+    // that b logged before its promotion may still arrive after the heal: the transport
+    // retransmits it; that write is in b's copy.)
+    let writes_at_cut = status(&pctl)["writes"].as_u64().unwrap();
     let bctl =
         tern_disk::daemon::DiskPaths::in_dir(&tern_migrate::protect::backup_dir("dsk3", "b"))
             .control;
@@ -1451,9 +1459,14 @@ fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
     std::thread::sleep(Duration::from_millis(8000));
     let st = status(&pctl);
     eprintln!("old primary: {st}");
-    assert_eq!(st["committed_writes"].as_u64().unwrap(), committed, "{st}");
+    let committed_now = st["committed_writes"].as_u64().unwrap();
     assert!(
-        st["writes"].as_u64().unwrap() > committed,
+        committed <= committed_now && committed_now <= writes_at_cut,
+        "committed {committed} at the promotion, {committed_now} after the heal, \
+         {writes_at_cut} writes issued by the cut: {st}"
+    );
+    assert!(
+        st["writes"].as_u64().unwrap() > writes_at_cut,
         "the guest kept writing: {st}"
     );
     assert!(st["gate"]["held_now"].as_u64().unwrap_or(0) > 0, "{st}");
