@@ -1374,8 +1374,9 @@ fn a_promoted_backup_fences_the_old_primary_across_a_restart() {
 /// is cut (the primary keeps running and its client at site c keeps sending PUTs), the
 /// backup at b is promoted by force without stopping the primary, then the link heals.
 /// The old primary's replication is refused at b (its epoch is older, and b is a primary
-/// now), so none of its later writes is committed and its gate releases no reply: the
-/// client never hears from the old primary after the partition.
+/// now), so none of the writes it issued after the cut is committed and its gate releases no
+/// reply for one; only an ACK b sent before its promotion (retransmitted after the heal)
+/// may still release the reply of a write that b's promoted copy holds.
 #[test]
 fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
     if !is_root() || !have("python3") || !Path::new("/var/lib/tern/guest/initrd.img").exists() {
