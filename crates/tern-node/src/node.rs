@@ -869,13 +869,20 @@ impl Node {
     ) -> u64 {
         let id = self.next_flow;
         self.next_flow += 1;
-        let zstd = |f: &&Flow| matches!(f.enc.codec(), Codec::Zstd { .. });
-        let large_windows = self
-            .flows
-            .values()
-            .filter(zstd)
-            .filter(|f| f.enc.window_log() == ZSTD_WINDOW_LOG)
-            .count();
+        // One pass over the open flows: our zstd encoders (and those with the large window),
+        // and the zstd decoders this peer's streams hold here (and those allowed the large
+        // window).
+        let (mut zstd_flows, mut large_windows, mut zstd_caps, mut large_caps) = (0, 0, 0, 0);
+        for f in self.flows.values() {
+            if matches!(f.enc.codec(), Codec::Zstd { .. }) {
+                zstd_flows += 1;
+                large_windows += usize::from(f.enc.window_log() == ZSTD_WINDOW_LOG);
+            }
+            if f.peer == peer && f.dec_window_log.is_some() {
+                zstd_caps += 1;
+                large_caps += usize::from(f.dec_window_log == Some(ZSTD_WINDOW_LOG));
+            }
+        }
         let window_log = if large_windows < LARGE_WINDOW_FLOWS {
             ZSTD_WINDOW_LOG
         } else {
@@ -883,21 +890,11 @@ impl Node {
         };
         // Past ZSTD_FLOWS, lz4 (a few KiB of state a side) instead of another zstd context.
         let codec = match self.codec {
-            Codec::Zstd { .. } if self.flows.values().filter(zstd).count() >= ZSTD_FLOWS => {
-                Codec::Lz4
-            }
+            Codec::Zstd { .. } if zstd_flows >= ZSTD_FLOWS => Codec::Lz4,
             c => c,
         };
         // What this peer's streams may make us hold: twice what a tern sender uses (its
         // counts and ours differ while flows close), per peer.
-        let (mut large_caps, mut zstd_caps) = (0, 0);
-        for f in self.flows.values().filter(|f| f.peer == peer) {
-            match f.dec_window_log {
-                Some(ZSTD_WINDOW_LOG) => (large_caps, zstd_caps) = (large_caps + 1, zstd_caps + 1),
-                Some(_) => zstd_caps += 1,
-                None => {}
-            }
-        }
         let dec_window_log = if zstd_caps >= 2 * ZSTD_FLOWS {
             None
         } else if large_caps < 2 * LARGE_WINDOW_FLOWS {
