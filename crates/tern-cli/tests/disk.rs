@@ -1466,10 +1466,10 @@ fn a_partitioned_primary_is_fenced_and_its_gate_never_releases_a_reply() {
         "committed {committed} at the promotion, {committed_now} after the heal, \
          {writes_at_cut} writes issued by the cut: {st}"
     );
-    assert!(
-        st["writes"].as_u64().unwrap() > writes_at_cut,
-        "the guest kept writing: {st}"
-    );
+    // The client is sequential (one PUT, then its reply), so the guest may write once more
+    // after the cut or not at all, depending on where the cut fell; either way the reply to
+    // the client's last PUT is still held: the primary runs, speaks to nobody.
+    assert!(st["writes"].as_u64().unwrap() >= writes_at_cut, "{st}");
     assert!(st["gate"]["held_now"].as_u64().unwrap_or(0) > 0, "{st}");
     eprintln!("old primary's last error: {}", st["last_error"]);
     assert_eq!(status(&bctl)["role"], "primary");
