@@ -20,6 +20,8 @@
 //! allow = ["overlay", "migration", "replication"]  # what it may open here (this default)
 //! tcp_targets = ["198.18.1.0/24"]             # TCP it may have this node connect to
 //!                                             # (subnet[:port[-port]]; default none)
+//! agent = ["vm.list", "vm.status"]            # site-agent commands it may call here
+//!                                             # (`docs/agent.md`; default none)
 //!
 //! [[accelerate]]                              # transparent interception (nftables REDIRECT)
 //! subnet = "198.18.2.0/24"
@@ -134,6 +136,9 @@ struct RawPeer {
     /// TCP destinations this node connects to on the peer's behalf.
     #[serde(default)]
     tcp_targets: Vec<String>,
+    /// Site-agent commands this peer may call (`agent.rs`).
+    #[serde(default)]
+    agent: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -388,6 +393,12 @@ impl NodeConfig {
                             "TCP is granted by tcp_targets, not allow".into(),
                         ));
                     }
+                    Some(Purpose::Agent) => {
+                        return Err(invalid(
+                            &format!("{field}.allow[{j}]"),
+                            "agent streams are granted by the agent command list, not allow".into(),
+                        ));
+                    }
                     Some(purpose) => purposes.push(purpose),
                     None => {
                         return Err(invalid(
@@ -406,10 +417,13 @@ impl NodeConfig {
                     )
                 })?);
             }
+            let agent = crate::agent::AllowList::parse(&p.agent)
+                .map_err(|e| invalid(&format!("{field}.agent"), e))?;
             let grants = match &p.allow {
                 Some(_) => Grants::new(&purposes, tcp_targets),
                 None => Grants::new(&Grants::default().purposes(), tcp_targets),
-            };
+            }
+            .with_agent(agent);
             peers.push(Peer {
                 name: p.name.clone(),
                 public,
@@ -663,6 +677,24 @@ target_dir = "/run/tern/vm"
             .peers[0]
             .grants;
         assert_eq!(g.purposes(), [Purpose::Tcp, Purpose::Overlay]);
+        assert!(g.agent().is_empty(), "no agent commands by default");
+        let with_agent = good.replacen(
+            "address = \"198.18.2.1:7400\"",
+            "address = \"198.18.2.1:7400\"\nagent = [\"vm.status\", \"vm.list\"]",
+            1,
+        );
+        let ga = &NodeConfig::parse(Path::new("x.toml"), &with_agent)
+            .unwrap()
+            .peers[0]
+            .grants;
+        assert!(ga.allows(Purpose::Agent));
+        assert_eq!(
+            ga.agent().commands(),
+            [
+                crate::agent::Command::VmList,
+                crate::agent::Command::VmStatus
+            ]
+        );
         assert_eq!(g.tcp_targets[0].to_string(), "198.18.1.0/24:5201");
         assert_eq!(
             c.compression,
@@ -754,6 +786,16 @@ target_dir = "/run/tern/vm"
                 "address = \"198.18.2.1:7400\"",
                 "address = \"198.18.2.1:7400\"\ntcp_targets = [\"127.0.0.1\"]",
                 "peer[0].tcp_targets[0]",
+            ),
+            (
+                "address = \"198.18.2.1:7400\"",
+                "address = \"198.18.2.1:7400\"\nagent = [\"vm.list\", \"qmp\"]",
+                "peer[0].agent",
+            ),
+            (
+                "address = \"198.18.2.1:7400\"",
+                "address = \"198.18.2.1:7400\"\nallow = [\"agent\"]",
+                "agent command list",
             ),
         ] {
             let bad = good.replacen(from, to, 1);

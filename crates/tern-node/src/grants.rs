@@ -10,6 +10,7 @@
 //! | `overlay`     | this site's L2 switch (frames of the VM overlay)          | `allow` (default)   |
 //! | `migration`   | a QEMU `-incoming` socket: `<target_dir>/…/incoming.sock` | `allow` (default)   |
 //! | `replication` | a disk server's replication socket: `…/disk-repl.sock`    | `allow` (default)   |
+//! | `agent`       | the site agent, only the commands listed (`agent.rs`)     | `agent` (none by default) |
 //!
 //! A unix target's purpose is its socket's file name ([`unix_purpose`]); every other socket
 //! under the VM directory (`qmp.sock`: QMP `migrate exec:` is a root command here;
@@ -18,6 +19,7 @@
 
 use std::net::SocketAddrV4;
 
+use crate::agent::AllowList;
 use crate::config::Ipv4Net;
 use crate::open::OpenHeader;
 
@@ -28,14 +30,16 @@ pub enum Purpose {
     Overlay,
     Migration,
     Replication,
+    Agent,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 4] = [
+    pub const ALL: [Purpose; 5] = [
         Purpose::Tcp,
         Purpose::Overlay,
         Purpose::Migration,
         Purpose::Replication,
+        Purpose::Agent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Purpose {
             Purpose::Overlay => "overlay",
             Purpose::Migration => "migration",
             Purpose::Replication => "replication",
+            Purpose::Agent => "agent",
         }
     }
 
@@ -136,6 +141,8 @@ pub enum Refusal {
 pub struct Grants {
     purposes: u8,
     pub tcp_targets: Vec<TcpTarget>,
+    /// The agent commands it may call (`agent` streams are granted when not empty).
+    agent: AllowList,
 }
 
 impl Default for Grants {
@@ -149,11 +156,12 @@ impl Default for Grants {
 }
 
 impl Grants {
-    /// `tcp` is granted exactly when `tcp_targets` is not empty.
+    /// `tcp` is granted exactly when `tcp_targets` is not empty (`agent` by
+    /// [`Grants::with_agent`]).
     pub fn new(purposes: &[Purpose], tcp_targets: Vec<TcpTarget>) -> Grants {
         let mut bits = purposes
             .iter()
-            .filter(|&&p| p != Purpose::Tcp)
+            .filter(|&&p| p != Purpose::Tcp && p != Purpose::Agent)
             .fold(0, |b, p| b | p.bit());
         if !tcp_targets.is_empty() {
             bits |= Purpose::Tcp.bit();
@@ -161,7 +169,23 @@ impl Grants {
         Grants {
             purposes: bits,
             tcp_targets,
+            agent: AllowList::default(),
         }
+    }
+
+    /// These grants and the agent commands `agent` (`agent` streams granted when any).
+    pub fn with_agent(mut self, agent: AllowList) -> Grants {
+        self.purposes &= !Purpose::Agent.bit();
+        if !agent.is_empty() {
+            self.purposes |= Purpose::Agent.bit();
+        }
+        self.agent = agent;
+        self
+    }
+
+    /// The agent commands this peer may call.
+    pub fn agent(&self) -> AllowList {
+        self.agent
     }
 
     pub fn allows(&self, p: Purpose) -> bool {
@@ -185,6 +209,7 @@ impl Grants {
                 Purpose::Tcp
             }
             OpenHeader::Overlay => Purpose::Overlay,
+            OpenHeader::Agent => Purpose::Agent,
             OpenHeader::Unix { path, codec } => {
                 let p = unix_purpose(path).ok_or_else(|| Refusal::UnixTarget(path.clone()))?;
                 if *codec != 0 && p != Purpose::Migration {
@@ -285,6 +310,25 @@ mod tests {
             none.check(&OpenHeader::Overlay),
             Err(Refusal::NotGranted(Purpose::Overlay))
         );
+    }
+
+    #[test]
+    fn agent_streams_only_with_an_agent_allow_list() {
+        let g = Grants::default();
+        assert_eq!(
+            g.check(&OpenHeader::Agent),
+            Err(Refusal::NotGranted(Purpose::Agent))
+        );
+        // Listing the purpose in `allow` grants nothing: the command list does.
+        let g = Grants::new(&[Purpose::Agent, Purpose::Overlay], Vec::new());
+        assert!(!g.allows(Purpose::Agent));
+        let list = AllowList::parse(&["vm.status"]).unwrap();
+        let g = g.with_agent(list);
+        assert_eq!(g.check(&OpenHeader::Agent), Ok(Purpose::Agent));
+        assert_eq!(g.agent(), list);
+        let g = g.with_agent(AllowList::default());
+        assert!(g.check(&OpenHeader::Agent).is_err());
+        assert_eq!(g.check(&OpenHeader::Overlay), Ok(Purpose::Overlay));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! ends); FIN and RST map both ways; a peer that is not connected refuses new connections with
 //! RST; datagrams that fail authentication only move drop counters.
 
+pub mod agent;
+pub mod agent_worker;
 pub mod config;
 pub mod grants;
 pub mod mgmt;

@@ -14,7 +14,9 @@
 //! [`MAX_CONNECTIONS`]; when full, the oldest connection is closed to make room, so a flood
 //! of idle connections delays a real request by at most its own turn. A connection that has
 //! not sent a whole request (or not read its reply) within [`REQUEST_TIMEOUT`] is closed.
-//! The control socket only serves root or the node's own user (`SO_PEERCRED`).
+//! The control socket only serves root or the node's own user (`SO_PEERCRED`). A control
+//! connection whose first byte is the agent frame magic (`agent.rs`) is handed, with what
+//! was read of it, to the site agent's queue (`agent_worker.rs`) as a local caller.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -98,7 +100,11 @@ pub struct Mgmt {
 }
 
 impl Mgmt {
-    pub fn spawn(control: UnixListener, metrics: Option<TcpListener>) -> io::Result<Mgmt> {
+    pub fn spawn(
+        control: UnixListener,
+        metrics: Option<TcpListener>,
+        agent: Option<crate::agent_worker::Agent>,
+    ) -> io::Result<Mgmt> {
         control.set_nonblocking(true)?;
         if let Some(m) = &metrics {
             m.set_nonblocking(true)?;
@@ -116,6 +122,7 @@ impl Mgmt {
             wake: wake.clone(),
             stop: stop.clone(),
             events: Vec::new(),
+            agent,
         };
         server.ep.add(stop.fd(), TOKEN_STOP, sys::READ)?;
         server
@@ -284,6 +291,7 @@ struct Server {
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
     events: Vec<(u64, u32)>,
+    agent: Option<crate::agent_worker::Agent>,
 }
 
 impl Server {
@@ -401,6 +409,13 @@ impl Server {
                 }
                 Ok(n) => {
                     c.request.extend_from_slice(&buf[..n]);
+                    if c.surface == Surface::Control
+                        && c.request[0] == crate::agent::REQUEST_MAGIC
+                        && self.agent.is_some()
+                    {
+                        self.hand_to_agent(token);
+                        return;
+                    }
                     if c.request.len() > limit {
                         self.count(|c| &c.bad_requests);
                         self.close(token);
@@ -505,6 +520,17 @@ impl Server {
         }
     }
 
+    /// Gives a control connection that carries an agent request to the agent's queue.
+    fn hand_to_agent(&mut self, token: u64) {
+        let Some(c) = self.conns.remove(&token) else {
+            return;
+        };
+        self.ep.delete(c.sock.fd());
+        if let (Sock::Unix(s), Some(agent)) = (c.sock, &self.agent) {
+            agent.submit(crate::agent::Caller::Local, s, c.request);
+        }
+    }
+
     fn close(&mut self, token: u64) {
         if let Some(c) = self.conns.remove(&token) {
             self.ep.delete(c.sock.fd());
@@ -562,7 +588,7 @@ mod tests {
         let control = tern_os::unix::bind_private(&path, None).unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
         let maddr = metrics.local_addr().unwrap();
-        let m = Arc::new(Mgmt::spawn(control, Some(metrics)).unwrap());
+        let m = Arc::new(Mgmt::spawn(control, Some(metrics), None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
         // 200 idle connections to each surface: more than MAX_CONNECTIONS, sending nothing.
@@ -605,7 +631,7 @@ mod tests {
         let d = dir();
         let path = d.join("ctl.sock");
         let control = tern_os::unix::bind_private(&path, None).unwrap();
-        let m = Arc::new(Mgmt::spawn(control, None).unwrap());
+        let m = Arc::new(Mgmt::spawn(control, None, None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
         let mut silent = UnixStream::connect(&path).unwrap();
@@ -634,7 +660,7 @@ mod tests {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = d.join("ctl.sock");
         let control = tern_os::unix::bind_private(&path, None).unwrap();
-        let m = Arc::new(Mgmt::spawn(control, None).unwrap());
+        let m = Arc::new(Mgmt::spawn(control, None, None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
         // Past the file mode (opened up here on purpose), SO_PEERCRED still refuses.

@@ -55,6 +55,8 @@ const TOKEN_INTERCEPT: u64 = 3;
 const TOKEN_OVERLAY: u64 = 4;
 const TOKEN_MIGRATE: u64 = 5;
 const TOKEN_TAP: u64 = 6;
+/// The site agent queued local requests to relay to a peer's agent (`agent_worker.rs`).
+const TOKEN_AGENT: u64 = 7;
 const TOKEN_FORWARD: u64 = 16;
 /// Local relay requests being read (`accept_migrations`); forwards end below.
 const TOKEN_REQUEST: u64 = 1 << 30;
@@ -231,6 +233,7 @@ pub struct Node {
     epoll: Epoll,
     udp: UdpSocket,
     mgmt: crate::mgmt::Mgmt,
+    agent: crate::agent_worker::Agent,
     intercept: Option<TcpListener>,
     forwards: Vec<TcpListener>,
     flows: HashMap<u64, Flow>,
@@ -378,7 +381,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener, NodeError> {
 }
 
 impl Node {
+    /// A node whose site agent has no handler (agent requests get `unavailable`).
     pub fn new(config: NodeConfig) -> Result<Node, NodeError> {
+        Node::with_agent(config, None)
+    }
+
+    /// A node whose site agent carries out requests with `handler` (`agent_worker.rs`).
+    pub fn with_agent(
+        config: NodeConfig,
+        handler: Option<std::sync::Arc<dyn crate::agent_worker::AgentHandler>>,
+    ) -> Result<Node, NodeError> {
         let io = |what: String| move |source| NodeError::Io { what, source };
         let udp =
             UdpSocket::bind(config.listen).map_err(io(format!("bind UDP {}", config.listen)))?;
@@ -396,7 +408,9 @@ impl Node {
             None => None,
         };
         // Control and metrics are served from their own thread (`mgmt.rs`).
-        let mgmt = crate::mgmt::Mgmt::spawn(control, metrics)
+        let agent = crate::agent_worker::Agent::spawn(handler)
+            .map_err(io("start the agent threads".into()))?;
+        let mgmt = crate::mgmt::Mgmt::spawn(control, metrics, Some(agent.clone()))
             .map_err(io("start the management thread".into()))?;
         let intercept = if config.accelerate.is_empty() {
             None
@@ -425,6 +439,9 @@ impl Node {
             .map_err(io("epoll add".into()))?;
         epoll
             .add(mgmt.wake_fd(), TOKEN_MGMT, sys::READ)
+            .map_err(io("epoll add".into()))?;
+        epoll
+            .add(agent.wake_fd(), TOKEN_AGENT, sys::READ)
             .map_err(io("epoll add".into()))?;
         if let Some(l) = &intercept {
             epoll
@@ -547,6 +564,7 @@ impl Node {
             epoll,
             udp,
             mgmt,
+            agent,
             intercept,
             forwards,
             flows: HashMap::new(),
@@ -720,6 +738,7 @@ impl Node {
             TOKEN_OVERLAY => self.accept_ports(),
             TOKEN_MIGRATE => self.accept_migrations(),
             TOKEN_TAP => self.read_tap(),
+            TOKEN_AGENT => self.open_agent_relays(),
             t if (TOKEN_REQUEST..TOKEN_PORT).contains(&t) => self.read_request(t - TOKEN_REQUEST),
             t if (TOKEN_FORWARD..TOKEN_REQUEST).contains(&t) => {
                 self.accept(Some((t - TOKEN_FORWARD) as usize))
@@ -1290,6 +1309,24 @@ impl Node {
                         }
                         None => Err(io::Error::other("no [migration] section")),
                     },
+                    OpenHeader::Agent => {
+                        // One end to the agent's queue, the other spliced to the stream.
+                        let caller = crate::agent::Caller::Peer {
+                            name: self.ep.peer_name(flow.peer).to_string(),
+                            allow: self
+                                .config
+                                .peers
+                                .get(flow.peer)
+                                .map(|p| p.grants.agent())
+                                .unwrap_or_default(),
+                        };
+                        UnixStream::pair().and_then(|(here, there)| {
+                            here.set_nonblocking(true)?;
+                            flow.state = FlowState::Open;
+                            self.agent.submit(caller, there, Vec::new());
+                            Ok(Sock::Unix(here))
+                        })
+                    }
                     OpenHeader::Overlay => {
                         let (peer, stream) = (flow.peer, flow.stream);
                         let rest = data.to_vec();
@@ -1983,6 +2020,61 @@ impl Node {
         Ok((peer, stream, mig))
     }
 
+    /// Opens an agent stream to the named peer for each local request the agent queued and
+    /// splices the client's socket to it; a failure is answered to the client.
+    fn open_agent_relays(&mut self) {
+        for r in self.agent.take_relays() {
+            let crate::agent_worker::Relay {
+                peer: peer_name,
+                mut sock,
+                frame,
+            } = r;
+            let peer = (0..self.ep.peer_count()).find(|&p| self.ep.peer_name(p) == peer_name);
+            let stream = match peer {
+                None => Err(format!("no peer named {peer_name:?}")),
+                Some(_) if self.flows.len() >= MAX_FLOWS => Err("too many flows".to_string()),
+                Some(p) if !self.ep.is_connected(p) => {
+                    Err(format!("peer {peer_name:?} is not connected"))
+                }
+                Some(p) => self
+                    .ep
+                    .connection(p)
+                    .ok_or_else(|| format!("peer {peer_name:?} is not connected"))
+                    .and_then(|c| c.open_stream().map_err(|e| e.to_string())),
+            };
+            let (peer, stream) = match (peer, stream) {
+                (Some(p), Ok(s)) => (p, s),
+                (_, Err(e)) => {
+                    self.totals.refused += 1;
+                    let reply = crate::agent::Reply::Error(crate::agent::AgentError::new(
+                        crate::agent::ErrorCode::Unavailable,
+                        format!("cannot relay to site {peer_name:?}: {e}"),
+                    ));
+                    let _ = sock.write(&crate::agent::encode_reply(&reply));
+                    continue;
+                }
+                (None, Ok(_)) => continue,
+            };
+            let mut h = Vec::new();
+            OpenHeader::Agent.encode(&mut h);
+            if let Some(c) = self.ep.connection(peer) {
+                let _ = c.stream_write(stream, &h);
+            }
+            let f = self.new_flow(
+                Some(Sock::Unix(sock)),
+                FlowKind::Tcp,
+                peer,
+                stream,
+                FlowState::Open,
+            );
+            if let Some(flow) = self.flows.get_mut(&f) {
+                // The request the agent already read, ahead of anything the client sends.
+                flow.enc.encode(&frame, &mut flow.spill);
+            }
+            self.pump_tcp(f);
+        }
+    }
+
     // ------------------------------------------------------------------ status
 
     pub fn status(&self) -> NodeStatus {
@@ -2024,6 +2116,7 @@ impl Node {
             realtime: self.rt.active,
             realtime_switches: self.rt.switches,
             mgmt: self.mgmt.stats(),
+            agent: self.agent.stats(),
         }
     }
 }

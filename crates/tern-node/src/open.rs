@@ -8,6 +8,8 @@
 //!   kind 3 overlay  : 0                                          (L2 frames follow)
 //!   kind 4 codec    : codec (1) | len (1) | relative path        migration re-encoded by
 //!                                                                tern-codec (options byte)
+//!   kind 5 agent    : 0                                          agent request frames
+//!                                                                follow (`agent.rs`)
 //! ```
 //! Kind 2 carries a live-migration stream to a QEMU `-incoming` socket; the path is relative
 //! to the receiving node's `migration.target_dir` and may not climb out of it. The decoder is
@@ -27,6 +29,8 @@ pub enum OpenHeader {
     Unix { path: String, codec: u8 },
     /// This stream carries overlay frames from the opening node.
     Overlay,
+    /// This stream carries one request to the site agent (`agent.rs`) and its reply.
+    Agent,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +43,8 @@ pub enum HeaderError {
     Family(u8),
     #[error("bad overlay header length {0}")]
     OverlayLen(u8),
+    #[error("bad agent header length {0}")]
+    AgentLen(u8),
     #[error("unsafe unix path {0:?}")]
     Path(String),
     #[error("unknown codec options {0:#04x}")]
@@ -76,6 +82,7 @@ impl OpenHeader {
                 out.extend_from_slice(path.as_bytes());
             }
             OpenHeader::Overlay => out.extend_from_slice(&[3, 0]),
+            OpenHeader::Agent => out.extend_from_slice(&[5, 0]),
         }
     }
 
@@ -120,6 +127,8 @@ impl OpenHeader {
             }
             3 if buf[3] == 0 => Ok(Some((OpenHeader::Overlay, 4))),
             3 => Err(HeaderError::OverlayLen(buf[3])),
+            5 if buf[3] == 0 => Ok(Some((OpenHeader::Agent, 4))),
+            5 => Err(HeaderError::AgentLen(buf[3])),
             k => Err(HeaderError::Kind(k)),
         }
     }
@@ -301,6 +310,13 @@ mod tests {
         b.clear();
         OpenHeader::Overlay.encode(&mut b);
         assert_eq!(b, [b'T', 1, 3, 0]);
+        b.clear();
+        OpenHeader::Agent.encode(&mut b);
+        assert_eq!(b, [b'T', 1, 5, 0]);
+        assert_eq!(
+            OpenHeader::decode(b"T\x01\x05\x01"),
+            Err(HeaderError::AgentLen(1))
+        );
     }
 
     #[test]
@@ -316,6 +332,7 @@ mod tests {
                 codec: 3,
             },
             OpenHeader::Overlay,
+            OpenHeader::Agent,
         ] {
             let mut b = Vec::new();
             h.encode(&mut b);

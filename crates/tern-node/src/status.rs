@@ -95,6 +95,9 @@ pub struct NodeStatus {
     /// The control and metrics surfaces (`mgmt.rs`).
     #[serde(default)]
     pub mgmt: crate::mgmt::MgmtStats,
+    /// The site agent (`agent_worker.rs`).
+    #[serde(default)]
+    pub agent: crate::agent_worker::AgentStats,
 }
 
 /// One re-encoded migration stream, as one node saw it.
@@ -165,6 +168,9 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("mgmt_connections_timed_out_total", s.mgmt.timed_out),
         ("mgmt_connections_refused_peer_total", s.mgmt.refused_peer),
         ("mgmt_bad_requests_total", s.mgmt.bad_requests),
+        ("agent_requests_total", s.agent.requests),
+        ("agent_refused_total", s.agent.refused),
+        ("agent_overloaded_total", s.agent.overloaded),
     ] {
         metric(n, "", v as f64);
     }
