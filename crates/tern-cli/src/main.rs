@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure (the error chain is printed), 2 bad usage.
 
+mod agent;
 mod analyze;
 mod balance;
 mod bench;
@@ -44,6 +45,10 @@ enum Cmd {
     /// The per-site WAN accelerator daemon (TCP termination over tern's UDP transport).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// The site agent: ask this site's node, or a peer site's through it, to list, start,
+    /// stop or promote VMs and volumes there (`docs/agent.md`).
+    #[command(subcommand)]
+    Agent(AgentCmd),
     /// Guest VMs at a site: start, list, stop (QEMU under TCG).
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -82,11 +87,23 @@ enum Cmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// Send one request to a site agent and print its reply (exit 1 on an error reply),
+    /// e.g. `tern agent call --config /run/tern/lab/node-b.toml --site site-a vm.list`.
+    Call(agent::CallArgs),
+}
+
+#[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Run a node in the foreground until SIGINT/SIGTERM (config: see `docs/transport.md`).
+    /// Its site agent manages this site's VMs (`docs/agent.md`).
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// The site whose VMs the node's agent manages (default: the node's name without
+        /// a leading `site-`).
+        #[arg(long)]
+        agent_site: Option<String>,
     },
     /// Peers, transport counters and flows of a running node.
     Status {
@@ -334,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
         Cmd::Bench(BenchCmd::RrClient(a)) => bench::rr_client(a),
         Cmd::Node(c) => node(c),
+        Cmd::Agent(AgentCmd::Call(a)) => agent::run_call(a),
         Cmd::Vm(c) => vm::run(c),
         Cmd::Migrate(a) => migrate::run(a),
         Cmd::Protect(a) => protect::run(a),
@@ -412,12 +430,15 @@ fn keygen(out: &std::path::Path) -> Result<()> {
 
 fn node(c: NodeCmd) -> Result<()> {
     match c {
-        NodeCmd::Run { config } => {
+        NodeCmd::Run { config, agent_site } => {
             let cfg = tern_node::NodeConfig::load(&config)?;
             for w in &cfg.warnings {
                 eprintln!("tern node: warning: {w}");
             }
-            tern_node::Node::new(cfg)?.run()?;
+            let site = agent::site_of(&cfg.name, agent_site.as_deref());
+            let switch = cfg.overlay.as_ref().map(|o| o.socket.clone());
+            let handler = agent::SiteAgent::new(tern_vm::vm::VmHost::lab(), &site, switch);
+            tern_node::Node::with_agent(cfg, Some(std::sync::Arc::new(handler)))?.run()?;
         }
         NodeCmd::Check { config } => {
             let cfg = tern_node::NodeConfig::load(&config)?;
@@ -444,6 +465,21 @@ fn node(c: NodeCmd) -> Result<()> {
                     .map(|x| x.name())
                     .collect();
                 println!("    may open: {}", purposes.join(", "));
+                let agent: Vec<&str> = p
+                    .grants
+                    .agent()
+                    .commands()
+                    .iter()
+                    .map(|c| c.name())
+                    .collect();
+                println!(
+                    "    may call agent commands: {}",
+                    if agent.is_empty() {
+                        "none".to_string()
+                    } else {
+                        agent.join(", ")
+                    }
+                );
                 let targets: Vec<String> =
                     p.grants.tcp_targets.iter().map(|t| t.to_string()).collect();
                 println!(
