@@ -729,6 +729,11 @@ pub fn store_dir(site: &str) -> PathBuf {
 /// Capacity of each lab node's content store, MiB.
 pub const STORE_MB: u64 = 2048;
 
+/// Site-agent commands each lab site lets the other call (`docs/agent.md`): what `tern
+/// migrate` and `tern protect` will ask of the far site. Stopping or starting a VM at the
+/// other site is not among them; a test checks the refusal.
+pub const LAB_AGENT_COMMANDS: &[&str] = &["vm.list", "vm.status", "vm.spec", "disk.status"];
+
 /// UDP port of the lab's tern nodes.
 pub const NODE_PORT: u16 = 7400;
 
@@ -777,11 +782,17 @@ fn start_nodes(
              realtime_priority = {LAB_REALTIME_PRIORITY}\n\n\
              [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
              address = \"{peer_addr}:{port}\"\n\
-             allow = [\"overlay\", \"migration\", \"replication\"]\n{tcp_targets}\n\
+             allow = [\"overlay\", \"migration\", \"replication\"]\n{tcp_targets}\
+             agent = [{agent}]\n\n\
              [overlay]\nsocket = \"{switch}\"\ntap = \"{OVERLAY_TAP}\"\n\
              tap_address = \"{OVERLAY_PREFIX}.{index}/24\"\n\n\
              [migration]\nsocket = \"{migrate}\"\ntarget_dir = \"{VM_DIR}\"\n\
              store = \"{store}\"\nstore_mb = {STORE_MB}\n{accelerate}",
+            agent = LAB_AGENT_COMMANDS
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             store = store_dir(&me.name).display(),
             bp0 = DIRECT_PORTS.0,
             bp1 = DIRECT_PORTS.1,
