@@ -188,6 +188,35 @@ fn transport_seeds() {
     write("transport_record", &recs);
 }
 
+fn agent_seeds() {
+    use tern_node::agent::{
+        AgentError, Answer, ErrorCode, Incoming, Name, Reply, Request, VmStartSpec,
+        encode_reply, encode_request,
+    };
+    let name = Name::new("vm1").unwrap();
+    let mut spec = VmStartSpec::new(name.clone(), 256);
+    spec.ip = Some("198.18.100.20/24".into());
+    spec.volume = Some(Name::new("vm1").unwrap());
+    let seeds = vec![
+        encode_request("", &Request::VmList {}),
+        encode_request("site-b", &Request::VmStatus { name: name.clone() }),
+        encode_request("", &Request::VmStart { spec: spec.clone() }),
+        encode_request(
+            "",
+            &Request::VmStartIncoming {
+                spec,
+                incoming: Incoming::Tcp(49152),
+            },
+        ),
+        encode_request("", &Request::DiskPromote { name }),
+        encode_reply(&Reply::Error(AgentError::new(ErrorCode::Refused, "no"))),
+        encode_reply(&Reply::Ok(Answer::Done {
+            message: "ok".into(),
+        })),
+    ];
+    write("node_agent", &seeds);
+}
+
 fn node_seeds() {
     let mut seeds = Vec::new();
     for h in [
@@ -208,6 +237,7 @@ fn node_seeds() {
     }
     seeds.push(encode_migration_request("site-b", "vm1/incoming.sock", 15));
     write("node_open", &seeds);
+    agent_seeds();
     let mut eth = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
     eth.extend_from_slice(&[0x45; 46]);
     let mut tagged = eth.clone();
