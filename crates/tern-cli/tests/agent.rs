@@ -144,9 +144,7 @@ fn a_peer_site_gets_its_allowed_agent_commands_and_is_refused_the_rest() {
         .unwrap()["pid"]
         .as_u64()
         .unwrap() as u32;
-    let qmp = PathBuf::from(
-        vm::InstancePaths::new(std::path::Path::new(vm::VM_RUN_DIR), NAME, "a").qmp_socket,
-    );
+    let qmp = vm::InstancePaths::new(std::path::Path::new(vm::VM_RUN_DIR), NAME, "a").qmp_socket;
     assert!(vm::pid_alive(pid, &qmp));
 
     // The other way round: a asks b (nothing runs there).
