@@ -257,6 +257,9 @@ pub struct Node {
     rt: Realtime,
     requests: BTreeMap<u64, PendingRequest>,
     next_request: u64,
+    /// Flows relaying a local client's agent request to a peer: a reset is answered to the
+    /// client (`open_agent_relays`).
+    agent_relays: std::collections::BTreeSet<u64>,
     /// The UDP socket had more to read when `recv_udp` stopped at its budget.
     udp_more: bool,
 }
@@ -588,6 +591,7 @@ impl Node {
             mig_buf: Vec::with_capacity(2 * CHUNK),
             requests: BTreeMap::new(),
             next_request: 0,
+            agent_relays: std::collections::BTreeSet::new(),
             udp_more: false,
             config,
         })
@@ -859,9 +863,10 @@ impl Node {
                     self.pump_tcp(f);
                 }
             }
-            Event::StreamReset { id, .. } => {
+            Event::StreamReset { id, code } => {
                 if let Some(&f) = self.by_stream.get(&(peer, id)) {
                     self.totals.reset_by_peer += 1;
+                    self.answer_agent_reset(f, code);
                     self.abort_flow(f, false);
                 } else if let Some(o) = &mut self.overlay {
                     let link = &mut o.remotes[peer];
@@ -1536,6 +1541,7 @@ impl Node {
     }
 
     fn drop_flow(&mut self, f: u64) {
+        self.agent_relays.remove(&f);
         if let Some(flow) = self.flows.remove(&f) {
             if let Some(s) = &flow.sock {
                 self.epoll.delete(s.fd());
@@ -2070,8 +2076,40 @@ impl Node {
             if let Some(flow) = self.flows.get_mut(&f) {
                 // The request the agent already read, ahead of anything the client sends.
                 flow.enc.encode(&frame, &mut flow.spill);
+                self.agent_relays.insert(f);
             }
             self.pump_tcp(f);
+        }
+    }
+
+    /// A peer reset an agent relay's stream before its reply: tell the client why (the
+    /// reply frame is small; its socket is non-blocking).
+    fn answer_agent_reset(&mut self, f: u64, code: u64) {
+        if !self.agent_relays.remove(&f) {
+            return;
+        }
+        let Some(flow) = self.flows.get_mut(&f) else {
+            return;
+        };
+        let peer = self.ep.peer_name(flow.peer).to_string();
+        let (code, why) = match code {
+            RESET_REFUSED => (
+                crate::agent::ErrorCode::Refused,
+                "it grants this site no agent commands",
+            ),
+            _ => (
+                crate::agent::ErrorCode::Unavailable,
+                "its node reset the agent stream",
+            ),
+        };
+        let reply = crate::agent::Reply::Error(crate::agent::AgentError::new(
+            code,
+            format!("site {peer} refused the request: {why}"),
+        ));
+        if flow.out_pos == flow.out.len()
+            && let Some(s) = flow.sock.as_mut()
+        {
+            let _ = s.write(&crate::agent::encode_reply(&reply));
         }
     }
 
