@@ -580,6 +580,17 @@ fn node(c: NodeCmd) -> Result<()> {
                     u.gro_trains,
                     u.gro_datagrams
                 );
+                let g = &s.agent;
+                println!(
+                    "  agent: {} requests ({} from peers), {} served, {} refused, {} bad, {} overloaded, {} relayed",
+                    g.requests,
+                    g.from_peers,
+                    g.served,
+                    g.refused,
+                    g.bad_requests,
+                    g.overloaded,
+                    g.relayed
+                );
                 let e = &s.endpoint;
                 println!(
                     "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",

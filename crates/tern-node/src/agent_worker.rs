@@ -1,9 +1,11 @@
 //! The site agent's threads: requests from the control socket (`mgmt.rs` hands over the
 //! connection) and from peers (an agent stream, spliced by the node loop to one end of a
-//! socket pair) wait in a bounded queue for [`AGENT_WORKERS`] threads, which read the frame
-//! (with a deadline), check the caller's allow-list, call the [`AgentHandler`] and write
-//! the reply. The node loop never blocks on any of it: handing over is a `try_send`, and a
-//! full queue gets an `overloaded` reply at once.
+//! socket pair) wait in bounded queues, one lane for local callers and one for peers, each
+//! served by [`AGENT_WORKERS`] threads, which read the frame (with a deadline), check the
+//! caller's allow-list, call the [`AgentHandler`] and write the reply. The node loop never
+//! blocks on any of it: handing over is a `try_send`, and a full queue gets an
+//! `overloaded` reply at once. With separate lanes, peers that send slowly (or flood) can
+//! delay each other but never a local caller.
 //!
 //! A local request that names a site is not served here: the worker queues it as a
 //! [`Relay`] and wakes the node loop, which opens an agent stream to that peer and splices
@@ -22,9 +24,10 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{self, AgentError, Answer, Caller, ErrorCode, Reply, Request};
 use crate::sys::EventFd;
 
-/// Requests waiting for a worker; one more gets an `overloaded` reply.
+/// Requests waiting for a worker, per lane (local, peers); one more gets an `overloaded`
+/// reply.
 pub const AGENT_QUEUE: usize = 16;
-/// Threads serving requests (a handler call may take seconds: starting QEMU).
+/// Threads serving requests, per lane (a handler call may take seconds: starting QEMU).
 pub const AGENT_WORKERS: usize = 2;
 /// Time a caller has to send its whole request frame.
 pub const AGENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,7 +100,8 @@ struct Shared {
 /// A handle on the agent's queue (cheap to clone, for the node loop and `mgmt.rs`).
 #[derive(Clone)]
 pub struct Agent {
-    tx: SyncSender<Job>,
+    local: SyncSender<Job>,
+    peers: SyncSender<Job>,
     shared: Arc<Shared>,
 }
 
@@ -113,21 +117,30 @@ impl Agent {
     /// Starts the workers. Without a handler every authorized request is answered
     /// `unavailable`. The threads end when every handle is dropped.
     pub fn spawn(handler: Option<Arc<dyn AgentHandler>>) -> io::Result<Agent> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(AGENT_QUEUE);
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             relays: Mutex::new(VecDeque::new()),
             wake: EventFd::new()?,
             handler,
         });
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..AGENT_WORKERS {
-            let (rx, shared) = (rx.clone(), shared.clone());
-            std::thread::Builder::new()
-                .name(format!("tern-agent-{i}"))
-                .spawn(move || worker(&rx, &shared))?;
-        }
-        Ok(Agent { tx, shared })
+        let mut lane = |name: &str| -> io::Result<SyncSender<Job>> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(AGENT_QUEUE);
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..AGENT_WORKERS {
+                let (rx, shared) = (rx.clone(), shared.clone());
+                std::thread::Builder::new()
+                    .name(format!("tern-agent-{name}{i}"))
+                    .spawn(move || worker(&rx, &shared))?;
+            }
+            Ok(tx)
+        };
+        let local = lane("l")?;
+        let peers = lane("p")?;
+        Ok(Agent {
+            local,
+            peers,
+            shared,
+        })
     }
 
     /// The descriptor the node loop watches for relays.
@@ -140,10 +153,14 @@ impl Agent {
     pub fn submit(&self, caller: Caller, sock: UnixStream, prefix: Vec<u8>) {
         let c = &self.shared.counters;
         c.requests.fetch_add(1, Ordering::Relaxed);
-        if matches!(caller, Caller::Peer { .. }) {
-            c.from_peers.fetch_add(1, Ordering::Relaxed);
-        }
-        match self.tx.try_send(Job {
+        let lane = match caller {
+            Caller::Peer { .. } => {
+                c.from_peers.fetch_add(1, Ordering::Relaxed);
+                &self.peers
+            }
+            Caller::Local => &self.local,
+        };
+        match lane.try_send(Job {
             caller,
             sock,
             prefix,
@@ -502,6 +519,52 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(1));
         assert!(agent.stats().overloaded >= 1, "{:?}", agent.stats());
         drop(held);
+    }
+
+    #[test]
+    fn peers_that_stall_never_delay_a_local_caller() {
+        let h = Arc::new(Test {
+            calls: AtomicUsize::new(0),
+            gate: Mutex::new(()),
+        });
+        let agent = Agent::spawn(Some(h.clone())).unwrap();
+        let peer = Caller::Peer {
+            name: "site-b".into(),
+            allow: AllowList::ALL,
+        };
+        // Every peer worker waits for the rest of a frame, the peer queue is full.
+        let frame = agent::encode_request("", &Request::VmList {});
+        let mut stalled = Vec::new();
+        for i in 0..AGENT_WORKERS + AGENT_QUEUE {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            b.write_all(&frame[..5]).unwrap();
+            agent.submit(peer.clone(), a, Vec::new());
+            stalled.push(b);
+            if i + 1 == AGENT_WORKERS {
+                // The workers take theirs before the queue fills.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        assert_eq!(agent.stats().overloaded, 0);
+        let start = Instant::now();
+        let r = ask(&agent, Caller::Local, &Request::VmList {});
+        assert!(matches!(r, Reply::Ok(Answer::Vms { .. })), "{r:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // One more peer request is refused at once, not queued behind the stalled ones.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        agent.submit(peer, a, Vec::new());
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = b.read(&mut buf).unwrap();
+        let Reply::Error(e) = agent::decode_reply(&buf[..n]).unwrap().unwrap().0 else {
+            panic!()
+        };
+        assert_eq!(e.code, ErrorCode::Overloaded);
+        drop(stalled);
     }
 
     #[test]
