@@ -123,7 +123,7 @@ impl Agent {
             wake: EventFd::new()?,
             handler,
         });
-        let mut lane = |name: &str| -> io::Result<SyncSender<Job>> {
+        let lane = |name: &str| -> io::Result<SyncSender<Job>> {
             let (tx, rx) = std::sync::mpsc::sync_channel(AGENT_QUEUE);
             let rx = Arc::new(Mutex::new(rx));
             for i in 0..AGENT_WORKERS {
