@@ -156,6 +156,24 @@ struct Peer {
     last_init_timestamp: u64,
     /// The last cookie this peer sent us, and when it came.
     cookie: Option<([u8; MAC_LEN], u64)>,
+    /// Removed by [`Endpoint::remove_peer`]: its id stays allocated, its key handshakes no more.
+    removed: bool,
+}
+
+impl Peer {
+    fn new(c: PeerConfig) -> Peer {
+        Peer {
+            addr: c.addr,
+            config: c,
+            conn: None,
+            next: None,
+            pending: None,
+            next_attempt_ns: 0,
+            last_init_timestamp: 0,
+            cookie: None,
+            removed: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -195,19 +213,7 @@ impl Endpoint {
         deterministic: bool,
         epoch_ns: u64,
     ) -> Self {
-        let peers = peers
-            .into_iter()
-            .map(|c| Peer {
-                addr: c.addr,
-                config: c,
-                conn: None,
-                next: None,
-                pending: None,
-                next_attempt_ns: 0,
-                last_init_timestamp: 0,
-                cookie: None,
-            })
-            .collect();
+        let peers = peers.into_iter().map(Peer::new).collect();
         let mac1_key = crypto::mac1_key(&identity.public);
         let cookie_secrets = [
             crypto::cookie_secret(&identity, 0, seed),
@@ -258,8 +264,62 @@ impl Endpoint {
         &self.stats
     }
 
+    /// Peer ids in use, removed ones included (ids are never reused).
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Adds a peer (a node's config reload); its id is `peer_count()` before the call.
+    pub fn add_peer(&mut self, config: PeerConfig) -> PeerId {
+        self.peers.push(Peer::new(config));
+        self.peers.len() - 1
+    }
+
+    /// Changes a peer's key or address (a node's config reload). A new public key ends the
+    /// peer's session, its pending initiation and its unconfirmed next session (all made
+    /// with the old key), with a `Disconnected` event if a session was up; a new address
+    /// alone only changes where initiations go (a live session keeps following its peer).
+    /// Returns whether a session was ended.
+    pub fn set_peer(&mut self, peer: PeerId, config: PeerConfig) -> bool {
+        let rekeyed = self.peers[peer].config.public != config.public;
+        let had = rekeyed && self.peers[peer].conn.is_some();
+        if rekeyed {
+            self.reset_peer(peer);
+            self.peers[peer].last_init_timestamp = 0;
+        }
+        let p = &mut self.peers[peer];
+        if p.config.addr != config.addr {
+            p.addr = config.addr;
+            p.next_attempt_ns = 0;
+        }
+        p.config = config;
+        had
+    }
+
+    /// Removes a peer (a node's config reload): its session ends (a `Disconnected` event if
+    /// one was up), its key is refused like an unknown one and no initiation goes to it. The
+    /// id stays allocated so other peers' ids do not move; [`Endpoint::is_removed`] says so.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.reset_peer(peer);
+        let p = &mut self.peers[peer];
+        p.addr = None;
+        p.removed = true;
+    }
+
+    pub fn is_removed(&self, peer: PeerId) -> bool {
+        self.peers[peer].removed
+    }
+
+    /// Ends a peer's session and handshakes.
+    fn reset_peer(&mut self, peer: PeerId) {
+        if let Some(old) = self.peers[peer].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        let p = &mut self.peers[peer];
+        p.next = None;
+        p.cookie = None;
+        p.next_attempt_ns = 0;
+        self.drop_connection(peer);
     }
 
     pub fn peer_name(&self, peer: PeerId) -> &str {
@@ -588,7 +648,7 @@ impl Endpoint {
         let Some(peer) = self
             .peers
             .iter()
-            .position(|p| p.config.public == accepted.remote_public)
+            .position(|p| !p.removed && p.config.public == accepted.remote_public)
         else {
             self.stats.handshakes_unknown_key += 1;
             return;
@@ -878,6 +938,128 @@ mod tests {
 
     fn drain_events(ep: &mut Endpoint) -> Vec<EndpointEvent> {
         std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    /// A reload's peer changes: removing a peer ends its session and refuses its key; a new
+    /// key ends the session made with the old one; an added peer handshakes; the other
+    /// peers' sessions are untouched throughout.
+    #[test]
+    fn peers_can_be_added_rekeyed_and_removed_without_touching_the_others() {
+        let (mut a, mut b, addr_a, addr_b) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0);
+        deliver(&mut b, &mut a, addr_b, 1);
+        deliver(&mut a, &mut b, addr_a, 1);
+        assert!(a.is_connected(0) && b.is_connected(0));
+        drain_events(&mut b);
+        // b learns a third peer c, which connects; a's session stays.
+        let kc = StaticKeypair::from_seed(13);
+        let addr_c: SocketAddr = "198.18.3.1:7400".parse().unwrap();
+        let ka_public = StaticKeypair::from_seed(11).public;
+        let c_id = b.add_peer(PeerConfig {
+            name: "c".into(),
+            public: kc.public,
+            addr: None,
+        });
+        assert_eq!(c_id, 1);
+        let mut c = Endpoint::new(
+            kc.clone(),
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            3,
+            true,
+            1 << 40,
+        );
+        c.handle_timeout(0);
+        deliver(&mut c, &mut b, addr_c, 2);
+        deliver(&mut b, &mut c, addr_b, 3);
+        deliver(&mut c, &mut b, addr_c, 3);
+        assert!(b.is_connected(c_id) && b.is_connected(0));
+        drain_events(&mut b);
+        // A new address for a only moves where initiations would go.
+        let moved: SocketAddr = "198.18.1.2:7400".parse().unwrap();
+        let ended = b.set_peer(
+            0,
+            PeerConfig {
+                name: "a".into(),
+                public: ka_public,
+                addr: Some(moved),
+            },
+        );
+        assert!(!ended && b.is_connected(0));
+        // A new key for c ends its session (made with the old key); a's stays.
+        let kc2 = StaticKeypair::from_seed(14);
+        let ended = b.set_peer(
+            c_id,
+            PeerConfig {
+                name: "c".into(),
+                public: kc2.public,
+                addr: None,
+            },
+        );
+        assert!(ended && !b.is_connected(c_id) && b.is_connected(0));
+        assert_eq!(
+            drain_events(&mut b),
+            [EndpointEvent::Disconnected {
+                peer: c_id,
+                code: crate::connection::CLOSE_NORMAL
+            }]
+        );
+        // c with its old key is now unknown.
+        let before = b.stats().handshakes_unknown_key;
+        let mut c_again = Endpoint::new(
+            kc,
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            4,
+            true,
+            1 << 41,
+        );
+        c_again.handle_timeout(0);
+        deliver(&mut c_again, &mut b, addr_c, 20);
+        assert_eq!(b.stats().handshakes_unknown_key, before + 1);
+        // Removing a ends its session and its key handshakes no more.
+        b.remove_peer(0);
+        assert!(b.is_removed(0) && !b.is_connected(0) && b.peer_addr(0).is_none());
+        assert_eq!(
+            drain_events(&mut b),
+            [EndpointEvent::Disconnected {
+                peer: 0,
+                code: crate::connection::CLOSE_NORMAL
+            }]
+        );
+        let mut a2 = Endpoint::new(
+            StaticKeypair::from_seed(11),
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            5,
+            true,
+            1 << 42,
+        );
+        a2.handle_timeout(0);
+        let before = b.stats().handshakes_unknown_key;
+        deliver(&mut a2, &mut b, addr_a, 30);
+        assert_eq!(b.stats().handshakes_unknown_key, before + 1);
+        assert!(!b.is_connected(0));
+        // Nothing is sent to a removed peer.
+        b.handle_timeout(40_000_000_000);
+        let mut out = Vec::new();
+        while let Some(to) = b.poll_transmit(40_000_000_000, &mut out) {
+            assert_ne!(to, moved);
+            out.clear();
+        }
     }
 
     /// Regression (issue 25, defect 1): an initiation captured before a restart was accepted
