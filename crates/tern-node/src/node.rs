@@ -120,9 +120,15 @@ pub const RESET_BAD_RECORD: u64 = 4;
 pub const RESET_REFUSED: u64 = 5;
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGHUP: re-read the config (`reload.rs`).
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The local end of a flow: a terminated TCP connection or a unix socket (migration).
@@ -256,6 +262,9 @@ pub struct Node {
     next_request: u64,
     /// The UDP socket had more to read when `recv_udp` stopped at its budget.
     udp_more: bool,
+    /// systemd's `NOTIFY_SOCKET`, if set (`notify.rs`).
+    notify: crate::notify::Notifier,
+    reloads: crate::reload::ReloadStats,
 }
 
 /// A local relay request whose bytes are still arriving.
@@ -571,6 +580,8 @@ impl Node {
             requests: BTreeMap::new(),
             next_request: 0,
             udp_more: false,
+            notify: crate::notify::Notifier::from_env(),
+            reloads: Default::default(),
             config,
         })
     }
@@ -579,12 +590,13 @@ impl Node {
         sys::mono_ns() - self.clock_base
     }
 
-    /// Runs until SIGINT/SIGTERM.
+    /// Runs until SIGINT/SIGTERM; SIGHUP reloads the config ([`Node::reload`]).
     pub fn run(mut self) -> Result<(), NodeError> {
         // SAFETY: installing an async-signal-safe handler that only stores an atomic.
         unsafe {
             libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
         sys::set_timer_slack();
@@ -596,10 +608,16 @@ impl Node {
             self.config.accelerate.len(),
             self.config.forward.len()
         );
+        // Everything is bound and listening (Node::new).
+        let summary = self.summary();
+        self.notify.ready(&summary);
         let mut ready = Vec::new();
         let result = loop {
             if STOP.load(Ordering::SeqCst) {
                 break Ok(());
+            }
+            if RELOAD.swap(false, Ordering::SeqCst) {
+                let _ = self.reload();
             }
             let now = self.now();
             self.update_realtime(now);
@@ -634,6 +652,7 @@ impl Node {
             }
         };
         eprintln!("tern node {}: stopping", self.config.name);
+        self.notify.stopping();
         self.shutdown();
         result
     }
@@ -715,7 +734,13 @@ impl Node {
                     self.recv_udp();
                 }
             }
-            TOKEN_MGMT => self.mgmt.serve(|| self.status()),
+            TOKEN_MGMT => {
+                if self.mgmt.take_reload() {
+                    let outcome = self.reload();
+                    self.mgmt.reload_done(outcome);
+                }
+                self.mgmt.serve(|| self.status())
+            }
             TOKEN_INTERCEPT => self.accept(None),
             TOKEN_OVERLAY => self.accept_ports(),
             TOKEN_MIGRATE => self.accept_migrations(),
@@ -1952,7 +1977,7 @@ impl Node {
             ));
         }
         let peer = (0..self.ep.peer_count())
-            .find(|&p| self.ep.peer_name(p) == peer_name)
+            .find(|&p| !self.ep.is_removed(p) && self.ep.peer_name(p) == peer_name)
             .ok_or_else(|| format!("no peer named {peer_name:?}"))?;
         if !self.ep.is_connected(peer) {
             return Err(format!("peer {peer_name:?} is not connected"));
@@ -1983,6 +2008,83 @@ impl Node {
         Ok((peer, stream, mig))
     }
 
+    // ------------------------------------------------------------------ reload
+
+    /// One line for `systemctl status`.
+    fn summary(&self) -> String {
+        let live = (0..self.ep.peer_count())
+            .filter(|&p| !self.ep.is_removed(p))
+            .count();
+        format!(
+            "listening on udp {}, {live} peer(s), {} reload(s)",
+            self.config.listen, self.reloads.applied
+        )
+    }
+
+    /// Re-reads the config file and applies its peer changes (`reload.rs`): sessions of
+    /// unchanged peers stay, a removed or re-keyed peer's session ends (with its flows). On
+    /// an invalid file or a change that needs a restart nothing changes. Returns the
+    /// summary or the refusal, also logged and kept in the status.
+    pub fn reload(&mut self) -> Result<String, String> {
+        self.notify.reloading();
+        let removed: Vec<bool> = (0..self.ep.peer_count())
+            .map(|p| self.ep.is_removed(p))
+            .collect();
+        let planned = NodeConfig::load(&self.config.path)
+            .map_err(crate::reload::ReloadError::from)
+            .and_then(|new| crate::reload::plan(&self.config, &removed, new));
+        let outcome = match planned {
+            Ok(plan) => {
+                for (slot, _, change) in &plan.changes {
+                    let p = &plan.config.peers[*slot];
+                    let pc = PeerConfig {
+                        name: p.name.clone(),
+                        public: p.public,
+                        addr: p.address,
+                    };
+                    use crate::reload::PeerChange;
+                    match change {
+                        PeerChange::Added => {
+                            let id = self.ep.add_peer(pc);
+                            debug_assert_eq!(id, *slot);
+                            if let Some(o) = &mut self.overlay {
+                                o.remotes.push(RemoteLink::default());
+                            }
+                        }
+                        PeerChange::Removed => self.ep.remove_peer(*slot),
+                        PeerChange::Key | PeerChange::Address => {
+                            self.ep.set_peer(*slot, pc);
+                        }
+                        PeerChange::Grants => {}
+                    }
+                }
+                for w in &plan.config.warnings {
+                    eprintln!("tern node: warning: {w}");
+                }
+                let summary = plan.summary();
+                self.config = plan.config;
+                self.reloads.applied += 1;
+                // Sessions that ended take their flows with them now.
+                self.handle_events();
+                Ok(summary)
+            }
+            Err(e) => {
+                self.reloads.refused += 1;
+                Err(e.to_string())
+            }
+        };
+        match &outcome {
+            Ok(m) => eprintln!("tern node {}: reloaded: {m}", self.config.name),
+            Err(e) => eprintln!("tern node {}: reload refused: {e}", self.config.name),
+        }
+        self.reloads.last = Some(match &outcome {
+            Ok(m) | Err(m) => m.clone(),
+        });
+        let summary = self.summary();
+        self.notify.ready(&summary);
+        outcome
+    }
+
     // ------------------------------------------------------------------ status
 
     pub fn status(&self) -> NodeStatus {
@@ -1998,6 +2100,7 @@ impl Node {
             listen: self.config.listen.to_string(),
             uptime_s: (sys::mono_ns() - self.started_ns) as f64 / 1e9,
             peers: (0..self.ep.peer_count())
+                .filter(|&p| !self.ep.is_removed(p))
                 .map(|p| PeerStatus {
                     name: self.ep.peer_name(p).to_string(),
                     address: self.ep.peer_addr(p).map(|a| a.to_string()),
@@ -2024,6 +2127,7 @@ impl Node {
             realtime: self.rt.active,
             realtime_switches: self.rt.switches,
             mgmt: self.mgmt.stats(),
+            reload: self.reloads.clone(),
         }
     }
 }

@@ -95,6 +95,9 @@ pub struct NodeStatus {
     /// The control and metrics surfaces (`mgmt.rs`).
     #[serde(default)]
     pub mgmt: crate::mgmt::MgmtStats,
+    /// Config reloads applied and refused (`reload.rs`).
+    #[serde(default)]
+    pub reload: crate::reload::ReloadStats,
 }
 
 /// One re-encoded migration stream, as one node saw it.
