@@ -7,6 +7,7 @@
 //! ends); FIN and RST map both ways; a peer that is not connected refuses new connections with
 //! RST; datagrams that fail authentication only move drop counters.
 
+pub mod check;
 pub mod config;
 pub mod grants;
 pub mod mgmt;
