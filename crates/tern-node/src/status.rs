@@ -168,6 +168,8 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("mgmt_connections_timed_out_total", s.mgmt.timed_out),
         ("mgmt_connections_refused_peer_total", s.mgmt.refused_peer),
         ("mgmt_bad_requests_total", s.mgmt.bad_requests),
+        ("reloads_applied_total", s.reload.applied),
+        ("reloads_refused_total", s.reload.refused),
     ] {
         metric(n, "", v as f64);
     }
@@ -248,6 +250,10 @@ mod tests {
             name: "site-a".into(),
             realtime: true,
             realtime_switches: 3,
+            reload: crate::reload::ReloadStats {
+                refused: 2,
+                ..Default::default()
+            },
             peers: vec![PeerStatus {
                 name: "site-b".into(),
                 connected: true,
@@ -261,6 +267,7 @@ mod tests {
             "tern_realtime_switches_total{node=\"site-a\"} 3",
             "tern_peer_connected{node=\"site-a\",peer=\"site-b\"} 1",
             "tern_flows_active{node=\"site-a\"} 0",
+            "tern_reloads_refused_total{node=\"site-a\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == want),
