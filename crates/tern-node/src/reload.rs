@@ -29,7 +29,8 @@ pub enum PeerChange {
     Removed,
     /// A new public key: the session made with the old one ends.
     Key,
-    /// A new address (and maybe grants): where initiations go; the session stays.
+    /// A new address (and maybe grants): where initiations go once the live session, which
+    /// stays, ends.
     Address,
     /// New `allow` / `tcp_targets` only.
     Grants,
@@ -41,7 +42,7 @@ impl PeerChange {
             PeerChange::Added => "added",
             PeerChange::Removed => "removed",
             PeerChange::Key => "new key (its session restarts)",
-            PeerChange::Address => "new address",
+            PeerChange::Address => "new address (used from its next session)",
             PeerChange::Grants => "new grants",
         }
     }

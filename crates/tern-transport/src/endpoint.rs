@@ -158,6 +158,8 @@ struct Peer {
     cookie: Option<([u8; MAC_LEN], u64)>,
     /// Removed by [`Endpoint::remove_peer`]: its id stays allocated, its key handshakes no more.
     removed: bool,
+    /// `config.addr` changed while a session was up: it becomes `addr` when that session ends.
+    readdress: bool,
 }
 
 impl Peer {
@@ -172,6 +174,7 @@ impl Peer {
             last_init_timestamp: 0,
             cookie: None,
             removed: false,
+            readdress: false,
         }
     }
 }
@@ -277,8 +280,9 @@ impl Endpoint {
 
     /// Changes a peer's key or address (a node's config reload). A new public key ends the
     /// peer's session, its pending initiation and its unconfirmed next session (all made
-    /// with the old key), with a `Disconnected` event if a session was up; a new address
-    /// alone only changes where initiations go (a live session keeps following its peer).
+    /// with the old key), with a `Disconnected` event if a session was up. A new address
+    /// alone leaves a live session on the path it has (it keeps following its peer) and is
+    /// where initiations go once that session ends; without a session, at once.
     /// Returns whether a session was ended.
     pub fn set_peer(&mut self, peer: PeerId, config: PeerConfig) -> bool {
         let rekeyed = self.peers[peer].config.public != config.public;
@@ -289,8 +293,12 @@ impl Endpoint {
         }
         let p = &mut self.peers[peer];
         if p.config.addr != config.addr {
-            p.addr = config.addr;
-            p.next_attempt_ns = 0;
+            if p.conn.is_some() {
+                p.readdress = true;
+            } else {
+                p.addr = config.addr;
+                p.next_attempt_ns = 0;
+            }
         }
         p.config = config;
         had
@@ -303,6 +311,7 @@ impl Endpoint {
         self.reset_peer(peer);
         let p = &mut self.peers[peer];
         p.addr = None;
+        p.readdress = false;
         p.removed = true;
     }
 
@@ -356,6 +365,9 @@ impl Endpoint {
                 if let Event::Closed { code } = event {
                     p.conn = None;
                     p.next_attempt_ns = 0;
+                    if std::mem::take(&mut p.readdress) {
+                        p.addr = p.config.addr;
+                    }
                     return Some(EndpointEvent::Disconnected { peer: id, code });
                 }
                 return Some(EndpointEvent::Stream { peer: id, event });
@@ -713,6 +725,10 @@ impl Endpoint {
     }
 
     fn drop_connection(&mut self, peer: PeerId) {
+        let p = &mut self.peers[peer];
+        if std::mem::take(&mut p.readdress) {
+            p.addr = p.config.addr;
+        }
         if self.peers[peer].conn.take().is_some() {
             self.events.push_back(EndpointEvent::Disconnected {
                 peer,
@@ -991,6 +1007,11 @@ mod tests {
             },
         );
         assert!(!ended && b.is_connected(0));
+        assert_eq!(
+            b.peer_addr(0),
+            Some(addr_a),
+            "the live session keeps its path"
+        );
         // A new key for c ends its session (made with the old key); a's stays.
         let kc2 = StaticKeypair::from_seed(14);
         let ended = b.set_peer(
@@ -1009,6 +1030,17 @@ mod tests {
                 code: crate::connection::CLOSE_NORMAL
             }]
         );
+        // c, not connected now, gets a new address at once.
+        let c_moved: SocketAddr = "198.18.3.2:7400".parse().unwrap();
+        b.set_peer(
+            c_id,
+            PeerConfig {
+                name: "c".into(),
+                public: kc2.public,
+                addr: Some(c_moved),
+            },
+        );
+        assert_eq!(b.peer_addr(c_id), Some(c_moved));
         // c with its old key is now unknown.
         let before = b.stats().handshakes_unknown_key;
         let mut c_again = Endpoint::new(
@@ -1060,6 +1092,50 @@ mod tests {
             assert_ne!(to, moved);
             out.clear();
         }
+    }
+
+    /// A new address for a connected peer waits for the session to end, then initiations go
+    /// there.
+    #[test]
+    fn a_new_address_applies_when_the_live_session_ends() {
+        let (mut a, mut b, addr_a, addr_b) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0);
+        deliver(&mut b, &mut a, addr_b, 1);
+        deliver(&mut a, &mut b, addr_a, 1);
+        assert!(a.is_connected(0));
+        let moved: SocketAddr = "198.18.2.2:7400".parse().unwrap();
+        let kb = b.identity.public;
+        assert!(!a.set_peer(
+            0,
+            PeerConfig {
+                name: "b".into(),
+                public: kb,
+                addr: Some(moved),
+            },
+        ));
+        assert_eq!(a.peer_addr(0), Some(addr_b));
+        // The session ends (idle: nothing from b any more).
+        let mut now = 2;
+        let mut out = Vec::new();
+        while a.is_connected(0) {
+            now += 1_000_000_000;
+            assert!(now < 600_000_000_000, "the session never idled out");
+            a.handle_timeout(now);
+            while a.poll_transmit(now, &mut out).is_some() {
+                out.clear();
+            }
+            drain_events(&mut a);
+        }
+        drain_events(&mut a);
+        assert_eq!(a.peer_addr(0), Some(moved));
+        a.handle_timeout(now + 1);
+        let mut to = Vec::new();
+        while let Some(d) = a.poll_transmit(now + 1, &mut out) {
+            to.push(d);
+            out.clear();
+        }
+        assert!(to.contains(&moved), "{to:?}");
     }
 
     /// Regression (issue 25, defect 1): an initiation captured before a restart was accepted
