@@ -652,6 +652,12 @@ fn node(c: NodeCmd) -> Result<()> {
                     u.gro_trains,
                     u.gro_datagrams
                 );
+                if let Some(last) = &s.reload.last {
+                    println!(
+                        "  reloads: {} applied, {} refused; last: {last}",
+                        s.reload.applied, s.reload.refused
+                    );
+                }
                 let e = &s.endpoint;
                 println!(
                     "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",
