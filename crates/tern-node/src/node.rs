@@ -2027,59 +2027,22 @@ impl Node {
     /// summary or the refusal, also logged and kept in the status.
     pub fn reload(&mut self) -> Result<String, String> {
         self.notify.reloading();
-        let removed: Vec<bool> = (0..self.ep.peer_count())
-            .map(|p| self.ep.is_removed(p))
-            .collect();
-        let planned = NodeConfig::load(&self.config.path)
-            .map_err(crate::reload::ReloadError::from)
-            .and_then(|new| crate::reload::plan(&self.config, &removed, new));
-        let outcome = match planned {
+        let outcome = match crate::reload::load_and_plan(&self.config, &self.ep) {
             Ok(plan) => {
-                for (slot, _, change) in &plan.changes {
-                    let p = &plan.config.peers[*slot];
-                    let pc = PeerConfig {
-                        name: p.name.clone(),
-                        public: p.public,
-                        addr: p.address,
-                    };
-                    use crate::reload::PeerChange;
-                    match change {
-                        PeerChange::Added => {
-                            let id = self.ep.add_peer(pc);
-                            debug_assert_eq!(id, *slot);
-                            if let Some(o) = &mut self.overlay {
-                                o.remotes.push(RemoteLink::default());
-                            }
-                        }
-                        PeerChange::Removed => self.ep.remove_peer(*slot),
-                        PeerChange::Key | PeerChange::Address => {
-                            self.ep.set_peer(*slot, pc);
-                        }
-                        PeerChange::Grants => {}
-                    }
-                }
-                for w in &plan.config.warnings {
-                    eprintln!("tern node: warning: {w}");
+                crate::reload::apply(&plan, &mut self.ep);
+                if let Some(o) = &mut self.overlay {
+                    o.remotes
+                        .resize_with(self.ep.peer_count(), RemoteLink::default);
                 }
                 let summary = plan.summary();
                 self.config = plan.config;
-                self.reloads.applied += 1;
                 // Sessions that ended take their flows with them now.
                 self.handle_events();
                 Ok(summary)
             }
-            Err(e) => {
-                self.reloads.refused += 1;
-                Err(e.to_string())
-            }
+            Err(e) => Err(e.to_string()),
         };
-        match &outcome {
-            Ok(m) => eprintln!("tern node {}: reloaded: {m}", self.config.name),
-            Err(e) => eprintln!("tern node {}: reload refused: {e}", self.config.name),
-        }
-        self.reloads.last = Some(match &outcome {
-            Ok(m) | Err(m) => m.clone(),
-        });
+        self.reloads.record(&self.config.name, &outcome);
         let summary = self.summary();
         self.notify.ready(&summary);
         outcome

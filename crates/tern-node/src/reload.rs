@@ -13,6 +13,7 @@
 //! address, its key refused) so no other peer's id moves; an added peer takes a new slot.
 //! Grants apply to streams opened after the reload; open ones keep running.
 
+use tern_transport::endpoint::{Endpoint, PeerConfig};
 use thiserror::Error;
 
 use crate::config::{ConfigError, NodeConfig, Peer};
@@ -94,6 +95,58 @@ pub struct ReloadStats {
     pub refused: u64,
     /// What the last reload did, or why it was refused.
     pub last: Option<String>,
+}
+
+impl ReloadStats {
+    /// Counts and logs one reload's outcome.
+    pub fn record(&mut self, node: &str, outcome: &Result<String, String>) {
+        match outcome {
+            Ok(m) => {
+                self.applied += 1;
+                eprintln!("tern node {node}: reloaded: {m}");
+            }
+            Err(e) => {
+                self.refused += 1;
+                eprintln!("tern node {node}: reload refused: {e}");
+            }
+        }
+        self.last = Some(match outcome {
+            Ok(m) | Err(m) => m.clone(),
+        });
+    }
+}
+
+/// Reads the running config's file again and plans taking it (slots from `ep`).
+pub fn load_and_plan(old: &NodeConfig, ep: &Endpoint) -> Result<ReloadPlan, ReloadError> {
+    let removed: Vec<bool> = (0..ep.peer_count()).map(|p| ep.is_removed(p)).collect();
+    let new = NodeConfig::load(&old.path)?;
+    for w in &new.warnings {
+        eprintln!("tern node: warning: {w}");
+    }
+    plan(old, &removed, new)
+}
+
+/// Applies a plan's peer changes to the transport; new slots get the next peer ids.
+pub fn apply(plan: &ReloadPlan, ep: &mut Endpoint) {
+    for (slot, _, change) in &plan.changes {
+        let p = &plan.config.peers[*slot];
+        let pc = PeerConfig {
+            name: p.name.clone(),
+            public: p.public,
+            addr: p.address,
+        };
+        match change {
+            PeerChange::Added => {
+                let id = ep.add_peer(pc);
+                debug_assert_eq!(id, *slot, "slots and peer ids agree");
+            }
+            PeerChange::Removed => ep.remove_peer(*slot),
+            PeerChange::Key | PeerChange::Address => {
+                ep.set_peer(*slot, pc);
+            }
+            PeerChange::Grants => {}
+        }
+    }
 }
 
 /// The fields of `new` that differ from `old` and need a restart.
@@ -422,6 +475,53 @@ mod tests {
         let r = plan(&q.config, &q.removed, same).unwrap();
         assert!(r.changes.is_empty());
         assert_eq!(r.summary(), "no peer changes");
+    }
+
+    #[test]
+    fn applying_a_plan_keeps_the_endpoints_ids_and_the_slots_in_step() {
+        let k = Keys::new("apply");
+        let old = k.config(
+            1,
+            &[
+                ("b", 2, "127.0.0.1:7402", ""),
+                ("c", 3, "127.0.0.1:7403", ""),
+            ],
+            "",
+        );
+        let peers = old
+            .peers
+            .iter()
+            .map(|p| PeerConfig {
+                name: p.name.clone(),
+                public: p.public,
+                addr: p.address,
+            })
+            .collect();
+        let mut ep = Endpoint::new(
+            old.identity.clone(),
+            peers,
+            tern_transport::connection::Config::default(),
+            1,
+            true,
+            0,
+        );
+        let new = k.config(
+            1,
+            &[
+                ("d", 4, "127.0.0.1:7404", ""),
+                ("c", 5, "127.0.0.1:7413", ""),
+            ],
+            "",
+        );
+        let p = plan(&old, &[false, false], new).unwrap();
+        apply(&p, &mut ep);
+        assert_eq!(ep.peer_count(), p.config.peers.len());
+        for (slot, peer) in p.config.peers.iter().enumerate() {
+            assert_eq!(ep.peer_name(slot), peer.name);
+            assert_eq!(ep.is_removed(slot), p.removed[slot]);
+            assert_eq!(ep.peer_addr(slot), peer.address, "slot {slot}");
+        }
+        assert!(ep.is_removed(0) && !ep.is_removed(1) && !ep.is_removed(2));
     }
 
     #[test]
