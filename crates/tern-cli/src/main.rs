@@ -569,7 +569,14 @@ fn node(c: NodeCmd) -> Result<()> {
         NodeCmd::Reload { socket, config } => {
             let socket = match socket {
                 Some(s) => s,
-                None => load_node_config(config)?.control,
+                None => {
+                    load_node_config(config)
+                        .context(
+                            "the config does not load, so it names no control socket \
+                             (a running node keeps its old config; `tern node check` shows why)",
+                        )?
+                        .control
+                }
             };
             let done = tern_node::request_reload(&socket)?;
             println!("reloaded: {done}");
