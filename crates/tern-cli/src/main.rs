@@ -84,7 +84,22 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a shell completion script, e.g. `tern completions bash >
+    /// /usr/share/bash-completion/completions/tern`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (tern.1 and one per subcommand, e.g. tern-node-run.1) into DIR.
+    Man {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
 }
+
+/// Where `tern node` finds its config: `--config`, else `$TERN_NODE_CONFIG`, else
+/// `/etc/tern/node.toml`.
+const NODE_CONFIG_HELP: &str = "Node config [default: $TERN_NODE_CONFIG, else /etc/tern/node.toml]";
 
 #[derive(Subcommand, Debug)]
 enum AgentCmd {
@@ -95,11 +110,12 @@ enum AgentCmd {
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
-    /// Run a node in the foreground until SIGINT/SIGTERM (config: see `docs/transport.md`).
-    /// Its site agent manages this site's VMs (`docs/agent.md`).
+    /// Run a node in the foreground until SIGINT/SIGTERM; SIGHUP re-reads the config's peers.
+    /// Tells systemd when it is ready (`Type=notify`; see docs/deploy.md). Its site agent
+    /// manages this site's VMs (`docs/agent.md`).
     Run {
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, help = NODE_CONFIG_HELP)]
+        config: Option<PathBuf>,
         /// The site whose VMs the node's agent manages (default: the node's name without
         /// a leading `site-`).
         #[arg(long)]
@@ -110,17 +126,55 @@ enum NodeCmd {
         /// The node's control socket (`control` in its config).
         #[arg(long, conflicts_with = "config")]
         socket: Option<PathBuf>,
-        /// Read the control socket path from this config.
+        /// Read the control socket path from this config [default: as `node run`].
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
-    /// Check a config file and print what it would do.
-    Check {
+    /// Make a running node re-read its config (as SIGHUP does): peers added or removed, their
+    /// keys, addresses and grants apply at once; other changes are refused (restart instead).
+    Reload {
+        /// The node's control socket (`control` in its config).
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Read the control socket path from this config [default: as `node run`].
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
+    /// Check a config (parse, keys and their file modes, addresses bindable) and print what it
+    /// would do; exit status 1 if the node could not start with it.
+    Check {
+        #[arg(long, help = NODE_CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// The findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--config`, else `$TERN_NODE_CONFIG`, else `/etc/tern/node.toml`.
+fn node_config_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            std::env::var_os(tern_node::config::PATH_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(tern_node::config::DEFAULT_PATH))
+}
+
+/// Loads the node config, with a clear error when the file is not there.
+fn load_node_config(given: Option<PathBuf>) -> Result<tern_node::NodeConfig> {
+    let path = node_config_path(given);
+    if !path.exists() {
+        bail!(
+            "no node config at {} (give --config FILE or set {}; docs/deploy.md has an example)",
+            path.display(),
+            tern_node::config::PATH_ENV
+        );
+    }
+    Ok(tern_node::NodeConfig::load(&path)?)
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,7 +417,35 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fingerprint(a) => place::fingerprint(a),
         Cmd::Place(c) => place::run(c),
         Cmd::Keygen { out } => keygen(&out),
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "tern",
+                &mut script,
+            );
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
+        Cmd::Man { dir } => man(&dir),
     }
+}
+
+/// Writes tern.1 and a page per (visible) subcommand into `dir`.
+fn man(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+        .with_context(|| format!("write man pages into {}", dir.display()))?;
+    let pages = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("tern") && n.ends_with(".1"))
+        .count();
+    eprintln!("wrote {pages} man pages into {}", dir.display());
+    Ok(())
 }
 
 fn wan(a: WanArgs) -> Result<()> {
@@ -428,10 +510,90 @@ fn keygen(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// What a config makes the node do (`tern node check`).
+fn describe_node(cfg: &tern_node::NodeConfig) {
+    println!(
+        "node {}: UDP {}, public key {}",
+        cfg.name,
+        cfg.listen,
+        tern_transport::crypto::encode_key(&cfg.identity.public)
+    );
+    for p in &cfg.peers {
+        println!(
+            "  peer {} at {}",
+            p.name,
+            p.address.map_or("(accepts only)".into(), |a| a.to_string())
+        );
+        let purposes: Vec<&str> = p
+            .grants
+            .purposes()
+            .iter()
+            .filter(|&&x| x != tern_node::grants::Purpose::Tcp)
+            .map(|x| x.name())
+            .collect();
+        println!("    may open: {}", purposes.join(", "));
+        let agent: Vec<&str> = p
+            .grants
+            .agent()
+            .commands()
+            .iter()
+            .map(|c| c.name())
+            .collect();
+        println!(
+            "    may call agent commands: {}",
+            if agent.is_empty() {
+                "none".to_string()
+            } else {
+                agent.join(", ")
+            }
+        );
+        let targets: Vec<String> = p.grants.tcp_targets.iter().map(|t| t.to_string()).collect();
+        println!(
+            "    may have TCP connected to: {}",
+            if targets.is_empty() {
+                "nothing".to_string()
+            } else {
+                targets.join(", ")
+            }
+        );
+    }
+    for a in &cfg.accelerate {
+        println!(
+            "  transparently accelerate TCP to {} via {}",
+            a.subnet, cfg.peers[a.peer].name
+        );
+    }
+    for f in &cfg.forward {
+        println!(
+            "  forward {} -> {} via {}",
+            f.listen, f.target, cfg.peers[f.peer].name
+        );
+    }
+    if let Some((a, b)) = cfg.bypass_ports {
+        println!("  never intercept TCP to ports {a}-{b}");
+    }
+    if let Some(o) = &cfg.overlay {
+        println!(
+            "  overlay switch at {}{}",
+            o.socket.display(),
+            o.tap
+                .as_ref()
+                .map_or(String::new(), |t| format!(", TAP {t}"))
+        );
+    }
+    if let Some(m) = &cfg.migration {
+        println!(
+            "  migration relay at {} (targets under {})",
+            m.socket.display(),
+            m.target_dir.display()
+        );
+    }
+}
+
 fn node(c: NodeCmd) -> Result<()> {
     match c {
         NodeCmd::Run { config, agent_site } => {
-            let cfg = tern_node::NodeConfig::load(&config)?;
+            let cfg = load_node_config(config)?;
             for w in &cfg.warnings {
                 eprintln!("tern node: warning: {w}");
             }
@@ -440,87 +602,41 @@ fn node(c: NodeCmd) -> Result<()> {
             let handler = agent::SiteAgent::new(tern_vm::vm::VmHost::lab(), &site, switch);
             tern_node::Node::with_agent(cfg, Some(std::sync::Arc::new(handler)))?.run()?;
         }
-        NodeCmd::Check { config } => {
-            let cfg = tern_node::NodeConfig::load(&config)?;
-            for w in &cfg.warnings {
-                eprintln!("warning: {w}");
+        NodeCmd::Reload { socket, config } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => {
+                    load_node_config(config)
+                        .context(
+                            "the config does not load, so it names no control socket \
+                             (a running node keeps its old config; `tern node check` shows why)",
+                        )?
+                        .control
+                }
+            };
+            let done = tern_node::request_reload(&socket)?;
+            println!("reloaded: {done}");
+        }
+        NodeCmd::Check { config, json } => {
+            let path = node_config_path(config);
+            let (report, cfg) = tern_node::check::check(&path);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.findings {
+                    let level = match f.level {
+                        tern_node::check::Level::Ok => "ok",
+                        tern_node::check::Level::Warning => "warning",
+                        tern_node::check::Level::Error => "error",
+                    };
+                    println!("{level:<8} {}: {}", f.check, f.message);
+                }
+                if let Some(cfg) = &cfg {
+                    describe_node(cfg);
+                }
             }
-            println!(
-                "node {}: UDP {}, public key {}",
-                cfg.name,
-                cfg.listen,
-                tern_transport::crypto::encode_key(&cfg.identity.public)
-            );
-            for p in &cfg.peers {
-                println!(
-                    "  peer {} at {}",
-                    p.name,
-                    p.address.map_or("(accepts only)".into(), |a| a.to_string())
-                );
-                let purposes: Vec<&str> = p
-                    .grants
-                    .purposes()
-                    .iter()
-                    .filter(|&&x| x != tern_node::grants::Purpose::Tcp)
-                    .map(|x| x.name())
-                    .collect();
-                println!("    may open: {}", purposes.join(", "));
-                let agent: Vec<&str> = p
-                    .grants
-                    .agent()
-                    .commands()
-                    .iter()
-                    .map(|c| c.name())
-                    .collect();
-                println!(
-                    "    may call agent commands: {}",
-                    if agent.is_empty() {
-                        "none".to_string()
-                    } else {
-                        agent.join(", ")
-                    }
-                );
-                let targets: Vec<String> =
-                    p.grants.tcp_targets.iter().map(|t| t.to_string()).collect();
-                println!(
-                    "    may have TCP connected to: {}",
-                    if targets.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        targets.join(", ")
-                    }
-                );
-            }
-            for a in &cfg.accelerate {
-                println!(
-                    "  transparently accelerate TCP to {} via {}",
-                    a.subnet, cfg.peers[a.peer].name
-                );
-            }
-            for f in &cfg.forward {
-                println!(
-                    "  forward {} -> {} via {}",
-                    f.listen, f.target, cfg.peers[f.peer].name
-                );
-            }
-            if let Some((a, b)) = cfg.bypass_ports {
-                println!("  never intercept TCP to ports {a}-{b}");
-            }
-            if let Some(o) = &cfg.overlay {
-                println!(
-                    "  overlay switch at {}{}",
-                    o.socket.display(),
-                    o.tap
-                        .as_ref()
-                        .map_or(String::new(), |t| format!(", TAP {t}"))
-                );
-            }
-            if let Some(m) = &cfg.migration {
-                println!(
-                    "  migration relay at {} (targets under {})",
-                    m.socket.display(),
-                    m.target_dir.display()
-                );
+            if !report.ok {
+                bail!("{}: the node would not start with it", path.display());
             }
         }
         NodeCmd::Status {
@@ -528,10 +644,9 @@ fn node(c: NodeCmd) -> Result<()> {
             config,
             json,
         } => {
-            let socket = match (socket, config) {
-                (Some(s), _) => s,
-                (None, Some(c)) => tern_node::NodeConfig::load(&c)?.control,
-                (None, None) => bail!("give --socket or --config"),
+            let socket = match socket {
+                Some(s) => s,
+                None => load_node_config(config)?.control,
             };
             let s = tern_node::request_status(&socket)?;
             if json {
@@ -591,6 +706,12 @@ fn node(c: NodeCmd) -> Result<()> {
                     g.overloaded,
                     g.relayed
                 );
+                if let Some(last) = &s.reload.last {
+                    println!(
+                        "  reloads: {} applied, {} refused; last: {last}",
+                        s.reload.applied, s.reload.refused
+                    );
+                }
                 let e = &s.endpoint;
                 println!(
                     "  drops: malformed {}, unknown session {}, handshakes rejected {} (unknown key {})",

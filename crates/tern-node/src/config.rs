@@ -45,6 +45,8 @@
 //! zstd_level = 1                              # tern-codec's stream zstd level (1..=19)
 //! ```
 //!
+//! `tern node run` without `--config` reads `$TERN_NODE_CONFIG`, else [`DEFAULT_PATH`].
+//!
 //! `bypass_ports = "7450-7499"` in `[node]` leaves TCP to those destination ports alone
 //! (plain kernel TCP even inside accelerated subnets, e.g. for `tern migrate --direct`).
 
@@ -55,6 +57,11 @@ use crate::grants::{Grants, Purpose, TcpTarget};
 use serde::Deserialize;
 use tern_transport::crypto::{self, StaticKeypair};
 use thiserror::Error;
+
+/// The config `tern node` reads when given no `--config` and no `TERN_NODE_CONFIG`.
+pub const DEFAULT_PATH: &str = "/etc/tern/node.toml";
+/// The environment variable that names the config instead of [`DEFAULT_PATH`].
+pub const PATH_ENV: &str = "TERN_NODE_CONFIG";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -225,14 +232,14 @@ pub struct Forward {
     pub target: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
     pub socket: PathBuf,
     pub tap: Option<String>,
     pub tap_address: Option<(Ipv4Addr, u8)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
     pub socket: PathBuf,
     pub target_dir: PathBuf,
@@ -244,6 +251,8 @@ pub struct Migration {
 
 #[derive(Debug)]
 pub struct NodeConfig {
+    /// The file it was read from (a reload reads it again).
+    pub path: PathBuf,
     /// What is allowed but unwise (a private key others can read); `tern node check` and
     /// `tern node run` print these.
     pub warnings: Vec<String>,
@@ -574,6 +583,7 @@ impl NodeConfig {
             None => None,
         };
         Ok(NodeConfig {
+            path: path.to_owned(),
             warnings,
             bypass_ports,
             realtime_priority,

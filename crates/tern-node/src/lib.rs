@@ -9,12 +9,15 @@
 
 pub mod agent;
 pub mod agent_worker;
+pub mod check;
 pub mod config;
 pub mod grants;
 pub mod mgmt;
 pub mod nft;
 pub mod node;
+pub mod notify;
 pub mod open;
+pub mod reload;
 pub mod status;
 pub mod switch;
 pub mod sys;
@@ -41,25 +44,49 @@ pub enum NodeError {
     Nft(String),
     #[error("bad status reply from {path}: {message}")]
     Status { path: String, message: String },
+    #[error("reload refused: {0}")]
+    Reload(String),
 }
 
-/// Asks a running node for its status over its control socket.
-pub fn request_status(socket: &Path) -> Result<NodeStatus, NodeError> {
+/// Sends one request line to a running node's control socket and returns its reply.
+fn control_request(socket: &Path, request: &str) -> Result<String, NodeError> {
     use std::io::{Read, Write};
     let io = |what: String| move |source| NodeError::Io { what, source };
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(io(format!(
         "connect to node control socket {} (is the node running?)",
         socket.display()
     )))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
         .map_err(io("set timeout".into()))?;
-    s.write_all(b"status\n")
-        .map_err(io("send status request".into()))?;
+    s.write_all(format!("{request}\n").as_bytes())
+        .map_err(io(format!("send {request} request")))?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)
-        .map_err(io("read status reply".into()))?;
+        .map_err(io(format!("read {request} reply")))?;
+    Ok(reply)
+}
+
+/// Asks a running node for its status over its control socket.
+pub fn request_status(socket: &Path) -> Result<NodeStatus, NodeError> {
+    let reply = control_request(socket, "status")?;
     serde_json::from_str(reply.trim()).map_err(|e| NodeError::Status {
         path: socket.display().to_string(),
         message: e.to_string(),
     })
+}
+
+/// Asks a running node to re-read its config file (as SIGHUP does); returns what the reload
+/// did, or `NodeError::Reload` with why it was refused (the node keeps its old config).
+pub fn request_reload(socket: &Path) -> Result<String, NodeError> {
+    let reply = control_request(socket, "reload")?;
+    let r: crate::mgmt::ReloadReply =
+        serde_json::from_str(reply.trim()).map_err(|e| NodeError::Status {
+            path: socket.display().to_string(),
+            message: format!("{e}: {}", reply.trim()),
+        })?;
+    if r.ok {
+        Ok(r.message)
+    } else {
+        Err(NodeError::Reload(r.message))
+    }
 }

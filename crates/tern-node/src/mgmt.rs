@@ -14,8 +14,10 @@
 //! [`MAX_CONNECTIONS`]; when full, the oldest connection is closed to make room, so a flood
 //! of idle connections delays a real request by at most its own turn. A connection that has
 //! not sent a whole request (or not read its reply) within [`REQUEST_TIMEOUT`] is closed.
-//! The control socket only serves root or the node's own user (`SO_PEERCRED`). A control
-//! connection whose first byte is the agent frame magic (`agent.rs`) is handed, with what
+//! The control socket only serves root or the node's own user (`SO_PEERCRED`).
+//! Requests: `status` (JSON `NodeStatus`) and `reload` (the node loop re-reads its config
+//! file, `reload.rs`; JSON [`ReloadReply`], after at most [`RELOAD_WAIT`]).
+//! A control connection whose first byte is the agent frame magic (`agent.rs`) is handed, with what
 //! was read of it, to the site agent's queue (`agent_worker.rs`) as a local caller.
 
 use std::collections::BTreeMap;
@@ -42,6 +44,17 @@ pub const MAX_CONTROL_REQUEST: usize = 256;
 pub const MAX_HTTP_REQUEST: usize = 8 << 10;
 /// How long a request waits for the node loop's snapshot before it gets an error.
 pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a `reload` request waits for the node loop's answer before it gets an error
+/// (the reload may still happen).
+pub const RELOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// The control socket's answer to `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub ok: bool,
+    /// What changed, or why the reload was refused.
+    pub message: String,
+}
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_CONTROL: u64 = 1;
@@ -80,10 +93,20 @@ struct Snapshot {
     status: Option<Arc<NodeStatus>>,
 }
 
+/// A `reload` request handed to the node loop and its answer.
+#[derive(Debug, Default)]
+struct ReloadSlot {
+    wanted: bool,
+    seq: u64,
+    reply: Option<ReloadReply>,
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     snap: Mutex<Snapshot>,
     ready: Condvar,
+    reload: Mutex<ReloadSlot>,
+    reloaded: Condvar,
     counters: Counters,
     stop: AtomicBool,
 }
@@ -164,6 +187,28 @@ impl Mgmt {
         self.shared.ready.notify_all();
     }
 
+    /// Called by the node loop when [`Mgmt::wake_fd`] is readable, before [`Mgmt::serve`]:
+    /// whether a client asked for a reload (then answer with [`Mgmt::reload_done`]).
+    pub fn take_reload(&self) -> bool {
+        self.shared
+            .reload
+            .lock()
+            .map(|mut r| std::mem::take(&mut r.wanted))
+            .unwrap_or(false)
+    }
+
+    /// The outcome of the reload [`Mgmt::take_reload`] asked for.
+    pub fn reload_done(&self, outcome: Result<String, String>) {
+        if let Ok(mut r) = self.shared.reload.lock() {
+            r.seq += 1;
+            r.reply = Some(match outcome {
+                Ok(message) => ReloadReply { ok: true, message },
+                Err(message) => ReloadReply { ok: false, message },
+            });
+        }
+        self.shared.reloaded.notify_all();
+    }
+
     pub fn stats(&self) -> MgmtStats {
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -183,6 +228,7 @@ impl Drop for Mgmt {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.stop.notify();
         self.shared.ready.notify_all();
+        self.shared.reloaded.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -260,7 +306,8 @@ fn render(surface: Surface, request: &[u8], status: Option<&NodeStatus>) -> Vec<
             let mut out = match (req.trim(), status) {
                 ("status", Some(st)) => serde_json::to_string(st).unwrap_or_default(),
                 ("status", None) => "{\"error\":\"the node loop did not answer\"}".to_string(),
-                _ => "{\"error\":\"unknown request; send \\\"status\\\"\"}".to_string(),
+                _ => "{\"error\":\"unknown request; send \\\"status\\\" or \\\"reload\\\"\"}"
+                    .to_string(),
             };
             out.push('\n');
             out.into_bytes()
@@ -436,10 +483,38 @@ impl Server {
         }
     }
 
-    /// Answers every complete request from one snapshot of the node loop.
+    /// Answers every complete request: `reload` ones with one reload of the node loop, the
+    /// others from one snapshot.
     fn answer(&mut self) {
         if !self.conns.values().any(|c| c.pending) {
             return;
+        }
+        let reloads: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.pending
+                    && c.surface == Surface::Control
+                    && String::from_utf8_lossy(&c.request).trim() == "reload"
+            })
+            .map(|(&t, _)| t)
+            .collect();
+        if !reloads.is_empty() {
+            let reply = self.reload().unwrap_or_else(|| {
+                self.count(|c| &c.bad_requests);
+                ReloadReply {
+                    ok: false,
+                    message: "the node loop did not answer".into(),
+                }
+            });
+            let mut bytes = serde_json::to_string(&reply).unwrap_or_default();
+            bytes.push('\n');
+            for token in reloads {
+                self.reply(token, bytes.clone().into_bytes());
+            }
+            if !self.conns.values().any(|c| c.pending) {
+                return;
+            }
         }
         let status = self.snapshot();
         if status.is_none() {
@@ -452,20 +527,48 @@ impl Server {
             .map(|(&t, _)| t)
             .collect();
         for token in pending {
-            let Some(c) = self.conns.get_mut(&token) else {
+            let Some(c) = self.conns.get(&token) else {
                 continue;
             };
-            c.pending = false;
-            c.reply = Some(render(c.surface, &c.request, status.as_deref()));
-            c.deadline = Instant::now() + REQUEST_TIMEOUT;
-            let fd = c.sock.fd();
-            self.ep.delete(fd);
-            if self.ep.add(fd, token, sys::WRITE | sys::HUP).is_err() {
-                self.close(token);
-                continue;
-            }
-            self.write(token);
+            let bytes = render(c.surface, &c.request, status.as_deref());
+            self.reply(token, bytes);
         }
+    }
+
+    /// Starts writing `bytes` as the reply of a complete request.
+    fn reply(&mut self, token: u64, bytes: Vec<u8>) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        c.pending = false;
+        c.reply = Some(bytes);
+        c.deadline = Instant::now() + REQUEST_TIMEOUT;
+        let fd = c.sock.fd();
+        self.ep.delete(fd);
+        if self.ep.add(fd, token, sys::WRITE | sys::HUP).is_err() {
+            self.close(token);
+            return;
+        }
+        self.write(token);
+    }
+
+    /// Asks the node loop to reload its config and waits for the outcome.
+    fn reload(&self) -> Option<ReloadReply> {
+        let mut r = self.shared.reload.lock().ok()?;
+        let seq = r.seq;
+        r.wanted = true;
+        self.wake.notify();
+        let (r, _) = self
+            .shared
+            .reloaded
+            .wait_timeout_while(r, RELOAD_WAIT, |r| {
+                r.seq == seq && !self.shared.stop.load(Ordering::SeqCst)
+            })
+            .ok()?;
+        if r.seq == seq {
+            return None;
+        }
+        r.reply.clone()
     }
 
     fn write(&mut self, token: u64) {
@@ -558,6 +661,13 @@ mod tests {
             while !stop.load(Ordering::SeqCst) {
                 // SAFETY: one valid pollfd, its length passed.
                 unsafe { libc::poll(fds.as_mut_ptr(), 1, 20) };
+                if m.take_reload() {
+                    m.reload_done(if snapshots % 2 == 0 {
+                        Ok(format!("reload after {snapshots} snapshots"))
+                    } else {
+                        Err("node.listen needs a restart".into())
+                    });
+                }
                 m.serve(|| {
                     snapshots += 1;
                     NodeStatus {
@@ -623,6 +733,32 @@ mod tests {
         drop((idle_unix, idle_tcp, slow));
         stop.store(true, Ordering::SeqCst);
         assert!(node.join().unwrap() >= 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_reload_request_reaches_the_node_loop_and_returns_its_outcome() {
+        let d = dir();
+        let path = d.join("ctl.sock");
+        let control = tern_os::unix::bind_private(&path, None).unwrap();
+        let m = Arc::new(Mgmt::spawn(control, None).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let node = node_loop(m.clone(), stop.clone());
+        assert_eq!(
+            crate::request_reload(&path).unwrap(),
+            "reload after 0 snapshots"
+        );
+        assert_eq!(crate::request_status(&path).unwrap().uptime_s, 1.0);
+        let e = crate::request_reload(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("reload refused: node.listen needs a restart"),
+            "{e}"
+        );
+        // Status still works after both.
+        assert_eq!(crate::request_status(&path).unwrap().name, "site-t");
+        assert_eq!(m.stats().served, 4);
+        stop.store(true, Ordering::SeqCst);
+        node.join().unwrap();
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -122,9 +122,15 @@ pub const RESET_BAD_RECORD: u64 = 4;
 pub const RESET_REFUSED: u64 = 5;
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGHUP: re-read the config (`reload.rs`).
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The local end of a flow: a terminated TCP connection or a unix socket (migration).
@@ -262,6 +268,9 @@ pub struct Node {
     agent_relays: std::collections::BTreeSet<u64>,
     /// The UDP socket had more to read when `recv_udp` stopped at its budget.
     udp_more: bool,
+    /// systemd's `NOTIFY_SOCKET`, if set (`notify.rs`).
+    notify: crate::notify::Notifier,
+    reloads: crate::reload::ReloadStats,
 }
 
 /// A local relay request whose bytes are still arriving.
@@ -593,6 +602,8 @@ impl Node {
             next_request: 0,
             agent_relays: std::collections::BTreeSet::new(),
             udp_more: false,
+            notify: crate::notify::Notifier::from_env(),
+            reloads: Default::default(),
             config,
         })
     }
@@ -601,12 +612,13 @@ impl Node {
         sys::mono_ns() - self.clock_base
     }
 
-    /// Runs until SIGINT/SIGTERM.
+    /// Runs until SIGINT/SIGTERM; SIGHUP reloads the config ([`Node::reload`]).
     pub fn run(mut self) -> Result<(), NodeError> {
         // SAFETY: installing an async-signal-safe handler that only stores an atomic.
         unsafe {
             libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
         sys::set_timer_slack();
@@ -618,10 +630,16 @@ impl Node {
             self.config.accelerate.len(),
             self.config.forward.len()
         );
+        // Everything is bound and listening (Node::new).
+        let summary = self.summary();
+        self.notify.ready(&summary);
         let mut ready = Vec::new();
         let result = loop {
             if STOP.load(Ordering::SeqCst) {
                 break Ok(());
+            }
+            if RELOAD.swap(false, Ordering::SeqCst) {
+                let _ = self.reload();
             }
             let now = self.now();
             self.update_realtime(now);
@@ -656,6 +674,7 @@ impl Node {
             }
         };
         eprintln!("tern node {}: stopping", self.config.name);
+        self.notify.stopping();
         self.shutdown();
         result
     }
@@ -737,7 +756,13 @@ impl Node {
                     self.recv_udp();
                 }
             }
-            TOKEN_MGMT => self.mgmt.serve(|| self.status()),
+            TOKEN_MGMT => {
+                if self.mgmt.take_reload() {
+                    let outcome = self.reload();
+                    self.mgmt.reload_done(outcome);
+                }
+                self.mgmt.serve(|| self.status())
+            }
             TOKEN_INTERCEPT => self.accept(None),
             TOKEN_OVERLAY => self.accept_ports(),
             TOKEN_MIGRATE => self.accept_migrations(),
@@ -1995,7 +2020,7 @@ impl Node {
             ));
         }
         let peer = (0..self.ep.peer_count())
-            .find(|&p| self.ep.peer_name(p) == peer_name)
+            .find(|&p| !self.ep.is_removed(p) && self.ep.peer_name(p) == peer_name)
             .ok_or_else(|| format!("no peer named {peer_name:?}"))?;
         if !self.ep.is_connected(peer) {
             return Err(format!("peer {peer_name:?} is not connected"));
@@ -2113,6 +2138,46 @@ impl Node {
         }
     }
 
+    // ------------------------------------------------------------------ reload
+
+    /// One line for `systemctl status`.
+    fn summary(&self) -> String {
+        let live = (0..self.ep.peer_count())
+            .filter(|&p| !self.ep.is_removed(p))
+            .count();
+        format!(
+            "listening on udp {}, {live} peer(s), {} reload(s)",
+            self.config.listen, self.reloads.applied
+        )
+    }
+
+    /// Re-reads the config file and applies its peer changes (`reload.rs`): sessions of
+    /// unchanged peers stay, a removed or re-keyed peer's session ends (with its flows). On
+    /// an invalid file or a change that needs a restart nothing changes. Returns the
+    /// summary or the refusal, also logged and kept in the status.
+    pub fn reload(&mut self) -> Result<String, String> {
+        self.notify.reloading();
+        let outcome = match crate::reload::load_and_plan(&self.config, &self.ep) {
+            Ok(plan) => {
+                crate::reload::apply(&plan, &mut self.ep);
+                if let Some(o) = &mut self.overlay {
+                    o.remotes
+                        .resize_with(self.ep.peer_count(), RemoteLink::default);
+                }
+                let summary = plan.summary();
+                self.config = plan.config;
+                // Sessions that ended take their flows with them now.
+                self.handle_events();
+                Ok(summary)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        self.reloads.record(&self.config.name, &outcome);
+        let summary = self.summary();
+        self.notify.ready(&summary);
+        outcome
+    }
+
     // ------------------------------------------------------------------ status
 
     pub fn status(&self) -> NodeStatus {
@@ -2128,6 +2193,7 @@ impl Node {
             listen: self.config.listen.to_string(),
             uptime_s: (sys::mono_ns() - self.started_ns) as f64 / 1e9,
             peers: (0..self.ep.peer_count())
+                .filter(|&p| !self.ep.is_removed(p))
                 .map(|p| PeerStatus {
                     name: self.ep.peer_name(p).to_string(),
                     address: self.ep.peer_addr(p).map(|a| a.to_string()),
@@ -2155,6 +2221,7 @@ impl Node {
             realtime_switches: self.rt.switches,
             mgmt: self.mgmt.stats(),
             agent: self.agent.stats(),
+            reload: self.reloads.clone(),
         }
     }
 }

@@ -98,6 +98,9 @@ pub struct NodeStatus {
     /// The site agent (`agent_worker.rs`).
     #[serde(default)]
     pub agent: crate::agent_worker::AgentStats,
+    /// Config reloads applied and refused (`reload.rs`).
+    #[serde(default)]
+    pub reload: crate::reload::ReloadStats,
 }
 
 /// One re-encoded migration stream, as one node saw it.
@@ -171,6 +174,8 @@ pub fn prometheus(s: &NodeStatus) -> String {
         ("agent_requests_total", s.agent.requests),
         ("agent_refused_total", s.agent.refused),
         ("agent_overloaded_total", s.agent.overloaded),
+        ("reloads_applied_total", s.reload.applied),
+        ("reloads_refused_total", s.reload.refused),
     ] {
         metric(n, "", v as f64);
     }
@@ -251,6 +256,10 @@ mod tests {
             name: "site-a".into(),
             realtime: true,
             realtime_switches: 3,
+            reload: crate::reload::ReloadStats {
+                refused: 2,
+                ..Default::default()
+            },
             peers: vec![PeerStatus {
                 name: "site-b".into(),
                 connected: true,
@@ -264,6 +273,7 @@ mod tests {
             "tern_realtime_switches_total{node=\"site-a\"} 3",
             "tern_peer_connected{node=\"site-a\",peer=\"site-b\"} 1",
             "tern_flows_active{node=\"site-a\"} 0",
+            "tern_reloads_refused_total{node=\"site-a\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == want),

@@ -156,6 +156,27 @@ struct Peer {
     last_init_timestamp: u64,
     /// The last cookie this peer sent us, and when it came.
     cookie: Option<([u8; MAC_LEN], u64)>,
+    /// Removed by [`Endpoint::remove_peer`]: its id stays allocated, its key handshakes no more.
+    removed: bool,
+    /// `config.addr` changed while a session was up: it becomes `addr` when that session ends.
+    readdress: bool,
+}
+
+impl Peer {
+    fn new(c: PeerConfig) -> Peer {
+        Peer {
+            addr: c.addr,
+            config: c,
+            conn: None,
+            next: None,
+            pending: None,
+            next_attempt_ns: 0,
+            last_init_timestamp: 0,
+            cookie: None,
+            removed: false,
+            readdress: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -195,19 +216,7 @@ impl Endpoint {
         deterministic: bool,
         epoch_ns: u64,
     ) -> Self {
-        let peers = peers
-            .into_iter()
-            .map(|c| Peer {
-                addr: c.addr,
-                config: c,
-                conn: None,
-                next: None,
-                pending: None,
-                next_attempt_ns: 0,
-                last_init_timestamp: 0,
-                cookie: None,
-            })
-            .collect();
+        let peers = peers.into_iter().map(Peer::new).collect();
         let mac1_key = crypto::mac1_key(&identity.public);
         let cookie_secrets = [
             crypto::cookie_secret(&identity, 0, seed),
@@ -258,8 +267,68 @@ impl Endpoint {
         &self.stats
     }
 
+    /// Peer ids in use, removed ones included (ids are never reused).
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Adds a peer (a node's config reload); its id is `peer_count()` before the call.
+    pub fn add_peer(&mut self, config: PeerConfig) -> PeerId {
+        self.peers.push(Peer::new(config));
+        self.peers.len() - 1
+    }
+
+    /// Changes a peer's key or address (a node's config reload). A new public key ends the
+    /// peer's session, its pending initiation and its unconfirmed next session (all made
+    /// with the old key), with a `Disconnected` event if a session was up. A new address
+    /// alone leaves a live session on the path it has (it keeps following its peer) and is
+    /// where initiations go once that session ends; without a session, at once.
+    /// Returns whether a session was ended.
+    pub fn set_peer(&mut self, peer: PeerId, config: PeerConfig) -> bool {
+        let rekeyed = self.peers[peer].config.public != config.public;
+        let had = rekeyed && self.peers[peer].conn.is_some();
+        if rekeyed {
+            self.reset_peer(peer);
+            self.peers[peer].last_init_timestamp = 0;
+        }
+        let p = &mut self.peers[peer];
+        if p.config.addr != config.addr {
+            if p.conn.is_some() {
+                p.readdress = true;
+            } else {
+                p.addr = config.addr;
+                p.next_attempt_ns = 0;
+            }
+        }
+        p.config = config;
+        had
+    }
+
+    /// Removes a peer (a node's config reload): its session ends (a `Disconnected` event if
+    /// one was up), its key is refused like an unknown one and no initiation goes to it. The
+    /// id stays allocated so other peers' ids do not move; [`Endpoint::is_removed`] says so.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        self.reset_peer(peer);
+        let p = &mut self.peers[peer];
+        p.addr = None;
+        p.readdress = false;
+        p.removed = true;
+    }
+
+    pub fn is_removed(&self, peer: PeerId) -> bool {
+        self.peers[peer].removed
+    }
+
+    /// Ends a peer's session and handshakes.
+    fn reset_peer(&mut self, peer: PeerId) {
+        if let Some(old) = self.peers[peer].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        let p = &mut self.peers[peer];
+        p.next = None;
+        p.cookie = None;
+        p.next_attempt_ns = 0;
+        self.drop_connection(peer);
     }
 
     pub fn peer_name(&self, peer: PeerId) -> &str {
@@ -296,6 +365,9 @@ impl Endpoint {
                 if let Event::Closed { code } = event {
                     p.conn = None;
                     p.next_attempt_ns = 0;
+                    if std::mem::take(&mut p.readdress) {
+                        p.addr = p.config.addr;
+                    }
                     return Some(EndpointEvent::Disconnected { peer: id, code });
                 }
                 return Some(EndpointEvent::Stream { peer: id, event });
@@ -588,7 +660,7 @@ impl Endpoint {
         let Some(peer) = self
             .peers
             .iter()
-            .position(|p| p.config.public == accepted.remote_public)
+            .position(|p| !p.removed && p.config.public == accepted.remote_public)
         else {
             self.stats.handshakes_unknown_key += 1;
             return;
@@ -653,6 +725,10 @@ impl Endpoint {
     }
 
     fn drop_connection(&mut self, peer: PeerId) {
+        let p = &mut self.peers[peer];
+        if std::mem::take(&mut p.readdress) {
+            p.addr = p.config.addr;
+        }
         if self.peers[peer].conn.take().is_some() {
             self.events.push_back(EndpointEvent::Disconnected {
                 peer,
@@ -878,6 +954,188 @@ mod tests {
 
     fn drain_events(ep: &mut Endpoint) -> Vec<EndpointEvent> {
         std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    /// A reload's peer changes: removing a peer ends its session and refuses its key; a new
+    /// key ends the session made with the old one; an added peer handshakes; the other
+    /// peers' sessions are untouched throughout.
+    #[test]
+    fn peers_can_be_added_rekeyed_and_removed_without_touching_the_others() {
+        let (mut a, mut b, addr_a, addr_b) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0);
+        deliver(&mut b, &mut a, addr_b, 1);
+        deliver(&mut a, &mut b, addr_a, 1);
+        assert!(a.is_connected(0) && b.is_connected(0));
+        drain_events(&mut b);
+        // b learns a third peer c, which connects; a's session stays.
+        let kc = StaticKeypair::from_seed(13);
+        let addr_c: SocketAddr = "198.18.3.1:7400".parse().unwrap();
+        let ka_public = StaticKeypair::from_seed(11).public;
+        let c_id = b.add_peer(PeerConfig {
+            name: "c".into(),
+            public: kc.public,
+            addr: None,
+        });
+        assert_eq!(c_id, 1);
+        let mut c = Endpoint::new(
+            kc.clone(),
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            3,
+            true,
+            1 << 40,
+        );
+        c.handle_timeout(0);
+        deliver(&mut c, &mut b, addr_c, 2);
+        deliver(&mut b, &mut c, addr_b, 3);
+        deliver(&mut c, &mut b, addr_c, 3);
+        assert!(b.is_connected(c_id) && b.is_connected(0));
+        drain_events(&mut b);
+        // A new address for a only moves where initiations would go.
+        let moved: SocketAddr = "198.18.1.2:7400".parse().unwrap();
+        let ended = b.set_peer(
+            0,
+            PeerConfig {
+                name: "a".into(),
+                public: ka_public,
+                addr: Some(moved),
+            },
+        );
+        assert!(!ended && b.is_connected(0));
+        assert_eq!(
+            b.peer_addr(0),
+            Some(addr_a),
+            "the live session keeps its path"
+        );
+        // A new key for c ends its session (made with the old key); a's stays.
+        let kc2 = StaticKeypair::from_seed(14);
+        let ended = b.set_peer(
+            c_id,
+            PeerConfig {
+                name: "c".into(),
+                public: kc2.public,
+                addr: None,
+            },
+        );
+        assert!(ended && !b.is_connected(c_id) && b.is_connected(0));
+        assert_eq!(
+            drain_events(&mut b),
+            [EndpointEvent::Disconnected {
+                peer: c_id,
+                code: crate::connection::CLOSE_NORMAL
+            }]
+        );
+        // c, not connected now, gets a new address at once.
+        let c_moved: SocketAddr = "198.18.3.2:7400".parse().unwrap();
+        b.set_peer(
+            c_id,
+            PeerConfig {
+                name: "c".into(),
+                public: kc2.public,
+                addr: Some(c_moved),
+            },
+        );
+        assert_eq!(b.peer_addr(c_id), Some(c_moved));
+        // c with its old key is now unknown.
+        let before = b.stats().handshakes_unknown_key;
+        let mut c_again = Endpoint::new(
+            kc,
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            4,
+            true,
+            1 << 41,
+        );
+        c_again.handle_timeout(0);
+        deliver(&mut c_again, &mut b, addr_c, 20);
+        assert_eq!(b.stats().handshakes_unknown_key, before + 1);
+        // Removing a ends its session and its key handshakes no more.
+        b.remove_peer(0);
+        assert!(b.is_removed(0) && !b.is_connected(0) && b.peer_addr(0).is_none());
+        assert_eq!(
+            drain_events(&mut b),
+            [EndpointEvent::Disconnected {
+                peer: 0,
+                code: crate::connection::CLOSE_NORMAL
+            }]
+        );
+        let mut a2 = Endpoint::new(
+            StaticKeypair::from_seed(11),
+            vec![PeerConfig {
+                name: "b".into(),
+                public: b.identity.public,
+                addr: Some(addr_b),
+            }],
+            Config::default(),
+            5,
+            true,
+            1 << 42,
+        );
+        a2.handle_timeout(0);
+        let before = b.stats().handshakes_unknown_key;
+        deliver(&mut a2, &mut b, addr_a, 30);
+        assert_eq!(b.stats().handshakes_unknown_key, before + 1);
+        assert!(!b.is_connected(0));
+        // Nothing is sent to a removed peer.
+        b.handle_timeout(40_000_000_000);
+        let mut out = Vec::new();
+        while let Some(to) = b.poll_transmit(40_000_000_000, &mut out) {
+            assert_ne!(to, moved);
+            out.clear();
+        }
+    }
+
+    /// A new address for a connected peer waits for the session to end, then initiations go
+    /// there.
+    #[test]
+    fn a_new_address_applies_when_the_live_session_ends() {
+        let (mut a, mut b, addr_a, addr_b) = pair();
+        a.handle_timeout(0);
+        deliver(&mut a, &mut b, addr_a, 0);
+        deliver(&mut b, &mut a, addr_b, 1);
+        deliver(&mut a, &mut b, addr_a, 1);
+        assert!(a.is_connected(0));
+        let moved: SocketAddr = "198.18.2.2:7400".parse().unwrap();
+        let kb = b.identity.public;
+        assert!(!a.set_peer(
+            0,
+            PeerConfig {
+                name: "b".into(),
+                public: kb,
+                addr: Some(moved),
+            },
+        ));
+        assert_eq!(a.peer_addr(0), Some(addr_b));
+        // The session ends (idle: nothing from b any more).
+        let mut now = 2;
+        let mut out = Vec::new();
+        while a.is_connected(0) {
+            now += 1_000_000_000;
+            assert!(now < 600_000_000_000, "the session never idled out");
+            a.handle_timeout(now);
+            while a.poll_transmit(now, &mut out).is_some() {
+                out.clear();
+            }
+            drain_events(&mut a);
+        }
+        drain_events(&mut a);
+        assert_eq!(a.peer_addr(0), Some(moved));
+        a.handle_timeout(now + 1);
+        let mut to = Vec::new();
+        while let Some(d) = a.poll_transmit(now + 1, &mut out) {
+            to.push(d);
+            out.clear();
+        }
+        assert!(to.contains(&moved), "{to:?}");
     }
 
     /// Regression (issue 25, defect 1): an initiation captured before a restart was accepted
