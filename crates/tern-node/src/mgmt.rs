@@ -741,7 +741,7 @@ mod tests {
         let d = dir();
         let path = d.join("ctl.sock");
         let control = tern_os::unix::bind_private(&path, None).unwrap();
-        let m = Arc::new(Mgmt::spawn(control, None).unwrap());
+        let m = Arc::new(Mgmt::spawn(control, None, None).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let node = node_loop(m.clone(), stop.clone());
         assert_eq!(
