@@ -411,6 +411,16 @@ impl Node {
         sys::set_buffers(&udp, 16 << 20);
         sys::set_dont_fragment(udp.as_raw_fd());
         sys::enable_udp_gro(udp.as_raw_fd());
+        // The content store opens (a large one takes a second) before the control socket
+        // exists: a client that sees the socket gets answers from a running loop, not a
+        // management thread whose loop is still busy opening the store.
+        let store = match config.migration.as_ref().and_then(|m| m.store.as_ref()) {
+            Some((dir, pages)) => Some(
+                tern_codec::FileStore::open(dir, *pages)
+                    .map_err(io(format!("open content store {}", dir.display())))?,
+            ),
+            None => None,
+        };
         let control = tern_os::unix::bind_private(&config.control, None).map_err(io(format!(
             "bind control socket {}",
             config.control.display()
@@ -523,13 +533,6 @@ impl Node {
                     .map_err(io("epoll add".into()))?;
                 Some(l)
             }
-            None => None,
-        };
-        let store = match config.migration.as_ref().and_then(|m| m.store.as_ref()) {
-            Some((dir, pages)) => Some(
-                tern_codec::FileStore::open(dir, *pages)
-                    .map_err(io(format!("open content store {}", dir.display())))?,
-            ),
             None => None,
         };
         let nft_table = if config.accelerate.is_empty() {
