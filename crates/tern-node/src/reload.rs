@@ -2,7 +2,7 @@
 //! the file as it reads now, and whether the running node can take it (sans-IO).
 //!
 //! A running node applies **peer** changes: peers added or removed (by `name`), a peer's
-//! `public_key`, `address`, `allow` and `tcp_targets`. Everything else (`[node]`: name, own
+//! `public_key`, `address`, `allow`, `tcp_targets` and `agent`. Everything else (`[node]`: name, own
 //! key, listen, control, metrics, rate, fec, compression, ports, priority; `[overlay]`,
 //! `[migration]`, `[[accelerate]]`, `[[forward]]`) binds sockets, nftables rules or state at
 //! start: a change there refuses the whole reload, naming each field, and the old config
@@ -33,7 +33,7 @@ pub enum PeerChange {
     /// A new address (and maybe grants): where initiations go once the live session, which
     /// stays, ends.
     Address,
-    /// New `allow` / `tcp_targets` only.
+    /// New `allow` / `tcp_targets` / `agent` only.
     Grants,
 }
 
@@ -475,6 +475,35 @@ mod tests {
         let r = plan(&q.config, &q.removed, same).unwrap();
         assert!(r.changes.is_empty());
         assert_eq!(r.summary(), "no peer changes");
+    }
+
+    #[test]
+    fn a_new_agent_allow_list_is_a_grants_change_the_reloaded_config_carries() {
+        let k = Keys::new("agent");
+        let old = k.config(1, &[("b", 2, "127.0.0.1:7402", "")], "");
+        assert!(old.peers[0].grants.agent().is_empty());
+        let new = k.config(
+            1,
+            &[(
+                "b",
+                2,
+                "127.0.0.1:7402",
+                "agent = [\"vm.list\", \"vm.status\"]",
+            )],
+            "",
+        );
+        let p = plan(&old, &[false], new).unwrap();
+        assert_eq!(p.changes, [(0, "b".to_string(), PeerChange::Grants)]);
+        let granted = p.config.peers[0].grants.agent();
+        assert!(
+            !granted.is_empty(),
+            "the new list is what the node serves b with"
+        );
+        // Taking the list away again is a change too: b is refused from then on.
+        let back = k.config(1, &[("b", 2, "127.0.0.1:7402", "")], "");
+        let q = plan(&p.config, &p.removed, back).unwrap();
+        assert_eq!(q.changes, [(0, "b".to_string(), PeerChange::Grants)]);
+        assert!(q.config.peers[0].grants.agent().is_empty());
     }
 
     #[test]
