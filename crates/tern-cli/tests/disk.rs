@@ -1578,3 +1578,159 @@ fn a_full_backup_volume_loses_no_acknowledged_write() {
         );
     }
 }
+
+/// A backup's volume sits on a disk that starts failing (EIO from every write and sync of
+/// the volume file: a FUSE file system failing on demand) while its log's disk still works.
+/// Acknowledged writes wait in its log for another tier's backup (causal order); when they
+/// become applicable the first apply fails: applying stops and says why, the log keeps
+/// every record and no checkpoint empties it, and the primary's next write is refused,
+/// not acknowledged. A bit then flipped in the middle of that log (an acknowledged record
+/// unreadable) keeps the backup from starting, naming the offset, instead of cutting the
+/// log there. With the bit and the disk repaired, the restarted backup replays its log and
+/// every acknowledged write is in the volume.
+#[test]
+fn an_io_error_at_the_backup_and_a_flipped_bit_in_its_log_lose_no_acknowledged_write() {
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs this as root with /dev/fuse"
+        );
+        return;
+    }
+    let _l = lock();
+    let d = tmpdir("eio");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    const X: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const Y: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+    let mac = |m: &[u8; 6]| tern_disk::daemon::mac_text(m);
+    // Y's volume and log on the fault fs; X and both counter pages on the real disk.
+    let (backing, mnt) = (d.join("disk"), d.join("mnt"));
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = tern_faultfs::FaultFs::mount(&backing, &mnt).expect("mount the fault fs");
+    let (xvol, yvol) = (d.join("x.img"), mnt.join("y.img"));
+    for v in [&xvol, &yvol] {
+        ok(&["disk", "create", &s(v), "--size", "16M"]);
+    }
+    let more = |me: &str, peer: &str, peer_mac: &[u8; 6]| {
+        vec![
+            "--counters".to_string(),
+            s(&d.join(me).join("counters")),
+            "--backup-peer".into(),
+            format!("{}={}", mac(peer_mac), s(&d.join(peer).join("counters"))),
+        ]
+    };
+    let start_y =
+        |log: &str| start_secondary_with(&d.join("y"), &yvol, &d.join(log), &more("y", "x", &X));
+    let mut servers = Servers(vec![
+        start_secondary_with(&d.join("x"), &xvol, &d.join("x.log"), &more("x", "y", &Y)),
+        start_y("y.log"),
+    ]);
+    let yctl = d.join("y/ctl.sock");
+    let ylog = || status(&yctl)["backup_log"].clone();
+    let mut x = Feed::open(&d.join("x/repl.sock"), "x", 0, vec![(Y, 0)]);
+    let mut y = Feed::open(&d.join("y/repl.sock"), "y", 0, vec![(X, 0)]);
+    x.write(1, vec![(Y, 0)], 0, 0x11);
+    y.write(1, vec![(X, 1)], 0, 0x21);
+    // Five acknowledged writes wait in Y's log for X's write 2.
+    for i in 2..=6u64 {
+        y.write(i, vec![(X, 2)], i * 4096, 0x20 + i as u8);
+    }
+    assert_eq!(ylog()["records"], 5, "{}", ylog());
+    // Y's volume disk fails; X's write 2 arrives and makes Y's records applicable.
+    fs.fail("y.img", libc::EIO);
+    x.write(2, vec![(Y, 1)], 4096, 0x12);
+    wait_for("Y's backup to report the failed apply", 10, || {
+        ylog()["failed"].is_string()
+    });
+    let l = ylog();
+    let failed = l["failed"].as_str().unwrap();
+    assert!(
+        failed.contains("Input/output error") && failed.contains("applying stopped"),
+        "{failed}"
+    );
+    assert!(fs.injected() > 0);
+    assert_eq!(
+        l["records"], 5,
+        "the log keeps every write not applied: {l}"
+    );
+    // Past the checkpoint's idle time: nothing was emptied.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ylog()["records"], 5, "{}", ylog());
+    assert!(
+        !y.try_write(7, 7 * 4096, 0x27),
+        "a failed backup acknowledged a write"
+    );
+    drop((x, y));
+    let mut yserver = servers.0.pop().unwrap();
+    yserver.kill().unwrap();
+    yserver.wait().unwrap();
+    // A bit flips inside the log's first record; later records say it was durable.
+    let wal = backing.join("y.img.wal");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(
+        bytes.len() > tern_disk::wal::HEADER + 5 * 512,
+        "{} bytes",
+        bytes.len()
+    );
+    let at = tern_disk::wal::HEADER + 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(&wal, &bytes).unwrap();
+    fs.heal();
+    let ybad = d.join("y-corrupt.log");
+    let mut args = vec![
+        "--nbd".to_string(),
+        s(&d.join("y/nbd.sock")),
+        "--control".into(),
+        s(&yctl),
+        "--secondary".into(),
+        "--listen".into(),
+        s(&d.join("y/repl.sock")),
+    ];
+    args.extend(more("y", "x", &X));
+    args.push(s(&yvol));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut refused = serve(&argv, &ybad);
+    let end = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(c) = refused.try_wait().unwrap() {
+            break c;
+        }
+        if Instant::now() > end {
+            let _ = refused.kill();
+            panic!("a backup with a corrupt log kept running");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let err = std::fs::read_to_string(ybad.with_extension("err")).unwrap();
+    assert!(!code.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "corrupt record at offset {}",
+            tern_disk::wal::HEADER
+        )),
+        "the error names the bad record: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&wal).unwrap(),
+        bytes,
+        "nothing was cut from the log"
+    );
+    // Repaired: the restarted backup replays every acknowledged write.
+    bytes[at] ^= 0x10;
+    std::fs::write(&wal, &bytes).unwrap();
+    servers.0.push(start_y("y2.log"));
+    wait_for("the replay", 20, || ylog()["records"] == 0);
+    let img = std::fs::read(backing.join("y.img")).unwrap();
+    assert_eq!(img[0], 0x21);
+    for i in 2..=6u64 {
+        assert_eq!(
+            img[(i * 4096) as usize],
+            0x20 + i as u8,
+            "acknowledged write {i} is lost"
+        );
+    }
+    drop(servers);
+    drop(fs);
+    std::fs::remove_dir_all(&d).unwrap();
+}
