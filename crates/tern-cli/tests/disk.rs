@@ -1734,3 +1734,100 @@ fn an_io_error_at_the_backup_and_a_flipped_bit_in_its_log_lose_no_acknowledged_w
     drop(fs);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A zstd frame of RLE blocks that expands to `bytes` zeros (~4 bytes per 128 KiB).
+fn zstd_zero_bomb(bytes: usize) -> Vec<u8> {
+    const BLOCK: usize = 128 << 10;
+    // magic, frame header descriptor 0 (no content size), window 2^17.
+    let mut z = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 7 << 3];
+    let blocks = bytes / BLOCK;
+    for b in 0..blocks {
+        let h = (BLOCK as u32) << 3 | 1 << 1 | u32::from(b + 1 == blocks);
+        z.extend_from_slice(&h.to_le_bytes()[..3]);
+        z.push(0);
+    }
+    z
+}
+
+/// The peak resident memory of process `pid`, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = st
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// An authenticated but hostile primary sends the real backup process DATA whose 32 KiB of
+/// zstd (frame or stream) would expand to 1 GiB: the session ends with an ERROR naming it,
+/// the process never holds more than it would for an honest DATA, the volume is untouched,
+/// and the next session works.
+#[test]
+fn a_zstd_bomb_from_the_primary_is_refused_without_the_memory_it_claims() {
+    use tern_disk::wire::{Compression, Msg};
+    let d = tmpdir("bomb");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let vol = d.join("b.img");
+    ok(&["disk", "create", &s(&vol), "--size", "16M"]);
+    let bdir = d.join("b");
+    let servers = Servers(vec![start_secondary(&bdir, &vol, &d.join("b.log"))]);
+    let pid = servers.0[0].id();
+    let repl = bdir.join("repl.sock");
+    let bomb = zstd_zero_bomb(1 << 30);
+    assert!(bomb.len() < 64 << 10);
+    let before = peak_rss(pid);
+    for compression in [Compression::Frame, Compression::Stream] {
+        let mut feed = Feed::open(&repl, "b", 0, vec![]);
+        feed.write(1, vec![], 0, 0x11);
+        feed.seq += 1;
+        feed.send(&[
+            Msg::Clock {
+                write: 2,
+                deps: vec![],
+            },
+            Msg::Data {
+                seq: feed.seq,
+                offset: 4096,
+                raw_len: 4096,
+                compression,
+                bytes: bomb.clone(),
+            },
+            Msg::Flush { seq: feed.seq + 1 },
+        ]);
+        // The answer is an ERROR (then the session closes), never an ACK of the bomb.
+        let error = loop {
+            use std::io::Read;
+            if let Some(m) = feed.reader.next_msg().unwrap() {
+                match m {
+                    Msg::Error(e) => break e,
+                    Msg::Ack { seq } => assert!(seq < feed.seq, "the bomb was acknowledged"),
+                    _ => {}
+                }
+                continue;
+            }
+            let mut buf = [0u8; 65536];
+            let n = feed.sock.read(&mut buf).unwrap();
+            assert!(n > 0, "{compression:?}: closed without an ERROR");
+            feed.reader.push(&buf[..n]);
+        };
+        assert!(error.contains("zstd"), "{compression:?}: {error}");
+    }
+    let peak = peak_rss(pid);
+    assert!(
+        peak < before + (64 << 20),
+        "the backup's peak RSS went from {before} to {peak} bytes"
+    );
+    // Still serving; the bomb's block was never written.
+    let mut feed = Feed::open(&repl, "b", 0, vec![]);
+    feed.write(1, vec![], 8192, 0x33);
+    drop(feed);
+    wait_for("the write to be applied", 10, || {
+        std::fs::read(&vol).unwrap()[8192] == 0x33
+    });
+    let img = std::fs::read(&vol).unwrap();
+    assert_eq!((img[0], img[4096]), (0x11, 0));
+    drop(servers);
+    std::fs::remove_dir_all(&d).unwrap();
+}
