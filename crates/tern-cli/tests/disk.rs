@@ -1831,3 +1831,195 @@ fn a_zstd_bomb_from_the_primary_is_refused_without_the_memory_it_claims() {
     drop(servers);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// One end of a `-netdev stream` connection (what QEMU's NIC or a VM's plain switch port
+/// speaks: `be32 len | frame`).
+struct Nic {
+    sock: std::os::unix::net::UnixStream,
+    dec: tern_node::switch::FrameDecoder,
+}
+
+impl Nic {
+    fn connect(p: &Path) -> Nic {
+        let sock = std::os::unix::net::UnixStream::connect(p)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", p.display()));
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Nic {
+            sock,
+            dec: tern_node::switch::FrameDecoder::default(),
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        let mut out = Vec::new();
+        tern_node::switch::encode_frame(frame, &mut out);
+        std::io::Write::write_all(&mut self.sock, &out).unwrap();
+    }
+
+    /// The next frame whose payload starts with `tag`, within `timeout`.
+    fn recv(&mut self, tag: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            while let Ok(Some(f)) = self.dec.next_frame() {
+                if f.len() >= 14 + tag.len() && &f[14..14 + tag.len()] == tag {
+                    return Some(f.to_vec());
+                }
+            }
+            let mut buf = [0u8; 65536];
+            match std::io::Read::read(&mut self.sock, &mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.dec.push(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        None
+    }
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend_from_slice(payload);
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+/// Two gated tiers (front end FE, database DB) of a protected group on one real site switch
+/// (`tern node`'s overlay), and a third VM's port that forges DB's frames with a clock
+/// trailer saying DB's disk is a million writes ahead. FE's gate must take clocks only from
+/// DB's own gated port: the forged trailer is not taken in (the frame reaches FE as sent,
+/// trailer and all), so FE's replies to the world still leave at once instead of waiting
+/// forever on a disk counter that will never get there. When DB's VM attaches, its gate
+/// takes DB's MAC back from the impostor's port (which had bound it first): DB's real
+/// frames reach FE with their trailer taken, and the impostor cannot send as DB any more.
+#[test]
+fn forged_clock_trailers_from_another_vm_neither_hold_nor_open_the_gate() {
+    if !is_root() {
+        return;
+    }
+    let d = tmpdir("clocks");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    const FE: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xfe];
+    const DB: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xdb];
+    const EVIL: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xee];
+    let mac = |m: &[u8; 6]| tern_disk::daemon::mac_text(m);
+    // The site switch: a node with an overlay and no peers.
+    let key = d.join("a.key");
+    assert!(
+        tern(&["keygen", "--out", &s(&key)]).status.success(),
+        "keygen"
+    );
+    let switch = d.join("switch.sock");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = d.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"a\"\nprivate_key_file = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n\
+             control = \"{}\"\n[overlay]\nsocket = \"{}\"\n",
+            s(&key),
+            s(&d.join("node.sock")),
+            s(&switch)
+        ),
+    )
+    .unwrap();
+    let node = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["node", "run", "--config", &s(&cfg)])
+        .stdout(std::fs::File::create(d.join("node.log")).unwrap())
+        .stderr(std::fs::File::create(d.join("node.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut servers = Servers(vec![node]);
+    wait_socket(&switch);
+    // Each tier's disk server gates its VM's NIC; each knows the other's counter page.
+    for (me, peer, my_mac, peer_mac) in [("fe", "db", FE, DB), ("db", "fe", DB, FE)] {
+        let dir = d.join(me);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vol = d.join(format!("{me}.img"));
+        ok(&["disk", "create", &s(&vol), "--size", "16M"]);
+        let args = [
+            "--nbd".to_string(),
+            s(&dir.join("nbd.sock")),
+            "--control".into(),
+            s(&dir.join("ctl.sock")),
+            "--counters".into(),
+            s(&dir.join("counters")),
+            "--gate-nic".into(),
+            s(&dir.join("nic.sock")),
+            "--switch".into(),
+            s(&switch),
+            "--gate-mac".into(),
+            mac(&my_mac),
+            "--gate-peer".into(),
+            format!("{}={}", mac(&peer_mac), s(&d.join(peer).join("counters"))),
+            s(&vol),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        servers.0.push(serve(&argv, &d.join(format!("{me}.log"))));
+        wait_socket(&dir.join("ctl.sock"));
+        wait_socket(&dir.join("nic.sock"));
+    }
+    // The VMs' NICs: FE and DB through their gates, the impostor on a plain switch port.
+    // DB's VM is not attached yet (its NIC connects later, as after a restart).
+    let mut fe = Nic::connect(&d.join("fe/nic.sock"));
+    let mut evil = Nic::connect(&switch);
+    std::thread::sleep(Duration::from_millis(300));
+    // FE speaks first (the switch learns where it is).
+    fe.send(&eth([0xff; 6], FE, b"fe-hello"));
+    assert!(evil.recv(b"fe-hello", Duration::from_secs(5)).is_some());
+    // The impostor, before DB ever sent a frame, sends as DB with a forged clock.
+    let mut forged = eth(FE, DB, b"forged-1");
+    tern_gate::append_clock(&mut forged, &[(DB, 1_000_000), (FE, 0)]);
+    evil.send(&forged);
+    let got = fe.recv(b"forged-1", Duration::from_secs(5));
+    assert_eq!(
+        got.as_deref(),
+        Some(&forged[..]),
+        "the forged frame reaches FE untouched: its trailer was not taken in"
+    );
+    // FE answers the world (the impostor's own MAC): not held on DB's "million writes".
+    evil.send(&eth([0xff; 6], EVIL, b"evil-hello"));
+    std::thread::sleep(Duration::from_millis(200));
+    fe.send(&eth(EVIL, FE, b"fe-reply-1"));
+    assert!(
+        evil.recv(b"fe-reply-1", Duration::from_secs(5)).is_some(),
+        "FE's reply was held by a forged clock"
+    );
+    // DB's VM attaches: its gate's hello takes DB's MAC back from the impostor's port.
+    let mut db = Nic::connect(&d.join("db/nic.sock"));
+    std::thread::sleep(Duration::from_millis(300));
+    // DB's real frame: stamped by DB's gate, its trailer taken in and stripped at FE's.
+    let real = eth(FE, DB, b"db-real");
+    db.send(&real);
+    let got = fe
+        .recv(b"db-real", Duration::from_secs(5))
+        .expect("DB's frame");
+    assert_eq!(
+        got, real,
+        "DB's trailer is stripped before FE sees the frame"
+    );
+    // Now DB's MAC belongs to DB's gated port: the impostor cannot send as DB at all.
+    let mut forged = eth(FE, DB, b"forged-2");
+    tern_gate::append_clock(&mut forged, &[(DB, 1_000_000)]);
+    evil.send(&forged);
+    assert!(
+        fe.recv(b"forged-2", Duration::from_secs(1)).is_none(),
+        "a frame spoofing a bound MAC got through"
+    );
+    fe.send(&eth(EVIL, FE, b"fe-reply-2"));
+    assert!(
+        evil.recv(b"fe-reply-2", Duration::from_secs(5)).is_some(),
+        "FE's reply was held after the second forgery"
+    );
+    let st = status(&d.join("fe/ctl.sock"));
+    assert_eq!(st["gate"]["held_now"], 0, "{st}");
+    drop((fe, db, evil));
+    drop(servers);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -16,7 +16,10 @@
 //! - Learned (unbound) entries of the TAP and remote ports age out after [`AGEING_NS`]
 //!   without a frame from them; the table holds at most [`MAX_MACS`].
 //! - A *gated* port (the disk server's output gate, `tern-disk/src/nic.rs`) announces itself
-//!   with a marked hello naming the only MAC it may bind. Frames to a gated port are marked
+//!   with a marked hello naming the only MAC it may bind. That MAC is then reserved: no plain
+//!   VM port may bind it, and one that had bound it first loses it (`reclaimed`), so a VM
+//!   squatting on a protected VM's MAC can neither block nor impersonate it. Frames to a
+//!   gated port are marked
 //!   when their source is a gated port bound to the source MAC (the only frames whose clock
 //!   trailer the gate takes in); marked frames from a gated port are group-internal and go
 //!   only to the gated port bound to their destination, never flooded.
@@ -91,6 +94,8 @@ pub struct SwitchStats {
     pub bad_marks: u64,
     /// Gate hellos accepted.
     pub gated: u64,
+    /// A gate's hello took its VM's MAC back from a plain VM port that had bound it first.
+    pub reclaimed: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +201,15 @@ impl Switch {
         }
         let bound = match ingress {
             Port::Vm(id) => {
+                // A MAC a gate's hello named belongs to that gate's port alone.
+                let reserved = self
+                    .vms
+                    .iter()
+                    .any(|(o, v)| *o != id && v.gate_mac == Some(src));
+                if reserved {
+                    self.stats.spoofed += 1;
+                    return false;
+                }
                 let v = self.vms.entry(id).or_default();
                 if !v.macs.contains(&src) {
                     let allowed = match v.gate_mac {
@@ -304,6 +318,18 @@ impl Switch {
             // destination attaches while the VM still runs at the source.
             v.gate_mac = Some(src);
             self.stats.gated += 1;
+            // A plain VM port that bound this MAC first loses it.
+            if let Some(e) = self.macs.get(&src).copied()
+                && e.bound
+                && let Port::Vm(other) = e.port
+                && other != id
+                && let Some(o) = self.vms.get_mut(&other)
+                && o.gate_mac != Some(src)
+            {
+                o.macs.retain(|m| *m != src);
+                self.macs.remove(&src);
+                self.stats.reclaimed += 1;
+            }
             return Forward::Drop;
         }
         if v.gate_mac.is_none() {
@@ -625,19 +651,21 @@ mod tests {
         let from_db = frame(fe, db);
         assert_eq!(s.handle_frame(Port::Vm(2), &from_db, 0), Forward::Flood);
         assert!(s.trusted_source(Port::Vm(2), &from_db));
-        // A plain VM port, even one that got db's MAC first, is never trusted.
+        // A plain VM port may not source a MAC a gate's hello named, even before the gated
+        // VM's first frame, and is never trusted...
         let mut t = Switch::new();
         hello(&mut t, 2, db);
-        assert_eq!(t.handle_frame(Port::Vm(3), &from_db, 0), Forward::Flood);
+        assert_eq!(t.handle_frame(Port::Vm(3), &from_db, 0), Forward::Drop);
         assert!(!t.trusted_source(Port::Vm(3), &from_db));
-        // ... and the gate's port cannot take db's MAC from it nor source another one.
-        assert_eq!(t.handle_frame(Port::Vm(2), &from_db, 0), Forward::Drop);
-        assert!(!t.trusted_source(Port::Vm(2), &from_db));
+        assert_eq!(t.lookup(&db, 0), None);
+        // ... while the gate's port binds it, and cannot source another one.
+        assert_eq!(t.handle_frame(Port::Vm(2), &from_db, 0), Forward::Flood);
+        assert!(t.trusted_source(Port::Vm(2), &from_db));
         assert_eq!(
             t.handle_frame(Port::Vm(2), &frame(fe, HOST), 0),
             Forward::Drop
         );
-        assert_eq!(t.stats().spoofed, 1);
+        assert_eq!(t.stats().spoofed, 2);
         // A hello is only valid first, and only on a VM port: a guest cannot mark frames
         // (QEMU never sets the mark), and a late hello does not gate a port.
         assert_eq!(
@@ -651,6 +679,38 @@ mod tests {
         );
         assert!(!s.is_gated(Port::Vm(4)));
         assert_eq!(s.stats().bad_marks, 1);
+    }
+
+    /// A plain VM port that bound a protected VM's MAC before the VM's gate attached (a
+    /// squatter: it would block the real VM's frames as hijacks and be taken for it) loses
+    /// the MAC at the gate's hello; the gated VM then binds it and is trusted.
+    #[test]
+    fn a_gate_hello_reclaims_its_mac_from_a_squatting_plain_port() {
+        let (fe, db) = ([0x02, 0, 0, 0, 0, 0xfe], [0x02, 0, 0, 0, 0, 0xdb]);
+        let mut s = Switch::new();
+        let from_db = frame(fe, db);
+        assert_eq!(s.handle_frame(Port::Vm(3), &from_db, 0), Forward::Flood);
+        assert_eq!(s.lookup(&db, 0), Some(Port::Vm(3)));
+        hello(&mut s, 2, db);
+        assert_eq!(s.stats().reclaimed, 1);
+        assert_eq!(s.lookup(&db, 0), None);
+        assert_eq!(s.handle_frame(Port::Vm(3), &from_db, 0), Forward::Drop);
+        assert_eq!(s.handle_frame(Port::Vm(2), &from_db, 0), Forward::Flood);
+        assert!(s.trusted_source(Port::Vm(2), &from_db));
+        assert_eq!(s.lookup(&db, 0), Some(Port::Vm(2)));
+        // The squatter's port may still bind a MAC of its own.
+        let own = [0x02, 0, 0, 0, 0, 0x33];
+        assert_eq!(
+            s.handle_frame(Port::Vm(3), &frame(fe, own), 0),
+            Forward::Flood
+        );
+        // A learned (unbound) entry elsewhere, e.g. the VM still running at another site
+        // during a migration, is left alone by the hello.
+        let mut m = Switch::new();
+        m.handle_frame(Port::Remote(0), &from_db, 0);
+        hello(&mut m, 2, db);
+        assert_eq!(m.lookup(&db, 0), Some(Port::Remote(0)));
+        assert_eq!(m.stats().reclaimed, 0);
     }
 
     /// Group-internal frames pass the output gate unheld, so they may reach only the gated
