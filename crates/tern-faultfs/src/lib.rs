@@ -526,7 +526,11 @@ impl Filesystem for PassThrough {
         if let Some(e) = self.fault(ino) {
             return reply.error(e);
         }
-        let r = if datasync { f.sync_data() } else { f.sync_all() };
+        let r = if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        };
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -593,8 +597,8 @@ impl Filesystem for PassThrough {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let c = std::ffi::CString::new(self.backing.as_os_str().as_encoded_bytes())
-            .unwrap_or_default();
+        let c =
+            std::ffi::CString::new(self.backing.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: statvfs is plain old data; all zeros is a valid value.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: c is a valid NUL-terminated path and s a properly sized out-parameter.
@@ -650,7 +654,11 @@ mod tests {
         std::fs::write(&vol, vec![1u8; 8192]).unwrap();
         std::fs::write(m.join("log"), b"hello").unwrap();
         assert_eq!(std::fs::read(b.join("vol.img")).unwrap(), vec![1u8; 8192]);
-        let f = OpenOptions::new().read(true).write(true).open(&vol).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&vol)
+            .unwrap();
         fs.fail("vol.img", libc::EIO);
         let e = f.write_all_at(&[9u8; 512], 4096).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
