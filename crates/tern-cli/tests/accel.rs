@@ -7,12 +7,22 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{is_root, lock, ok};
+use common::{is_root, lock, ok, tern};
 use serde_json::Value;
 
 fn node_status(site: &str) -> Value {
     let sock = format!("/run/tern/lab/node-{site}.sock");
     serde_json::from_str(&ok(&["node", "status", "--socket", &sock, "--json"])).unwrap()
+}
+
+/// Whether site `site`'s node answers and says its first peer is connected (a restarted
+/// node's control socket appears only once it is running).
+fn peer_connected(site: &str) -> bool {
+    let sock = format!("/run/tern/lab/node-{site}.sock");
+    let out = tern(&["node", "status", "--socket", &sock, "--json"]);
+    out.status.success()
+        && serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|v| v["peers"][0]["connected"] == true)
 }
 
 fn python_in(ns: &str, code: &str) -> Command {
@@ -291,7 +301,7 @@ fn a_peer_reaches_only_what_it_is_granted() {
         .unwrap();
     let connected = (0..50).any(|_| {
         std::thread::sleep(Duration::from_millis(200));
-        node_status("a")["peers"][0]["connected"] == true
+        peer_connected("a")
     });
     assert!(connected, "node A did not reconnect to B");
     let before = node_status("b")["flows"]["refused_by_policy"]
@@ -361,6 +371,44 @@ print(c.recv(100).decode())
     )
     .unwrap_err();
     assert!(err.contains("neither a migration socket"), "{err}");
+
+    // A request A's relay lets through by name (`incoming.sock`) that is, at B, a symlink
+    // to a VM's QMP socket: B itself refuses it, and nothing reaches the QMP socket.
+    let vmdir = std::path::Path::new("/run/tern/vm/tern-test-qmp/b");
+    let _ = std::fs::remove_dir_all(vmdir);
+    std::fs::create_dir_all(vmdir).unwrap();
+    let qmp = std::os::unix::net::UnixListener::bind(vmdir.join("qmp.sock")).unwrap();
+    qmp.set_nonblocking(true).unwrap();
+    std::os::unix::fs::symlink("qmp.sock", vmdir.join("incoming.sock")).unwrap();
+    let before = node_status("b")["flows"]["refused_by_policy"]
+        .as_u64()
+        .unwrap();
+    let relayed = tern_node::open::connect_relay(
+        std::path::Path::new("/run/tern/lab/migrate-a.sock"),
+        "site-b",
+        "tern-test-qmp/b/incoming.sock",
+        0,
+    );
+    if let Ok(mut c) = relayed {
+        use std::io::{Read, Write};
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(b"{\"execute\": \"qmp_capabilities\"}\n");
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(c.read(&mut buf), Ok(0) | Err(_)),
+            "the far node answered a relayed stream to a QMP socket"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        qmp.accept().is_err(),
+        "a relayed stream reached the QMP socket"
+    );
+    let after = node_status("b")["flows"]["refused_by_policy"]
+        .as_u64()
+        .unwrap();
+    assert!(after > before, "B counted no refusal ({before} -> {after})");
+    let _ = std::fs::remove_dir_all("/run/tern/vm/tern-test-qmp");
 
     let _ = node.kill();
     let _ = node.wait();

@@ -366,13 +366,17 @@ fn flow_out_limit(kind: FlowKind) -> usize {
     }
 }
 
-/// A relay target must be a socket itself, not a symlink to one elsewhere.
+/// A relay target must be a socket itself, not a symlink to one elsewhere (a policy
+/// refusal: `PermissionDenied`).
 fn is_socket_file(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::symlink_metadata(path)?.file_type().is_socket() {
         Ok(())
     } else {
-        Err(io::Error::other("not a socket"))
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not a socket (a symlink or another kind of file)",
+        ))
     }
 }
 
@@ -1378,6 +1382,16 @@ impl Node {
                             sys::READ | sys::WRITE | sys::EDGE | sys::HUP,
                         );
                         flow.sock = Some(sock);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                        self.totals.refused_by_policy += 1;
+                        let name = self.config.peers.get(flow.peer).map_or("?", |p| &p.name);
+                        eprintln!("tern node: refused a stream from peer {name}: {e}");
+                        if let Some(c) = self.ep.connection(flow.peer) {
+                            let _ = c.stream_reset(flow.stream, RESET_REFUSED);
+                        }
+                        self.drop_flow(f);
+                        return;
                     }
                     Err(_) => {
                         self.totals.connect_failed += 1;
