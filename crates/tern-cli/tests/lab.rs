@@ -74,6 +74,14 @@ fn lab_lifecycle_status_stats_and_live_changes() {
     assert_eq!(st["a_to_b"]["rate_bps"], 100_000_000);
     assert_eq!(st["a_to_b"]["delay_us"], 12_500);
     assert_eq!(st["a_to_b"]["jitter_us"], 3_000);
+    // The lab as a cluster file, what tern vm / migrate / protect read.
+    let c = tern_cluster::Cluster::read(std::path::Path::new(tern_cluster::LAB_PATH)).unwrap();
+    assert_eq!(c.site_names(), ["a", "b"]);
+    let b = c.site("b").unwrap();
+    assert_eq!(b.netns.as_deref(), Some("tern-b"));
+    assert_eq!(b.address.to_string(), "198.18.2.1");
+    assert!(b.control.exists() && b.migrate.exists(), "{b:?}");
+    assert_eq!(c.profile.as_deref(), Some("mpls"));
 
     // Traffic crosses only through the emulator, with its delay (25 ms ± 6 ms of jitter).
     let rtts = ping_ms(10);
@@ -106,6 +114,10 @@ fn lab_lifecycle_status_stats_and_live_changes() {
 
     ok(&["lab", "down"]);
     assert!(!netns_exists("tern-a") && !netns_exists("tern-b"));
+    assert!(
+        !std::path::Path::new(tern_cluster::LAB_PATH).exists(),
+        "lab down leaves its cluster file"
+    );
     assert_eq!(json(&["lab", "status", "--json"])["up"], false);
     ok(&["lab", "down"]); // idempotent
 }

@@ -133,7 +133,7 @@ fn vm_lifecycle_in_the_lab_with_the_test_kernel() {
     // Without a lab there is nowhere to run.
     let out = tern(&start);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no lab is up: run `tern lab up` first"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cluster file"));
 
     ok(&["lab", "up", "--profile", "baseline"]);
     let started: Value = serde_json::from_str(&ok(&[&start[..], &["--json"]].concat())).unwrap();

@@ -156,7 +156,10 @@ impl Cluster {
                 return Err(bad(format!("site {:?} appears twice", s.name)));
             }
             if s.node.is_empty() || s.node.len() > 255 {
-                return Err(bad(format!("site {}: node name must be 1-255 bytes", s.name)));
+                return Err(bad(format!(
+                    "site {}: node name must be 1-255 bytes",
+                    s.name
+                )));
             }
             let paths = [
                 ("control", Some(&s.control)),
@@ -177,7 +180,10 @@ impl Cluster {
             if let Some(ns) = &s.netns
                 && !valid_name(ns)
             {
-                return Err(bad(format!("site {}: netns {ns:?} is not a valid name", s.name)));
+                return Err(bad(format!(
+                    "site {}: netns {ns:?} is not a valid name",
+                    s.name
+                )));
             }
         }
         let vm_dir = raw.vm_dir.unwrap_or_else(|| DEFAULT_VM_DIR.into());
@@ -330,7 +336,10 @@ migrate = "/run/tern/migrate.sock"
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again, c);
         let e = c.site("z").unwrap_err().to_string();
-        assert!(e.contains("no site \"z\"") && e.contains("sites: a, b"), "{e}");
+        assert!(
+            e.contains("no site \"z\"") && e.contains("sites: a, b"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -338,17 +347,26 @@ migrate = "/run/tern/migrate.sock"
         let cases = [
             ("", "no [[site]]"),
             ("[[site]]\nname = \"a\"\n", "missing field"),
-            (&TWO.replace("name = \"b\"", "name = \"a\""), "appears twice"),
+            (
+                &TWO.replace("name = \"b\"", "name = \"a\""),
+                "appears twice",
+            ),
             (&TWO.replace("name = \"b\"", "name = \"b c\""), "site name"),
             (
                 &TWO.replace("\"/run/tern/node.sock\"", "\"node.sock\""),
                 "control node.sock is not an absolute path",
             ),
             (&TWO.replace("203.0.113.7", "east.example"), "address"),
-            (&TWO.replace("netns = \"tern-a\"", "netns = \"../x\""), "netns"),
+            (
+                &TWO.replace("netns = \"tern-a\"", "netns = \"../x\""),
+                "netns",
+            ),
             (&format!("direct_ports = \"9-2\"\n{TWO}"), "direct_ports"),
             (&format!("vm_dir = \"vm\"\n{TWO}"), "vm_dir"),
-            (&TWO.replace("node = \"east\"", "node = \"east\"\nqmp = \"/x\""), "unknown field"),
+            (
+                &TWO.replace("node = \"east\"", "node = \"east\"\nqmp = \"/x\""),
+                "unknown field",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(text).unwrap_err().to_string();

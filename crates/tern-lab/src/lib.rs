@@ -561,6 +561,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
             state.sites.push(c);
         }
         write_state(&state)?;
+        lab_cluster(&state.profile)
+            .write(Path::new(tern_cluster::LAB_PATH))
+            .map_err(io_err(format!("write {}", tern_cluster::LAB_PATH)))?;
         Ok(state)
     })();
     match result {
@@ -692,6 +695,32 @@ fn write_state(state: &LabState) -> Result<(), LabError> {
     f.sync_all().map_err(io_err("write state"))?;
     fs::rename(&tmp, state_path()).map_err(io_err("write state"))?;
     Ok(())
+}
+
+/// The lab as a cluster file ([`tern_cluster::LAB_PATH`]): its two sites, each a network
+/// namespace with a node, an overlay switch and the emulated link between them.
+pub fn lab_cluster(profile: &str) -> tern_cluster::Cluster {
+    let sites = sites()
+        .iter()
+        .map(|s| tern_cluster::Site {
+            name: s.name.clone(),
+            address: s.address.parse().expect("a lab address"),
+            node: format!("site-{}", s.name),
+            control: node_control_socket(&s.name),
+            migrate: migrate_socket(&s.name),
+            switch: Some(switch_socket(&s.name)),
+            overlay_gateway: overlay_gateway(&s.name).and_then(|g| g.parse().ok()),
+            netns: Some(s.netns.clone()),
+        })
+        .collect();
+    tern_cluster::Cluster {
+        path: tern_cluster::LAB_PATH.into(),
+        vm_dir: VM_DIR.into(),
+        direct_ports: DIRECT_PORTS,
+        link_control: Some(Path::new(RUN_DIR).join("wan.sock")),
+        profile: Some(profile.to_string()),
+        sites,
+    }
 }
 
 /// The VM overlay (one L2 segment across the sites); site N's TAP is `.N`.
@@ -915,6 +944,7 @@ pub fn down() -> Result<(), LabError> {
         }
     }
     for f in [
+        "cluster.toml",
         "state.json",
         "wan.sock",
         "state.tmp",

@@ -75,12 +75,19 @@ const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("no lab is up: run `tern lab up` first")]
-    NoLab,
-    #[error("reading the lab state")]
-    Lab(#[source] tern_lab::LabError),
-    #[error("no site {site:?} in the lab (sites: {known})")]
-    NoSite { site: String, known: String },
+    #[error("{0}")]
+    NoCluster(String),
+    #[error("{0}")]
+    Cluster(#[source] tern_cluster::ClusterError),
+    #[error(
+        "site {site}'s network namespace {netns} does not exist (the cluster file {path} \
+         says its VMs run there; is the lab up? `tern lab up`)"
+    )]
+    NoNetns {
+        site: String,
+        netns: String,
+        path: PathBuf,
+    },
     #[error("invalid VM name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
     #[error("invalid site name {0:?}: use letters, digits and '-'")]
@@ -299,6 +306,10 @@ pub struct VmSpec {
     /// The site switch's Unix socket; the VM gets a virtio-net NIC connected to it.
     /// `None`: no NIC.
     pub net_socket: Option<PathBuf>,
+    /// The guest's default gateway (with `ip`): the site's `overlay_gateway` in the cluster
+    /// file, filled in when the VM starts there.
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 impl VmSpec {
@@ -324,6 +335,7 @@ impl VmSpec {
             gate: false,
             gate_peers: Vec::new(),
             net_socket: None,
+            gateway: None,
         }
     }
 
@@ -342,8 +354,8 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     let mut words = vec!["console=ttyS0".to_string(), "quiet".to_string()];
     if let Some(ip) = spec.ip {
         words.push(format!("tern.ip={ip}"));
-        // The site's overlay TAP routes to everything beyond the overlay (the client site).
-        if let Some(gw) = tern_lab::overlay_gateway(&spec.site) {
+        // The site's overlay gateway routes to everything beyond the overlay.
+        if let Some(gw) = spec.gateway {
             words.push(format!("tern.gw={gw}"));
         }
     }
@@ -746,8 +758,9 @@ pub fn validate(spec: &VmSpec) -> Result<(), VmError> {
 /// How sites map to namespaces.
 #[derive(Debug, Clone)]
 enum Sites {
-    /// The lab's: site `a` runs in `tern-a`; a lab must be up.
-    Lab,
+    /// The cluster file's (read when needed: `tern lab up` may write it later): a site
+    /// with a `netns` runs its VMs there (the lab), one without in this namespace.
+    Cluster(Option<PathBuf>),
     /// Every instance runs in the caller's namespace; any site name (tests).
     Here,
 }
@@ -785,12 +798,23 @@ pub fn qmp(name: &str, site: Option<&str>) -> Result<QmpClient, VmError> {
 }
 
 impl VmHost {
-    /// VMs in the lab's sites, state under [`VM_RUN_DIR`].
-    pub fn lab() -> VmHost {
+    /// VMs of the sites in the cluster file ([`tern_cluster::Cluster::locate`]: `explicit`,
+    /// `$TERN_CLUSTER`, `/etc/tern/cluster.toml`, the lab's), state under its `vm_dir`
+    /// ([`VM_RUN_DIR`] by default).
+    pub fn cluster(explicit: Option<&Path>) -> VmHost {
+        let root = tern_cluster::Cluster::load(explicit)
+            .map(|c| c.vm_dir)
+            .unwrap_or_else(|_| VM_RUN_DIR.into());
         VmHost {
-            root: VM_RUN_DIR.into(),
-            sites: Sites::Lab,
+            root,
+            sites: Sites::Cluster(explicit.map(Path::to_path_buf)),
         }
+    }
+
+    /// [`VmHost::cluster`] with the cluster file found the usual way (in the lab, the one
+    /// `tern lab up` wrote).
+    pub fn lab() -> VmHost {
+        VmHost::cluster(None)
     }
 
     /// VMs that run in the caller's own network namespace with state under `root`; site
@@ -856,7 +880,10 @@ impl VmHost {
         let mut spec = spec.clone();
         spec.site = site.to_string();
         validate(&spec)?;
-        let netns = self.netns_for(site)?;
+        let (netns, gateway) = self.site_for(site)?;
+        if spec.ip.is_some() {
+            spec.gateway = gateway;
+        }
         let name = spec.name.clone();
         let _lock = self.lock()?;
 
@@ -1003,7 +1030,7 @@ impl VmHost {
         argv: &[String],
     ) -> Result<u32, VmError> {
         let mut cmd = match netns {
-            Some(ns) => tern_lab::netns_command(ns, QEMU),
+            Some(ns) => tern_cluster::command_in(Some(ns), QEMU),
             None => Command::new(QEMU),
         };
         cmd.args(&argv[1..]).stdin(Stdio::null());
@@ -1160,27 +1187,32 @@ impl VmHost {
         Ok(())
     }
 
-    fn netns_for(&self, site: &str) -> Result<Option<String>, VmError> {
-        match self.sites {
-            Sites::Here => Ok(None),
-            Sites::Lab => {
-                let st = tern_lab::status().map_err(VmError::Lab)?;
-                if !st.up {
-                    return Err(VmError::NoLab);
-                }
-                st.sites
-                    .iter()
-                    .find(|s| s.name == site)
-                    .map(|s| Some(s.netns.clone()))
-                    .ok_or_else(|| VmError::NoSite {
+    /// Site `site`'s namespace (None: this one) and its guests' default gateway.
+    fn site_for(
+        &self,
+        site: &str,
+    ) -> Result<(Option<String>, Option<std::net::Ipv4Addr>), VmError> {
+        match &self.sites {
+            Sites::Here => Ok((None, None)),
+            Sites::Cluster(explicit) => {
+                let c = match tern_cluster::Cluster::load(explicit.as_deref()) {
+                    Ok(c) => c,
+                    Err(e @ tern_cluster::ClusterError::NotFound) => {
+                        return Err(VmError::NoCluster(e.to_string()));
+                    }
+                    Err(e) => return Err(VmError::Cluster(e)),
+                };
+                let s = c.site(site).map_err(VmError::Cluster)?;
+                if let Some(ns) = &s.netns
+                    && !Path::new("/run/netns").join(ns).exists()
+                {
+                    return Err(VmError::NoNetns {
                         site: site.into(),
-                        known: st
-                            .sites
-                            .iter()
-                            .map(|s| s.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
+                        netns: ns.clone(),
+                        path: c.path.clone(),
+                    });
+                }
+                Ok((s.netns.clone(), s.overlay_gateway))
             }
         }
     }
@@ -1368,6 +1400,7 @@ mod tests {
     fn spec() -> VmSpec {
         let mut s = VmSpec::new("web1", "a");
         s.ip = Some("198.18.100.10/24".parse().unwrap());
+        s.gateway = Some("198.18.100.1".parse().unwrap());
         s
     }
 
