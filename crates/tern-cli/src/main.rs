@@ -28,6 +28,12 @@ use tern_wan::proto::Direction;
     about = "Move live VMs between data centers over the WAN, fast — and the lab to measure it in."
 )]
 struct Cli {
+    /// The cluster file: the sites, their nodes' sockets and addresses (default:
+    /// $TERN_CLUSTER, else /etc/tern/cluster.toml, else the running lab's
+    /// /run/tern/lab/cluster.toml). Read by vm, migrate, protect, failover and the node's
+    /// site agent.
+    #[arg(long, global = true, value_name = "PATH")]
+    cluster: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -52,6 +58,9 @@ enum Cmd {
     /// Guest VMs at a site: start, list, stop (QEMU under TCG).
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// The cluster file: check it and show its sites (`docs/deploy.md`).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Volumes: create, import, export, inspect, verify; serve over NBD and replicate.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
@@ -234,6 +243,21 @@ enum LabCmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Route the client site (`lab up --client-site`) to the VM overlay through SITE (the
+    /// lab's cluster file runs it after `tern failover`, as its `on_failover`).
+    RouteClients {
+        /// a or b.
+        site: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Read and check the cluster file; print its sites (which file was read first).
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -380,6 +404,11 @@ struct WanArgs {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(p) = &cli.cluster {
+        // SAFETY: set before any thread is started; every reader of the cluster file (this
+        // process and the children it runs) finds it through the environment.
+        unsafe { std::env::set_var(tern_cluster::ENV, p) };
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
@@ -389,10 +418,61 @@ fn main() {
     }
 }
 
+fn cluster_show(json: bool) -> Result<()> {
+    let c = tern_cluster::Cluster::load(None)?;
+    if json {
+        let sites: Vec<_> = c
+            .sites
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "address": s.address.to_string(), "node": s.node,
+                    "control": s.control, "migrate": s.migrate, "switch": s.switch,
+                    "overlay_gateway": s.overlay_gateway.map(|g| g.to_string()),
+                    "netns": s.netns,
+                    "node_answers": tern_node::request_status(&s.control).is_ok(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "path": c.path, "vm_dir": c.vm_dir,
+            "direct_ports": [c.direct_ports.0, c.direct_ports.1],
+            "profile": c.profile, "on_failover": c.on_failover, "sites": sites,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{} (VM state under {})",
+        c.path.display(),
+        c.vm_dir.display()
+    );
+    for s in &c.sites {
+        let answers = if tern_node::request_status(&s.control).is_ok() {
+            "node answers"
+        } else {
+            "node does not answer"
+        };
+        println!(
+            "  site {}: {} node {} ({}){}",
+            s.name,
+            s.address,
+            s.node,
+            answers,
+            s.netns
+                .as_ref()
+                .map(|n| format!(", netns {n}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Wan(a) => wan(a),
         Cmd::Lab(c) => lab(c),
+        Cmd::Cluster(ClusterCmd::Show { json }) => cluster_show(json),
         Cmd::Bench(BenchCmd::Wan(a)) => bench::wan(a),
         Cmd::Bench(BenchCmd::Accel(a)) => bench::accel(a),
         Cmd::Bench(BenchCmd::Vmotion(a)) => bench::vmotion(a),
@@ -880,6 +960,10 @@ fn lab(c: LabCmd) -> Result<()> {
                 .status()
                 .context("run ip netns exec")?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCmd::RouteClients { site } => {
+            tern_lab::route_clients(&site)?;
+            println!("client site routed to the overlay through site {site}");
         }
     }
     Ok(())

@@ -8,6 +8,8 @@
 //! direct_ports = "7450-7499"               # TCP ports nodes never intercept (default)
 //! link_control = "/run/tern/lab/wan.sock"  # optional: a `tern wan` emulator between a and b
 //! profile = "mpls"                         # optional: what the link emulates (reports)
+//! on_failover = ["/usr/local/bin/move-vip"]  # optional: run after `tern failover`, with the
+//!                                          # site the VM now runs at as last argument
 //!
 //! [[site]]
 //! name = "a"                               # letters, digits, '-'
@@ -101,6 +103,8 @@ struct Raw {
     link_control: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_failover: Option<Vec<String>>,
     #[serde(default)]
     site: Vec<Site>,
 }
@@ -115,6 +119,9 @@ pub struct Cluster {
     /// A `tern wan` emulator's control socket between the first two sites (the lab).
     pub link_control: Option<PathBuf>,
     pub profile: Option<String>,
+    /// A command run after a failover with the site the VM now runs at appended: what
+    /// moves the clients (DNS, a virtual IP, a route).
+    pub on_failover: Option<Vec<String>>,
     pub sites: Vec<Site>,
 }
 
@@ -198,12 +205,20 @@ impl Cluster {
                 .ok_or_else(|| bad(format!("direct_ports {p:?}: expected PORT or LOW-HIGH")))?,
             None => DEFAULT_DIRECT_PORTS,
         };
+        if raw
+            .on_failover
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c[0].is_empty())
+        {
+            return Err(bad("on_failover: give the command and its arguments".into()));
+        }
         Ok(Cluster {
             path: path.to_path_buf(),
             vm_dir,
             direct_ports,
             link_control: raw.link_control,
             profile: raw.profile,
+            on_failover: raw.on_failover,
             sites: raw.site,
         })
     }
@@ -262,6 +277,7 @@ impl Cluster {
                 .then(|| format!("{}-{}", self.direct_ports.0, self.direct_ports.1)),
             link_control: self.link_control.clone(),
             profile: self.profile.clone(),
+            on_failover: self.on_failover.clone(),
             site: self.sites.clone(),
         };
         let mut out = String::from("# tern cluster file (docs/deploy.md)\n");
@@ -296,6 +312,7 @@ mod tests {
 
     const TWO: &str = r#"
 profile = "mpls"
+on_failover = ["/bin/true", "--site"]
 link_control = "/run/tern/lab/wan.sock"
 
 [[site]]
@@ -363,6 +380,10 @@ migrate = "/run/tern/migrate.sock"
             ),
             (&format!("direct_ports = \"9-2\"\n{TWO}"), "direct_ports"),
             (&format!("vm_dir = \"vm\"\n{TWO}"), "vm_dir"),
+            (
+                &TWO.replace("[\"/bin/true\", \"--site\"]", "[]"),
+                "on_failover",
+            ),
             (
                 &TWO.replace("node = \"east\"", "node = \"east\"\nqmp = \"/x\""),
                 "unknown field",

@@ -561,7 +561,14 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
             state.sites.push(c);
         }
         write_state(&state)?;
-        lab_cluster(&state.profile)
+        let on_failover = opts.client_site.then(|| {
+            vec![
+                opts.tern_exe.to_string_lossy().into_owned(),
+                "lab".into(),
+                "route-clients".into(),
+            ]
+        });
+        lab_cluster(&state.profile, on_failover)
             .write(Path::new(tern_cluster::LAB_PATH))
             .map_err(io_err(format!("write {}", tern_cluster::LAB_PATH)))?;
         Ok(state)
@@ -699,7 +706,8 @@ fn write_state(state: &LabState) -> Result<(), LabError> {
 
 /// The lab as a cluster file ([`tern_cluster::LAB_PATH`]): its two sites, each a network
 /// namespace with a node, an overlay switch and the emulated link between them.
-pub fn lab_cluster(profile: &str) -> tern_cluster::Cluster {
+/// `on_failover`: the lab's client site is rerouted (`tern lab route-clients SITE`).
+pub fn lab_cluster(profile: &str, on_failover: Option<Vec<String>>) -> tern_cluster::Cluster {
     let sites = sites()
         .iter()
         .map(|s| tern_cluster::Site {
@@ -719,6 +727,7 @@ pub fn lab_cluster(profile: &str) -> tern_cluster::Cluster {
         direct_ports: DIRECT_PORTS,
         link_control: Some(Path::new(RUN_DIR).join("wan.sock")),
         profile: Some(profile.to_string()),
+        on_failover,
         sites,
     }
 }
@@ -1083,4 +1092,35 @@ pub fn set_link(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cluster file the lab writes is one `tern-cluster` reads back whole: both sites'
+    /// namespaces, node sockets, switches and gateways, the emulator, the failover hook.
+    #[test]
+    fn the_lab_cluster_file_reads_back() {
+        let hook = vec![
+            "/usr/bin/tern".to_string(),
+            "lab".into(),
+            "route-clients".into(),
+        ];
+        let c = lab_cluster("mpls", Some(hook.clone()));
+        let back =
+            tern_cluster::Cluster::parse(&c.to_toml(), Path::new(tern_cluster::LAB_PATH)).unwrap();
+        assert_eq!(back, c);
+        let b = back.site("b").unwrap();
+        assert_eq!(b.netns.as_deref(), Some("tern-b"));
+        assert_eq!(b.node, "site-b");
+        assert_eq!(b.migrate, migrate_socket("b"));
+        assert_eq!(b.switch, Some(switch_socket("b")));
+        assert_eq!(
+            b.overlay_gateway.map(|g| g.to_string()).as_deref(),
+            Some("198.18.100.2")
+        );
+        assert_eq!(back.on_failover, Some(hook));
+        assert_eq!(back.direct_ports, DIRECT_PORTS);
+    }
 }

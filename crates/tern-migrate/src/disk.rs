@@ -99,12 +99,13 @@ pub fn sync(
 ) -> Result<(f64, u64), MigrateError> {
     let t0 = Instant::now();
     let wire0 = link_bytes();
+    let cluster = crate::sites::load()?;
     tern_disk::server::request(
         &DiskPaths::in_dir(src_dir).control,
         &json!({
             "cmd": "replicate",
-            "node": tern_lab::migrate_socket(from),
-            "peer": format!("site-{to}"),
+            "node": crate::sites::migrate_socket(&cluster, from)?,
+            "peer": crate::sites::node_name(&cluster, to)?,
             "target": dest_rel,
             "mode": "auto",
         }),

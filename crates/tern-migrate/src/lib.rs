@@ -26,6 +26,7 @@ pub mod protect;
 pub mod relay;
 pub mod run;
 pub mod settle;
+mod sites;
 pub mod smartstop;
 
 pub use run::{MigrateError, MigrateOptions, MigrateReport, Route, migrate};

@@ -84,9 +84,7 @@ pub struct Protection {
 
 impl Protection {
     fn primary_dir(&self) -> PathBuf {
-        Path::new(tern_lab::VM_DIR)
-            .join(&self.name)
-            .join(&self.primary_site)
+        vm_dir().join(&self.name).join(&self.primary_site)
     }
     fn backup_dir(&self) -> PathBuf {
         backup_dir(&self.name, &self.backup_site)
@@ -96,9 +94,14 @@ impl Protection {
 /// The backup disk server's directory: `/run/tern/vm/NAME.backup/SITE` (not a VM name:
 /// names have no dots).
 pub fn backup_dir(name: &str, site: &str) -> PathBuf {
-    Path::new(tern_lab::VM_DIR)
-        .join(format!("{name}.backup"))
-        .join(site)
+    vm_dir().join(format!("{name}.backup")).join(site)
+}
+
+/// The cluster's VM directory (the default one without a cluster file).
+fn vm_dir() -> PathBuf {
+    tern_cluster::Cluster::load(None)
+        .map(|c| c.vm_dir)
+        .unwrap_or_else(|_| tern_cluster::DEFAULT_VM_DIR.into())
 }
 
 fn record_path(name: &str) -> PathBuf {
@@ -217,12 +220,13 @@ pub fn protect(o: &ProtectOptions) -> Result<Protection, MigrateError> {
     } else {
         "async"
     };
+    let cluster = crate::sites::load()?;
     ctl(
         &pdir,
         json!({
             "cmd": "replicate",
-            "node": tern_lab::migrate_socket(&rec.site),
-            "peer": format!("site-{}", o.backup_site),
+            "node": crate::sites::migrate_socket(&cluster, &rec.site)?,
+            "peer": crate::sites::node_name(&cluster, &o.backup_site)?,
             "target": format!("{}.backup/{}/disk-repl.sock", o.name, o.backup_site),
             "mode": repl_mode,
         }),
@@ -418,16 +422,26 @@ pub fn failover(name: &str, progress: bool, force: bool) -> Result<FailoverRepor
     spec.volume = Some(p.backup_volume.clone());
     spec.gate = false;
     spec.gate_peers.clear();
-    spec.net_socket = {
-        let sw = tern_lab::switch_socket(&p.backup_site);
-        sw.exists().then_some(sw)
-    };
+    let cluster = crate::sites::load()?;
+    spec.net_socket = crate::sites::switch_socket(&cluster, &p.backup_site)?;
     host.start(&spec)?;
     say("VM started at the backup site");
-    // Clients follow (what DNS or a routing change does): the lab's client site reaches the
-    // overlay through the backup site from now on.
-    let clients_rerouted = tern_lab::lab_sites().iter().any(|s| s.name == "c")
-        && tern_lab::route_clients(&p.backup_site).is_ok();
+    // Clients follow (what DNS or a routing change does): the cluster's `on_failover`
+    // command (the lab's reroutes its client site through the backup site).
+    let clients_rerouted = match &cluster.on_failover {
+        Some(cmd) if !cmd.is_empty() => {
+            let ok = std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .arg(&p.backup_site)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("failover {name}: the cluster's on_failover command {cmd:?} failed");
+            }
+            ok
+        }
+        _ => false,
+    };
     if clients_rerouted {
         say("client site routed to the backup site");
     }

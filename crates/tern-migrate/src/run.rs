@@ -13,6 +13,7 @@ use tern_vm::{QmpClient, VmHost, VmSpec};
 use crate::memcmp::{self, MemCompare};
 use crate::monitor::{Monitor, Progress, Sample, Verdict, progress_line};
 use crate::settle::{self, Action, Dest, Facts, PendingMigration, Phase, Source};
+use crate::sites;
 use crate::smartstop::{self, Decision, SmartStop};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +131,7 @@ impl MigrateOptions {
             to_site: to_site.into(),
             route: Route::Tern,
             cc: "cubic".into(),
-            direct_port: tern_lab::DIRECT_PORTS.0,
+            direct_port: tern_cluster::DEFAULT_DIRECT_PORTS.0,
             downtime_limit_ms: 300,
             max_bandwidth: 10 << 30,
             stall_timeout: Duration::from_secs(20),
@@ -248,30 +249,6 @@ fn now_ms(t0: Instant) -> u64 {
     t0.elapsed().as_millis() as u64
 }
 
-fn link_bytes(from_site: &str) -> u64 {
-    let (ab, ba) = tern_lab::offered_bytes();
-    if from_site == "a" { ab } else { ba }
-}
-
-fn set_cc(site: &str, cc: &str) -> Result<(), MigrateError> {
-    let netns = format!("tern-{site}");
-    tern_lab::run_in(
-        &netns,
-        "sysctl",
-        &["-q", "-w", &format!("net.ipv4.tcp_congestion_control={cc}")],
-    )
-    .map(|_| ())
-    .map_err(|e| MigrateError::Refused(format!("set {cc} in {netns}: {e}")))
-}
-
-fn site_ip(site: &str) -> Result<String, MigrateError> {
-    tern_lab::sites()
-        .into_iter()
-        .find(|s| s.name == site)
-        .map(|s| s.address.to_string())
-        .ok_or_else(|| MigrateError::Refused(format!("no site {site:?}")))
-}
-
 fn wait_for(path: &Path, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -303,12 +280,7 @@ pub fn guest_verify_lines(log: &str) -> (u32, u32, String) {
 /// Migrates a VM; on any failure the destination is stopped and the source left running.
 pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
     let host = VmHost::lab();
-    let lab = tern_lab::status().map_err(|e| MigrateError::Refused(e.to_string()))?;
-    if !lab.up {
-        return Err(MigrateError::Refused(
-            "no lab is up: run `tern lab up` first".into(),
-        ));
-    }
+    let cluster = sites::load()?;
     if let Ok(Some(p)) = settle::read_record(&settle::record_path(host.root(), &opts.name)) {
         return Err(MigrateError::Refused(format!(
             "{} has an unfinished migration from site {} to site {}: run `tern migrate {} \
@@ -324,7 +296,7 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
             opts.name
         )));
     }
-    site_ip(&opts.to_site)?;
+    let to_address = sites::site(&cluster, &opts.to_site)?.address;
     let mut sq = host.qmp(&opts.name, Some(&from))?;
     let status = sq
         .execute("query-status", Value::Null)
@@ -340,7 +312,16 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
     // The destination: same machine, the destination site's switch.
     let mut spec: VmSpec = src.spec.clone();
     if spec.net_socket.is_some() {
-        spec.net_socket = Some(tern_lab::switch_socket(&opts.to_site));
+        spec.net_socket = Some(sites::switch_socket(&cluster, &opts.to_site)?.ok_or_else(
+            || {
+                MigrateError::Refused(format!(
+                    "{} has a NIC but site {} has no overlay switch (no `switch` in {})",
+                    opts.name,
+                    opts.to_site,
+                    cluster.path.display()
+                ))
+            },
+        )?);
     }
     let dest_dir = host.paths(&opts.name, &opts.to_site).dir;
     let disk_plan = match (&src.spec.volume, opts.with_disk) {
@@ -381,11 +362,11 @@ pub fn migrate(opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
     let incoming_sock = dest_dir.join("incoming.sock");
     let uri = match opts.route {
         Route::Tern => format!("unix:{}", incoming_sock.display()),
-        Route::Direct => format!("tcp:{}:{}", site_ip(&opts.to_site)?, opts.direct_port),
+        Route::Direct => format!("tcp:{to_address}:{}", opts.direct_port),
     };
     if opts.route == Route::Direct {
-        set_cc(&from, &opts.cc)?;
-        set_cc(&opts.to_site, &opts.cc)?;
+        sites::set_cc(&cluster, &from, &opts.cc)?;
+        sites::set_cc(&cluster, &opts.to_site, &opts.cc)?;
     }
     let dest_paused_start = opts.check_memory || disk_plan.is_some();
     let mut pending = PendingMigration {
@@ -721,6 +702,8 @@ fn run(
     disk: Option<&DiskPlan>,
     (pending, record): (&mut PendingMigration, &Path),
 ) -> Result<MigrateReport, MigrateError> {
+    let cluster = sites::load()?;
+    let link_bytes = |from: &str| sites::link_bytes(&cluster, from);
     let mut dq = host.qmp(&opts.name, Some(&opts.to_site))?;
     dq.execute(
         "migrate-set-capabilities",
@@ -738,23 +721,18 @@ fn run(
     let (codec, codec_note) = opts.effective_codec();
     // The incoming socket relative to the VM dir: the far node's target and the key of the
     // source node's record of the stream.
-    let rel = incoming_sock
-        .strip_prefix(tern_lab::VM_DIR)
-        .map_err(|_| MigrateError::Refused("incoming socket outside the VM dir".into()))?
-        .to_string_lossy()
-        .into_owned();
+    let rel = sites::vm_relative(&cluster, incoming_sock, "the incoming socket")?;
     let started_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let disk_sync = match disk {
         Some(d) => {
-            let rel = tern_disk::daemon::DiskPaths::in_dir(&d.dest_dir)
-                .repl
-                .strip_prefix(tern_lab::VM_DIR)
-                .map_err(|_| MigrateError::Refused("disk socket outside the VM dir".into()))?
-                .to_string_lossy()
-                .into_owned();
+            let rel = sites::vm_relative(
+                &cluster,
+                &tern_disk::daemon::DiskPaths::in_dir(&d.dest_dir).repl,
+                "the disk replication socket",
+            )?;
             Some(crate::disk::sync(
                 &d.src_dir,
                 from,
@@ -784,8 +762,8 @@ fn run(
                 )));
             }
             let stream = crate::relay::open(
-                &tern_lab::migrate_socket(from),
-                &format!("site-{}", opts.to_site),
+                &sites::migrate_socket(&cluster, from)?,
+                &sites::node_name(&cluster, &opts.to_site)?,
                 &rel,
                 codec,
             )
@@ -982,7 +960,7 @@ fn run(
         to: opts.to_site.clone(),
         route: opts.route,
         cc: (opts.route == Route::Direct).then(|| opts.cc.clone()),
-        profile: tern_lab::status().ok().and_then(|s| s.profile),
+        profile: cluster.profile.clone(),
         total_s,
         downtime_ms,
         qemu_downtime_ms: final_info["downtime"].as_u64().unwrap_or(0),
@@ -1015,11 +993,12 @@ fn source_record(
 ) -> Option<tern_node::status::MigrationRecord> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(st) = tern_node::request_status(&tern_lab::node_control_socket(site))
-            && let Some(r) = st.migration_log.into_iter().rev().find(|r| {
-                r.role == "source" && r.path == rel && r.started_unix_ms + 1000 >= since_unix_ms
-            })
-        {
+        let control = sites::load().and_then(|c| Ok(sites::site(&c, site)?.control.clone()));
+        if let Ok(st) = control.and_then(|p| {
+            tern_node::request_status(&p).map_err(|e| MigrateError::Refused(e.to_string()))
+        }) && let Some(r) = st.migration_log.into_iter().rev().find(|r| {
+            r.role == "source" && r.path == rel && r.started_unix_ms + 1000 >= since_unix_ms
+        }) {
             return Some(r);
         }
         if Instant::now() > deadline {
