@@ -1749,6 +1749,16 @@ fn zstd_zero_bomb(bytes: usize) -> Vec<u8> {
     z
 }
 
+/// A file's permission bits.
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
 /// The peak resident memory of process `pid`, in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1775,6 +1785,10 @@ fn a_zstd_bomb_from_the_primary_is_refused_without_the_memory_it_claims() {
     let servers = Servers(vec![start_secondary(&bdir, &vol, &d.join("b.log"))]);
     let pid = servers.0[0].id();
     let repl = bdir.join("repl.sock");
+    // Its management sockets exist only as 0600 (bound in a private directory, then moved).
+    for sock in ["ctl.sock", "repl.sock", "nbd.sock"] {
+        assert_eq!(mode_of(&bdir.join(sock)), 0o600, "{sock}");
+    }
     let bomb = zstd_zero_bomb(1 << 30);
     assert!(bomb.len() < 64 << 10);
     let before = peak_rss(pid);
@@ -1922,10 +1936,13 @@ fn forged_clock_trailers_from_another_vm_neither_hold_nor_open_the_gate() {
         &cfg,
         format!(
             "[node]\nname = \"a\"\nprivate_key_file = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n\
-             control = \"{}\"\n[overlay]\nsocket = \"{}\"\n",
+             control = \"{}\"\n[overlay]\nsocket = \"{}\"\n[migration]\nsocket = \"{}\"\n\
+             target_dir = \"{}\"\n",
             s(&key),
             s(&d.join("node.sock")),
-            s(&switch)
+            s(&switch),
+            s(&d.join("migrate.sock")),
+            s(&d)
         ),
     )
     .unwrap();
@@ -1964,6 +1981,12 @@ fn forged_clock_trailers_from_another_vm_neither_hold_nor_open_the_gate() {
         servers.0.push(serve(&argv, &d.join(format!("{me}.log"))));
         wait_socket(&dir.join("ctl.sock"));
         wait_socket(&dir.join("nic.sock"));
+        for sock in ["ctl.sock", "nic.sock", "nbd.sock"] {
+            assert_eq!(mode_of(&dir.join(sock)), 0o600, "{me}/{sock}");
+        }
+    }
+    for sock in [&switch, &d.join("node.sock"), &d.join("migrate.sock")] {
+        assert_eq!(mode_of(sock), 0o600, "{}", sock.display());
     }
     // The VMs' NICs: FE and DB through their gates, the impostor on a plain switch port.
     // DB's VM is not attached yet (its NIC connects later, as after a restart).
