@@ -1360,6 +1360,57 @@ mod tests {
     /// under load and get cookie replies, and a restarted real peer connects (through a
     /// cookie round trip) within a few hundred ms of simulated time.
     #[test]
+    fn one_source_gets_its_own_budget_of_inits_and_no_more() {
+        let ky = StaticKeypair::from_seed(42);
+        let addr_y: SocketAddr = "198.18.2.1:7400".parse().unwrap();
+        let mut y = Endpoint::new(
+            ky.clone(),
+            vec![PeerConfig {
+                name: "x".into(),
+                public: StaticKeypair::from_seed(41).public,
+                addr: None,
+            }],
+            Config::default(),
+            8,
+            true,
+            1 << 40,
+        );
+        // A stranger that knows y's public key (so its mac1 is valid) sends 100 inits a
+        // second for 2 s from one address.
+        let flood = Flood::new(ky.public, addr_y);
+        let src: SocketAddr = "198.19.0.7:7400".parse().unwrap();
+        for k in 0..200u64 {
+            let pkt = &flood.valid_mac1[(k % 20) as usize];
+            y.handle_datagram(k * 10_000_000, src, pkt);
+        }
+        let st = y.stats().clone();
+        let processed = st.handshakes_unknown_key + st.inits_accepted + st.handshakes_rejected;
+        // A burst of PER_SOURCE_INITS_PER_SECOND, then that many a second: 5 + 2 x 5.
+        assert!(
+            (10..=16).contains(&processed),
+            "{processed} inits from one source reached Diffie-Hellman: {st:?}"
+        );
+        assert!(st.handshakes_source_limited >= 180, "{st:?}");
+        assert_eq!(
+            st.handshakes_rate_limited, 0,
+            "one source never drained the global budget"
+        );
+        assert_eq!(
+            st.cookies_sent, 0,
+            "one source never put y under load: {st:?}"
+        );
+        // Another address still has its whole budget.
+        let other: SocketAddr = "198.19.0.8:7400".parse().unwrap();
+        y.handle_datagram(2_000_000_000, other, &flood.valid_mac1[0]);
+        let st2 = y.stats().clone();
+        assert_eq!(st2.handshakes_source_limited, st.handshakes_source_limited);
+        assert_eq!(
+            st2.handshakes_unknown_key + st2.inits_accepted + st2.handshakes_rejected,
+            processed + 1
+        );
+    }
+
+    #[test]
     fn restarted_peer_connects_through_a_flood_of_junk_inits() {
         let kx = StaticKeypair::from_seed(31);
         let ky = StaticKeypair::from_seed(32);
