@@ -1654,6 +1654,38 @@ fn an_io_error_at_the_backup_and_a_flipped_bit_in_its_log_lose_no_acknowledged_w
         l["records"], 5,
         "the log keeps every write not applied: {l}"
     );
+    // `tern protect status` of a VM whose backup this is says so and exits non-zero.
+    let name = format!("eio{}", std::process::id());
+    let pdir = Path::new(tern_migrate::protect::PROTECT_DIR);
+    std::fs::create_dir_all(pdir).unwrap();
+    let record = tern_migrate::protect::Protection {
+        name: name.clone(),
+        primary_site: "a".into(),
+        backup_site: "b".into(),
+        mode: tern_migrate::protect::ProtectMode::Async,
+        primary_volume: xvol.clone(),
+        backup_volume: yvol.clone(),
+        spec: tern_vm::VmSpec::new(&name, "a"),
+        protected_unix_s: 0,
+        failed_over_to: None,
+    };
+    let rpath = pdir.join(format!("{name}.json"));
+    std::fs::write(&rpath, serde_json::to_vec(&record).unwrap()).unwrap();
+    let bdir = tern_migrate::protect::backup_dir(&name, "b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    std::os::unix::fs::symlink(&yctl, bdir.join("disk-ctl.sock")).unwrap();
+    let out = tern(&["protect", "status", &name, "--json"]);
+    let _ = std::fs::remove_file(&rpath);
+    let _ = std::fs::remove_dir_all(bdir.parent().unwrap());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        st[0]["backup_failed"]
+            .as_str()
+            .is_some_and(|f| f.contains("Input/output error")),
+        "{st}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backup FAILED"));
     // Past the checkpoint's idle time: nothing was emptied.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(ylog()["records"], 5, "{}", ylog());
