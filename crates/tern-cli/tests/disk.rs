@@ -1686,6 +1686,54 @@ fn an_io_error_at_the_backup_and_a_flipped_bit_in_its_log_lose_no_acknowledged_w
         "{st}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("backup FAILED"));
+    // A primary whose disk server still answers after `tern failover` told it to shut
+    // down (a hung or partitioned host: a stand-in server that ignores shutdown, the one
+    // fault the real server cannot give): failover refuses without --force and the
+    // backup is not promoted.
+    let name = format!("hung{}", std::process::id());
+    let rpath = pdir.join(format!("{name}.json"));
+    let record = tern_migrate::protect::Protection {
+        name: name.clone(),
+        spec: tern_vm::VmSpec::new(&name, "a"),
+        ..record
+    };
+    std::fs::write(&rpath, serde_json::to_vec(&record).unwrap()).unwrap();
+    let vm_dir = tern_migrate::protect::backup_dir(&name, "b")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let primary = vm_dir.join(&name).join("a");
+    std::fs::create_dir_all(&primary).unwrap();
+    let hung = std::os::unix::net::UnixListener::bind(primary.join("disk-ctl.sock")).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for c in hung.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&c).read_line(&mut line);
+            let _ = writeln!(c, r#"{{"ok":true,"writes":7,"committed_writes":5}}"#);
+        }
+    });
+    let bdir = tern_migrate::protect::backup_dir(&name, "b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    std::os::unix::fs::symlink(&yctl, bdir.join("disk-ctl.sock")).unwrap();
+    let out = tern(&["failover", &name, "--json"]);
+    let _ = std::fs::remove_file(&rpath);
+    let _ = std::fs::remove_dir_all(vm_dir.join(&name));
+    let _ = std::fs::remove_dir_all(bdir.parent().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("could not be confirmed stopped") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        status(&yctl)["role"],
+        "secondary",
+        "the backup was promoted"
+    );
     // Past the checkpoint's idle time: nothing was emptied.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(ylog()["records"], 5, "{}", ylog());
