@@ -366,6 +366,43 @@ fn flow_out_limit(kind: FlowKind) -> usize {
     }
 }
 
+/// What a new flow's neighbours hold: our zstd encoders (and those with the large
+/// window), and the zstd decoders the same peer's streams hold here (and those allowed the
+/// large window).
+#[derive(Debug, Clone, Copy, Default)]
+struct FlowCounts {
+    zstd_flows: usize,
+    large_windows: usize,
+    zstd_caps: usize,
+    large_caps: usize,
+}
+
+/// A new flow's encoder codec and window, and the largest zstd window its decoder accepts
+/// (`None`: no zstd at all). Bounds what a site's flows hold: at most [`ZSTD_FLOWS`] zstd
+/// encoders (later flows lz4), [`LARGE_WINDOW_FLOWS`] of them with the large window; a
+/// peer's streams get at most twice that many zstd decoders (a tern sender's counts and
+/// ours differ while flows close), past which its zstd records are refused.
+fn flow_codecs(configured: Codec, n: FlowCounts) -> (Codec, u32, Option<u32>) {
+    let window_log = if n.large_windows < LARGE_WINDOW_FLOWS {
+        ZSTD_WINDOW_LOG
+    } else {
+        ZSTD_SMALL_WINDOW_LOG
+    };
+    // Past ZSTD_FLOWS, lz4 (a few KiB of state a side) instead of another zstd context.
+    let codec = match configured {
+        Codec::Zstd { .. } if n.zstd_flows >= ZSTD_FLOWS => Codec::Lz4,
+        c => c,
+    };
+    let dec_window_log = if n.zstd_caps >= 2 * ZSTD_FLOWS {
+        None
+    } else if n.large_caps < 2 * LARGE_WINDOW_FLOWS {
+        Some(ZSTD_WINDOW_LOG)
+    } else {
+        Some(ZSTD_SMALL_WINDOW_LOG)
+    };
+    (codec, window_log, dec_window_log)
+}
+
 /// A relay target must be a socket itself, not a symlink to one elsewhere (a policy
 /// refusal: `PermissionDenied`).
 fn is_socket_file(path: &Path) -> io::Result<()> {
@@ -939,25 +976,15 @@ impl Node {
                 large_caps += usize::from(f.dec_window_log == Some(ZSTD_WINDOW_LOG));
             }
         }
-        let window_log = if large_windows < LARGE_WINDOW_FLOWS {
-            ZSTD_WINDOW_LOG
-        } else {
-            ZSTD_SMALL_WINDOW_LOG
-        };
-        // Past ZSTD_FLOWS, lz4 (a few KiB of state a side) instead of another zstd context.
-        let codec = match self.codec {
-            Codec::Zstd { .. } if zstd_flows >= ZSTD_FLOWS => Codec::Lz4,
-            c => c,
-        };
-        // What this peer's streams may make us hold: twice what a tern sender uses (its
-        // counts and ours differ while flows close), per peer.
-        let dec_window_log = if zstd_caps >= 2 * ZSTD_FLOWS {
-            None
-        } else if large_caps < 2 * LARGE_WINDOW_FLOWS {
-            Some(ZSTD_WINDOW_LOG)
-        } else {
-            Some(ZSTD_SMALL_WINDOW_LOG)
-        };
+        let (codec, window_log, dec_window_log) = flow_codecs(
+            self.codec,
+            FlowCounts {
+                zstd_flows,
+                large_windows,
+                zstd_caps,
+                large_caps,
+            },
+        );
         if let Some(s) = &sock {
             let _ = self.epoll.add(
                 s.fd(),
@@ -2246,6 +2273,40 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Flows' zstd state is bounded by named counts, with defined behaviour at each bound.
+    #[test]
+    fn zstd_contexts_are_bounded_per_site_and_per_peer() {
+        let zstd = Codec::Zstd { level: 1 };
+        let n = |zstd_flows, large_windows, zstd_caps, large_caps| FlowCounts {
+            zstd_flows,
+            large_windows,
+            zstd_caps,
+            large_caps,
+        };
+        assert_eq!(
+            flow_codecs(zstd, n(0, 0, 0, 0)),
+            (zstd, ZSTD_WINDOW_LOG, Some(ZSTD_WINDOW_LOG))
+        );
+        // Past LARGE_WINDOW_FLOWS, the small window (ours and, at twice that, the peer's).
+        let (_, w, d) = flow_codecs(zstd, n(20, LARGE_WINDOW_FLOWS, 20, 2 * LARGE_WINDOW_FLOWS));
+        assert_eq!((w, d), (ZSTD_SMALL_WINDOW_LOG, Some(ZSTD_SMALL_WINDOW_LOG)));
+        // At ZSTD_FLOWS encoders the next flow is lz4; below it, still zstd.
+        assert_eq!(flow_codecs(zstd, n(ZSTD_FLOWS - 1, 16, 0, 0)).0, zstd);
+        assert_eq!(flow_codecs(zstd, n(ZSTD_FLOWS, 16, 0, 0)).0, Codec::Lz4);
+        // A peer holding 2 x ZSTD_FLOWS zstd decoders here gets no more: its next stream
+        // accepts no zstd records at all.
+        assert_eq!(
+            flow_codecs(zstd, n(0, 0, 2 * ZSTD_FLOWS - 1, 40)).2,
+            Some(ZSTD_SMALL_WINDOW_LOG)
+        );
+        assert_eq!(flow_codecs(zstd, n(0, 0, 2 * ZSTD_FLOWS, 40)).2, None);
+        // Other codecs are left as configured.
+        assert_eq!(
+            flow_codecs(Codec::Raw, n(ZSTD_FLOWS, 0, 0, 0)).0,
+            Codec::Raw
+        );
+    }
 
     #[test]
     fn only_a_node_that_mostly_sends_and_keeps_up_with_its_tcp_runs_realtime() {
