@@ -11,6 +11,7 @@ pub mod disk;
 pub mod dr;
 pub mod membuddies;
 pub mod mgmt;
+pub mod rekey;
 pub mod rr;
 pub mod sandpiper;
 pub mod tools;

@@ -172,6 +172,7 @@ fn up(changes: LinkChanges, opts: &WanBenchOptions) -> Result<(), BenchError> {
         gso: true,
         accel: false,
         client_site: false,
+        rekey_after_packets: None,
         tern_exe: opts.tern_exe.clone(),
     })?;
     Ok(())

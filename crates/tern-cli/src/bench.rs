@@ -493,6 +493,53 @@ pub struct MgmtBenchArgs {
     out: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct RekeyBenchArgs {
+    /// Link profile of the lab.
+    #[arg(long, default_value = "sonet")]
+    profile: String,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u32,
+    /// Pairs of runs (default keys, frequent key updates), alternating which goes first.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Key update after this many packets in the frequent-update runs (1024..=4194304).
+    #[arg(long, default_value_t = 65536)]
+    rekey_after_packets: u64,
+    /// Directory for rekey.json and rekey.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+pub fn rekey(a: RekeyBenchArgs) -> Result<()> {
+    tern_lab::check_prerequisites()?;
+    tern_link::Profile::find(&a.profile)?;
+    if !(3..=120).contains(&a.seconds) || !(1..=10).contains(&a.rounds) {
+        anyhow::bail!("--seconds takes 3 to 120, --rounds 1 to 10");
+    }
+    if !(1024..=1 << 22).contains(&a.rekey_after_packets) {
+        anyhow::bail!("--rekey-after-packets takes 1024 to 4194304");
+    }
+    if tern_lab::status().is_ok_and(|s| s.up) {
+        anyhow::bail!("a lab is up: the bench brings its own up and down (`tern lab down` first)");
+    }
+    let opts = tern_bench::rekey::RekeyBenchOptions {
+        profile: a.profile,
+        seconds: a.seconds,
+        rounds: a.rounds,
+        rekey_after_packets: a.rekey_after_packets,
+        out_dir: a.out,
+        tern_exe: std::env::current_exe().context("locate the tern binary")?,
+        command: format!(
+            "tern {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    tern_bench::rekey::run(&opts)?;
+    Ok(())
+}
+
 pub fn mgmt(a: MgmtBenchArgs) -> Result<()> {
     tern_lab::check_prerequisites()?;
     tern_link::Profile::find(&a.profile)?;

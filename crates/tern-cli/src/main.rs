@@ -211,6 +211,10 @@ enum LabCmd {
         /// until a `tern failover` moves it.
         #[arg(long)]
         client_site: bool,
+        /// Make the nodes update their keys after this many packets (1024..=4194304, the
+        /// default) instead of the transport's own limit: to measure rekeying's cost.
+        #[arg(long, value_name = "PACKETS")]
+        rekey_after_packets: Option<u64>,
     },
     /// Remove everything the lab made (idempotent; also cleans up after a crash).
     Down,
@@ -282,6 +286,9 @@ enum BenchCmd {
     /// Idle clients of node A's metrics port and control socket during an accelerated
     /// iperf3 flow: goodput with them against without, side by side.
     Mgmt(bench::MgmtBenchArgs),
+    /// Session key updates during an accelerated iperf3 flow: goodput with frequent
+    /// updates against the transport's own limit, side by side.
+    Rekey(bench::RekeyBenchArgs),
     /// Sandpiper's simulated experiments (`--sim`): 16 hosts / 35 VMs vs static, the
     /// 50-host stress test, planner time for 500 / 5,000 / 50,000 VMs.
     Sandpiper(balance::SandpiperBenchArgs),
@@ -480,6 +487,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Disk(a)) => bench::disk(a),
         Cmd::Bench(BenchCmd::Dr(a)) => bench::dr(a),
         Cmd::Bench(BenchCmd::Mgmt(a)) => bench::mgmt(a),
+        Cmd::Bench(BenchCmd::Rekey(a)) => bench::rekey(a),
         Cmd::Bench(BenchCmd::Sandpiper(a)) => balance::bench(a),
         Cmd::Bench(BenchCmd::Membuddies(a)) => place::bench(a),
         Cmd::Bench(BenchCmd::RrServer(a)) => bench::rr_server(a),
@@ -829,6 +837,7 @@ fn lab(c: LabCmd) -> Result<()> {
             no_gso,
             accel,
             client_site,
+            rekey_after_packets,
         } => {
             let changes = link.changes();
             if changes.profile.is_none() && changes.is_empty() {
@@ -843,6 +852,7 @@ fn lab(c: LabCmd) -> Result<()> {
                 gso: !no_gso,
                 accel,
                 client_site,
+                rekey_after_packets,
                 tern_exe: std::env::current_exe().context("locate the tern binary")?,
             })?;
             println!("lab up: profile {}", st.profile);

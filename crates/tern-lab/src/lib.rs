@@ -358,6 +358,8 @@ pub struct UpOptions {
     pub accel: bool,
     /// Add the client site `c` ([`client_site`]).
     pub client_site: bool,
+    /// The nodes' `rekey_after_packets` (default: the transport's own); to measure rekeying.
+    pub rekey_after_packets: Option<u64>,
 }
 
 fn state_path() -> PathBuf {
@@ -533,7 +535,7 @@ pub fn up(opts: &UpOptions) -> Result<LabState, LabError> {
         make_site(&a, &b)?;
         make_site(&b, &a)?;
         let mut state = start_emulator(opts, &spec, &a, &b)?;
-        state.nodes = start_nodes(&opts.tern_exe, &a, &b, opts.accel)?;
+        state.nodes = start_nodes(&opts.tern_exe, &a, &b, opts.accel, opts.rekey_after_packets)?;
         if opts.client_site {
             let c = client_site();
             make_client_site(&c, &a, &b)?;
@@ -782,6 +784,7 @@ fn start_nodes(
     a: &Site,
     b: &Site,
     accel: bool,
+    rekey_after_packets: Option<u64>,
 ) -> Result<Vec<NodeInfo>, LabError> {
     use tern_transport::crypto::{StaticKeypair, encode_key};
     /// SCHED_FIFO priority of a node's loop while it sends (tern-node `realtime_priority`).
@@ -817,7 +820,7 @@ fn start_nodes(
              [node]\nname = \"site-{me_name}\"\nprivate_key_file = \"{key}\"\n\
              listen = \"{me_addr}:{port}\"\ncontrol = \"{control}\"\n\
              metrics = \"127.0.0.1:9464\"\nbypass_ports = \"{bp0}-{bp1}\"\n\
-             realtime_priority = {LAB_REALTIME_PRIORITY}\n\n\
+             realtime_priority = {LAB_REALTIME_PRIORITY}\n{rekey}\n\
              [[peer]]\nname = \"site-{peer_name}\"\npublic_key = \"{peer_key}\"\n\
              address = \"{peer_addr}:{port}\"\n\
              allow = [\"overlay\", \"migration\", \"replication\"]\n{tcp_targets}\
@@ -831,6 +834,9 @@ fn start_nodes(
                 .map(|c| format!("\"{c}\""))
                 .collect::<Vec<_>>()
                 .join(", "),
+            rekey = rekey_after_packets
+                .map(|n| format!("rekey_after_packets = {n}\n"))
+                .unwrap_or_default(),
             store = store_dir(&me.name).display(),
             bp0 = DIRECT_PORTS.0,
             bp1 = DIRECT_PORTS.1,

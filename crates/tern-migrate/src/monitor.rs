@@ -99,7 +99,10 @@ impl Monitor {
             self.window.pop_front();
         }
         let rate_bps = match (self.window.front(), self.window.back()) {
-            (Some(&(t0, b0)), Some(&(t1, b1))) if t1 > t0 => (b1 - b0) * 8 * 1000 / (t1 - t0),
+            // A failed migration's last sample may carry no RAM counters (0): no rate.
+            (Some(&(t0, b0)), Some(&(t1, b1))) if t1 > t0 => {
+                b1.saturating_sub(b0) * 8 * 1000 / (t1 - t0)
+            }
             _ => 0,
         };
         self.progress = Progress {
@@ -184,6 +187,17 @@ mod tests {
             Monitor::new(0, 1).on_sample(0, s("cancelled", 0)),
             Verdict::Failed
         );
+    }
+
+    /// A destination that crashed: QEMU reports `failed` with no RAM counters, so the
+    /// transferred count drops to 0 (this overflowed and panicked `tern migrate`).
+    #[test]
+    fn a_failed_sample_without_counters_is_a_failure_not_a_panic() {
+        let mut m = Monitor::new(0, 5000);
+        assert_eq!(m.on_sample(100, s("active", 5_000_000)), Verdict::Running);
+        assert_eq!(m.on_sample(200, s("active", 9_000_000)), Verdict::Running);
+        assert_eq!(m.on_sample(300, s("failed", 0)), Verdict::Failed);
+        assert_eq!(m.progress().rate_bps, 0);
     }
 
     #[test]

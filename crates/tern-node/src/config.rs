@@ -12,6 +12,8 @@
 //! compression = "zstd"                        # zstd | lz4 | none
 //! compression_level = 3                       # zstd level of relayed streams (1..=19)
 //! realtime_priority = 10                      # optional SCHED_FIFO priority while sending (1..=99)
+//! rekey_after_packets = 4194304               # key update after this many packets
+//!                                             # (1024..=2^22, the default; benchmarks)
 //!
 //! [[peer]]
 //! name = "site-b"
@@ -126,6 +128,7 @@ struct RawNode {
     compression: Option<String>,
     compression_level: Option<i32>,
     realtime_priority: Option<i32>,
+    rekey_after_packets: Option<u64>,
     /// Local port of the transparent listener (REDIRECT target).
     intercept_port: Option<u16>,
     /// Destination ports never intercepted, "A-B" or "A".
@@ -271,6 +274,9 @@ pub struct NodeConfig {
     pub bypass_ports: Option<(u16, u16)>,
     /// SCHED_FIFO priority of the node's loop while it mostly sends (see `Node::update_realtime`).
     pub realtime_priority: Option<u8>,
+    /// Each direction's key update after this many packets (default and most
+    /// [`tern_transport::connection::REKEY_AFTER_PACKETS`]; lower only to measure rekeying).
+    pub rekey_after_packets: u64,
     pub overlay: Option<Overlay>,
     pub migration: Option<Migration>,
 }
@@ -469,6 +475,17 @@ impl NodeConfig {
                 target: addr(&format!("{field}.target"), &f.target)?,
             });
         }
+        let max_rekey = tern_transport::connection::REKEY_AFTER_PACKETS;
+        let rekey_after_packets = match raw.node.rekey_after_packets {
+            None => max_rekey,
+            Some(n) if (1024..=max_rekey).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "node.rekey_after_packets",
+                    format!("{n}: use 1024..={max_rekey}"),
+                ));
+            }
+        };
         let realtime_priority = match raw.node.realtime_priority {
             Some(p) if (1..=99).contains(&p) => Some(p as u8),
             Some(p) => {
@@ -587,6 +604,7 @@ impl NodeConfig {
             warnings,
             bypass_ports,
             realtime_priority,
+            rekey_after_packets,
             overlay,
             migration,
             name: raw.node.name,
@@ -773,6 +791,11 @@ target_dir = "/run/tern/vm"
                 "max_rate = \"100mbit\"",
                 "realtime_priority = 0",
                 "node.realtime_priority",
+            ),
+            (
+                "max_rate = \"100mbit\"",
+                "rekey_after_packets = 100",
+                "node.rekey_after_packets",
             ),
             (
                 "max_rate = \"100mbit\"",

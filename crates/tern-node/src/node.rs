@@ -589,6 +589,7 @@ impl Node {
         let transport = Config {
             max_rate_bps: config.max_rate_bps,
             fec: config.fec,
+            rekey_after_packets: config.rekey_after_packets,
             ..Config::default()
         };
         let peers = config

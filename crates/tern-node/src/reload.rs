@@ -215,6 +215,12 @@ pub fn restart_fields(old: &NodeConfig, new: &NodeConfig) -> Vec<String> {
         format!("{:?}", old.realtime_priority),
         format!("{:?}", new.realtime_priority),
     );
+    cmp(
+        &mut out,
+        "node.rekey_after_packets",
+        old.rekey_after_packets.to_string(),
+        new.rekey_after_packets.to_string(),
+    );
     if old.overlay != new.overlay {
         out.push("[overlay]".into());
     }
