@@ -433,6 +433,8 @@ pub fn failover(name: &str, progress: bool, force: bool) -> Result<FailoverRepor
             let ok = std::process::Command::new(&cmd[0])
                 .args(&cmd[1..])
                 .arg(&p.backup_site)
+                // Its output is a log line, never part of this command's (JSON) output.
+                .stdout(std::io::stderr())
                 .status()
                 .is_ok_and(|s| s.success());
             if !ok {
